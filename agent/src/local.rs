@@ -1,0 +1,183 @@
+//! One connection to the local valkey-server or valkey-sentinel, with every call bounded by a
+//! timeout and every failure classified the way failover decisions need it: gone, hung,
+//! loading, busy or refusing our credentials.
+
+use std::time::Duration;
+
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, RedisConnectionInfo, RedisError, ServerErrorKind,
+    aio::MultiplexedConnection,
+};
+use valkey_proto::v1::ProcessState;
+
+use crate::config::Config;
+
+/// Why a call to the local process failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocalError {
+    /// Connection refused, reset or closed: the process is gone.
+    #[error("down: {0}")]
+    Down(String),
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Hung(Duration),
+    #[error("loading its dataset")]
+    Loading,
+    #[error("busy running a script")]
+    Busy,
+    #[error("refused our credentials: {0}")]
+    Auth(String),
+    /// The process answered with an error to this particular command.
+    #[error("{0}")]
+    Reply(String),
+}
+
+impl LocalError {
+    /// What the failure says about the process.
+    pub fn process_state(&self) -> ProcessState {
+        match self {
+            Self::Down(_) => ProcessState::Down,
+            Self::Hung(_) => ProcessState::Hung,
+            Self::Loading => ProcessState::Loading,
+            Self::Busy => ProcessState::Busy,
+            Self::Auth(_) => ProcessState::AuthFailed,
+            Self::Reply(_) => ProcessState::Up,
+        }
+    }
+
+    fn classify(err: &RedisError) -> Self {
+        let code = err.code().unwrap_or_default();
+        match err.kind() {
+            ErrorKind::Server(ServerErrorKind::BusyLoading) => Self::Loading,
+            ErrorKind::AuthenticationFailed => Self::Auth(err.to_string()),
+            _ if code == "BUSY" => Self::Busy,
+            _ if matches!(code, "NOAUTH" | "WRONGPASS") => Self::Auth(err.to_string()),
+            _ if err.is_io_error()
+                || err.is_connection_refusal()
+                || err.is_connection_dropped()
+                || err.is_unrecoverable_error() =>
+            {
+                Self::Down(err.to_string())
+            }
+            _ => Self::Reply(err.to_string()),
+        }
+    }
+}
+
+/// A lazily (re)connected client of the local process.
+pub struct Local {
+    client: Client,
+    conn: Option<MultiplexedConnection>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local")
+            .field("addr", self.client.get_connection_info().addr())
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl Local {
+    pub fn new(config: &Config, timeout: Duration) -> Result<Self, LocalError> {
+        let mut redis = RedisConnectionInfo::default().set_skip_set_lib_name();
+        if let Some(user) = &config.valkey_username {
+            redis = redis.set_username(user);
+        }
+        if let Some(password) = &config.valkey_password {
+            redis = redis.set_password(password);
+        }
+        let info: ConnectionInfo =
+            ConnectionAddr::Tcp(config.valkey_host.clone(), config.valkey_port)
+                .into_connection_info()
+                .map_err(|e| LocalError::Reply(e.to_string()))?
+                .set_redis_settings(redis);
+        let client = Client::open(info).map_err(|e| LocalError::Reply(e.to_string()))?;
+        Ok(Self {
+            client,
+            conn: None,
+            timeout,
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Drops the connection; the next call reconnects.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    async fn connection(&mut self) -> Result<MultiplexedConnection, LocalError> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(None);
+        let conn = tokio::time::timeout(
+            self.timeout,
+            self.client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| LocalError::Hung(self.timeout))?
+        .map_err(|e| match LocalError::classify(&e) {
+            // A connect that times out inside the client is a hang, not a death.
+            LocalError::Down(_) if e.is_timeout() => LocalError::Hung(self.timeout),
+            other => other,
+        })?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs one command within `timeout` (the connection's own when None).
+    pub async fn query_within<T: FromRedisValue>(
+        &mut self,
+        cmd: &redis::Cmd,
+        timeout: Option<Duration>,
+    ) -> Result<T, LocalError> {
+        let limit = timeout.unwrap_or(self.timeout);
+        self.bounded(limit, |mut conn| async move { cmd.query_async::<T>(&mut conn).await })
+            .await
+    }
+
+    pub async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, LocalError> {
+        self.query_within(cmd, None).await
+    }
+
+    /// A pipeline, as one round trip.
+    pub async fn pipe<T: FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, LocalError> {
+        let limit = self.timeout;
+        self.bounded(limit, |mut conn| async move { pipe.query_async::<T>(&mut conn).await })
+            .await
+    }
+
+    async fn bounded<T, F>(
+        &mut self,
+        limit: Duration,
+        call: impl FnOnce(MultiplexedConnection) -> F,
+    ) -> Result<T, LocalError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        let result = match tokio::time::timeout(limit, call(conn)).await {
+            Err(_) => Err(LocalError::Hung(limit)),
+            Ok(reply) => reply.map_err(|e| LocalError::classify(&e)),
+        };
+        if let Err(err) = &result
+            && !matches!(err, LocalError::Reply(_) | LocalError::Busy | LocalError::Loading)
+        {
+            // Never reuse a connection that failed or may still deliver a late reply.
+            self.conn = None;
+        }
+        result
+    }
+}
