@@ -1,0 +1,460 @@
+//! Real child processes for tests: valkey-server, valkey-sentinel and valkey-agent, each on a
+//! free loopback port with its own dir, killed on drop (and when the test process dies), with
+//! its log printed if the test is failing.
+
+use std::{
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tempfile::TempDir;
+
+use crate::free_port;
+
+/// The password every test Valkey requires.
+pub const PASSWORD: &str = "test-password-1";
+
+/// One child process and its log file.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    reaped: bool,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr going to `log`; the child is killed if this test
+    /// process dies.
+    #[allow(unsafe_code)]
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("open log {}: {e}", log.display()));
+        let err = out.try_clone().expect("clone log handle");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: set_pdeathsig is a single async-signal-safe prctl(2) call.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({:?}): {e}", cmd.get_program()));
+        Self {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+            reaped: false,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        assert!(!self.reaped, "{} already exited", self.name);
+        nix::sys::signal::kill(self.pid(), signal)
+            .unwrap_or_else(|e| panic!("signal {signal} to {}: {e}", self.name));
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.try_wait().ok().flatten();
+        self.reaped |= status.is_some();
+        status
+    }
+
+    /// Waits (polling, so async tests keep running) for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(150)..];
+            eprintln!("----- {} log ({}) -----", self.name, self.log.display());
+            for line in tail {
+                eprintln!("{line}");
+            }
+            eprintln!("----- end of {} log -----", self.name);
+        }
+    }
+}
+
+/// Blocks until something accepts TCP connections on `port`.
+fn wait_listening(name: &str, port: u16, proc: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Some(status) = proc.exited() {
+            panic!("{name} exited with {status} before listening:\n{}", proc.log_text());
+        }
+        if Instant::now() >= deadline {
+            panic!("{name} did not listen on {port} within 10s:\n{}", proc.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A real valkey-server on loopback, requiring [`PASSWORD`], with no persistence unless the
+/// extra arguments ask for it.
+#[derive(Debug)]
+pub struct Valkey {
+    pub name: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    _tmp: TempDir,
+    extra: Vec<String>,
+    proc: Option<Proc>,
+    past: Vec<Proc>,
+}
+
+impl Valkey {
+    pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        Self::start_at(name, free_port(), extra)
+    }
+
+    /// Starts on a given port.
+    pub fn start_at(name: &str, port: u16, extra: &[&str]) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("valkey-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        std::fs::write(tmp.path().join("password"), PASSWORD).expect("write password file");
+        let mut valkey = Self {
+            name: name.to_owned(),
+            port,
+            dir: tmp.path().to_owned(),
+            _tmp: tmp,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            proc: None,
+            past: Vec::new(),
+        };
+        valkey.spawn();
+        valkey
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("valkey-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--requirepass", PASSWORD, "--masterauth", PASSWORD])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"])
+            .args(&self.extra);
+        let log = self.dir.join(format!("valkey.{}.log", self.past.len()));
+        cmd.arg("--logfile").arg(&log);
+        let mut proc = Proc::spawn(&format!("valkey {}", self.name), &mut cmd, &log);
+        wait_listening(&self.name, self.port, &mut proc);
+        self.proc = Some(proc);
+    }
+
+    pub fn host(&self) -> String {
+        "127.0.0.1".to_owned()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.join("password")
+    }
+
+    pub fn proc(&self) -> &Proc {
+        self.proc.as_ref().expect("valkey is running")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill9();
+            self.past.push(proc);
+        }
+    }
+
+    /// Starts again on the same port and dir (with no persistence: empty, unless an RDB was
+    /// saved there and the extra arguments load it).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| (*s).to_owned()).collect();
+        self.restart();
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{}/", self.port)).expect("client")
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to valkey {}: {e}", self.name))
+    }
+
+    /// INFO <section> as key/value pairs.
+    pub async fn info(&self, section: &str) -> std::collections::HashMap<String, String> {
+        let mut conn = self.conn().await;
+        let text: String = redis::cmd("INFO").arg(section).query_async(&mut conn).await.expect("INFO");
+        text.lines()
+            .filter_map(|l| l.trim().split_once(':'))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+/// A real valkey-sentinel on loopback.
+#[derive(Debug)]
+pub struct Sentinel {
+    pub port: u16,
+    pub dir: PathBuf,
+    _tmp: TempDir,
+    proc: Option<Proc>,
+}
+
+impl Sentinel {
+    pub fn start() -> Self {
+        let tmp = tempfile::Builder::new().prefix("sentinel-").tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nsentinel resolve-hostnames yes\n",
+            tmp.path().display()
+        );
+        std::fs::write(tmp.path().join("sentinel.conf"), conf).expect("write sentinel.conf");
+        let mut sentinel = Self {
+            port,
+            dir: tmp.path().to_owned(),
+            _tmp: tmp,
+            proc: None,
+        };
+        let mut cmd = Command::new("valkey-sentinel");
+        cmd.arg(sentinel.dir.join("sentinel.conf"));
+        let mut proc = Proc::spawn("sentinel", &mut cmd, &sentinel.dir.join("sentinel.log"));
+        wait_listening("sentinel", port, &mut proc);
+        sentinel.proc = Some(proc);
+        sentinel
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).expect("client")
+    }
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    pub sentinel: bool,
+    pub valkey_port: u16,
+    pub password_file: Option<PathBuf>,
+    pub controller: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub failover: String,
+    pub pod: String,
+    pub extra: Vec<String>,
+}
+
+impl AgentOpts {
+    /// An agent for `valkey`, reporting to `controller` when given, with the token "t0ken".
+    pub fn for_valkey(valkey: &Valkey, controller: Option<String>) -> Self {
+        let token_file = valkey.dir.join("agent-token");
+        std::fs::write(&token_file, "t0ken\n").expect("write token");
+        Self {
+            sentinel: false,
+            valkey_port: valkey.port,
+            password_file: Some(valkey.password_file()),
+            controller,
+            token_file: Some(token_file),
+            data_dir: valkey.dir.join("agent"),
+            failover: "demo".into(),
+            pod: valkey.name.clone(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A real valkey-agent process.
+#[derive(Debug)]
+pub struct Agent {
+    pub opts: AgentOpts,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    proc: Option<Proc>,
+    past: Vec<Proc>,
+}
+
+/// The agent binary, built beside the test binaries (or named by VALKEY_AGENT_BIN).
+pub fn agent_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("VALKEY_AGENT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join("valkey-agent");
+    if !bin.exists() {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", "valkey-agent", "--bin", "valkey-agent"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building valkey-agent failed");
+    }
+    bin
+}
+
+impl Agent {
+    pub fn start(opts: AgentOpts) -> Self {
+        let mut agent = Self {
+            opts,
+            grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            proc: None,
+            past: Vec::new(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let opts = &self.opts;
+        let mut cmd = Command::new(agent_bin());
+        cmd.env_clear()
+            .env("RUST_LOG", "info,valkey_agent=debug")
+            .arg("--mode")
+            .arg(if opts.sentinel { "sentinel" } else { "data" })
+            .arg("--valkey-addr")
+            .arg(format!("127.0.0.1:{}", opts.valkey_port))
+            .arg("--data-dir")
+            .arg(&opts.data_dir)
+            .arg("--listen")
+            .arg(self.grpc.to_string())
+            .arg("--metrics-listen")
+            .arg(self.metrics.to_string())
+            .arg("--failover")
+            .arg(&opts.failover)
+            .arg("--pod-name")
+            .arg(&opts.pod)
+            .args(["--probe-interval-ms", "50", "--probe-timeout-ms", "500"])
+            .args(["--heartbeat-interval-ms", "500", "--reconnect-max-ms", "500"]);
+        if let Some(file) = &opts.password_file {
+            cmd.arg("--valkey-password-file").arg(file);
+        }
+        if let Some(addr) = &opts.controller {
+            cmd.arg("--controller-addr").arg(addr);
+        }
+        if let Some(file) = &opts.token_file {
+            cmd.arg("--token-file").arg(file);
+        }
+        cmd.args(&opts.extra);
+        std::fs::create_dir_all(&opts.data_dir).expect("agent data dir");
+        let log = opts.data_dir.join(format!("agent.{}.log", self.past.len()));
+        let mut proc = Proc::spawn(&format!("agent {}", opts.pod), &mut cmd, &log);
+        wait_listening(&format!("agent {}", opts.pod), self.grpc.port(), &mut proc);
+        self.proc = Some(proc);
+    }
+
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        self.proc.as_mut().expect("agent is running")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill9();
+            self.past.push(proc);
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn terminate(&self) {
+        if let Some(proc) = &self.proc {
+            proc.signal(Signal::SIGTERM);
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
+    /// The grpc.health.v1 status of `service` ("" is liveness, "readiness" readiness).
+    pub async fn health(&self, service: &str) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let response = client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .ok()?;
+        Some(response.into_inner().status())
+    }
+
+    /// The agent's local state query.
+    pub async fn state(&self) -> Option<valkey_proto::v1::StateReport> {
+        let mut client = valkey_proto::v1::agent_state_client::AgentStateClient::connect(format!(
+            "http://{}",
+            self.grpc
+        ))
+        .await
+        .ok()?;
+        Some(client.get_state(valkey_proto::v1::GetStateRequest {}).await.ok()?.into_inner())
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        crate::http_get(self.metrics, "/metrics").await.unwrap_or_default()
+    }
+}
