@@ -16,7 +16,9 @@ pub enum Mode {
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
@@ -30,7 +32,11 @@ pub struct Args {
     pub mode: Mode,
 
     /// Address of the local Valkey or Sentinel, host:port.
-    #[arg(long, env = "VALKEY_AGENT_VALKEY_ADDR", default_value = "127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_VALKEY_ADDR",
+        default_value = "127.0.0.1:6379"
+    )]
     pub valkey_addr: String,
 
     /// ACL user the agent logs in as (absent: the default user).
@@ -84,7 +90,11 @@ pub struct Args {
     pub listen: SocketAddr,
 
     /// Where Prometheus metrics are served over HTTP (/metrics). "off" disables them.
-    #[arg(long, env = "VALKEY_AGENT_METRICS_LISTEN", default_value = "0.0.0.0:9401")]
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_METRICS_LISTEN",
+        default_value = "0.0.0.0:9401"
+    )]
     pub metrics_listen: String,
 
     /// Milliseconds between probes of the local process.
@@ -96,23 +106,40 @@ pub struct Args {
     pub probe_timeout_ms: u64,
 
     /// Milliseconds between heartbeats to the controller when nothing significant changes.
-    #[arg(long, env = "VALKEY_AGENT_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_HEARTBEAT_INTERVAL_MS",
+        default_value_t = 1000
+    )]
     pub heartbeat_interval_ms: u64,
 
     /// Default deadline of a command that names none, in milliseconds.
-    #[arg(long, env = "VALKEY_AGENT_COMMAND_DEADLINE_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_COMMAND_DEADLINE_MS",
+        default_value_t = 10_000
+    )]
     pub command_deadline_ms: u64,
 
     /// On SIGTERM, how long a master waits for the controller to move its role away.
-    #[arg(long, env = "VALKEY_AGENT_SHUTDOWN_SWITCHOVER_TIMEOUT_MS", default_value_t = 20_000)]
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_SHUTDOWN_SWITCHOVER_TIMEOUT_MS",
+        default_value_t = 20_000
+    )]
     pub shutdown_switchover_timeout_ms: u64,
 
     /// Longest wait between two attempts to reach the controller, in milliseconds.
     #[arg(long, env = "VALKEY_AGENT_RECONNECT_MAX_MS", default_value_t = 5_000)]
     pub reconnect_max_ms: u64,
 
-    /// Log format.
-    #[arg(long, env = "VALKEY_AGENT_LOG_FORMAT", value_enum, default_value = "text")]
+    /// How log lines are written: text for people, json for log collectors.
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -206,14 +233,23 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("mode", &self.mode)
-            .field("valkey", &format_args!("{}:{}", self.valkey_host, self.valkey_port))
+            .field(
+                "valkey",
+                &format_args!("{}:{}", self.valkey_host, self.valkey_port),
+            )
             .field("valkey_username", &self.valkey_username)
-            .field("valkey_password", &self.valkey_password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "valkey_password",
+                &self.valkey_password.as_ref().map(|_| "<redacted>"),
+            )
             .field("controller", &self.controller)
             .field("namespace", &self.namespace)
             .field("failover", &self.failover)
             .field("pod_name", &self.pod_name)
-            .field("announce", &format_args!("{}:{}", self.announce_host, self.announce_port))
+            .field(
+                "announce",
+                &format_args!("{}:{}", self.announce_host, self.announce_port),
+            )
             .field("data_dir", &self.data_dir)
             .field("listen", &self.listen)
             .field("metrics_listen", &self.metrics_listen)
@@ -260,9 +296,10 @@ impl Args {
             None => None,
             Some(addr) => {
                 let addr = addr.trim().to_owned();
-                let valid = ["http://", "https://"]
-                    .iter()
-                    .any(|scheme| addr.strip_prefix(scheme).is_some_and(|rest| !rest.is_empty()));
+                let valid = ["http://", "https://"].iter().any(|scheme| {
+                    addr.strip_prefix(scheme)
+                        .is_some_and(|rest| !rest.is_empty())
+                });
                 if !valid {
                     return Err(ConfigError::ControllerAddr(addr));
                 }
@@ -311,9 +348,7 @@ impl Args {
             probe_timeout: at_least("probe-timeout-ms", self.probe_timeout_ms, 50)?,
             heartbeat_interval: at_least("heartbeat-interval-ms", self.heartbeat_interval_ms, 50)?,
             command_deadline: at_least("command-deadline-ms", self.command_deadline_ms, 100)?,
-            shutdown_switchover_timeout: Duration::from_millis(
-                self.shutdown_switchover_timeout_ms,
-            ),
+            shutdown_switchover_timeout: Duration::from_millis(self.shutdown_switchover_timeout_ms),
         })
     }
 }
@@ -331,9 +366,15 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("127.0.0.1:6379"), Some(("127.0.0.1".into(), 6379)));
+        assert_eq!(
+            split_host_port("127.0.0.1:6379"),
+            Some(("127.0.0.1".into(), 6379))
+        );
         assert_eq!(split_host_port("[::1]:7000"), Some(("::1".into(), 7000)));
-        assert_eq!(split_host_port("valkey-0.svc:1"), Some(("valkey-0.svc".into(), 1)));
+        assert_eq!(
+            split_host_port("valkey-0.svc:1"),
+            Some(("valkey-0.svc".into(), 1))
+        );
         assert_eq!(split_host_port("nohost"), None);
         assert_eq!(split_host_port(":6379"), None);
         assert_eq!(split_host_port("h:0"), None);
@@ -344,12 +385,31 @@ mod tests {
     fn errors_name_the_flag() {
         let cases: &[(&[&str], &str)] = &[
             (&["--valkey-addr", "nope"], "--valkey-addr"),
-            (&["--controller-addr", "tcp://x", "--failover", "f", "--token", "t"], "--controller-addr"),
-            (&["--controller-addr", "http://x:1", "--token", "t"], "--failover"),
-            (&["--controller-addr", "http://x:1", "--failover", "f"], "--token"),
+            (
+                &[
+                    "--controller-addr",
+                    "tcp://x",
+                    "--failover",
+                    "f",
+                    "--token",
+                    "t",
+                ],
+                "--controller-addr",
+            ),
+            (
+                &["--controller-addr", "http://x:1", "--token", "t"],
+                "--failover",
+            ),
+            (
+                &["--controller-addr", "http://x:1", "--failover", "f"],
+                "--token",
+            ),
             (&["--probe-interval-ms", "1"], "--probe-interval-ms"),
             (&["--metrics-listen", "garbage"], "--metrics-listen"),
-            (&["--valkey-password-file", "/nonexistent/pw"], "--valkey-password-file"),
+            (
+                &["--valkey-password-file", "/nonexistent/pw"],
+                "--valkey-password-file",
+            ),
         ];
         for (args, flag) in cases {
             match parse(args) {
@@ -362,7 +422,10 @@ mod tests {
     #[test]
     fn defaults_and_announce() -> Result<(), String> {
         let config = parse(&["--valkey-addr", "127.0.0.1:7001", "--metrics-listen", "off"])?;
-        assert_eq!((config.announce_host.as_str(), config.announce_port), ("127.0.0.1", 7001));
+        assert_eq!(
+            (config.announce_host.as_str(), config.announce_port),
+            ("127.0.0.1", 7001)
+        );
         assert_eq!(config.metrics_listen, None);
         assert_eq!(config.probe_interval, Duration::from_millis(100));
         assert!(config.controller.is_none());

@@ -96,7 +96,11 @@ struct Remembered {
 
 impl Remembered {
     fn insert(&mut self, result: CommandResult) {
-        if self.results.insert(result.id.clone(), result.clone()).is_none() {
+        if self
+            .results
+            .insert(result.id.clone(), result.clone())
+            .is_none()
+        {
             self.order.push_back(result.id);
         }
         while self.order.len() > REMEMBERED_RESULTS {
@@ -123,7 +127,9 @@ pub struct Executor {
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor").field("mode", &self.config.mode).finish_non_exhaustive()
+        f.debug_struct("Executor")
+            .field("mode", &self.config.mode)
+            .finish_non_exhaustive()
     }
 }
 
@@ -172,7 +178,10 @@ fn action_mode(action: &Action) -> Option<Mode> {
 
 /// Read-only commands pass the fence whatever their epoch.
 fn is_read_only(action: &Action) -> bool {
-    matches!(action, Action::WaitReplica(_) | Action::SentinelGetMasterAddr(_))
+    matches!(
+        action,
+        Action::WaitReplica(_) | Action::SentinelGetMasterAddr(_)
+    )
 }
 
 fn outcome_label(outcome: Outcome) -> &'static str {
@@ -189,17 +198,23 @@ fn outcome_label(outcome: Outcome) -> &'static str {
 
 fn check_host_port(field: &str, host: &str, port: u32) -> Result<(), Refusal> {
     if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(invalid(format!("{field}.host {host:?} is not a host name or address")));
+        return Err(invalid(format!(
+            "{field}.host {host:?} is not a host name or address"
+        )));
     }
     if port == 0 || port > u32::from(u16::MAX) {
-        return Err(invalid(format!("{field}.port {port} is out of range 1..=65535")));
+        return Err(invalid(format!(
+            "{field}.port {port} is out of range 1..=65535"
+        )));
     }
     Ok(())
 }
 
 fn check_word(field: &str, value: &str) -> Result<(), Refusal> {
     if value.is_empty() || value.contains(char::is_whitespace) {
-        return Err(invalid(format!("{field} {value:?} must be one non-empty word")));
+        return Err(invalid(format!(
+            "{field} {value:?} must be one non-empty word"
+        )));
     }
     Ok(())
 }
@@ -242,7 +257,11 @@ impl Executor {
         };
         match acted {
             Ok(done) => {
-                result.set_outcome(if done.already { Outcome::Already } else { Outcome::Ok });
+                result.set_outcome(if done.already {
+                    Outcome::Already
+                } else {
+                    Outcome::Ok
+                });
                 result.message = done.message;
                 result.offset = done.offset;
                 if let Some((host, port)) = done.master {
@@ -329,11 +348,14 @@ impl Executor {
         match action {
             Action::ReplicaOf(ReplicaOf { host, port }) => {
                 check_host_port("replica_of", host, *port)?;
-                if host == &self.config.announce_host && *port == u32::from(self.config.announce_port) {
+                if host == &self.config.announce_host
+                    && *port == u32::from(self.config.announce_port)
+                {
                     return Err(invalid("replica_of names this node itself"));
                 }
-                let reply: String =
-                    local.query(redis::cmd("REPLICAOF").arg(host).arg(*port)).await?;
+                let reply: String = local
+                    .query(redis::cmd("REPLICAOF").arg(host).arg(*port))
+                    .await?;
                 Ok(if reply.contains("Already connected") {
                     Done::already(format!("already a replica of {host}:{port}"))
                 } else {
@@ -345,7 +367,9 @@ impl Executor {
                 if info.get("role").map(String::as_str) == Some("master") {
                     return Ok(Done::already("already a master"));
                 }
-                let _: String = local.query(redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await?;
+                let _: String = local
+                    .query(redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
+                    .await?;
                 Ok(Done::ok("promoted to master"))
             }
             Action::Failover(failover) => self.failover(local, failover).await,
@@ -354,7 +378,12 @@ impl Executor {
                     return Err(invalid("pause_writes.pause_ms must be above 0"));
                 }
                 let _: String = local
-                    .query(redis::cmd("CLIENT").arg("PAUSE").arg(pause.pause_ms).arg("WRITE"))
+                    .query(
+                        redis::cmd("CLIENT")
+                            .arg("PAUSE")
+                            .arg(pause.pause_ms)
+                            .arg("WRITE"),
+                    )
                     .await?;
                 self.shared
                     .paused_until_ms
@@ -375,7 +404,10 @@ impl Executor {
             Action::SentinelMonitor(monitor) => sentinel_monitor(local, monitor).await,
             Action::SentinelRemove(remove) => {
                 check_word("sentinel_remove.name", &remove.name)?;
-                match local.query::<String>(redis::cmd("SENTINEL").arg("REMOVE").arg(&remove.name)).await {
+                match local
+                    .query::<String>(redis::cmd("SENTINEL").arg("REMOVE").arg(&remove.name))
+                    .await
+                {
                     Ok(_) => Ok(Done::ok(format!("stopped monitoring {}", remove.name))),
                     Err(LocalError::Reply(msg)) if msg.contains("No such master") => {
                         Ok(Done::already(format!("{} is not monitored", remove.name)))
@@ -395,12 +427,17 @@ impl Executor {
                     cmd.arg(key).arg(value);
                 }
                 let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
-                Ok(Done::ok(format!("set {} parameter(s) on {}", set.params.len(), set.name)))
+                Ok(Done::ok(format!(
+                    "set {} parameter(s) on {}",
+                    set.params.len(),
+                    set.name
+                )))
             }
             Action::SentinelReset(reset) => {
                 check_word("sentinel_reset.pattern", &reset.pattern)?;
-                let n: i64 =
-                    local.query(redis::cmd("SENTINEL").arg("RESET").arg(&reset.pattern)).await?;
+                let n: i64 = local
+                    .query(redis::cmd("SENTINEL").arg("RESET").arg(&reset.pattern))
+                    .await?;
                 Ok(Done::ok(format!("reset {n} master(s)")))
             }
             Action::SentinelFailover(failover) => {
@@ -410,9 +447,9 @@ impl Executor {
                     .await
                 {
                     Ok(_) => Ok(Done::ok(format!("failover of {} started", failover.name))),
-                    Err(LocalError::Reply(msg)) if msg.contains("INPROG") => {
-                        Ok(Done::already(format!("a failover of {} is in progress", failover.name)))
-                    }
+                    Err(LocalError::Reply(msg)) if msg.contains("INPROG") => Ok(Done::already(
+                        format!("a failover of {} is in progress", failover.name),
+                    )),
                     Err(err) => Err(err.into()),
                 }
             }
@@ -425,9 +462,11 @@ impl Executor {
                             .arg(&get.name),
                     )
                     .await?;
-                let (host, port) =
-                    addr.ok_or_else(|| failed(format!("no master named {} is monitored", get.name)))?;
-                let port = port.parse::<u32>().map_err(|_| failed(format!("bad port {port:?}")))?;
+                let (host, port) = addr
+                    .ok_or_else(|| failed(format!("no master named {} is monitored", get.name)))?;
+                let port = port
+                    .parse::<u32>()
+                    .map_err(|_| failed(format!("bad port {port:?}")))?;
                 Ok(Done {
                     message: format!("{host}:{port}"),
                     master: Some((host, port)),
@@ -439,7 +478,10 @@ impl Executor {
                     return Ok(Done::already("already down"));
                 }
                 let mode = if shutdown.save { "SAVE" } else { "NOSAVE" };
-                match local.query::<String>(redis::cmd("SHUTDOWN").arg(mode)).await {
+                match local
+                    .query::<String>(redis::cmd("SHUTDOWN").arg(mode))
+                    .await
+                {
                     Ok(_) | Err(LocalError::Down(_)) => {
                         local.reset();
                         Ok(Done::ok(format!("shut down ({mode})")))
@@ -472,10 +514,13 @@ impl Executor {
             return Ok(Done::already(format!("already a replica of {host}:{port}")));
         }
         if info.get("role").map(String::as_str) != Some("master") {
-            return Err(invalid("failover must run on the master; this node is a replica"));
+            return Err(invalid(
+                "failover must run on the master; this node is a replica",
+            ));
         }
-        let in_progress =
-            info.get("master_failover_state").is_some_and(|s| s != "no-failover");
+        let in_progress = info
+            .get("master_failover_state")
+            .is_some_and(|s| s != "no-failover");
         if !in_progress {
             let mut cmd = redis::cmd("FAILOVER");
             cmd.arg("TO").arg(host).arg(*port);
@@ -501,7 +546,9 @@ impl Executor {
                 });
             }
             let state = info.get("master_failover_state").map(String::as_str);
-            if info.get("role").map(String::as_str) == Some("master") && state == Some("no-failover") {
+            if info.get("role").map(String::as_str) == Some("master")
+                && state == Some("no-failover")
+            {
                 return Err(failed(
                     "the failover was aborted (the target did not catch up in time, or left)",
                 ));
@@ -538,7 +585,9 @@ fn sorted(map: &HashMap<String, String>) -> Vec<(&String, &String)> {
 async fn wait_replica(local: &mut Local, host: &str, port: u32, deadline: Duration) -> Acted {
     let info = replication(local).await?;
     if info.get("role").map(String::as_str) != Some("master") {
-        return Err(invalid("wait_replica must run on the master; this node is a replica"));
+        return Err(invalid(
+            "wait_replica must run on the master; this node is a replica",
+        ));
     }
     let target: i64 = info
         .get("master_repl_offset")
@@ -557,7 +606,12 @@ async fn wait_replica(local: &mut Local, host: &str, port: u32, deadline: Durati
             let fields: HashMap<_, _> = line.split(',').filter_map(|f| f.split_once('=')).collect();
             let matches = fields.get("ip") == Some(&host)
                 && fields.get("port").and_then(|p| p.parse::<u32>().ok()) == Some(port);
-            matches.then(|| fields.get("offset").and_then(|o| o.parse::<i64>().ok()).unwrap_or(-1))
+            matches.then(|| {
+                fields
+                    .get("offset")
+                    .and_then(|o| o.parse::<i64>().ok())
+                    .unwrap_or(-1)
+            })
         });
         seen = replica.or(seen);
         if replica.is_some_and(|offset| offset >= target) {
@@ -579,7 +633,10 @@ async fn wait_replica(local: &mut Local, host: &str, port: u32, deadline: Durati
         // WAIT makes the master ask its replicas for an ack now rather than within a second.
         if connected > 0 {
             let _ = local
-                .query_within::<i64>(redis::cmd("WAIT").arg(connected).arg(50), Some(Duration::from_millis(500)))
+                .query_within::<i64>(
+                    redis::cmd("WAIT").arg(connected).arg(50),
+                    Some(Duration::from_millis(500)),
+                )
                 .await;
         } else {
             tokio::time::sleep(POLL).await;
@@ -612,7 +669,10 @@ async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
     }
     let mut note = String::new();
     if config.rewrite && !unchanged {
-        match local.query::<String>(redis::cmd("CONFIG").arg("REWRITE")).await {
+        match local
+            .query::<String>(redis::cmd("CONFIG").arg("REWRITE"))
+            .await
+        {
             Ok(_) => note.push_str("; config file rewritten"),
             Err(LocalError::Reply(msg)) if msg.contains("without a config file") => {
                 note.push_str("; no config file to rewrite");
@@ -620,7 +680,11 @@ async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
             Err(err) => return Err(failed(format!("CONFIG REWRITE: {err}"))),
         }
     }
-    let keys = params.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ");
+    let keys = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     Ok(if unchanged {
         Done::already(format!("{keys} already set"))
     } else {
@@ -635,7 +699,9 @@ async fn acl_set_user(local: &mut Local, acl: &AclSetUser) -> Acted {
     cmd.arg(if acl.enabled { "on" } else { "off" });
     for hash in &acl.password_sha256 {
         if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(invalid("acl_set_user.password_sha256 holds a value that is not 64 hex digits"));
+            return Err(invalid(
+                "acl_set_user.password_sha256 holds a value that is not 64 hex digits",
+            ));
         }
         cmd.arg(format!("#{}", hash.to_ascii_lowercase()));
     }
@@ -678,7 +744,9 @@ async fn sentinel_monitor(local: &mut Local, monitor: &SentinelMonitor) -> Acted
     });
     if !same {
         if existing.is_some() {
-            let _: String = local.query(redis::cmd("SENTINEL").arg("REMOVE").arg(&monitor.name)).await?;
+            let _: String = local
+                .query(redis::cmd("SENTINEL").arg("REMOVE").arg(&monitor.name))
+                .await?;
         }
         let _: String = local
             .query(
@@ -694,13 +762,19 @@ async fn sentinel_monitor(local: &mut Local, monitor: &SentinelMonitor) -> Acted
     }
     if !monitor.auth_pass.is_empty() {
         let mut set = redis::cmd("SENTINEL");
-        set.arg("SET").arg(&monitor.name).arg("auth-pass").arg(&monitor.auth_pass);
+        set.arg("SET")
+            .arg(&monitor.name)
+            .arg("auth-pass")
+            .arg(&monitor.auth_pass);
         if !monitor.auth_user.is_empty() {
             set.arg("auth-user").arg(&monitor.auth_user);
         }
         let _: String = local.query(&set).await.map_err(reply_is_invalid)?;
     }
-    let what = format!("{} at {}:{} quorum {}", monitor.name, monitor.host, monitor.port, monitor.quorum);
+    let what = format!(
+        "{} at {}:{} quorum {}",
+        monitor.name, monitor.host, monitor.port, monitor.quorum
+    );
     Ok(if same {
         Done::already(format!("already monitoring {what}"))
     } else {

@@ -185,7 +185,9 @@ mod tests {
     fn corrupt_file_is_an_error_naming_it() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join(FILE_NAME), b"{not json")?;
-        let err = Fence::open(dir.path()).err().ok_or("corrupt file accepted")?;
+        let err = Fence::open(dir.path())
+            .err()
+            .ok_or("corrupt file accepted")?;
         assert!(err.to_string().contains(FILE_NAME), "{err}");
         Ok(())
     }

@@ -46,12 +46,17 @@ pub fn assess(process: ProcessState, data: Option<&DataState>) -> Health {
                 .replicas
                 .iter()
                 .filter(|r| r.state == "online")
-                .filter(|r| data.min_replicas_max_lag == 0 || r.lag_s <= i64::from(data.min_replicas_max_lag))
+                .filter(|r| {
+                    data.min_replicas_max_lag == 0
+                        || r.lag_s <= i64::from(data.min_replicas_max_lag)
+                })
                 .count();
             if min > 0 && good < min {
                 not_ready(
                     true,
-                    format!("master refuses writes: {good} of the {min} replicas min-replicas-to-write asks for"),
+                    format!(
+                        "master refuses writes: {good} of the {min} replicas min-replicas-to-write asks for"
+                    ),
                 )
             } else {
                 Health {
@@ -68,7 +73,10 @@ pub fn assess(process: ProcessState, data: Option<&DataState>) -> Health {
         },
         Role::Replica => not_ready(
             true,
-            format!("replica link to {}:{} is down", data.master_host, data.master_port),
+            format!(
+                "replica link to {}:{} is down",
+                data.master_host, data.master_port
+            ),
         ),
         Role::Unspecified | Role::Sentinel => not_ready(true, "unknown role".into()),
     }
@@ -90,7 +98,12 @@ pub async fn serve_status(
     mut stopping: watch::Receiver<bool>,
 ) {
     loop {
-        let health = snapshots.borrow_and_update().report.health.clone().unwrap_or_default();
+        let health = snapshots
+            .borrow_and_update()
+            .report
+            .health
+            .clone()
+            .unwrap_or_default();
         let stop = *stopping.borrow_and_update();
         reporter.set_service_status("", status(health.live)).await;
         reporter
@@ -145,9 +158,24 @@ mod tests {
         };
         let cases = [
             (ProcessState::Up, Some(master(0, &[])), true, true),
-            (ProcessState::Up, Some(master(1, &[("online", 0)])), true, true),
-            (ProcessState::Up, Some(master(1, &[("online", 30)])), true, false),
-            (ProcessState::Up, Some(master(2, &[("online", 0), ("wait_bgsave", 0)])), true, false),
+            (
+                ProcessState::Up,
+                Some(master(1, &[("online", 0)])),
+                true,
+                true,
+            ),
+            (
+                ProcessState::Up,
+                Some(master(1, &[("online", 30)])),
+                true,
+                false,
+            ),
+            (
+                ProcessState::Up,
+                Some(master(2, &[("online", 0), ("wait_bgsave", 0)])),
+                true,
+                false,
+            ),
             (ProcessState::Up, Some(replica_up), true, true),
             (ProcessState::Up, Some(replica_down), true, false),
             (ProcessState::Up, Some(loading), true, false),
@@ -161,7 +189,11 @@ mod tests {
         ];
         for (process, data, live, ready) in cases {
             let health = assess(process, data.as_ref());
-            assert_eq!((health.live, health.ready), (live, ready), "{process:?} {data:?}");
+            assert_eq!(
+                (health.live, health.ready),
+                (live, ready),
+                "{process:?} {data:?}"
+            );
             assert_eq!(health.reason.is_empty(), ready, "{health:?}");
         }
     }

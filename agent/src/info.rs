@@ -23,18 +23,26 @@ fn parse_fields(value: &str) -> HashMap<&str, &str> {
 }
 
 fn num<T: std::str::FromStr + Default>(info: &HashMap<&str, &str>, key: &str) -> T {
-    info.get(key).and_then(|v| v.trim().parse().ok()).unwrap_or_default()
+    info.get(key)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_default()
 }
 
 fn text(info: &HashMap<&str, &str>, key: &str) -> String {
-    info.get(key).map(|v| v.trim().to_owned()).unwrap_or_default()
+    info.get(key)
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Total keys over every `dbN:keys=..` line.
 pub fn key_count(info: &HashMap<&str, &str>) -> u64 {
     info.iter()
         .filter(|(k, _)| k.starts_with("db") && k[2..].chars().all(|c| c.is_ascii_digit()))
-        .filter_map(|(_, v)| parse_fields(v).get("keys").and_then(|n| n.parse::<u64>().ok()))
+        .filter_map(|(_, v)| {
+            parse_fields(v)
+                .get("keys")
+                .and_then(|n| n.parse::<u64>().ok())
+        })
         .sum()
 }
 
@@ -62,7 +70,12 @@ pub fn data_state(info: &HashMap<&str, &str>, config: &HashMap<String, String>) 
         .collect();
     let master_offset: i64 = num(info, "master_repl_offset");
     let replica_offset: i64 = num(info, "slave_repl_offset");
-    let conf = |key: &str| config.get(key).and_then(|v| v.parse().ok()).unwrap_or_default();
+    let conf = |key: &str| {
+        config
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default()
+    };
     let is_replica = role == Role::Replica;
     DataState {
         role: role.into(),
@@ -74,9 +87,18 @@ pub fn data_state(info: &HashMap<&str, &str>, config: &HashMap<String, String>) 
         replid: text(info, "master_replid"),
         replid2: text(info, "master_replid2"),
         second_repl_offset: num(info, "second_repl_offset"),
-        master_host: if is_replica { text(info, "master_host") } else { String::new() },
-        master_port: if is_replica { num(info, "master_port") } else { 0 },
-        master_link_up: is_replica && info.get("master_link_status").map(|s| s.trim()) == Some("up"),
+        master_host: if is_replica {
+            text(info, "master_host")
+        } else {
+            String::new()
+        },
+        master_port: if is_replica {
+            num(info, "master_port")
+        } else {
+            0
+        },
+        master_link_up: is_replica
+            && info.get("master_link_status").map(|s| s.trim()) == Some("up"),
         master_link_down_s: num(info, "master_link_down_since_seconds"),
         master_sync_in_progress: num::<u8>(info, "master_sync_in_progress") == 1,
         master_last_io_s: num(info, "master_last_io_seconds_ago"),
@@ -95,12 +117,19 @@ pub fn data_state(info: &HashMap<&str, &str>, config: &HashMap<String, String>) 
 
 fn flags(value: Option<&String>) -> Vec<String> {
     value
-        .map(|v| v.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect())
+        .map(|v| {
+            v.split(',')
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn field<T: std::str::FromStr + Default>(map: &HashMap<String, String>, key: &str) -> T {
-    map.get(key).and_then(|v| v.parse().ok()).unwrap_or_default()
+    map.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
 }
 
 fn peer(map: &HashMap<String, String>) -> SentinelPeer {
@@ -160,16 +189,30 @@ mod tests {
         assert_eq!(state.second_repl_offset, -1);
         assert_eq!(state.version, "8.0.1");
         assert!(!state.loading && !state.master_link_up && state.master_host.is_empty());
-        let ports: Vec<_> = state.replicas.iter().map(|r| (r.port, r.offset, r.state.as_str())).collect();
+        let ports: Vec<_> = state
+            .replicas
+            .iter()
+            .map(|r| (r.port, r.offset, r.state.as_str()))
+            .collect();
         assert_eq!(ports, [(7001, 1234, "online"), (7002, 0, "wait_bgsave")]);
-        assert_eq!((state.min_replicas_to_write, state.min_replicas_max_lag, state.replica_priority), (1, 10, 100));
+        assert_eq!(
+            (
+                state.min_replicas_to_write,
+                state.min_replicas_max_lag,
+                state.replica_priority
+            ),
+            (1, 10, 100)
+        );
     }
 
     #[test]
     fn replica_info() {
         let state = data_state(&parse_info(REPLICA), &HashMap::new());
         assert_eq!(state.role(), Role::Replica);
-        assert_eq!((state.master_host.as_str(), state.master_port), ("10.0.0.1", 7000));
+        assert_eq!(
+            (state.master_host.as_str(), state.master_port),
+            ("10.0.0.1", 7000)
+        );
         assert!(!state.master_link_up);
         assert!(state.master_sync_in_progress && state.loading);
         assert_eq!(state.master_link_down_s, 5);
@@ -181,13 +224,36 @@ mod tests {
     #[test]
     fn sentinel_replies() {
         let m = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
         };
-        let master = m(&[("name", "ns.f"), ("ip", "127.0.0.1"), ("port", "7000"), ("flags", "master,s_down"), ("config-epoch", "3"), ("quorum", "2"), ("num-slaves", "2"), ("num-other-sentinels", "2"), ("down-after-milliseconds", "30000")]);
-        let replica = m(&[("ip", "127.0.0.1"), ("port", "7001"), ("flags", "slave"), ("master-link-status", "ok"), ("slave-repl-offset", "99"), ("runid", "r")]);
+        let master = m(&[
+            ("name", "ns.f"),
+            ("ip", "127.0.0.1"),
+            ("port", "7000"),
+            ("flags", "master,s_down"),
+            ("config-epoch", "3"),
+            ("quorum", "2"),
+            ("num-slaves", "2"),
+            ("num-other-sentinels", "2"),
+            ("down-after-milliseconds", "30000"),
+        ]);
+        let replica = m(&[
+            ("ip", "127.0.0.1"),
+            ("port", "7001"),
+            ("flags", "slave"),
+            ("master-link-status", "ok"),
+            ("slave-repl-offset", "99"),
+            ("runid", "r"),
+        ]);
         let state = sentinel_master(&master, &[replica], &[]);
         assert_eq!(state.flags, ["master", "s_down"]);
-        assert_eq!((state.config_epoch, state.quorum, state.down_after_ms), (3, 2, 30000));
+        assert_eq!(
+            (state.config_epoch, state.quorum, state.down_after_ms),
+            (3, 2, 30000)
+        );
         assert_eq!(state.replicas[0].offset, 99);
         assert!(state.replicas[0].master_link_up);
     }

@@ -34,7 +34,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let fence = Arc::new(fence::Fence::open(&config.data_dir).with_context(|| {
-        format!("--data-dir {}: cannot open the agent state", config.data_dir.display())
+        format!(
+            "--data-dir {}: cannot open the agent state",
+            config.data_dir.display()
+        )
     })?);
     let metrics = metrics::Metrics::new();
     let shared = Arc::new(watcher::Shared::default());
@@ -54,12 +57,21 @@ pub async fn run(
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let (mut watcher, snapshots) =
-        watcher::Watcher::new(config.clone(), fence.clone(), shared.clone(), metrics.clone())
-            .context("--valkey-addr: cannot set up the local client")?;
+    let (mut watcher, snapshots) = watcher::Watcher::new(
+        config.clone(),
+        fence.clone(),
+        shared.clone(),
+        metrics.clone(),
+    )
+    .context("--valkey-addr: cannot set up the local client")?;
     let executor = Arc::new(
-        executor::Executor::new(config.clone(), fence.clone(), shared.clone(), metrics.clone())
-            .context("--valkey-addr: cannot set up the local client")?,
+        executor::Executor::new(
+            config.clone(),
+            fence.clone(),
+            shared.clone(),
+            metrics.clone(),
+        )
+        .context("--valkey-addr: cannot set up the local client")?,
     );
     // One probe before anything reports, so the first report says something.
     watcher.probe_once().await;
@@ -67,7 +79,11 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(health::serve_status(reporter, snapshots.clone(), stop_rx.clone()));
+    let health_task = tokio::spawn(health::serve_status(
+        reporter,
+        snapshots.clone(),
+        stop_rx.clone(),
+    ));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics.clone())));
 
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);

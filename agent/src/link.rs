@@ -19,8 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 use valkey_proto::v1::{
-    AgentMessage, CommandResult, ControllerMessage, Heartbeat, Hello, NodeKind, ProcessState,
-    Role, StateReport, SwitchoverRequest, agent_hub_client::AgentHubClient, agent_message::Msg,
+    AgentMessage, CommandResult, ControllerMessage, Heartbeat, Hello, NodeKind, ProcessState, Role,
+    StateReport, SwitchoverRequest, agent_hub_client::AgentHubClient, agent_message::Msg,
     controller_message,
 };
 
@@ -63,7 +63,10 @@ pub struct Link {
 fn is_master(snapshot: &Snapshot) -> bool {
     let report = &snapshot.report;
     report.process() != ProcessState::Down
-        && report.data.as_ref().is_some_and(|d| d.role() == Role::Master)
+        && report
+            .data
+            .as_ref()
+            .is_some_and(|d| d.role() == Role::Master)
 }
 
 impl Link {
@@ -188,10 +191,19 @@ impl Link {
         };
         let (tx, rx) = mpsc::channel::<AgentMessage>(64);
         let hello = self.hello(token);
-        if tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.is_err() {
+        if tx
+            .send(AgentMessage {
+                msg: Some(Msg::Hello(hello)),
+            })
+            .await
+            .is_err()
+        {
             return End::Lost { established: false };
         }
-        let mut inbound = match AgentHubClient::new(channel).attach(ReceiverStream::new(rx)).await {
+        let mut inbound = match AgentHubClient::new(channel)
+            .attach(ReceiverStream::new(rx))
+            .await
+        {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 warn!(code = ?status.code(), message = status.message(), "the controller refused the stream");

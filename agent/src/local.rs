@@ -121,7 +121,8 @@ impl Local {
             .set_response_timeout(None);
         let conn = tokio::time::timeout(
             self.timeout,
-            self.client.get_multiplexed_async_connection_with_config(&config),
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
         )
         .await
         .map_err(|_| LocalError::Hung(self.timeout))?
@@ -141,8 +142,10 @@ impl Local {
         timeout: Option<Duration>,
     ) -> Result<T, LocalError> {
         let limit = timeout.unwrap_or(self.timeout);
-        self.bounded(limit, |mut conn| async move { cmd.query_async::<T>(&mut conn).await })
-            .await
+        self.bounded(limit, |mut conn| async move {
+            cmd.query_async::<T>(&mut conn).await
+        })
+        .await
     }
 
     pub async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, LocalError> {
@@ -155,8 +158,10 @@ impl Local {
         pipe: &redis::Pipeline,
     ) -> Result<T, LocalError> {
         let limit = self.timeout;
-        self.bounded(limit, |mut conn| async move { pipe.query_async::<T>(&mut conn).await })
-            .await
+        self.bounded(limit, |mut conn| async move {
+            pipe.query_async::<T>(&mut conn).await
+        })
+        .await
     }
 
     async fn bounded<T, F>(
@@ -173,7 +178,10 @@ impl Local {
             Ok(reply) => reply.map_err(|e| LocalError::classify(&e)),
         };
         if let Err(err) = &result
-            && !matches!(err, LocalError::Reply(_) | LocalError::Busy | LocalError::Loading)
+            && !matches!(
+                err,
+                LocalError::Reply(_) | LocalError::Busy | LocalError::Loading
+            )
         {
             // Never reuse a connection that failed or may still deliver a late reply.
             self.conn = None;

@@ -70,7 +70,11 @@ impl Metrics {
             "Probes that got no good answer",
             probe_failures.clone(),
         );
-        registry.register("role", "The local process's role (1 for the current one)", role.clone());
+        registry.register(
+            "role",
+            "The local process's role (1 for the current one)",
+            role.clone(),
+        );
         registry.register(
             "messages_sent",
             "Messages sent to the controller, by kind (report, heartbeat, result)",

@@ -223,10 +223,15 @@ impl Watcher {
     async fn probe_sentinel(&mut self) -> Result<SentinelState, LocalError> {
         let text: String = self.local.query(redis::cmd("INFO").arg("server")).await?;
         let info = parse_info(&text);
-        let masters: Vec<HashMap<String, String>> =
-            self.local.query(redis::cmd("SENTINEL").arg("MASTERS")).await?;
+        let masters: Vec<HashMap<String, String>> = self
+            .local
+            .query(redis::cmd("SENTINEL").arg("MASTERS"))
+            .await?;
         let mut state = SentinelState {
-            run_id: info.get("run_id").map(|s| s.trim().to_owned()).unwrap_or_default(),
+            run_id: info
+                .get("run_id")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
             uptime_s: info
                 .get("uptime_in_seconds")
                 .and_then(|s| s.trim().parse().ok())
@@ -249,7 +254,9 @@ impl Watcher {
             for (i, master) in masters.iter().enumerate() {
                 let replicas = peers.get(2 * i).map(Vec::as_slice).unwrap_or_default();
                 let sentinels = peers.get(2 * i + 1).map(Vec::as_slice).unwrap_or_default();
-                state.masters.push(info::sentinel_master(master, replicas, sentinels));
+                state
+                    .masters
+                    .push(info::sentinel_master(master, replicas, sentinels));
             }
         }
         self.memory.observe(&state.run_id, 0, false);
@@ -265,7 +272,11 @@ impl Watcher {
             observed_at_ms: now_ms(),
             process: process.into(),
             process_error: error,
-            down_for_ms: if up { 0 } else { self.last_up.elapsed().as_millis() as u64 },
+            down_for_ms: if up {
+                0
+            } else {
+                self.last_up.elapsed().as_millis() as u64
+            },
             probe_latency_us: if up { latency.as_micros() as u64 } else { 0 },
             epoch: self.fence.epoch(),
             health: Some(health),
@@ -298,7 +309,9 @@ impl Watcher {
         if process != self.last_process {
             match process {
                 ProcessState::Up => info!(addr = %self.addr(), "local process answers"),
-                _ => warn!(addr = %self.addr(), state = ?process, error = %report.process_error, "local process is not serving"),
+                _ => {
+                    warn!(addr = %self.addr(), state = ?process, error = %report.process_error, "local process is not serving")
+                }
             }
             self.last_process = process;
         }
@@ -309,7 +322,10 @@ impl Watcher {
             (_, Mode::Data, Some(d)) if d.role() == Role::Replica => "replica",
             _ => "unknown",
         };
-        let role_code = crate::metrics::ROLES.iter().position(|r| *r == role).unwrap_or(0) as i32;
+        let role_code = crate::metrics::ROLES
+            .iter()
+            .position(|r| *r == role)
+            .unwrap_or(0) as i32;
         if role_code != self.last_role {
             info!(role, "local role");
             self.metrics.set_role(role);
@@ -330,7 +346,8 @@ fn steady_view(report: &StateReport) -> StateReport {
     view.probe_latency_us = 0;
     if let Some(data) = &mut view.data {
         data.uptime_s = 0;
-        data.master_last_io_s = 0;
+        // master_last_io_s stays: a replica whose master fell silent reports it every
+        // heartbeat, which is how the controller tells a hung master from a lost agent.
         data.master_link_down_s = 0;
         for replica in &mut data.replicas {
             replica.lag_s = 0;
@@ -347,6 +364,7 @@ fn significant_view(report: &StateReport) -> StateReport {
     let mut view = steady_view(report);
     view.process_error.clear();
     if let Some(data) = &mut view.data {
+        data.master_last_io_s = 0;
         data.key_count = data.key_count.min(1);
         data.repl_offset = 0;
         data.second_repl_offset = 0;

@@ -22,6 +22,7 @@ use valkey_proto::v1::{
 };
 
 /// Something an agent did, in arrival order.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Event {
     Hello(Hello),
@@ -66,37 +67,62 @@ impl AgentHub for Service {
     ) -> Result<Response<Self::AttachStream>, Status> {
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
-            Some(AgentMessage { msg: Some(Msg::Hello(hello)) }) => hello,
+            Some(AgentMessage {
+                msg: Some(Msg::Hello(hello)),
+            }) => hello,
             _ => {
-                self.record(Event::Rejected { reason: "no hello".into() });
-                return Err(Status::invalid_argument("the first message must be a Hello"));
+                self.record(Event::Rejected {
+                    reason: "no hello".into(),
+                });
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
             }
         };
         if hello.token != *self.token.lock().expect("token") {
-            self.record(Event::Rejected { reason: format!("bad token from {}", hello.pod_name) });
+            self.record(Event::Rejected {
+                reason: format!("bad token from {}", hello.pod_name),
+            });
             return Err(Status::unauthenticated("bad token"));
         }
         let pod = hello.pod_name.clone();
         self.record(Event::Hello(hello));
         let (tx, rx) = mpsc::channel(64);
+        let tx_for_reader = tx.downgrade();
         {
             let mut state = self.state.lock().expect("hub state");
             state.sessions.retain(|(p, _)| *p != pod);
             state.sessions.push((pod.clone(), tx));
         }
         let service = self.clone();
+        let own = tx_for_reader;
         tokio::spawn(async move {
             loop {
                 let event = match inbound.message().await {
                     Ok(Some(AgentMessage { msg: Some(msg) })) => match msg {
-                        Msg::Report(report) => Event::Report { pod: pod.clone(), report },
+                        Msg::Report(report) => Event::Report {
+                            pod: pod.clone(),
+                            report,
+                        },
                         Msg::Heartbeat(_) => Event::Heartbeat { pod: pod.clone() },
-                        Msg::Result(result) => Event::Result { pod: pod.clone(), result },
+                        Msg::Result(result) => Event::Result {
+                            pod: pod.clone(),
+                            result,
+                        },
                         Msg::SwitchoverRequest(_) => Event::SwitchoverRequest { pod: pod.clone() },
                         Msg::Hello(_) => continue,
                     },
                     Ok(Some(AgentMessage { msg: None })) => continue,
                     Ok(None) | Err(_) => {
+                        // Close our half too, unless a newer stream from the pod replaced this one.
+                        if let Some(own) = own.upgrade() {
+                            service
+                                .state
+                                .lock()
+                                .expect("hub state")
+                                .sessions
+                                .retain(|(p, tx)| p != &pod || !tx.same_channel(&own));
+                        }
                         service.record(Event::Closed { pod: pod.clone() });
                         return;
                     }
@@ -125,7 +151,9 @@ impl TestHub {
 
     /// Starts a hub on a given port (0: any).
     pub async fn start_at(token: &str, port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind hub");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind hub");
         let addr = listener.local_addr().expect("hub addr");
         let (changed_tx, changed) = watch::channel(0);
         let service = Service {
@@ -174,8 +202,14 @@ impl TestHub {
                 }
             }
             let _ = self.changed.borrow_and_update();
-            if tokio::time::timeout_at(deadline, self.changed.changed()).await.is_err() {
-                panic!("hub: timed out after {timeout:?} waiting for {what}; events: {:#?}", self.summary());
+            if tokio::time::timeout_at(deadline, self.changed.changed())
+                .await
+                .is_err()
+            {
+                panic!(
+                    "hub: timed out after {timeout:?} waiting for {what}; events: {:#?}",
+                    self.summary()
+                );
             }
         }
     }
@@ -205,10 +239,17 @@ impl TestHub {
         timeout: Duration,
         check: impl Fn(&StateReport) -> bool,
     ) -> StateReport {
-        self.wait_event(&format!("a matching report from {pod}"), from, timeout, |e| match e {
-            Event::Report { pod: p, report } if p == pod && check(report) => Some(report.clone()),
-            _ => None,
-        })
+        self.wait_event(
+            &format!("a matching report from {pod}"),
+            from,
+            timeout,
+            |e| match e {
+                Event::Report { pod: p, report } if p == pod && check(report) => {
+                    Some(report.clone())
+                }
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -231,7 +272,11 @@ impl TestHub {
     pub async fn send(&self, pod: &str, command: Command) -> bool {
         let tx = {
             let state = self.service.state.lock().expect("hub state");
-            state.sessions.iter().find(|(p, _)| p == pod).map(|(_, tx)| tx.clone())
+            state
+                .sessions
+                .iter()
+                .find(|(p, _)| p == pod)
+                .map(|(_, tx)| tx.clone())
         };
         match tx {
             Some(tx) => tx
@@ -245,18 +290,36 @@ impl TestHub {
     }
 
     /// Sends a command and waits for its result.
-    pub async fn command(&mut self, pod: &str, command: Command, timeout: Duration) -> CommandResult {
+    pub async fn command(
+        &mut self,
+        pod: &str,
+        command: Command,
+        timeout: Duration,
+    ) -> CommandResult {
         let from = self.events().len();
         let id = command.id.clone();
         assert!(self.send(pod, command).await, "no stream to {pod}");
         self.wait_result(pod, &id, from, timeout).await
     }
 
-    pub async fn wait_result(&mut self, pod: &str, id: &str, from: usize, timeout: Duration) -> CommandResult {
-        self.wait_event(&format!("result {id} from {pod}"), from, timeout, |e| match e {
-            Event::Result { pod: p, result } if p == pod && result.id == id => Some(result.clone()),
-            _ => None,
-        })
+    pub async fn wait_result(
+        &mut self,
+        pod: &str,
+        id: &str,
+        from: usize,
+        timeout: Duration,
+    ) -> CommandResult {
+        self.wait_event(
+            &format!("result {id} from {pod}"),
+            from,
+            timeout,
+            |e| match e {
+                Event::Result { pod: p, result } if p == pod && result.id == id => {
+                    Some(result.clone())
+                }
+                _ => None,
+            },
+        )
         .await
     }
 

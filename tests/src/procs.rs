@@ -125,10 +125,16 @@ fn wait_listening(name: &str, port: u16, proc: &mut Proc) {
             return;
         }
         if let Some(status) = proc.exited() {
-            panic!("{name} exited with {status} before listening:\n{}", proc.log_text());
+            panic!(
+                "{name} exited with {status} before listening:\n{}",
+                proc.log_text()
+            );
         }
         if Instant::now() >= deadline {
-            panic!("{name} did not listen on {port} within 10s:\n{}", proc.log_text());
+            panic!(
+                "{name} did not listen on {port} within 10s:\n{}",
+                proc.log_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -185,7 +191,12 @@ impl Valkey {
             .arg(&self.dir)
             .args(["--requirepass", PASSWORD, "--masterauth", PASSWORD])
             .args(["--save", "", "--appendonly", "no"])
-            .args(["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"])
+            .args([
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ])
             .args(&self.extra);
         let log = self.dir.join(format!("valkey.{}.log", self.past.len()));
         cmd.arg("--logfile").arg(&log);
@@ -230,7 +241,8 @@ impl Valkey {
     }
 
     pub fn client(&self) -> redis::Client {
-        redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{}/", self.port)).expect("client")
+        redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{}/", self.port))
+            .expect("client")
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -243,7 +255,11 @@ impl Valkey {
     /// INFO <section> as key/value pairs.
     pub async fn info(&self, section: &str) -> std::collections::HashMap<String, String> {
         let mut conn = self.conn().await;
-        let text: String = redis::cmd("INFO").arg(section).query_async(&mut conn).await.expect("INFO");
+        let text: String = redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut conn)
+            .await
+            .expect("INFO");
         text.lines()
             .filter_map(|l| l.trim().split_once(':'))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -262,7 +278,10 @@ pub struct Sentinel {
 
 impl Sentinel {
     pub fn start() -> Self {
-        let tmp = tempfile::Builder::new().prefix("sentinel-").tempdir().expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("sentinel-")
+            .tempdir()
+            .expect("temp dir");
         let port = free_port();
         let conf = format!(
             "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nsentinel resolve-hostnames yes\n",
@@ -299,6 +318,8 @@ pub struct AgentOpts {
     pub data_dir: PathBuf,
     pub failover: String,
     pub pod: String,
+    pub probe_interval_ms: u64,
+    pub heartbeat_interval_ms: u64,
     pub extra: Vec<String>,
 }
 
@@ -316,6 +337,8 @@ impl AgentOpts {
             data_dir: valkey.dir.join("agent"),
             failover: "demo".into(),
             pod: valkey.name.clone(),
+            probe_interval_ms: 50,
+            heartbeat_interval_ms: 500,
             extra: Vec::new(),
         }
     }
@@ -337,11 +360,19 @@ pub fn agent_bin() -> PathBuf {
         return path.into();
     }
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // Test binaries live in target/<profile>/deps, bench binaries in target/<profile>.
+    let mut profile_dir = exe.parent().expect("target dir");
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().expect("target dir");
+    }
     let bin = profile_dir.join("valkey-agent");
     if !bin.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "valkey-agent", "--bin", "valkey-agent"])
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-p", "valkey-agent", "--bin", "valkey-agent"]);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building valkey-agent failed");
@@ -382,7 +413,12 @@ impl Agent {
             .arg("--pod-name")
             .arg(&opts.pod)
             .args(["--probe-interval-ms", "50", "--probe-timeout-ms", "500"])
-            .args(["--heartbeat-interval-ms", "500", "--reconnect-max-ms", "500"]);
+            .args([
+                "--heartbeat-interval-ms",
+                "500",
+                "--reconnect-max-ms",
+                "500",
+            ]);
         if let Some(file) = &opts.password_file {
             cmd.arg("--valkey-password-file").arg(file);
         }
@@ -427,7 +463,10 @@ impl Agent {
     }
 
     /// The grpc.health.v1 status of `service` ("" is liveness, "readiness" readiness).
-    pub async fn health(&self, service: &str) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+    pub async fn health(
+        &self,
+        service: &str,
+    ) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
             .ok()?
             .connect()
@@ -451,10 +490,18 @@ impl Agent {
         ))
         .await
         .ok()?;
-        Some(client.get_state(valkey_proto::v1::GetStateRequest {}).await.ok()?.into_inner())
+        Some(
+            client
+                .get_state(valkey_proto::v1::GetStateRequest {})
+                .await
+                .ok()?
+                .into_inner(),
+        )
     }
 
     pub async fn metrics_text(&self) -> String {
-        crate::http_get(self.metrics, "/metrics").await.unwrap_or_default()
+        crate::http_get(self.metrics, "/metrics")
+            .await
+            .unwrap_or_default()
     }
 }

@@ -1,5 +1,6 @@
 //! The agent carries out the controller's commands on real Valkey and Sentinel processes:
 //! idempotently, behind the epoch fence (also across its own restarts), with typed results.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{collections::HashMap, time::Duration};
 
@@ -26,7 +27,10 @@ fn replica_of(valkey: &Valkey) -> Action {
 
 async fn role_of(valkey: &Valkey) -> (String, String) {
     let info = valkey.info("replication").await;
-    (info["role"].clone(), info.get("master_port").cloned().unwrap_or_default())
+    (
+        info["role"].clone(),
+        info.get("master_port").cloned().unwrap_or_default(),
+    )
 }
 
 #[tokio::test]
@@ -50,20 +54,41 @@ async fn replicaof_promote_and_switchover_work_and_are_idempotent() {
     let repeated = hub.command("b", first, T).await;
     assert_eq!(repeated, result);
 
-    hub.wait_report("b", T, |r| r.data.as_ref().is_some_and(|d| d.master_link_up)).await;
+    hub.wait_report("b", T, |r| {
+        r.data.as_ref().is_some_and(|d| d.master_link_up)
+    })
+    .await;
     assert_eq!(role_of(&b).await, ("slave".into(), a.port.to_string()));
     let value: Option<String> = b.conn().await.get("before").await.expect("GET");
     assert_eq!(value.as_deref(), Some("1"));
 
     // A coordinated switchover a -> b: pause writes, wait for b to catch up, hand over.
     let _: () = a.conn().await.set("during", "2").await.expect("SET");
-    let paused = hub.command("a", command(1, Action::PauseWrites(PauseWrites { pause_ms: 5000 })), T).await;
+    let paused = hub
+        .command(
+            "a",
+            command(1, Action::PauseWrites(PauseWrites { pause_ms: 5000 })),
+            T,
+        )
+        .await;
     assert_eq!(paused.outcome(), Outcome::Ok, "{paused:?}");
     let caught_up = hub
-        .command("a", command(1, Action::WaitReplica(WaitReplica { host: b.host(), port: u32::from(b.port) })), T)
+        .command(
+            "a",
+            command(
+                1,
+                Action::WaitReplica(WaitReplica {
+                    host: b.host(),
+                    port: u32::from(b.port),
+                }),
+            ),
+            T,
+        )
         .await;
     assert_eq!(caught_up.outcome(), Outcome::Ok, "{caught_up:?}");
-    let master_offset: i64 = a.info("replication").await["master_repl_offset"].parse().expect("offset");
+    let master_offset: i64 = a.info("replication").await["master_repl_offset"]
+        .parse()
+        .expect("offset");
     assert!(caught_up.offset > 0 && caught_up.offset <= master_offset);
     let failover = Action::Failover(Failover {
         host: b.host(),
@@ -77,18 +102,31 @@ async fn replicaof_promote_and_switchover_work_and_are_idempotent() {
     assert_eq!(role_of(&b).await.0, "master");
     let handed_again = hub.command("a", command(1, failover), T).await;
     assert_eq!(handed_again.outcome(), Outcome::Already, "{handed_again:?}");
-    let unpaused = hub.command("a", command(1, Action::UnpauseWrites(UnpauseWrites {})), T).await;
+    let unpaused = hub
+        .command("a", command(1, Action::UnpauseWrites(UnpauseWrites {})), T)
+        .await;
     assert_eq!(unpaused.outcome(), Outcome::Ok);
     let value: Option<String> = b.conn().await.get("during").await.expect("GET");
-    assert_eq!(value.as_deref(), Some("2"), "the write before the pause survived the handover");
+    assert_eq!(
+        value.as_deref(),
+        Some("2"),
+        "the write before the pause survived the handover"
+    );
 
     // Promotion, twice.
-    let promoted = hub.command("a", command(2, Action::Promote(Promote {})), T).await;
+    let promoted = hub
+        .command("a", command(2, Action::Promote(Promote {})), T)
+        .await;
     assert_eq!(promoted.outcome(), Outcome::Ok, "{promoted:?}");
     assert_eq!(role_of(&a).await.0, "master");
-    let promoted_again = hub.command("a", command(2, Action::Promote(Promote {})), T).await;
+    let promoted_again = hub
+        .command("a", command(2, Action::Promote(Promote {})), T)
+        .await;
     assert_eq!(promoted_again.outcome(), Outcome::Already);
-    hub.wait_report("a", T, |r| r.data.as_ref().is_some_and(|d| d.role() == Role::Master)).await;
+    hub.wait_report("a", T, |r| {
+        r.data.as_ref().is_some_and(|d| d.role() == Role::Master)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -101,13 +139,24 @@ async fn stale_epoch_commands_are_refused_also_after_the_agent_restarts() {
 
     let ok = hub.command("b", command(5, replica_of(&a)), T).await;
     assert_eq!((ok.outcome(), ok.epoch), (Outcome::Ok, 5));
-    let stale = hub.command("b", command(3, Action::Promote(Promote {})), T).await;
+    let stale = hub
+        .command("b", command(3, Action::Promote(Promote {})), T)
+        .await;
     assert_eq!(stale.outcome(), Outcome::StaleEpoch, "{stale:?}");
-    assert!(stale.message.contains("3") && stale.message.contains("5"), "{}", stale.message);
-    assert_eq!(role_of(&b).await.0, "slave", "the stale promotion did nothing");
+    assert!(
+        stale.message.contains("3") && stale.message.contains("5"),
+        "{}",
+        stale.message
+    );
+    assert_eq!(
+        role_of(&b).await.0,
+        "slave",
+        "the stale promotion did nothing"
+    );
     let metrics = agent.metrics_text().await;
     assert!(
-        metrics.contains(r#"valkey_agent_commands_total{command="promote",outcome="stale_epoch"} 1"#),
+        metrics
+            .contains(r#"valkey_agent_commands_total{command="promote",outcome="stale_epoch"} 1"#),
         "{metrics}"
     );
 
@@ -115,15 +164,33 @@ async fn stale_epoch_commands_are_refused_also_after_the_agent_restarts() {
     agent.restart();
     let hello = hub.wait_hello("b", from, T).await;
     assert_eq!(hello.epoch, 5);
-    let stale = hub.command("b", command(4, Action::Promote(Promote {})), T).await;
+    let stale = hub
+        .command("b", command(4, Action::Promote(Promote {})), T)
+        .await;
     assert_eq!(stale.outcome(), Outcome::StaleEpoch, "{stale:?}");
     assert_eq!(role_of(&b).await.0, "slave");
     // Read-only commands are not fenced.
     let read = hub
-        .command("b", command(0, Action::WaitReplica(WaitReplica { host: a.host(), port: u32::from(a.port) })), T)
+        .command(
+            "b",
+            command(
+                0,
+                Action::WaitReplica(WaitReplica {
+                    host: a.host(),
+                    port: u32::from(a.port),
+                }),
+            ),
+            T,
+        )
         .await;
-    assert_eq!(read.outcome(), Outcome::Invalid, "a replica cannot wait for replicas: {read:?}");
-    let newer = hub.command("b", command(6, Action::Promote(Promote {})), T).await;
+    assert_eq!(
+        read.outcome(),
+        Outcome::Invalid,
+        "a replica cannot wait for replicas: {read:?}"
+    );
+    let newer = hub
+        .command("b", command(6, Action::Promote(Promote {})), T)
+        .await;
     assert_eq!((newer.outcome(), newer.epoch), (Outcome::Ok, 6));
     assert_eq!(role_of(&b).await.0, "master");
 }
@@ -139,21 +206,50 @@ async fn config_set_and_acl_set_user() {
         ("min-replicas-to-write".to_owned(), "1".to_owned()),
         ("min-replicas-max-lag".to_owned(), "10".to_owned()),
     ]);
-    let set = |params: HashMap<String, String>| Action::ConfigSet(ConfigSet { params, rewrite: true });
+    let set = |params: HashMap<String, String>| {
+        Action::ConfigSet(ConfigSet {
+            params,
+            rewrite: true,
+        })
+    };
     let result = hub.command("a", command(1, set(fencing.clone())), T).await;
     assert_eq!(result.outcome(), Outcome::Ok, "{result:?}");
-    assert!(result.message.contains("no config file"), "{}", result.message);
+    assert!(
+        result.message.contains("no config file"),
+        "{}",
+        result.message
+    );
     let report = hub
-        .wait_report("a", T, |r| r.data.as_ref().is_some_and(|d| d.min_replicas_to_write == 1))
+        .wait_report("a", T, |r| {
+            r.data
+                .as_ref()
+                .is_some_and(|d| d.min_replicas_to_write == 1)
+        })
         .await;
     let health = report.health.expect("health");
-    assert!(!health.ready && health.reason.contains("refuses writes"), "{health:?}");
+    assert!(
+        !health.ready && health.reason.contains("refuses writes"),
+        "{health:?}"
+    );
     let write: redis::RedisResult<()> = a.conn().await.set("x", 1).await;
-    assert!(write.is_err(), "a master without its replica refuses writes");
+    assert!(
+        write.is_err(),
+        "a master without its replica refuses writes"
+    );
     let again = hub.command("a", command(1, set(fencing)), T).await;
     assert_eq!(again.outcome(), Outcome::Already, "{again:?}");
     let bad = hub
-        .command("a", command(1, set(HashMap::from([("no-such-setting".to_owned(), "1".to_owned())]))), T)
+        .command(
+            "a",
+            command(
+                1,
+                set(HashMap::from([(
+                    "no-such-setting".to_owned(),
+                    "1".to_owned(),
+                )])),
+            ),
+            T,
+        )
         .await;
     assert_eq!(bad.outcome(), Outcome::Invalid, "{bad:?}");
     assert!(bad.message.contains("no-such-setting"), "{}", bad.message);
@@ -167,17 +263,34 @@ async fn config_set_and_acl_set_user() {
             rules: rules.into_iter().map(str::to_owned).collect(),
         })
     };
-    let result = hub.command("a", command(1, acl(vec!["~*", "&*", "+@all"])), T).await;
+    let result = hub
+        .command("a", command(1, acl(vec!["~*", "&*", "+@all"])), T)
+        .await;
     assert_eq!(result.outcome(), Outcome::Ok, "{result:?}");
-    let client = redis::Client::open(format!("redis://operator:operator-pw@127.0.0.1:{}/", a.port)).expect("client");
+    let client = redis::Client::open(format!(
+        "redis://operator:operator-pw@127.0.0.1:{}/",
+        a.port
+    ))
+    .expect("client");
     let pong: String = redis::cmd("PING")
-        .query_async(&mut client.get_multiplexed_async_connection().await.expect("login as operator"))
+        .query_async(
+            &mut client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("login as operator"),
+        )
         .await
         .expect("PING");
     assert_eq!(pong, "PONG");
-    let plain = hub.command("a", command(1, acl(vec![">plaintext"])), T).await;
+    let plain = hub
+        .command("a", command(1, acl(vec![">plaintext"])), T)
+        .await;
     assert_eq!(plain.outcome(), Outcome::Invalid);
-    assert!(plain.message.contains("password_sha256"), "{}", plain.message);
+    assert!(
+        plain.message.contains("password_sha256"),
+        "{}",
+        plain.message
+    );
 }
 
 #[tokio::test]
@@ -196,6 +309,8 @@ async fn sentinel_commands() {
         data_dir: sentinel.dir.join("agent"),
         failover: "demo".into(),
         pod: "s0".into(),
+        probe_interval_ms: 50,
+        heartbeat_interval_ms: 500,
         extra: Vec::new(),
     });
     hub.wait_hello("s0", 0, T).await;
@@ -213,49 +328,121 @@ async fn sentinel_commands() {
     let again = hub.command("s0", command(1, monitor), T).await;
     assert_eq!(again.outcome(), Outcome::Already, "{again:?}");
     let report = hub
-        .wait_report("s0", T, |r| r.sentinel.as_ref().is_some_and(|s| s.masters.iter().any(|m| m.name == "default.demo")))
+        .wait_report("s0", T, |r| {
+            r.sentinel
+                .as_ref()
+                .is_some_and(|s| s.masters.iter().any(|m| m.name == "default.demo"))
+        })
         .await;
     let watched = &report.sentinel.expect("sentinel").masters[0];
     assert_eq!((watched.port, watched.quorum), (u32::from(master.port), 1));
-    assert!(watched.flags.contains(&"master".to_owned()), "{:?}", watched.flags);
+    assert!(
+        watched.flags.contains(&"master".to_owned()),
+        "{:?}",
+        watched.flags
+    );
 
     let addr = hub
-        .command("s0", command(1, Action::SentinelGetMasterAddr(SentinelGetMasterAddr { name: "default.demo".into() })), T)
+        .command(
+            "s0",
+            command(
+                1,
+                Action::SentinelGetMasterAddr(SentinelGetMasterAddr {
+                    name: "default.demo".into(),
+                }),
+            ),
+            T,
+        )
         .await;
-    assert_eq!((addr.outcome(), addr.master_port), (Outcome::Ok, u32::from(master.port)));
+    assert_eq!(
+        (addr.outcome(), addr.master_port),
+        (Outcome::Ok, u32::from(master.port))
+    );
     let set = hub
         .command(
             "s0",
-            command(1, Action::SentinelSet(SentinelSet {
-                name: "default.demo".into(),
-                params: HashMap::from([("down-after-milliseconds".to_owned(), "5000".to_owned())]),
-            })),
+            command(
+                1,
+                Action::SentinelSet(SentinelSet {
+                    name: "default.demo".into(),
+                    params: HashMap::from([(
+                        "down-after-milliseconds".to_owned(),
+                        "5000".to_owned(),
+                    )]),
+                }),
+            ),
             T,
         )
         .await;
     assert_eq!(set.outcome(), Outcome::Ok, "{set:?}");
-    hub.wait_report("s0", T, |r| r.sentinel.as_ref().is_some_and(|s| s.masters.iter().any(|m| m.down_after_ms == 5000)))
-        .await;
+    hub.wait_report("s0", T, |r| {
+        r.sentinel
+            .as_ref()
+            .is_some_and(|s| s.masters.iter().any(|m| m.down_after_ms == 5000))
+    })
+    .await;
     let bad_set = hub
         .command(
             "s0",
-            command(1, Action::SentinelSet(SentinelSet {
-                name: "default.demo".into(),
-                params: HashMap::from([("no-such-option".to_owned(), "1".to_owned())]),
-            })),
+            command(
+                1,
+                Action::SentinelSet(SentinelSet {
+                    name: "default.demo".into(),
+                    params: HashMap::from([("no-such-option".to_owned(), "1".to_owned())]),
+                }),
+            ),
             T,
         )
         .await;
     assert_eq!(bad_set.outcome(), Outcome::Invalid, "{bad_set:?}");
-    let reset = hub.command("s0", command(1, Action::SentinelReset(SentinelReset { pattern: "default.demo".into() })), T).await;
-    assert_eq!((reset.outcome(), reset.message.as_str()), (Outcome::Ok, "reset 1 master(s)"));
+    let reset = hub
+        .command(
+            "s0",
+            command(
+                1,
+                Action::SentinelReset(SentinelReset {
+                    pattern: "default.demo".into(),
+                }),
+            ),
+            T,
+        )
+        .await;
+    assert_eq!(
+        (reset.outcome(), reset.message.as_str()),
+        (Outcome::Ok, "reset 1 master(s)")
+    );
     // No replica to promote: Sentinel says so, and the agent reports a failure.
-    let failover = hub.command("s0", command(1, Action::SentinelFailover(SentinelFailover { name: "default.demo".into() })), T).await;
+    let failover = hub
+        .command(
+            "s0",
+            command(
+                1,
+                Action::SentinelFailover(SentinelFailover {
+                    name: "default.demo".into(),
+                }),
+            ),
+            T,
+        )
+        .await;
     assert_eq!(failover.outcome(), Outcome::Failed, "{failover:?}");
-    let remove = Action::SentinelRemove(SentinelRemove { name: "default.demo".into() });
-    assert_eq!(hub.command("s0", command(1, remove.clone()), T).await.outcome(), Outcome::Ok);
-    assert_eq!(hub.command("s0", command(1, remove), T).await.outcome(), Outcome::Already);
+    let remove = Action::SentinelRemove(SentinelRemove {
+        name: "default.demo".into(),
+    });
+    assert_eq!(
+        hub.command("s0", command(1, remove.clone()), T)
+            .await
+            .outcome(),
+        Outcome::Ok
+    );
+    assert_eq!(
+        hub.command("s0", command(1, remove), T).await.outcome(),
+        Outcome::Already
+    );
     let wrong_kind = hub.command("s0", command(1, replica_of(&master)), T).await;
     assert_eq!(wrong_kind.outcome(), Outcome::Invalid);
-    assert!(wrong_kind.message.contains("replica_of"), "{}", wrong_kind.message);
+    assert!(
+        wrong_kind.message.contains("replica_of"),
+        "{}",
+        wrong_kind.message
+    );
 }

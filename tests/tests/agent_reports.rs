@@ -1,5 +1,6 @@
 //! The agent reports the truth about its local valkey-server: replication state, death,
 //! restarts (empty or not), and health for kubelet probes.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
 
@@ -39,18 +40,33 @@ async fn reports_match_info_replication() {
 
     let hello = hub.wait_hello("r", 0, T).await;
     assert_eq!(hello.kind(), NodeKind::Data);
-    assert_eq!((hello.namespace.as_str(), hello.failover.as_str()), ("default", "demo"));
-    assert_eq!((hello.announce_host.as_str(), hello.announce_port), ("127.0.0.1", u32::from(replica.port)));
+    assert_eq!(
+        (hello.namespace.as_str(), hello.failover.as_str()),
+        ("default", "demo")
+    );
+    assert_eq!(
+        (hello.announce_host.as_str(), hello.announce_port),
+        ("127.0.0.1", u32::from(replica.port))
+    );
 
     write_keys(&master, "k", 100).await;
     let mut conn = master.conn().await;
-    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query_async(&mut conn).await.expect("WAIT");
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .expect("WAIT");
     assert_eq!(acked, 1);
-    let offset: i64 = master.info("replication").await["master_repl_offset"].parse().expect("offset");
+    let offset: i64 = master.info("replication").await["master_repl_offset"]
+        .parse()
+        .expect("offset");
 
     let report = hub
         .wait_report("r", T, |r| {
-            r.data.as_ref().is_some_and(|d| d.master_link_up && d.repl_offset >= offset && d.key_count == 100)
+            r.data
+                .as_ref()
+                .is_some_and(|d| d.master_link_up && d.repl_offset >= offset && d.key_count == 100)
         })
         .await;
     let info = replica.info("replication").await;
@@ -65,13 +81,21 @@ async fn reports_match_info_replication() {
     assert_eq!(data.run_id, server["run_id"]);
     assert_eq!(data.replid, info["master_replid"]);
     let now_offset: i64 = info["slave_repl_offset"].parse().expect("offset");
-    assert!(data.repl_offset <= now_offset, "{} > {now_offset}", data.repl_offset);
+    assert!(
+        data.repl_offset <= now_offset,
+        "{} > {now_offset}",
+        data.repl_offset
+    );
     assert!(!data.restarted && !data.restarted_empty && !data.never_synced);
     assert!(report.health.expect("health").ready);
 
     let report = hub
         .wait_report("m", T, |r| {
-            r.data.as_ref().is_some_and(|d| d.replicas.iter().any(|x| x.state == "online" && x.offset >= offset))
+            r.data.as_ref().is_some_and(|d| {
+                d.replicas
+                    .iter()
+                    .any(|x| x.state == "online" && x.offset >= offset)
+            })
         })
         .await;
     let info = master.info("replication").await;
@@ -102,14 +126,19 @@ async fn kill9_of_valkey_is_reported_down_quickly() {
     let mut hub = TestHub::start("t0ken").await;
     let mut valkey = Valkey::start("m");
     let agent = Agent::start(AgentOpts::for_valkey(&valkey, Some(hub.url())));
-    hub.wait_report("m", T, |r| r.process() == ProcessState::Up && r.data.is_some()).await;
+    hub.wait_report("m", T, |r| {
+        r.process() == ProcessState::Up && r.data.is_some()
+    })
+    .await;
 
     let from = hub.events().len();
     let killed = Instant::now();
     valkey.kill9();
     let report = hub
         .wait_event("a DOWN report", from, T, |e| match e {
-            Event::Report { pod, report } if pod == "m" && report.process() == ProcessState::Down => {
+            Event::Report { pod, report }
+                if pod == "m" && report.process() == ProcessState::Down =>
+            {
                 Some(report.clone())
             }
             _ => None,
@@ -126,7 +155,9 @@ async fn kill9_of_valkey_is_reported_down_quickly() {
     health_is(&agent, "", ServingStatus::NotServing).await;
 
     valkey.restart();
-    let report = hub.wait_report("m", T, |r| r.process() == ProcessState::Up).await;
+    let report = hub
+        .wait_report("m", T, |r| r.process() == ProcessState::Up)
+        .await;
     assert_eq!(report.data.expect("data").restarts_seen, 1);
     health_is(&agent, "", ServingStatus::Serving).await;
 }
@@ -137,12 +168,19 @@ async fn master_restarted_empty_is_flagged_and_a_restart_with_data_is_not() {
     let mut valkey = Valkey::start_with("m", &["--dbfilename", "dump.rdb"]);
     let mut agent = Agent::start(AgentOpts::for_valkey(&valkey, Some(hub.url())));
     write_keys(&valkey, "k", 10).await;
-    hub.wait_report("m", T, |r| r.data.as_ref().is_some_and(|d| d.key_count == 10)).await;
+    hub.wait_report("m", T, |r| {
+        r.data.as_ref().is_some_and(|d| d.key_count == 10)
+    })
+    .await;
 
     // kill -9 with nothing persisted: it comes back an empty master.
     valkey.restart();
     let report = hub
-        .wait_report("m", T, |r| r.data.as_ref().is_some_and(|d| d.restarts_seen == 1 && r.process() == ProcessState::Up))
+        .wait_report("m", T, |r| {
+            r.data
+                .as_ref()
+                .is_some_and(|d| d.restarts_seen == 1 && r.process() == ProcessState::Up)
+        })
         .await;
     let data = report.data.expect("data");
     assert_eq!((data.role(), data.key_count), (Role::Master, 0));
@@ -150,10 +188,17 @@ async fn master_restarted_empty_is_flagged_and_a_restart_with_data_is_not() {
 
     // With an RDB on disk it comes back with its data: restarted, not empty.
     write_keys(&valkey, "j", 5).await;
-    let _: () = redis::cmd("SAVE").query_async(&mut valkey.conn().await).await.expect("SAVE");
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut valkey.conn().await)
+        .await
+        .expect("SAVE");
     valkey.restart();
     let report = hub
-        .wait_report("m", T, |r| r.data.as_ref().is_some_and(|d| d.restarts_seen == 2 && r.process() == ProcessState::Up))
+        .wait_report("m", T, |r| {
+            r.data
+                .as_ref()
+                .is_some_and(|d| d.restarts_seen == 2 && r.process() == ProcessState::Up)
+        })
         .await;
     let data = report.data.expect("data");
     assert_eq!(data.key_count, 5);
@@ -167,7 +212,9 @@ async fn master_restarted_empty_is_flagged_and_a_restart_with_data_is_not() {
     agent.restart();
     hub.wait_hello("m", from, T).await;
     let report = hub
-        .wait_report_from("m", from, T, |r| r.process() == ProcessState::Up && r.data.as_ref().is_some_and(|d| d.restarted))
+        .wait_report_from("m", from, T, |r| {
+            r.process() == ProcessState::Up && r.data.as_ref().is_some_and(|d| d.restarted)
+        })
         .await;
     let data = report.data.expect("data");
     assert_eq!(data.key_count, 0);
@@ -211,8 +258,14 @@ async fn health_while_loading_is_live_but_not_ready() {
     for i in 0..2000 {
         pipe.set(format!("k{i}"), i).ignore();
     }
-    let _: () = pipe.query_async(&mut valkey.conn().await).await.expect("fill");
-    let _: () = redis::cmd("SAVE").query_async(&mut valkey.conn().await).await.expect("SAVE");
+    let _: () = pipe
+        .query_async(&mut valkey.conn().await)
+        .await
+        .expect("fill");
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut valkey.conn().await)
+        .await
+        .expect("SAVE");
     // 2 ms per key: about 4 s of loading, with events served every KiB.
     valkey.restart_with(&[
         "--dbfilename",
@@ -224,7 +277,10 @@ async fn health_while_loading_is_live_but_not_ready() {
     ]);
     let agent = Agent::start(AgentOpts::for_valkey(&valkey, None));
     let state = wait_for("a loading report", T, || async {
-        agent.state().await.filter(|s| s.data.as_ref().is_some_and(|d| d.loading))
+        agent
+            .state()
+            .await
+            .filter(|s| s.data.as_ref().is_some_and(|d| d.loading))
     })
     .await;
     let health = state.health.expect("health");

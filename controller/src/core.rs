@@ -1,0 +1,349 @@
+//! The failover core for `policy: manual`: a pure function of (desired nodes, durable state,
+//! the agents' latest observations, the clock) to a plan (a new durable state to persist first,
+//! then commands). No I/O, no Kubernetes, no gRPC transport here.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use valkey_proto::v1::{
+    ConfigSet, ProcessState, Promote, ReplicaOf, Role, StateReport, command::Action,
+};
+
+/// One Valkey node the instance should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub name: String,
+    pub ordinal: u32,
+    /// The announced address replicas use to reach it.
+    pub host: String,
+    pub port: u16,
+}
+
+/// What the instance should look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub nodes: Vec<NodeSpec>,
+    /// A master that is hung or whose agent is silent this long (and whose replicas agree they
+    /// lost it) is failed over.
+    pub hang_timeout_ms: u64,
+    /// A replica counts its master link as lost when it heard nothing for this long.
+    pub replica_silence_s: i64,
+    /// Settings kept on every node with CONFIG SET (fencing and user settings).
+    pub live_config: BTreeMap<String, String>,
+}
+
+/// What the controller currently knows of one node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeObs {
+    /// The agent's stream is up.
+    pub connected: bool,
+    /// Milliseconds since the node was last seen connected with its Valkey up (u64::MAX: never).
+    pub unhealthy_ms: u64,
+    /// The agent's latest report.
+    pub report: Option<StateReport>,
+}
+
+/// Everything observed, by node name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    pub nodes: BTreeMap<String, NodeObs>,
+    /// A planned switchover's FAILOVER command is being carried out right now.
+    pub switchover_in_flight: bool,
+}
+
+/// Why the last failover happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub at_ms: i64,
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+}
+
+/// A planned switchover under way: intent written before the FAILOVER command is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSwitchover {
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+}
+
+/// The controller's durable state for one instance; persisted before any role change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durable {
+    pub epoch: u64,
+    pub master: Option<String>,
+    #[serde(default)]
+    pub last_failover: Option<FailoverRecord>,
+    #[serde(default)]
+    pub switchover: Option<PendingSwitchover>,
+}
+
+/// What to do now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Persist this before sending any command.
+    pub durable: Option<Durable>,
+    /// Commands, to be sent under the (new) durable epoch.
+    pub commands: Vec<(String, Action)>,
+    /// A planned switchover the runtime should carry out (to this node, or the best one).
+    pub switchover: Option<String>,
+    /// Things worth an Event / a log line.
+    pub notes: Vec<String>,
+}
+
+fn data(obs: &NodeObs) -> Option<&valkey_proto::v1::DataState> {
+    obs.report.as_ref()?.data.as_ref()
+}
+
+/// Connected, and its Valkey answers.
+fn is_up(obs: &NodeObs) -> bool {
+    obs.connected
+        && obs.report.as_ref().is_some_and(|r| r.process() == ProcessState::Up && r.data.is_some())
+}
+
+fn role(obs: &NodeObs) -> Role {
+    data(obs).map(|d| d.role()).unwrap_or(Role::Unspecified)
+}
+
+fn follows(obs: &NodeObs, master: &NodeSpec) -> bool {
+    data(obs).is_some_and(|d| {
+        d.role() == Role::Replica && d.master_host == master.host && d.master_port == u32::from(master.port)
+    })
+}
+
+/// Empty after a restart, or never synced: must never be a sync source or a candidate.
+fn is_empty_node(obs: &NodeObs) -> bool {
+    data(obs).is_some_and(|d| d.restarted_empty || d.never_synced)
+}
+
+/// The agent itself says its Valkey is gone: definite, no vote needed.
+fn definitely_down(obs: &NodeObs) -> bool {
+    obs.connected && obs.report.as_ref().is_some_and(|r| r.process() == ProcessState::Down)
+}
+
+impl Desired {
+    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+/// The best promotion candidate among `nodes` except `excluded`: up, a replica with data
+/// (never an empty or never-synced node), not priority 0; highest offset, then priority
+/// (lower is preferred, as in Valkey), then lowest ordinal.
+pub fn best_candidate<'a>(
+    desired: &'a Desired,
+    observed: &Observed,
+    excluded: Option<&str>,
+) -> Option<&'a NodeSpec> {
+    desired
+        .nodes
+        .iter()
+        .filter(|n| Some(n.name.as_str()) != excluded)
+        .filter_map(|n| Some((n, observed.nodes.get(&n.name)?)))
+        .filter(|(_, obs)| is_up(obs) && !is_empty_node(obs))
+        .filter_map(|(n, obs)| Some((n, data(obs)?)))
+        .filter(|(_, d)| d.replica_priority != 0 || d.role() == Role::Master)
+        .min_by_key(|(n, d)| (std::cmp::Reverse(d.repl_offset), d.replica_priority, n.ordinal))
+        .map(|(n, _)| n)
+}
+
+/// Bootstrap choice: the node with the most data, then the highest offset, then the lowest
+/// ordinal; only among nodes that answer, and an empty or never-synced node only when every
+/// node is (a brand-new instance).
+fn bootstrap_choice<'a>(desired: &'a Desired, observed: &Observed) -> Option<&'a NodeSpec> {
+    desired
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n, observed.nodes.get(&n.name)?)))
+        .filter(|(_, obs)| is_up(obs))
+        .filter_map(|(n, obs)| Some((n, is_empty_node(obs), data(obs)?)))
+        .min_by_key(|(n, empty, d)| {
+            (*empty, std::cmp::Reverse(d.key_count), std::cmp::Reverse(d.repl_offset), n.ordinal)
+        })
+        .map(|(n, _, _)| n)
+}
+
+fn replica_of(master: &NodeSpec) -> Action {
+    Action::ReplicaOf(ReplicaOf {
+        host: master.host.clone(),
+        port: u32::from(master.port),
+    })
+}
+
+/// Whether every reachable replica agrees the master is gone (and at least one is reachable).
+fn replicas_lost_master(desired: &Desired, observed: &Observed, master: &NodeSpec) -> bool {
+    let mut replicas = desired
+        .nodes
+        .iter()
+        .filter(|n| n.name != master.name)
+        .filter_map(|n| observed.nodes.get(&n.name))
+        .filter(|obs| is_up(obs))
+        .peekable();
+    replicas.peek().is_some()
+        && replicas.all(|obs| {
+            data(obs).is_some_and(|d| {
+                !follows(obs, master)
+                    || !d.master_link_up
+                    || d.master_last_io_s >= desired.replica_silence_s
+            })
+        })
+}
+
+/// Decides what to do now. Pure: the same input always gives the same plan.
+pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms: i64) -> Plan {
+    let mut plan = Plan::default();
+    let mut next = durable.clone();
+
+    // A planned switchover in progress: leave the nodes alone while its FAILOVER runs, then
+    // commit it if the target took over, or drop it if not.
+    if let Some(pending) = &durable.switchover {
+        if observed.switchover_in_flight {
+            return plan;
+        }
+        let target_is_master = observed
+            .nodes
+            .get(&pending.to)
+            .is_some_and(|obs| is_up(obs) && role(obs) == Role::Master);
+        if target_is_master {
+            next.epoch = next.epoch.max(pending.epoch);
+            next.master = Some(pending.to.clone());
+            next.last_failover = Some(FailoverRecord {
+                at_ms: now_ms,
+                from: Some(pending.from.clone()),
+                to: pending.to.clone(),
+                reason: "planned switchover".into(),
+            });
+            plan.notes.push(format!("switchover {} -> {} done", pending.from, pending.to));
+        } else {
+            next.epoch = next.epoch.max(pending.epoch);
+            plan.notes.push(format!("switchover {} -> {} did not happen; {} stays master", pending.from, pending.to, pending.from));
+        }
+        next.switchover = None;
+        plan.durable = Some(next);
+        return plan;
+    }
+
+    let master = durable.master.as_deref().and_then(|m| desired.node(m));
+    let Some(master) = master else {
+        if let Some(gone) = &durable.master
+            && observed.nodes.get(gone).is_some_and(is_up)
+        {
+            // The master is being scaled away: move the role first.
+            plan.switchover = best_candidate(desired, observed, Some(gone)).map(|n| n.name.clone());
+            return plan;
+        }
+        // Bootstrap once every desired node answers.
+        let all_up = desired
+            .nodes
+            .iter()
+            .all(|n| observed.nodes.get(&n.name).is_some_and(is_up));
+        if !all_up {
+            return plan;
+        }
+        if let Some(chosen) = bootstrap_choice(desired, observed) {
+            next.epoch += 1;
+            next.master = Some(chosen.name.clone());
+            plan.notes.push(format!("bootstrap: {} is master (epoch {})", chosen.name, next.epoch));
+            if observed.nodes.get(&chosen.name).is_some_and(|o| role(o) != Role::Master) {
+                plan.commands.push((chosen.name.clone(), Action::Promote(Promote {})));
+            }
+            converge(desired, observed, chosen, &mut plan);
+            plan.durable = Some(next);
+        }
+        return plan;
+    };
+
+    let master_obs = observed.nodes.get(&master.name).cloned().unwrap_or(NodeObs {
+        unhealthy_ms: u64::MAX,
+        ..NodeObs::default()
+    });
+    let master_serving = is_up(&master_obs) && role(&master_obs) == Role::Master;
+    let master_empty = data(&master_obs).is_some_and(|d| d.restarted_empty);
+
+    let reason = if definitely_down(&master_obs) {
+        Some(format!("master {} process is gone", master.name))
+    } else if master_serving && master_empty {
+        Some(format!("master {} restarted with an empty dataset", master.name))
+    } else if !master_serving
+        && master_obs.unhealthy_ms >= desired.hang_timeout_ms
+        && replicas_lost_master(desired, observed, master)
+    {
+        Some(format!(
+            "master {} unresponsive for {} ms and its replicas lost it",
+            master.name, master_obs.unhealthy_ms
+        ))
+    } else {
+        None
+    };
+
+    if let Some(reason) = reason {
+        match best_candidate(desired, observed, Some(&master.name)) {
+            Some(candidate) => {
+                next.epoch += 1;
+                next.master = Some(candidate.name.clone());
+                next.last_failover = Some(FailoverRecord {
+                    at_ms: now_ms,
+                    from: Some(master.name.clone()),
+                    to: candidate.name.clone(),
+                    reason: reason.clone(),
+                });
+                plan.notes.push(format!("failover {} -> {} (epoch {}): {reason}", master.name, candidate.name, next.epoch));
+                plan.commands.push((candidate.name.clone(), Action::Promote(Promote {})));
+                converge(desired, observed, candidate, &mut plan);
+                plan.durable = Some(next);
+            }
+            None if master_serving => {
+                // An empty master with no replica holding data: it is all there is.
+                plan.notes.push(format!("{reason}; no replica holds data, so {} stays master", master.name));
+                converge(desired, observed, master, &mut plan);
+            }
+            None => plan.notes.push(format!("{reason}; no candidate to promote yet")),
+        }
+        return plan;
+    }
+
+    if master_serving {
+        converge(desired, observed, master, &mut plan);
+    } else if is_up(&master_obs) && role(&master_obs) == Role::Replica && !is_empty_node(&master_obs) {
+        // The recorded master answers as a replica (demoted behind our back): promote it back.
+        plan.commands.push((master.name.clone(), Action::Promote(Promote {})));
+    }
+    plan
+}
+
+/// Every other answering node replicates from `master`; live settings are kept everywhere.
+fn converge(desired: &Desired, observed: &Observed, master: &NodeSpec, plan: &mut Plan) {
+    for node in &desired.nodes {
+        let Some(obs) = observed.nodes.get(&node.name).filter(|o| is_up(o)) else {
+            continue;
+        };
+        if node.name != master.name && !follows(obs, master) {
+            plan.commands.push((node.name.clone(), replica_of(master)));
+        }
+        if let Some(d) = data(obs) {
+            let current = BTreeMap::from([
+                ("min-replicas-to-write", d.min_replicas_to_write.to_string()),
+                ("min-replicas-max-lag", d.min_replicas_max_lag.to_string()),
+            ]);
+            let drift: std::collections::HashMap<String, String> = desired
+                .live_config
+                .iter()
+                .filter(|(k, v)| current.get(k.as_str()).is_some_and(|c| c != *v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !drift.is_empty() {
+                plan.commands.push((
+                    node.name.clone(),
+                    Action::ConfigSet(ConfigSet {
+                        params: drift,
+                        rewrite: false,
+                    }),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

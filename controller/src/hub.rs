@@ -1,0 +1,345 @@
+//! The agent hub: the server side of the agent stream. It authenticates agents, keeps each
+//! pod's latest report and stream liveness, sends commands and awaits their results with
+//! deadlines, and passes on agents' switchover requests.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use valkey_proto::v1::{
+    AgentMessage, Command, CommandResult, ControllerMessage, Hello, NodeKind, ProcessState,
+    StateReport, Welcome,
+    agent_hub_server::{AgentHub, AgentHubServer},
+    agent_message::Msg,
+    controller_message,
+};
+
+use crate::core::{NodeObs, Observed};
+
+/// Which Failover a pod belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Decides whether a Hello may open a stream.
+pub trait Authenticator: Send + Sync + 'static {
+    fn check(&self, hello: &Hello) -> Result<(), String>;
+}
+
+/// One shared token (the local runtime's).
+#[derive(Clone)]
+pub struct StaticToken(pub String);
+
+impl std::fmt::Debug for StaticToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StaticToken(<redacted>)")
+    }
+}
+
+impl Authenticator for StaticToken {
+    fn check(&self, hello: &Hello) -> Result<(), String> {
+        if hello.token == self.0 {
+            Ok(())
+        } else {
+            Err(format!("wrong token from {}/{}", hello.namespace, hello.pod_name))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("no agent stream from pod {0}")]
+    NotConnected(String),
+    #[error("pod {pod} did not answer command {id} within {timeout:?}")]
+    Timeout {
+        pod: String,
+        id: String,
+        timeout: Duration,
+    },
+    #[error("the stream to pod {0} closed before the command was answered")]
+    Closed(String),
+}
+
+#[derive(Debug)]
+struct Node {
+    hello: Hello,
+    session: u64,
+    tx: Option<mpsc::Sender<Result<ControllerMessage, Status>>>,
+    report: Option<StateReport>,
+    /// When the node was last seen connected with its Valkey up.
+    last_good: Option<Instant>,
+}
+
+/// Something the hub wants the runtime to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubEvent {
+    /// A master's agent is being terminated and asks for its role to move.
+    SwitchoverRequested { instance: InstanceKey, pod: String },
+}
+
+#[derive(Debug)]
+struct Inner {
+    nodes: Mutex<HashMap<(InstanceKey, String), Node>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<CommandResult>>>,
+    changed: watch::Sender<u64>,
+    events: mpsc::UnboundedSender<HubEvent>,
+    sessions: AtomicU64,
+    heartbeat: Duration,
+}
+
+/// The hub; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+    auth: Arc<dyn Authenticator>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+fn key_of(hello: &Hello) -> (InstanceKey, String) {
+    (
+        InstanceKey {
+            namespace: hello.namespace.clone(),
+            name: hello.failover.clone(),
+        },
+        hello.pod_name.clone(),
+    )
+}
+
+impl Hub {
+    /// A hub and the receiver of its events.
+    pub fn new(
+        auth: impl Authenticator,
+        heartbeat: Duration,
+    ) -> (Self, mpsc::UnboundedReceiver<HubEvent>) {
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (changed, _) = watch::channel(0);
+        let hub = Self {
+            inner: Arc::new(Inner {
+                nodes: Mutex::default(),
+                pending: Mutex::default(),
+                changed,
+                events,
+                sessions: AtomicU64::new(0),
+                heartbeat,
+            }),
+            auth: Arc::new(auth),
+        };
+        (hub, events_rx)
+    }
+
+    pub fn server(&self) -> AgentHubServer<Self> {
+        AgentHubServer::new(self.clone())
+    }
+
+    /// Ticks on every report, connect and disconnect.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    fn touch(&self) {
+        self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// What the hub knows of one instance's data pods, for the failover core.
+    pub fn observe(&self, instance: &InstanceKey) -> Observed {
+        let now = Instant::now();
+        let nodes = self.inner.nodes.lock().map(|nodes| {
+            nodes
+                .iter()
+                .filter(|((key, _), node)| key == instance && node.hello.kind() == NodeKind::Data)
+                .map(|((_, pod), node)| {
+                    let obs = NodeObs {
+                        connected: node.tx.is_some(),
+                        unhealthy_ms: node
+                            .last_good
+                            .map(|t| now.saturating_duration_since(t).as_millis() as u64)
+                            .unwrap_or(u64::MAX),
+                        report: node.report.clone(),
+                    };
+                    (pod.clone(), obs)
+                })
+                .collect()
+        });
+        Observed {
+            nodes: nodes.unwrap_or_default(),
+            switchover_in_flight: false,
+        }
+    }
+
+    /// The announced address of a pod, as its agent said hello.
+    pub fn hello(&self, instance: &InstanceKey, pod: &str) -> Option<Hello> {
+        let nodes = self.inner.nodes.lock().ok()?;
+        nodes.get(&(instance.clone(), pod.to_owned())).map(|n| n.hello.clone())
+    }
+
+    /// Sends a command to a pod and waits for its result.
+    pub async fn command(
+        &self,
+        instance: &InstanceKey,
+        pod: &str,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<CommandResult, HubError> {
+        let tx = self
+            .inner
+            .nodes
+            .lock()
+            .ok()
+            .and_then(|nodes| nodes.get(&(instance.clone(), pod.to_owned())).and_then(|n| n.tx.clone()))
+            .ok_or_else(|| HubError::NotConnected(pod.to_owned()))?;
+        let id = command.id.clone();
+        let (done, result) = oneshot::channel();
+        if let Ok(mut pending) = self.inner.pending.lock() {
+            pending.insert(id.clone(), done);
+        }
+        let message = ControllerMessage {
+            msg: Some(controller_message::Msg::Command(command)),
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            self.forget(&id);
+            return Err(HubError::NotConnected(pod.to_owned()));
+        }
+        match tokio::time::timeout(timeout, result).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(HubError::Closed(pod.to_owned())),
+            Err(_) => {
+                self.forget(&id);
+                Err(HubError::Timeout {
+                    pod: pod.to_owned(),
+                    id,
+                    timeout,
+                })
+            }
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut pending) = self.inner.pending.lock() {
+            pending.remove(id);
+        }
+    }
+
+    fn on_message(&self, key: &(InstanceKey, String), session: u64, msg: Msg) {
+        match msg {
+            Msg::Report(report) => {
+                if let Ok(mut nodes) = self.inner.nodes.lock()
+                    && let Some(node) = nodes.get_mut(key).filter(|n| n.session == session)
+                {
+                    if report.process() == ProcessState::Up {
+                        node.last_good = Some(Instant::now());
+                    }
+                    node.report = Some(report);
+                }
+                self.touch();
+            }
+            Msg::Heartbeat(_) => {
+                if let Ok(mut nodes) = self.inner.nodes.lock()
+                    && let Some(node) = nodes.get_mut(key).filter(|n| n.session == session)
+                    && node.report.as_ref().is_some_and(|r| r.process() == ProcessState::Up)
+                {
+                    node.last_good = Some(Instant::now());
+                }
+            }
+            Msg::Result(result) => {
+                let waiter = self.inner.pending.lock().ok().and_then(|mut p| p.remove(&result.id));
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(result);
+                    }
+                    None => debug!(id = %result.id, "result for a command nobody waits for"),
+                }
+            }
+            Msg::SwitchoverRequest(request) => {
+                info!(pod = %key.1, reason = %request.reason, "agent asks for a switchover");
+                let _ = self.inner.events.send(HubEvent::SwitchoverRequested {
+                    instance: key.0.clone(),
+                    pod: key.1.clone(),
+                });
+            }
+            Msg::Hello(_) => warn!(pod = %key.1, "ignoring a second hello"),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentHub for Hub {
+    type AttachStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(AgentMessage {
+                msg: Some(Msg::Hello(hello)),
+            }) => hello,
+            _ => return Err(Status::invalid_argument("the first message must be a Hello")),
+        };
+        if let Err(why) = self.auth.check(&hello) {
+            warn!(pod = %hello.pod_name, namespace = %hello.namespace, "refused an agent: {why}");
+            return Err(Status::unauthenticated("the agent's token was refused"));
+        }
+        let key = key_of(&hello);
+        let session = self.inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(64);
+        let welcome = ControllerMessage {
+            msg: Some(controller_message::Msg::Welcome(Welcome {
+                epoch: 0,
+                heartbeat_interval_ms: self.inner.heartbeat.as_millis() as u32,
+            })),
+        };
+        let _ = tx.send(Ok(welcome)).await;
+        info!(pod = %hello.pod_name, failover = %hello.failover, addr = %format_args!("{}:{}", hello.announce_host, hello.announce_port), "agent connected");
+        if let Ok(mut nodes) = self.inner.nodes.lock() {
+            let previous = nodes.remove(&key);
+            nodes.insert(
+                key.clone(),
+                Node {
+                    hello,
+                    session,
+                    tx: Some(tx),
+                    report: previous.as_ref().and_then(|p| p.report.clone()),
+                    last_good: previous.and_then(|p| p.last_good),
+                },
+            );
+        }
+        self.touch();
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(AgentMessage { msg: Some(msg) })) => hub.on_message(&key, session, msg),
+                    Ok(Some(AgentMessage { msg: None })) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            info!(pod = %key.1, "agent stream closed");
+            if let Ok(mut nodes) = hub.inner.nodes.lock()
+                && let Some(node) = nodes.get_mut(&key).filter(|n| n.session == session)
+            {
+                node.tx = None;
+            }
+            hub.touch();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

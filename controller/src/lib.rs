@@ -1,0 +1,15 @@
+//! valkey-controller: the failover core (pure decisions), the agent hub (gRPC), and the local
+//! runtime that wires them to real processes without a cluster.
+
+pub mod core;
+pub mod hub;
+pub mod local;
+pub mod manifest;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

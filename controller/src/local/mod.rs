@@ -1,0 +1,694 @@
+//! The local runtime: `valkey-controller local up -f <failover.yaml>` runs the failover core
+//! and the agent hub in-process and stands in for the kubelet, with every node's data, logs
+//! and the controller's durable state in one working directory.
+
+pub mod control;
+pub mod supervisor;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+use valkey_proto::v1::{Command, Failover, Outcome, command::Action};
+
+use crate::{
+    core::{self, Desired, Durable, NodeSpec, PendingSwitchover},
+    hub::{Hub, HubEvent, InstanceKey, StaticToken},
+    manifest::{Manifest, ManifestError},
+};
+use supervisor::{Supervised, free_port, log_path, port_in_use, sibling_or_path, which};
+
+/// Everything that can stop `local up` before or while it runs; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("-f {path}: {source}")]
+    ReadManifest {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{name} not found on PATH: install it (Debian: apt-get install -t bookworm-backports valkey-server valkey-sentinel) or pass --{flag}")]
+    MissingBinary { name: String, flag: &'static str },
+    #[error("--dir {dir}: it holds instance {found}, not {wanted}; choose another --dir")]
+    OtherInstance {
+        dir: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    #[error("--dir {dir}: a controller is already running there")]
+    AlreadyRunning { dir: PathBuf },
+    #[error("port {port} ({what} of {pod}) is in use; stop what listens there or remove {state} to pick new ports")]
+    PortInUse {
+        pod: String,
+        what: &'static str,
+        port: u16,
+        state: PathBuf,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid state file: {source}")]
+    BadState {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] supervisor::SpawnError),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LocalError + 'a {
+    move |source| LocalError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// How `local up` was asked to run.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub manifest: PathBuf,
+    pub dir: Option<PathBuf>,
+    pub hang_timeout: Duration,
+    pub probe_interval_ms: u64,
+}
+
+/// Ports of one node, kept across runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePorts {
+    pub valkey: u16,
+    pub agent: u16,
+    pub metrics: u16,
+}
+
+/// The working dir's durable state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalState {
+    pub namespace: String,
+    pub name: String,
+    pub durable: Durable,
+    pub ports: BTreeMap<String, NodePorts>,
+}
+
+/// Writes a file atomically: temp file, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl LocalState {
+    fn load(path: &Path) -> Result<Option<Self>, LocalError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| LocalError::BadState {
+                    path: path.to_owned(),
+                    source,
+                }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LocalError::Io {
+                what: "reading",
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<(), LocalError> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| LocalError::BadState {
+            path: path.to_owned(),
+            source,
+        })?;
+        write_atomic(path, &bytes).map_err(io("writing", path))
+    }
+}
+
+/// The default working dir of an instance.
+pub fn default_dir(namespace: &str, name: &str) -> PathBuf {
+    PathBuf::from(".valkey-local").join(format!("{namespace}-{name}"))
+}
+
+fn pod_name(name: &str, ordinal: u32) -> String {
+    format!("{name}-{ordinal}")
+}
+
+fn random_secret() -> String {
+    use rand::RngExt;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
+}
+
+/// Reads a secret file, creating it (mode 0600) when missing.
+fn secret_file(path: &Path) -> Result<String, LocalError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_owned()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let secret = random_secret();
+            write_atomic(path, secret.as_bytes()).map_err(io("writing", path))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("securing", path))?;
+            Ok(secret)
+        }
+        Err(source) => Err(LocalError::Io {
+            what: "reading",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The two processes of one node.
+#[derive(Debug)]
+struct NodeProcs {
+    valkey: Supervised,
+    agent: Supervised,
+}
+
+/// Settings kept live on every node: fencing when there are enough nodes to afford it.
+fn live_config(manifest: &Manifest) -> BTreeMap<String, String> {
+    let mut live = BTreeMap::new();
+    if manifest.spec.replicas >= 3 {
+        live.insert("min-replicas-to-write".to_owned(), "1".to_owned());
+        live.insert("min-replicas-max-lag".to_owned(), "5".to_owned());
+    }
+    for key in ["min-replicas-to-write", "min-replicas-max-lag"] {
+        if let Some(value) = manifest.spec.custom_configs.get(key) {
+            live.insert(key.to_owned(), value.clone());
+        }
+    }
+    live
+}
+
+struct Runtime {
+    key: InstanceKey,
+    dir: PathBuf,
+    state_path: PathBuf,
+    state: LocalState,
+    desired: Desired,
+    manifest: Manifest,
+    password_file: PathBuf,
+    token_file: PathBuf,
+    valkey_bin: PathBuf,
+    agent_bin: PathBuf,
+    hub_addr: std::net::SocketAddr,
+    probe_interval_ms: u64,
+    procs: BTreeMap<String, NodeProcs>,
+}
+
+impl Runtime {
+    fn node_dir(&self, pod: &str) -> PathBuf {
+        self.dir.join("nodes").join(pod)
+    }
+
+    fn write_config(&self, pod: &str, ports: NodePorts) -> Result<PathBuf, LocalError> {
+        let node_dir = self.node_dir(pod);
+        std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
+        let password = std::fs::read_to_string(&self.password_file)
+            .map_err(io("reading", &self.password_file))?;
+        let password = password.trim();
+        let mut conf = format!(
+            "# Written by valkey-controller local up; edits are overwritten.\n\
+             port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+             requirepass {password}\nmasterauth {password}\n\
+             appendonly yes\nappendfsync everysec\nsave \"\"\n\
+             repl-ping-replica-period 1\nrepl-diskless-sync yes\nrepl-diskless-sync-delay 0\n\
+             replica-announce-ip 127.0.0.1\nlogfile {log}\n",
+            port = ports.valkey,
+            dir = node_dir.display(),
+            log = log_path(&self.dir, &format!("{pod}.valkey")).display(),
+        );
+        for (key, value) in &self.manifest.spec.custom_configs {
+            conf.push_str(&format!("{key} {value}\n"));
+        }
+        let path = node_dir.join("valkey.conf");
+        write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
+        Ok(path)
+    }
+
+    fn procs_for(&self, pod: &str, ports: NodePorts) -> Result<NodeProcs, LocalError> {
+        let conf = self.write_config(pod, ports)?;
+        let valkey = Supervised::new(
+            format!("{pod} valkey-server"),
+            self.valkey_bin.clone(),
+            vec![conf.display().to_string()],
+            log_path(&self.dir, &format!("{pod}.valkey-stdout")),
+        );
+        let agent_args = vec![
+            "--valkey-addr".into(),
+            format!("127.0.0.1:{}", ports.valkey),
+            "--valkey-password-file".into(),
+            self.password_file.display().to_string(),
+            "--controller-addr".into(),
+            format!("http://{}", self.hub_addr),
+            "--token-file".into(),
+            self.token_file.display().to_string(),
+            "--namespace".into(),
+            self.key.namespace.clone(),
+            "--failover".into(),
+            self.key.name.clone(),
+            "--pod-name".into(),
+            pod.to_owned(),
+            "--data-dir".into(),
+            self.node_dir(pod).join("agent").display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", ports.agent),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", ports.metrics),
+            "--probe-interval-ms".into(),
+            self.probe_interval_ms.to_string(),
+            "--reconnect-max-ms".into(),
+            "1000".into(),
+        ];
+        let agent = Supervised::new(
+            format!("{pod} valkey-agent"),
+            self.agent_bin.clone(),
+            agent_args,
+            log_path(&self.dir, &format!("{pod}.agent")),
+        );
+        Ok(NodeProcs { valkey, agent })
+    }
+
+    /// The nodes to run: the desired ones, plus a master that is being scaled away.
+    fn wanted_pods(&self) -> Vec<String> {
+        let mut pods: Vec<String> = self.desired.nodes.iter().map(|n| n.name.clone()).collect();
+        if let Some(master) = &self.state.durable.master
+            && !pods.contains(master)
+            && self.state.ports.contains_key(master)
+        {
+            pods.push(master.clone());
+        }
+        pods
+    }
+
+    fn start_missing(&mut self) -> Result<(), LocalError> {
+        for pod in self.wanted_pods() {
+            if self.procs.contains_key(&pod) {
+                continue;
+            }
+            let ports = self.state.ports.get(&pod).copied().ok_or_else(|| LocalError::Io {
+                what: "no ports for",
+                path: PathBuf::from(&pod),
+                source: std::io::Error::other("missing"),
+            })?;
+            let mut procs = self.procs_for(&pod, ports)?;
+            procs.valkey.start()?;
+            procs.agent.start()?;
+            info!(pod = %pod, valkey = ports.valkey, agent = ports.agent, "node started");
+            self.procs.insert(pod, procs);
+        }
+        Ok(())
+    }
+
+    /// Stops nodes that are no longer wanted (scale down, once the master is elsewhere).
+    fn stop_unwanted(&mut self) -> Result<(), LocalError> {
+        let wanted = self.wanted_pods();
+        let extra: Vec<String> = self.procs.keys().filter(|p| !wanted.contains(p)).cloned().collect();
+        for pod in extra {
+            if let Some(mut procs) = self.procs.remove(&pod) {
+                procs.agent.stop(Signal::SIGKILL, Duration::from_secs(1));
+                procs.valkey.stop(Signal::SIGTERM, Duration::from_secs(5));
+                info!(pod = %pod, "node removed (scaled down)");
+            }
+            self.state.ports.remove(&pod);
+            self.state.save(&self.state_path)?;
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        for procs in self.procs.values_mut() {
+            procs.agent.stop(Signal::SIGKILL, Duration::from_secs(1));
+        }
+        for procs in self.procs.values_mut() {
+            procs.valkey.stop(Signal::SIGTERM, Duration::from_secs(10));
+        }
+    }
+}
+
+/// Prepares the working dir and everything `up` needs, checking all bad input before any
+/// process starts.
+fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
+    let text = std::fs::read_to_string(&options.manifest).map_err(|source| LocalError::ReadManifest {
+        path: options.manifest.clone(),
+        source,
+    })?;
+    let manifest = Manifest::parse(&text, &options.manifest.display().to_string())?;
+    let key = InstanceKey {
+        namespace: manifest.namespace().to_owned(),
+        name: manifest.metadata.name.clone(),
+    };
+    if manifest.spec.sentinel.is_some() {
+        warn!("spec.sentinel is set, but the local runtime runs policy manual for now: the controller decides failover");
+    }
+    let valkey_bin = which("valkey-server").ok_or(LocalError::MissingBinary {
+        name: "valkey-server".into(),
+        flag: "path",
+    })?;
+    let agent_bin = std::env::var_os("VALKEY_AGENT_BIN")
+        .map(PathBuf::from)
+        .or_else(|| sibling_or_path("valkey-agent"))
+        .ok_or(LocalError::MissingBinary {
+            name: "valkey-agent".into(),
+            flag: "path",
+        })?;
+
+    let dir = options.dir.clone().unwrap_or_else(|| default_dir(&key.namespace, &key.name));
+    std::fs::create_dir_all(dir.join("logs")).map_err(io("creating", &dir))?;
+    let dir = dir.canonicalize().map_err(io("resolving", &dir))?;
+    let state_path = dir.join("state.json");
+    let mut state = LocalState::load(&state_path)?.unwrap_or_else(|| LocalState {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        ..LocalState::default()
+    });
+    if state.namespace != key.namespace || state.name != key.name {
+        return Err(LocalError::OtherInstance {
+            dir,
+            found: format!("{}/{}", state.namespace, state.name),
+            wanted: format!("{}/{}", key.namespace, key.name),
+        });
+    }
+    if control::is_running(&dir) {
+        return Err(LocalError::AlreadyRunning { dir });
+    }
+
+    let replicas = manifest.spec.replicas as u32;
+    for ordinal in 0..replicas {
+        let pod = pod_name(&key.name, ordinal);
+        if !state.ports.contains_key(&pod) {
+            let port = |what| free_port().map_err(io(what, Path::new("127.0.0.1:0")));
+            state.ports.insert(
+                pod,
+                NodePorts {
+                    valkey: port("finding a port")?,
+                    agent: port("finding a port")?,
+                    metrics: port("finding a port")?,
+                },
+            );
+        }
+    }
+    let desired = Desired {
+        nodes: (0..replicas)
+            .map(|ordinal| {
+                let name = pod_name(&key.name, ordinal);
+                let port = state.ports.get(&name).map(|p| p.valkey).unwrap_or_default();
+                NodeSpec {
+                    name,
+                    ordinal,
+                    host: "127.0.0.1".into(),
+                    port,
+                }
+            })
+            .collect(),
+        hang_timeout_ms: options.hang_timeout.as_millis() as u64,
+        replica_silence_s: (options.hang_timeout.as_secs() as i64).max(2),
+        live_config: live_config(&manifest),
+    };
+    let runtime = Runtime {
+        password_file: dir.join("password"),
+        token_file: dir.join("agent-token"),
+        key,
+        state_path,
+        state,
+        desired,
+        manifest,
+        valkey_bin,
+        agent_bin,
+        hub_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        probe_interval_ms: options.probe_interval_ms,
+        procs: BTreeMap::new(),
+        dir,
+    };
+    for pod in runtime.wanted_pods() {
+        let Some(ports) = runtime.state.ports.get(&pod).copied() else {
+            continue;
+        };
+        for (what, port) in [("valkey", ports.valkey), ("agent", ports.agent), ("metrics", ports.metrics)] {
+            if port_in_use(port) {
+                return Err(LocalError::PortInUse {
+                    pod,
+                    what,
+                    port,
+                    state: runtime.state_path.clone(),
+                });
+            }
+        }
+    }
+    secret_file(&runtime.password_file)?;
+    secret_file(&runtime.token_file)?;
+    runtime.state.save(&runtime.state_path)?;
+    Ok(runtime)
+}
+
+/// Shared between the loop and the tasks it spawns.
+#[derive(Debug, Default)]
+struct Flight {
+    /// Pods with a command in flight (one at a time per pod).
+    busy: Mutex<HashSet<String>>,
+    switchover: AtomicBool,
+    ids: AtomicU64,
+}
+
+impl Flight {
+    fn next_id(&self, epoch: u64) -> String {
+        format!("e{epoch}-{}", self.ids.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Runs the instance until `shutdown` resolves; then stops every process it started.
+pub async fn up(
+    options: UpOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), LocalError> {
+    let mut runtime = prepare(&options)?;
+    let token = secret_file(&runtime.token_file)?;
+    let (hub, mut hub_events) = Hub::new(StaticToken(token), Duration::from_millis(500));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
+    runtime.hub_addr = listener.local_addr().map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
+    let server = tonic::transport::Server::builder()
+        .add_service(hub.server())
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    let server_task = tokio::spawn(server);
+    let control_listener = control::bind(&runtime.dir)?;
+
+    runtime.start_missing()?;
+    info!(
+        instance = %format_args!("{}/{}", runtime.key.namespace, runtime.key.name),
+        dir = %runtime.dir.display(),
+        hub = %runtime.hub_addr,
+        "local instance up; password in {}",
+        runtime.password_file.display()
+    );
+
+    let flight = Arc::new(Flight::default());
+    let mut changed = hub.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut printer = control::Printer::default();
+    tokio::pin!(shutdown);
+    let started = Instant::now();
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = changed.changed() => {}
+            _ = tick.tick() => {
+                for procs in runtime.procs.values_mut() {
+                    procs.valkey.tend();
+                    procs.agent.tend();
+                }
+            }
+            Some(event) = hub_events.recv() => match event {
+                HubEvent::SwitchoverRequested { pod, .. } => {
+                    if runtime.state.durable.master.as_deref() == Some(pod.as_str()) {
+                        let _ = start_switchover(&mut runtime, &hub, &flight, None);
+                    }
+                }
+            },
+            accepted = control_listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let status = control::status(&runtime.key, &runtime.state.durable, &runtime.desired, &hub, &runtime.dir);
+                    let request = control::read_request(stream).await;
+                    if let Some((request, stream)) = request {
+                        let reply = match request {
+                            control::Request::Status => control::Reply::status(status),
+                            control::Request::Switchover { to } => match start_switchover(&mut runtime, &hub, &flight, to) {
+                                Ok(message) => control::Reply::ok(message),
+                                Err(message) => control::Reply::error(message),
+                            },
+                        };
+                        tokio::spawn(control::write_reply(stream, reply));
+                    }
+                }
+            }
+        }
+        if let Err(err) = reconcile(&mut runtime, &hub, &flight) {
+            error!(error = %err, "reconcile failed; stopping");
+            runtime.shutdown();
+            server_task.abort();
+            return Err(err);
+        }
+        if started.elapsed() > Duration::from_millis(500) {
+            printer.maybe_print(&control::status(&runtime.key, &runtime.state.durable, &runtime.desired, &hub, &runtime.dir));
+        }
+    }
+    info!("stopping every process");
+    runtime.shutdown();
+    server_task.abort();
+    control::unbind(&runtime.dir);
+    Ok(())
+}
+
+/// One pass: observe, decide, persist, then send.
+fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(), LocalError> {
+    let mut observed = hub.observe(&runtime.key);
+    observed.switchover_in_flight = flight.switchover.load(Ordering::SeqCst);
+    let now_ms = crate::now_ms();
+    let plan = core::decide(&runtime.desired, &runtime.state.durable, &observed, now_ms);
+    for note in &plan.notes {
+        info!("{note}");
+    }
+    if let Some(durable) = plan.durable {
+        runtime.state.durable = durable;
+        // Durable first: if this fails, nothing is sent.
+        runtime.state.save(&runtime.state_path)?;
+    }
+    let epoch = runtime.state.durable.epoch;
+    for (pod, action) in plan.commands {
+        let claimed = flight.busy.lock().map(|mut busy| busy.insert(pod.clone())).unwrap_or(false);
+        if !claimed {
+            continue;
+        }
+        let command = Command {
+            id: flight.next_id(epoch),
+            epoch,
+            deadline_ms: 5000,
+            action: Some(action),
+        };
+        let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
+        tokio::spawn(async move {
+            match hub.command(&key, &pod, command, Duration::from_secs(6)).await {
+                Ok(result) if matches!(result.outcome(), Outcome::Ok | Outcome::Already) => {}
+                Ok(result) => warn!(pod = %pod, outcome = ?result.outcome(), message = %result.message, "command not done"),
+                Err(err) => warn!(pod = %pod, error = %err, "command not answered"),
+            }
+            if let Ok(mut busy) = flight.busy.lock() {
+                busy.remove(&pod);
+            }
+        });
+    }
+    if let Some(target) = plan.switchover
+        && let Err(message) = start_switchover(runtime, hub, flight, Some(target))
+    {
+        warn!("{message}");
+    }
+    runtime.start_missing()?;
+    if runtime
+        .state
+        .durable
+        .master
+        .as_ref()
+        .is_some_and(|m| runtime.desired.node(m).is_some())
+    {
+        runtime.stop_unwanted()?;
+    }
+    Ok(())
+}
+
+/// Starts a planned, lossless switchover: the intent is persisted, then the master runs
+/// FAILOVER TO the target (which pauses writes, waits for the target to catch up, and hands
+/// over); the core commits or drops the intent when it sees the outcome.
+fn start_switchover(
+    runtime: &mut Runtime,
+    hub: &Hub,
+    flight: &Arc<Flight>,
+    to: Option<String>,
+) -> Result<String, String> {
+    if flight.switchover.load(Ordering::SeqCst) || runtime.state.durable.switchover.is_some() {
+        return Err("a switchover is already under way".into());
+    }
+    let from = runtime.state.durable.master.clone().ok_or("there is no master yet")?;
+    let observed = hub.observe(&runtime.key);
+    let to = match to.filter(|t| t != "any") {
+        Some(to) => {
+            if runtime.desired.node(&to).is_none() {
+                return Err(format!("{to} is not a node of this instance"));
+            }
+            to
+        }
+        None => core::best_candidate(&runtime.desired, &observed, Some(&from))
+            .map(|n| n.name.clone())
+            .ok_or("no replica can take over right now")?,
+    };
+    if to == from {
+        return Err(format!("{to} is already the master"));
+    }
+    let target = runtime.desired.node(&to).cloned().ok_or("unknown target")?;
+    let target_ok = observed.nodes.get(&to).is_some_and(|o| {
+        o.connected
+            && o.report.as_ref().and_then(|r| r.data.as_ref()).is_some_and(|d| {
+                d.master_link_up && !d.restarted_empty && !d.never_synced
+            })
+    });
+    if !target_ok {
+        return Err(format!("{to} is not an in-sync replica right now"));
+    }
+    let epoch = runtime.state.durable.epoch + 1;
+    runtime.state.durable.switchover = Some(PendingSwitchover {
+        from: from.clone(),
+        to: to.clone(),
+        epoch,
+    });
+    if let Err(err) = runtime.state.save(&runtime.state_path) {
+        runtime.state.durable.switchover = None;
+        return Err(format!("cannot persist the switchover: {err}"));
+    }
+    flight.switchover.store(true, Ordering::SeqCst);
+    let command = Command {
+        id: flight.next_id(epoch),
+        epoch,
+        deadline_ms: 10_000,
+        action: Some(Action::Failover(Failover {
+            host: target.host.clone(),
+            port: u32::from(target.port),
+            timeout_ms: 5000,
+            force: false,
+        })),
+    };
+    let (hub, key, flight, from_pod) = (hub.clone(), runtime.key.clone(), flight.clone(), from.clone());
+    info!(from = %from, to = %to, epoch, "switchover started");
+    tokio::spawn(async move {
+        match hub.command(&key, &from_pod, command, Duration::from_secs(11)).await {
+            Ok(result) => info!(outcome = ?result.outcome(), message = %result.message, "switchover command answered"),
+            Err(err) => warn!(error = %err, "switchover command not answered"),
+        }
+        // Give the target's agent a moment to report its new role before the core looks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        flight.switchover.store(false, Ordering::SeqCst);
+    });
+    Ok(format!("switchover {from} -> {to} started (epoch {epoch})"))
+}
