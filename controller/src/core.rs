@@ -17,6 +17,8 @@ pub struct NodeSpec {
     /// The announced address replicas use to reach it.
     pub host: String,
     pub port: u16,
+    /// Being scaled away: never a candidate; removed once it is not the master.
+    pub retiring: bool,
 }
 
 /// What the instance should look like.
@@ -99,7 +101,10 @@ fn data(obs: &NodeObs) -> Option<&valkey_proto::v1::DataState> {
 /// Connected, and its Valkey answers.
 fn is_up(obs: &NodeObs) -> bool {
     obs.connected
-        && obs.report.as_ref().is_some_and(|r| r.process() == ProcessState::Up && r.data.is_some())
+        && obs
+            .report
+            .as_ref()
+            .is_some_and(|r| r.process() == ProcessState::Up && r.data.is_some())
 }
 
 fn role(obs: &NodeObs) -> Role {
@@ -108,7 +113,9 @@ fn role(obs: &NodeObs) -> Role {
 
 fn follows(obs: &NodeObs, master: &NodeSpec) -> bool {
     data(obs).is_some_and(|d| {
-        d.role() == Role::Replica && d.master_host == master.host && d.master_port == u32::from(master.port)
+        d.role() == Role::Replica
+            && d.master_host == master.host
+            && d.master_port == u32::from(master.port)
     })
 }
 
@@ -119,7 +126,11 @@ fn is_empty_node(obs: &NodeObs) -> bool {
 
 /// The agent itself says its Valkey is gone: definite, no vote needed.
 fn definitely_down(obs: &NodeObs) -> bool {
-    obs.connected && obs.report.as_ref().is_some_and(|r| r.process() == ProcessState::Down)
+    obs.connected
+        && obs
+            .report
+            .as_ref()
+            .is_some_and(|r| r.process() == ProcessState::Down)
 }
 
 impl Desired {
@@ -139,12 +150,18 @@ pub fn best_candidate<'a>(
     desired
         .nodes
         .iter()
-        .filter(|n| Some(n.name.as_str()) != excluded)
+        .filter(|n| Some(n.name.as_str()) != excluded && !n.retiring)
         .filter_map(|n| Some((n, observed.nodes.get(&n.name)?)))
         .filter(|(_, obs)| is_up(obs) && !is_empty_node(obs))
         .filter_map(|(n, obs)| Some((n, data(obs)?)))
         .filter(|(_, d)| d.replica_priority != 0 || d.role() == Role::Master)
-        .min_by_key(|(n, d)| (std::cmp::Reverse(d.repl_offset), d.replica_priority, n.ordinal))
+        .min_by_key(|(n, d)| {
+            (
+                std::cmp::Reverse(d.repl_offset),
+                d.replica_priority,
+                n.ordinal,
+            )
+        })
         .map(|(n, _)| n)
 }
 
@@ -155,11 +172,17 @@ fn bootstrap_choice<'a>(desired: &'a Desired, observed: &Observed) -> Option<&'a
     desired
         .nodes
         .iter()
+        .filter(|n| !n.retiring)
         .filter_map(|n| Some((n, observed.nodes.get(&n.name)?)))
         .filter(|(_, obs)| is_up(obs))
         .filter_map(|(n, obs)| Some((n, is_empty_node(obs), data(obs)?)))
         .min_by_key(|(n, empty, d)| {
-            (*empty, std::cmp::Reverse(d.key_count), std::cmp::Reverse(d.repl_offset), n.ordinal)
+            (
+                *empty,
+                std::cmp::Reverse(d.key_count),
+                std::cmp::Reverse(d.repl_offset),
+                n.ordinal,
+            )
         })
         .map(|(n, _, _)| n)
 }
@@ -214,10 +237,16 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                 to: pending.to.clone(),
                 reason: "planned switchover".into(),
             });
-            plan.notes.push(format!("switchover {} -> {} done", pending.from, pending.to));
+            plan.notes.push(format!(
+                "switchover {} -> {} done",
+                pending.from, pending.to
+            ));
         } else {
             next.epoch = next.epoch.max(pending.epoch);
-            plan.notes.push(format!("switchover {} -> {} did not happen; {} stays master", pending.from, pending.to, pending.from));
+            plan.notes.push(format!(
+                "switchover {} -> {} did not happen; {} stays master",
+                pending.from, pending.to, pending.from
+            ));
         }
         next.switchover = None;
         plan.durable = Some(next);
@@ -226,17 +255,11 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
 
     let master = durable.master.as_deref().and_then(|m| desired.node(m));
     let Some(master) = master else {
-        if let Some(gone) = &durable.master
-            && observed.nodes.get(gone).is_some_and(is_up)
-        {
-            // The master is being scaled away: move the role first.
-            plan.switchover = best_candidate(desired, observed, Some(gone)).map(|n| n.name.clone());
-            return plan;
-        }
         // Bootstrap once every desired node answers.
         let all_up = desired
             .nodes
             .iter()
+            .filter(|n| !n.retiring)
             .all(|n| observed.nodes.get(&n.name).is_some_and(is_up));
         if !all_up {
             return plan;
@@ -244,9 +267,17 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
         if let Some(chosen) = bootstrap_choice(desired, observed) {
             next.epoch += 1;
             next.master = Some(chosen.name.clone());
-            plan.notes.push(format!("bootstrap: {} is master (epoch {})", chosen.name, next.epoch));
-            if observed.nodes.get(&chosen.name).is_some_and(|o| role(o) != Role::Master) {
-                plan.commands.push((chosen.name.clone(), Action::Promote(Promote {})));
+            plan.notes.push(format!(
+                "bootstrap: {} is master (epoch {})",
+                chosen.name, next.epoch
+            ));
+            if observed
+                .nodes
+                .get(&chosen.name)
+                .is_some_and(|o| role(o) != Role::Master)
+            {
+                plan.commands
+                    .push((chosen.name.clone(), Action::Promote(Promote {})));
             }
             converge(desired, observed, chosen, &mut plan);
             plan.durable = Some(next);
@@ -254,18 +285,31 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
         return plan;
     };
 
-    let master_obs = observed.nodes.get(&master.name).cloned().unwrap_or(NodeObs {
-        unhealthy_ms: u64::MAX,
-        ..NodeObs::default()
-    });
-    let master_serving = is_up(&master_obs) && role(&master_obs) == Role::Master;
-    let master_empty = data(&master_obs).is_some_and(|d| d.restarted_empty);
+    let master_obs = observed
+        .nodes
+        .get(&master.name)
+        .cloned()
+        .unwrap_or(NodeObs {
+            unhealthy_ms: u64::MAX,
+            ..NodeObs::default()
+        });
+    let master_up = is_up(&master_obs);
+    let master_role = role(&master_obs);
+    let master_serving = master_up && master_role == Role::Master;
+    // Nodes start as replicas of nobody, so a restarted master answers as a replica until it
+    // is promoted back; one that came back empty must not be.
+    let master_empty = master_up
+        && data(&master_obs)
+            .is_some_and(|d| d.restarted_empty || (d.never_synced && d.role() == Role::Replica));
 
     let reason = if definitely_down(&master_obs) {
         Some(format!("master {} process is gone", master.name))
-    } else if master_serving && master_empty {
-        Some(format!("master {} restarted with an empty dataset", master.name))
-    } else if !master_serving
+    } else if master_empty {
+        Some(format!(
+            "master {} restarted with an empty dataset",
+            master.name
+        ))
+    } else if !master_up
         && master_obs.unhealthy_ms >= desired.hang_timeout_ms
         && replicas_lost_master(desired, observed, master)
     {
@@ -288,26 +332,46 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                     to: candidate.name.clone(),
                     reason: reason.clone(),
                 });
-                plan.notes.push(format!("failover {} -> {} (epoch {}): {reason}", master.name, candidate.name, next.epoch));
-                plan.commands.push((candidate.name.clone(), Action::Promote(Promote {})));
+                plan.notes.push(format!(
+                    "failover {} -> {} (epoch {}): {reason}",
+                    master.name, candidate.name, next.epoch
+                ));
+                plan.commands
+                    .push((candidate.name.clone(), Action::Promote(Promote {})));
                 converge(desired, observed, candidate, &mut plan);
                 plan.durable = Some(next);
             }
-            None if master_serving => {
-                // An empty master with no replica holding data: it is all there is.
-                plan.notes.push(format!("{reason}; no replica holds data, so {} stays master", master.name));
+            None if master_up => {
+                // Empty, but no other node holds data: it is all there is.
+                plan.notes.push(format!(
+                    "{reason}; no replica holds data, so {} stays master",
+                    master.name
+                ));
+                if master_role == Role::Replica {
+                    plan.commands
+                        .push((master.name.clone(), Action::Promote(Promote {})));
+                }
                 converge(desired, observed, master, &mut plan);
             }
-            None => plan.notes.push(format!("{reason}; no candidate to promote yet")),
+            None => plan
+                .notes
+                .push(format!("{reason}; no candidate to promote yet")),
         }
         return plan;
     }
 
     if master_serving {
         converge(desired, observed, master, &mut plan);
-    } else if is_up(&master_obs) && role(&master_obs) == Role::Replica && !is_empty_node(&master_obs) {
-        // The recorded master answers as a replica (demoted behind our back): promote it back.
-        plan.commands.push((master.name.clone(), Action::Promote(Promote {})));
+        if master.retiring {
+            // The master is being scaled away: move the role first.
+            plan.switchover =
+                best_candidate(desired, observed, Some(&master.name)).map(|n| n.name.clone());
+        }
+    } else if master_up && master_role == Role::Replica {
+        // The recorded master came back (as every node does, a replica of nobody) with its
+        // data: promote it back, in the same epoch.
+        plan.commands
+            .push((master.name.clone(), Action::Promote(Promote {})));
     }
     plan
 }

@@ -54,7 +54,10 @@ impl Authenticator for StaticToken {
         if hello.token == self.0 {
             Ok(())
         } else {
-            Err(format!("wrong token from {}/{}", hello.namespace, hello.pod_name))
+            Err(format!(
+                "wrong token from {}/{}",
+                hello.namespace, hello.pod_name
+            ))
         }
     }
 }
@@ -187,7 +190,9 @@ impl Hub {
     /// The announced address of a pod, as its agent said hello.
     pub fn hello(&self, instance: &InstanceKey, pod: &str) -> Option<Hello> {
         let nodes = self.inner.nodes.lock().ok()?;
-        nodes.get(&(instance.clone(), pod.to_owned())).map(|n| n.hello.clone())
+        nodes
+            .get(&(instance.clone(), pod.to_owned()))
+            .map(|n| n.hello.clone())
     }
 
     /// Sends a command to a pod and waits for its result.
@@ -203,7 +208,11 @@ impl Hub {
             .nodes
             .lock()
             .ok()
-            .and_then(|nodes| nodes.get(&(instance.clone(), pod.to_owned())).and_then(|n| n.tx.clone()))
+            .and_then(|nodes| {
+                nodes
+                    .get(&(instance.clone(), pod.to_owned()))
+                    .and_then(|n| n.tx.clone())
+            })
             .ok_or_else(|| HubError::NotConnected(pod.to_owned()))?;
         let id = command.id.clone();
         let (done, result) = oneshot::channel();
@@ -253,13 +262,21 @@ impl Hub {
             Msg::Heartbeat(_) => {
                 if let Ok(mut nodes) = self.inner.nodes.lock()
                     && let Some(node) = nodes.get_mut(key).filter(|n| n.session == session)
-                    && node.report.as_ref().is_some_and(|r| r.process() == ProcessState::Up)
+                    && node
+                        .report
+                        .as_ref()
+                        .is_some_and(|r| r.process() == ProcessState::Up)
                 {
                     node.last_good = Some(Instant::now());
                 }
             }
             Msg::Result(result) => {
-                let waiter = self.inner.pending.lock().ok().and_then(|mut p| p.remove(&result.id));
+                let waiter = self
+                    .inner
+                    .pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.remove(&result.id));
                 match waiter {
                     Some(waiter) => {
                         let _ = waiter.send(result);
@@ -292,7 +309,11 @@ impl AgentHub for Hub {
             Some(AgentMessage {
                 msg: Some(Msg::Hello(hello)),
             }) => hello,
-            _ => return Err(Status::invalid_argument("the first message must be a Hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
         };
         if let Err(why) = self.auth.check(&hello) {
             warn!(pod = %hello.pod_name, namespace = %hello.namespace, "refused an agent: {why}");

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use valkey_controller::local::{self, UpOptions, control};
 
 #[derive(Debug, Parser)]
-#[command(name = "valkey-controller", version, about = "Valkey failover operator")]
+#[command(
+    name = "valkey-controller",
+    version,
+    about = "Valkey failover operator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,8 +77,14 @@ fn find_dir(dir: Option<PathBuf>) -> Result<PathBuf, String> {
         .collect();
     match found.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(format!("no running instance under {}; pass --dir", root.display())),
-        _ => Err(format!("several instances under {}; pass --dir", root.display())),
+        [] => Err(format!(
+            "no running instance under {}; pass --dir",
+            root.display()
+        )),
+        _ => Err(format!(
+            "several instances under {}; pass --dir",
+            root.display()
+        )),
     }
 }
 
@@ -139,7 +149,10 @@ fn main() -> ExitCode {
                     let reply = control::request(&dir, &control::Request::Status).await?;
                     let status = reply.status.ok_or(reply.message)?;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?);
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
+                        );
                     } else {
                         print!("{}", control::render(&status));
                     }
@@ -147,7 +160,8 @@ fn main() -> ExitCode {
                 }
                 LocalCommand::Switchover { dir, to } => {
                     let dir = find_dir(dir)?;
-                    let reply = control::request(&dir, &control::Request::Switchover { to }).await?;
+                    let reply =
+                        control::request(&dir, &control::Request::Switchover { to }).await?;
                     if reply.ok {
                         println!("{}", reply.message);
                         Ok(())

@@ -10,9 +10,24 @@ pub const KIND: &str = "Failover";
 
 /// valkey.conf keys the operator owns; customConfigs may not set them.
 pub const OWNED_KEYS: &[&str] = &[
-    "bind", "port", "dir", "replicaof", "slaveof", "requirepass", "masterauth", "masteruser",
-    "replica-announce-ip", "replica-announce-port", "slave-announce-ip", "slave-announce-port",
-    "include", "daemonize", "pidfile", "logfile", "aclfile", "unixsocket",
+    "bind",
+    "port",
+    "dir",
+    "replicaof",
+    "slaveof",
+    "requirepass",
+    "masterauth",
+    "masteruser",
+    "replica-announce-ip",
+    "replica-announce-port",
+    "slave-announce-ip",
+    "slave-announce-port",
+    "include",
+    "daemonize",
+    "pidfile",
+    "logfile",
+    "aclfile",
+    "unixsocket",
 ];
 const OWNED_PREFIXES: &[&str] = &["tls-", "cluster-"];
 
@@ -93,9 +108,11 @@ impl Manifest {
     pub fn parse(text: &str, origin: &str) -> Result<Self, ManifestError> {
         let deserializer = serde_yaml::Deserializer::from_str(text);
         let manifest: Manifest =
-            serde_path_to_error::deserialize(deserializer).map_err(|source| ManifestError::Parse {
-                path: origin.to_owned(),
-                source,
+            serde_path_to_error::deserialize(deserializer).map_err(|source| {
+                ManifestError::Parse {
+                    path: origin.to_owned(),
+                    source,
+                }
             })?;
         manifest.validate()?;
         Ok(manifest)
@@ -107,36 +124,54 @@ impl Manifest {
 
     fn validate(&self) -> Result<(), ManifestError> {
         if self.api_version != API_VERSION {
-            return Err(invalid("apiVersion", format!("must be {API_VERSION}, not {:?}", self.api_version)));
+            return Err(invalid(
+                "apiVersion",
+                format!("must be {API_VERSION}, not {:?}", self.api_version),
+            ));
         }
         if self.kind != KIND {
-            return Err(invalid("kind", format!("must be {KIND}, not {:?}", self.kind)));
+            return Err(invalid(
+                "kind",
+                format!("must be {KIND}, not {:?}", self.kind),
+            ));
         }
         let name = &self.metadata.name;
         let dns = !name.is_empty()
             && name.len() <= 52
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !name.starts_with('-')
             && !name.ends_with('-');
         if !dns {
             return Err(invalid(
                 "metadata.name",
-                format!("{name:?} must be 1-52 lowercase letters, digits or '-', starting and ending alphanumeric"),
+                format!(
+                    "{name:?} must be 1-52 lowercase letters, digits or '-', starting and ending alphanumeric"
+                ),
             ));
         }
         if !(1..=9).contains(&self.spec.replicas) {
-            return Err(invalid("spec.replicas", format!("must be 1..=9, got {}", self.spec.replicas)));
+            return Err(invalid(
+                "spec.replicas",
+                format!("must be 1..=9, got {}", self.spec.replicas),
+            ));
         }
         for key in self.spec.custom_configs.keys() {
             let lower = key.to_ascii_lowercase();
-            if OWNED_KEYS.contains(&lower.as_str()) || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p)) {
+            if OWNED_KEYS.contains(&lower.as_str())
+                || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p))
+            {
                 return Err(invalid(
                     &format!("spec.customConfigs.{key}"),
                     "is set by the operator and cannot be overridden",
                 ));
             }
             if key.is_empty() || key.contains(char::is_whitespace) {
-                return Err(invalid(&format!("spec.customConfigs.{key:?}"), "is not a valkey.conf key"));
+                return Err(invalid(
+                    &format!("spec.customConfigs.{key:?}"),
+                    "is not a valkey.conf key",
+                ));
             }
         }
         Ok(())
@@ -152,14 +187,23 @@ mod tests {
     #[test]
     fn the_examples_parse() {
         for (file, text) in [
-            ("failover.yaml", include_str!("../../deploy/examples/failover.yaml")),
-            ("failover-manual.yaml", include_str!("../../deploy/examples/failover-manual.yaml")),
+            (
+                "failover.yaml",
+                include_str!("../../deploy/examples/failover.yaml"),
+            ),
+            (
+                "failover-manual.yaml",
+                include_str!("../../deploy/examples/failover-manual.yaml"),
+            ),
         ] {
             let manifest = Manifest::parse(text, file).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(manifest.spec.replicas, 3, "{file}");
         }
         let manifest = Manifest::parse(GOOD, "good").expect("good");
-        assert_eq!((manifest.namespace(), manifest.metadata.name.as_str()), ("default", "demo"));
+        assert_eq!(
+            (manifest.namespace(), manifest.metadata.name.as_str()),
+            ("default", "demo")
+        );
     }
 
     #[test]
@@ -167,16 +211,30 @@ mod tests {
         let cases = [
             (GOOD.replace("replicas: 3", "replicas: 0"), "spec.replicas"),
             (GOOD.replace("replicas: 3", "replicas: 10"), "spec.replicas"),
-            (GOOD.replace("replicas: 3", "replicas: three"), "spec.replicas"),
-            (GOOD.replace("maxmemory-policy", "port"), "spec.customConfigs.port"),
-            (GOOD.replace("maxmemory-policy", "tls-port"), "spec.customConfigs.tls-port"),
+            (
+                GOOD.replace("replicas: 3", "replicas: three"),
+                "spec.replicas",
+            ),
+            (
+                GOOD.replace("maxmemory-policy", "port"),
+                "spec.customConfigs.port",
+            ),
+            (
+                GOOD.replace("maxmemory-policy", "tls-port"),
+                "spec.customConfigs.tls-port",
+            ),
             (GOOD.replace("name: demo", "name: Demo_1"), "metadata.name"),
             (GOOD.replace("kind: Failover", "kind: Pod"), "kind"),
-            (GOOD.replace("  replicas: 3\n", "  replicas: 3\n  replicaz: 1\n"), "replicaz"),
+            (
+                GOOD.replace("  replicas: 3\n", "  replicas: 3\n  replicaz: 1\n"),
+                "replicaz",
+            ),
             (GOOD.replace("  replicas: 3\n", ""), "replicas"),
         ];
         for (text, field) in cases {
-            let err = Manifest::parse(&text, "m.yaml").expect_err(field).to_string();
+            let err = Manifest::parse(&text, "m.yaml")
+                .expect_err(field)
+                .to_string();
             assert!(err.contains(field), "{field} not named in: {err}");
         }
     }

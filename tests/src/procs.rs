@@ -372,9 +372,7 @@ pub fn agent_bin() -> PathBuf {
         if profile_dir.ends_with("release") {
             cmd.arg("--release");
         }
-        let status = cmd
-            .status()
-            .expect("run cargo build");
+        let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building valkey-agent failed");
     }
     bin

@@ -62,6 +62,9 @@ pub struct NodeStatus {
     pub lag: i64,
     pub link: String,
     pub keys: u64,
+    pub retiring: bool,
+    pub valkey_pid: Option<u32>,
+    pub agent_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,7 +111,14 @@ impl Reply {
 }
 
 /// The instance as the controller sees it now.
-pub fn status(key: &InstanceKey, durable: &Durable, desired: &Desired, hub: &Hub, dir: &Path) -> Status {
+pub fn status(
+    key: &InstanceKey,
+    durable: &Durable,
+    desired: &Desired,
+    hub: &Hub,
+    dir: &Path,
+    pids: &std::collections::BTreeMap<String, (Option<u32>, Option<u32>)>,
+) -> Status {
     let observed = hub.observe(key);
     let master_offset = durable
         .master
@@ -154,6 +164,9 @@ pub fn status(key: &InstanceKey, durable: &Durable, desired: &Desired, hub: &Hub
                     _ => "-".into(),
                 },
                 keys: data.map(|d| d.key_count).unwrap_or_default(),
+                retiring: node.retiring,
+                valkey_pid: pids.get(&node.name).and_then(|p| p.0),
+                agent_pid: pids.get(&node.name).and_then(|p| p.1),
             }
         })
         .collect();
@@ -168,7 +181,10 @@ pub fn status(key: &InstanceKey, durable: &Durable, desired: &Desired, hub: &Hub
             .map(|n| format!("{}:{}", n.host, n.port)),
         master: durable.master.clone(),
         last_failover: durable.last_failover.clone(),
-        switchover: durable.switchover.as_ref().map(|s| format!("{} -> {}", s.from, s.to)),
+        switchover: durable
+            .switchover
+            .as_ref()
+            .map(|s| format!("{} -> {}", s.from, s.to)),
         nodes,
     }
 }
@@ -204,7 +220,11 @@ pub fn render(status: &Status) -> String {
             n.pod,
             n.role,
             n.addr,
-            if n.connected { n.process.as_str() } else { "no-agent" },
+            if n.connected {
+                n.process.as_str()
+            } else {
+                "no-agent"
+            },
             n.offset,
             n.lag,
             n.link,
@@ -263,12 +283,19 @@ pub async fn write_reply(mut stream: UnixStream, reply: Reply) {
 /// Sends one request to a running `local up` in `dir`.
 pub async fn request(dir: &Path, request: &Request) -> Result<Reply, String> {
     let path = socket_path(dir);
-    let mut stream = UnixStream::connect(&path)
-        .await
-        .map_err(|e| format!("no running `local up` in {} ({}): {e}", dir.display(), path.display()))?;
+    let mut stream = UnixStream::connect(&path).await.map_err(|e| {
+        format!(
+            "no running `local up` in {} ({}): {e}",
+            dir.display(),
+            path.display()
+        )
+    })?;
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
     let mut reply = String::new();
     tokio::time::timeout(Duration::from_secs(15), reader.read_line(&mut reply))

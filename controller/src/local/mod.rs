@@ -27,7 +27,7 @@ use crate::{
     hub::{Hub, HubEvent, InstanceKey, StaticToken},
     manifest::{Manifest, ManifestError},
 };
-use supervisor::{Supervised, free_port, log_path, port_in_use, sibling_or_path, which};
+use supervisor::{Supervised, free_ports, log_path, port_in_use, sibling_or_path, which};
 
 /// Everything that can stop `local up` before or while it runs; each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,9 @@ pub enum LocalError {
     },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{name} not found on PATH: install it (Debian: apt-get install -t bookworm-backports valkey-server valkey-sentinel) or pass --{flag}")]
+    #[error(
+        "{name} not found on PATH: install it (Debian: apt-get install -t bookworm-backports valkey-server valkey-sentinel) or pass --{flag}"
+    )]
     MissingBinary { name: String, flag: &'static str },
     #[error("--dir {dir}: it holds instance {found}, not {wanted}; choose another --dir")]
     OtherInstance {
@@ -49,7 +51,9 @@ pub enum LocalError {
     },
     #[error("--dir {dir}: a controller is already running there")]
     AlreadyRunning { dir: PathBuf },
-    #[error("port {port} ({what} of {pod}) is in use; stop what listens there or remove {state} to pick new ports")]
+    #[error(
+        "port {port} ({what} of {pod}) is in use; stop what listens there or remove {state} to pick new ports"
+    )]
     PortInUse {
         pod: String,
         what: &'static str,
@@ -117,12 +121,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl LocalState {
     fn load(path: &Path) -> Result<Option<Self>, LocalError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| LocalError::BadState {
-                    path: path.to_owned(),
-                    source,
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| LocalError::BadState {
+                        path: path.to_owned(),
+                        source,
+                    })
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(LocalError::Io {
                 what: "reading",
@@ -228,12 +234,15 @@ impl Runtime {
         let password = std::fs::read_to_string(&self.password_file)
             .map_err(io("reading", &self.password_file))?;
         let password = password.trim();
+        // Every node starts as a replica of nobody (port 1 refuses at once): a node that comes
+        // back, empty or not, serves no writes and no sync until the controller promotes it.
         let mut conf = format!(
             "# Written by valkey-controller local up; edits are overwritten.\n\
              port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
              requirepass {password}\nmasterauth {password}\n\
              appendonly yes\nappendfsync everysec\nsave \"\"\n\
              repl-ping-replica-period 1\nrepl-diskless-sync yes\nrepl-diskless-sync-delay 0\n\
+             replicaof 127.0.0.1 1\n\
              replica-announce-ip 127.0.0.1\nlogfile {log}\n",
             port = ports.valkey,
             dir = node_dir.display(),
@@ -290,16 +299,9 @@ impl Runtime {
         Ok(NodeProcs { valkey, agent })
     }
 
-    /// The nodes to run: the desired ones, plus a master that is being scaled away.
+    /// The nodes to run: the desired ones and those still retiring.
     fn wanted_pods(&self) -> Vec<String> {
-        let mut pods: Vec<String> = self.desired.nodes.iter().map(|n| n.name.clone()).collect();
-        if let Some(master) = &self.state.durable.master
-            && !pods.contains(master)
-            && self.state.ports.contains_key(master)
-        {
-            pods.push(master.clone());
-        }
-        pods
+        self.desired.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
     fn start_missing(&mut self) -> Result<(), LocalError> {
@@ -307,11 +309,16 @@ impl Runtime {
             if self.procs.contains_key(&pod) {
                 continue;
             }
-            let ports = self.state.ports.get(&pod).copied().ok_or_else(|| LocalError::Io {
-                what: "no ports for",
-                path: PathBuf::from(&pod),
-                source: std::io::Error::other("missing"),
-            })?;
+            let ports = self
+                .state
+                .ports
+                .get(&pod)
+                .copied()
+                .ok_or_else(|| LocalError::Io {
+                    what: "no ports for",
+                    path: PathBuf::from(&pod),
+                    source: std::io::Error::other("missing"),
+                })?;
             let mut procs = self.procs_for(&pod, ports)?;
             procs.valkey.start()?;
             procs.agent.start()?;
@@ -321,10 +328,26 @@ impl Runtime {
         Ok(())
     }
 
-    /// Stops nodes that are no longer wanted (scale down, once the master is elsewhere).
-    fn stop_unwanted(&mut self) -> Result<(), LocalError> {
-        let wanted = self.wanted_pods();
-        let extra: Vec<String> = self.procs.keys().filter(|p| !wanted.contains(p)).cloned().collect();
+    /// Stops retiring nodes once the master is not one of them (scale down).
+    fn stop_retiring(&mut self) -> Result<(), LocalError> {
+        let master_stays = self
+            .state
+            .durable
+            .master
+            .as_deref()
+            .and_then(|m| self.desired.node(m))
+            .is_some_and(|n| !n.retiring);
+        if !master_stays {
+            return Ok(());
+        }
+        let extra: Vec<String> = self
+            .desired
+            .nodes
+            .iter()
+            .filter(|n| n.retiring)
+            .map(|n| n.name.clone())
+            .collect();
+        self.desired.nodes.retain(|n| !n.retiring);
         for pod in extra {
             if let Some(mut procs) = self.procs.remove(&pod) {
                 procs.agent.stop(Signal::SIGKILL, Duration::from_secs(1));
@@ -335,6 +358,22 @@ impl Runtime {
             self.state.save(&self.state_path)?;
         }
         Ok(())
+    }
+
+    fn status(&self, hub: &Hub) -> control::Status {
+        let pids = self
+            .procs
+            .iter()
+            .map(|(pod, p)| (pod.clone(), (p.valkey.pid(), p.agent.pid())))
+            .collect();
+        control::status(
+            &self.key,
+            &self.state.durable,
+            &self.desired,
+            hub,
+            &self.dir,
+            &pids,
+        )
     }
 
     fn shutdown(&mut self) {
@@ -350,17 +389,20 @@ impl Runtime {
 /// Prepares the working dir and everything `up` needs, checking all bad input before any
 /// process starts.
 fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
-    let text = std::fs::read_to_string(&options.manifest).map_err(|source| LocalError::ReadManifest {
-        path: options.manifest.clone(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(&options.manifest).map_err(|source| LocalError::ReadManifest {
+            path: options.manifest.clone(),
+            source,
+        })?;
     let manifest = Manifest::parse(&text, &options.manifest.display().to_string())?;
     let key = InstanceKey {
         namespace: manifest.namespace().to_owned(),
         name: manifest.metadata.name.clone(),
     };
     if manifest.spec.sentinel.is_some() {
-        warn!("spec.sentinel is set, but the local runtime runs policy manual for now: the controller decides failover");
+        warn!(
+            "spec.sentinel is set, but the local runtime runs policy manual for now: the controller decides failover"
+        );
     }
     let valkey_bin = which("valkey-server").ok_or(LocalError::MissingBinary {
         name: "valkey-server".into(),
@@ -374,7 +416,10 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
             flag: "path",
         })?;
 
-    let dir = options.dir.clone().unwrap_or_else(|| default_dir(&key.namespace, &key.name));
+    let dir = options
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_dir(&key.namespace, &key.name));
     std::fs::create_dir_all(dir.join("logs")).map_err(io("creating", &dir))?;
     let dir = dir.canonicalize().map_err(io("resolving", &dir))?;
     let state_path = dir.join("state.json");
@@ -397,31 +442,34 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
     let replicas = manifest.spec.replicas as u32;
     for ordinal in 0..replicas {
         let pod = pod_name(&key.name, ordinal);
-        if !state.ports.contains_key(&pod) {
-            let port = |what| free_port().map_err(io(what, Path::new("127.0.0.1:0")));
-            state.ports.insert(
-                pod,
-                NodePorts {
-                    valkey: port("finding a port")?,
-                    agent: port("finding a port")?,
-                    metrics: port("finding a port")?,
-                },
-            );
+        if let std::collections::btree_map::Entry::Vacant(entry) = state.ports.entry(pod) {
+            let [valkey, agent, metrics] =
+                free_ports().map_err(io("finding free ports on", Path::new("127.0.0.1")))?;
+            entry.insert(NodePorts {
+                valkey,
+                agent,
+                metrics,
+            });
         }
     }
-    let desired = Desired {
-        nodes: (0..replicas)
-            .map(|ordinal| {
-                let name = pod_name(&key.name, ordinal);
-                let port = state.ports.get(&name).map(|p| p.valkey).unwrap_or_default();
-                NodeSpec {
-                    name,
-                    ordinal,
-                    host: "127.0.0.1".into(),
-                    port,
-                }
+    // Nodes beyond the replica count keep running, retiring, until the master is elsewhere.
+    let mut nodes: Vec<NodeSpec> = state
+        .ports
+        .iter()
+        .filter_map(|(pod, ports)| {
+            let ordinal = pod.rsplit_once('-')?.1.parse::<u32>().ok()?;
+            Some(NodeSpec {
+                name: pod.clone(),
+                ordinal,
+                host: "127.0.0.1".into(),
+                port: ports.valkey,
+                retiring: ordinal >= replicas,
             })
-            .collect(),
+        })
+        .collect();
+    nodes.sort_by_key(|n| n.ordinal);
+    let desired = Desired {
+        nodes,
         hang_timeout_ms: options.hang_timeout.as_millis() as u64,
         replica_silence_s: (options.hang_timeout.as_secs() as i64).max(2),
         live_config: live_config(&manifest),
@@ -445,7 +493,11 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         let Some(ports) = runtime.state.ports.get(&pod).copied() else {
             continue;
         };
-        for (what, port) in [("valkey", ports.valkey), ("agent", ports.agent), ("metrics", ports.metrics)] {
+        for (what, port) in [
+            ("valkey", ports.valkey),
+            ("agent", ports.agent),
+            ("metrics", ports.metrics),
+        ] {
             if port_in_use(port) {
                 return Err(LocalError::PortInUse {
                     pod,
@@ -488,7 +540,9 @@ pub async fn up(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
-    runtime.hub_addr = listener.local_addr().map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
+    runtime.hub_addr = listener
+        .local_addr()
+        .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
     let server = tonic::transport::Server::builder()
         .add_service(hub.server())
         .serve_with_incoming(TcpListenerStream::new(listener));
@@ -531,7 +585,7 @@ pub async fn up(
             },
             accepted = control_listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    let status = control::status(&runtime.key, &runtime.state.durable, &runtime.desired, &hub, &runtime.dir);
+                    let status = runtime.status(&hub);
                     let request = control::read_request(stream).await;
                     if let Some((request, stream)) = request {
                         let reply = match request {
@@ -553,7 +607,7 @@ pub async fn up(
             return Err(err);
         }
         if started.elapsed() > Duration::from_millis(500) {
-            printer.maybe_print(&control::status(&runtime.key, &runtime.state.durable, &runtime.desired, &hub, &runtime.dir));
+            printer.maybe_print(&runtime.status(&hub));
         }
     }
     info!("stopping every process");
@@ -579,7 +633,11 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
     }
     let epoch = runtime.state.durable.epoch;
     for (pod, action) in plan.commands {
-        let claimed = flight.busy.lock().map(|mut busy| busy.insert(pod.clone())).unwrap_or(false);
+        let claimed = flight
+            .busy
+            .lock()
+            .map(|mut busy| busy.insert(pod.clone()))
+            .unwrap_or(false);
         if !claimed {
             continue;
         }
@@ -591,9 +649,14 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
         };
         let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
         tokio::spawn(async move {
-            match hub.command(&key, &pod, command, Duration::from_secs(6)).await {
+            match hub
+                .command(&key, &pod, command, Duration::from_secs(6))
+                .await
+            {
                 Ok(result) if matches!(result.outcome(), Outcome::Ok | Outcome::Already) => {}
-                Ok(result) => warn!(pod = %pod, outcome = ?result.outcome(), message = %result.message, "command not done"),
+                Ok(result) => {
+                    warn!(pod = %pod, outcome = ?result.outcome(), message = %result.message, "command not done")
+                }
                 Err(err) => warn!(pod = %pod, error = %err, "command not answered"),
             }
             if let Ok(mut busy) = flight.busy.lock() {
@@ -607,15 +670,7 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
         warn!("{message}");
     }
     runtime.start_missing()?;
-    if runtime
-        .state
-        .durable
-        .master
-        .as_ref()
-        .is_some_and(|m| runtime.desired.node(m).is_some())
-    {
-        runtime.stop_unwanted()?;
-    }
+    runtime.stop_retiring()?;
     Ok(())
 }
 
@@ -631,7 +686,12 @@ fn start_switchover(
     if flight.switchover.load(Ordering::SeqCst) || runtime.state.durable.switchover.is_some() {
         return Err("a switchover is already under way".into());
     }
-    let from = runtime.state.durable.master.clone().ok_or("there is no master yet")?;
+    let from = runtime
+        .state
+        .durable
+        .master
+        .clone()
+        .ok_or("there is no master yet")?;
     let observed = hub.observe(&runtime.key);
     let to = match to.filter(|t| t != "any") {
         Some(to) => {
@@ -650,9 +710,10 @@ fn start_switchover(
     let target = runtime.desired.node(&to).cloned().ok_or("unknown target")?;
     let target_ok = observed.nodes.get(&to).is_some_and(|o| {
         o.connected
-            && o.report.as_ref().and_then(|r| r.data.as_ref()).is_some_and(|d| {
-                d.master_link_up && !d.restarted_empty && !d.never_synced
-            })
+            && o.report
+                .as_ref()
+                .and_then(|r| r.data.as_ref())
+                .is_some_and(|d| d.master_link_up && !d.restarted_empty && !d.never_synced)
     });
     if !target_ok {
         return Err(format!("{to} is not an in-sync replica right now"));
@@ -679,11 +740,21 @@ fn start_switchover(
             force: false,
         })),
     };
-    let (hub, key, flight, from_pod) = (hub.clone(), runtime.key.clone(), flight.clone(), from.clone());
+    let (hub, key, flight, from_pod) = (
+        hub.clone(),
+        runtime.key.clone(),
+        flight.clone(),
+        from.clone(),
+    );
     info!(from = %from, to = %to, epoch, "switchover started");
     tokio::spawn(async move {
-        match hub.command(&key, &from_pod, command, Duration::from_secs(11)).await {
-            Ok(result) => info!(outcome = ?result.outcome(), message = %result.message, "switchover command answered"),
+        match hub
+            .command(&key, &from_pod, command, Duration::from_secs(11))
+            .await
+        {
+            Ok(result) => {
+                info!(outcome = ?result.outcome(), message = %result.message, "switchover command answered")
+            }
             Err(err) => warn!(error = %err, "switchover command not answered"),
         }
         // Give the target's agent a moment to report its new role before the core looks.

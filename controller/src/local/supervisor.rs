@@ -107,9 +107,7 @@ impl Supervised {
             self.child = None;
             self.died_at = Some(Instant::now());
         }
-        if self.child.is_none()
-            && self.died_at.is_some_and(|t| t.elapsed() >= RESTART_DELAY)
-        {
+        if self.child.is_none() && self.died_at.is_some_and(|t| t.elapsed() >= RESTART_DELAY) {
             self.restarts += 1;
             match self.start() {
                 Ok(()) => {
@@ -167,9 +165,16 @@ pub fn port_in_use(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
 }
 
-/// A currently free port.
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Distinct ports free right now (all held open together while they are picked).
+pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 pub fn log_path(dir: &Path, what: &str) -> PathBuf {

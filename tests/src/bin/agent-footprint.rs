@@ -50,7 +50,10 @@ async fn measure(scenario: &'static str, heartbeat_ms: u64, writes: bool, second
     let writer = writes.then(|| {
         let client = valkey.client();
         tokio::spawn(async move {
-            let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("conn");
             let mut i = 0u64;
             loop {
                 // A new key each time: the key count changes, so every heartbeat is a report.
@@ -62,7 +65,12 @@ async fn measure(scenario: &'static str, heartbeat_ms: u64, writes: bool, second
     });
     // Warm up, then measure.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let count_reports = || hub.events().iter().filter(|e| matches!(e, Event::Report { .. })).count();
+    let count_reports = || {
+        hub.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Report { .. }))
+            .count()
+    };
     let (t0, _, _) = sample(pid);
     let r0 = count_reports();
     let start = Instant::now();
@@ -89,11 +97,20 @@ async fn measure(scenario: &'static str, heartbeat_ms: u64, writes: bool, second
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let seconds = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let seconds = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     let rows = [
         measure("idle (no writes, heartbeat 1 s)", 1000, false, seconds).await,
         measure("1 report/s (writes, heartbeat 1 s)", 1000, true, seconds).await,
-        measure("10 reports/s (writes, heartbeat 100 ms)", 100, true, seconds).await,
+        measure(
+            "10 reports/s (writes, heartbeat 100 ms)",
+            100,
+            true,
+            seconds,
+        )
+        .await,
     ];
     println!("valkey-agent footprint, {seconds} s per scenario, probe every 100 ms\n");
     println!("| scenario | reports/s | CPU (% of a core) | RSS (MiB) | peak RSS (MiB) |");
