@@ -210,9 +210,10 @@ impl Watcher {
         }
         data.restarted = memory.restarted;
         data.restarts_seen = memory.restarts_seen;
-        data.restarted_empty = memory.restarted && memory.prior_had_data && data.key_count == 0;
-        data.never_synced =
-            !memory.had_data && data.key_count == 0 && data.repl_offset <= 0 && !synced_replica;
+        // While loading, the key count is not known yet: claim neither.
+        let empty = data.key_count == 0 && !data.loading;
+        data.restarted_empty = memory.restarted && memory.prior_had_data && empty;
+        data.never_synced = !memory.had_data && empty && data.repl_offset <= 0 && !synced_replica;
         data.writes_paused = self.shared.writes_paused();
         if let Err(err) = self.fence.remember(&memory.run_id, memory.had_data) {
             warn!(error = %err, "cannot persist what the agent knows of its valkey");

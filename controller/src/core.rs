@@ -194,21 +194,31 @@ fn replica_of(master: &NodeSpec) -> Action {
     })
 }
 
-/// Whether every reachable replica agrees the master is gone (and at least one is reachable).
+/// Whether a node other than `name` answers with data (even one that may not be promoted).
+fn others_hold_data(desired: &Desired, observed: &Observed, name: &str) -> bool {
+    desired
+        .nodes
+        .iter()
+        .filter(|n| n.name != name)
+        .filter_map(|n| observed.nodes.get(&n.name))
+        .any(|obs| is_up(obs) && !is_empty_node(obs))
+}
+
+/// Whether the master's replicas agree it is gone: at least one reachable replica follows it,
+/// and every reachable replica that follows it has lost its link or heard nothing for a while.
+/// Replicas that follow nobody (just restarted) or another node are no evidence either way.
 fn replicas_lost_master(desired: &Desired, observed: &Observed, master: &NodeSpec) -> bool {
-    let mut replicas = desired
+    let mut following = desired
         .nodes
         .iter()
         .filter(|n| n.name != master.name)
         .filter_map(|n| observed.nodes.get(&n.name))
-        .filter(|obs| is_up(obs))
+        .filter(|obs| is_up(obs) && follows(obs, master))
         .peekable();
-    replicas.peek().is_some()
-        && replicas.all(|obs| {
+    following.peek().is_some()
+        && following.all(|obs| {
             data(obs).is_some_and(|d| {
-                !follows(obs, master)
-                    || !d.master_link_up
-                    || d.master_last_io_s >= desired.replica_silence_s
+                !d.master_link_up || d.master_last_io_s >= desired.replica_silence_s
             })
         })
 }
@@ -341,10 +351,10 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                 converge(desired, observed, candidate, &mut plan);
                 plan.durable = Some(next);
             }
-            None if master_up => {
+            None if master_up && !others_hold_data(desired, observed, &master.name) => {
                 // Empty, but no other node holds data: it is all there is.
                 plan.notes.push(format!(
-                    "{reason}; no replica holds data, so {} stays master",
+                    "{reason}; no other node holds data, so {} stays master",
                     master.name
                 ));
                 if master_role == Role::Replica {

@@ -147,10 +147,11 @@ pub struct Valkey {
     pub name: String,
     pub port: u16,
     pub dir: PathBuf,
-    _tmp: TempDir,
     extra: Vec<String>,
     proc: Option<Proc>,
     past: Vec<Proc>,
+    // Last: dropped after the processes, so their logs can still be printed.
+    _tmp: TempDir,
 }
 
 impl Valkey {
@@ -272,8 +273,9 @@ impl Valkey {
 pub struct Sentinel {
     pub port: u16,
     pub dir: PathBuf,
-    _tmp: TempDir,
     proc: Option<Proc>,
+    // Last: dropped after the process, so its log can still be printed.
+    _tmp: TempDir,
 }
 
 impl Sentinel {

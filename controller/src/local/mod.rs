@@ -304,26 +304,31 @@ impl Runtime {
         self.desired.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
+    /// Starts the nodes not running yet: every Valkey first, and each agent once its Valkey
+    /// listens, so that no agent reports a Valkey that has merely not started yet as gone.
     fn start_missing(&mut self) -> Result<(), LocalError> {
+        let mut started = Vec::new();
         for pod in self.wanted_pods() {
             if self.procs.contains_key(&pod) {
                 continue;
             }
-            let ports = self
-                .state
-                .ports
-                .get(&pod)
-                .copied()
-                .ok_or_else(|| LocalError::Io {
-                    what: "no ports for",
-                    path: PathBuf::from(&pod),
-                    source: std::io::Error::other("missing"),
-                })?;
+            let Some(ports) = self.state.ports.get(&pod).copied() else {
+                continue;
+            };
             let mut procs = self.procs_for(&pod, ports)?;
             procs.valkey.start()?;
-            procs.agent.start()?;
+            self.procs.insert(pod.clone(), procs);
+            started.push((pod, ports));
+        }
+        for (pod, ports) in started {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !port_in_use(ports.valkey) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(procs) = self.procs.get_mut(&pod) {
+                procs.agent.start()?;
+            }
             info!(pod = %pod, valkey = ports.valkey, agent = ports.agent, "node started");
-            self.procs.insert(pod, procs);
         }
         Ok(())
     }
@@ -667,7 +672,8 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
     if let Some(target) = plan.switchover
         && let Err(message) = start_switchover(runtime, hub, flight, Some(target))
     {
-        warn!("{message}");
+        // Retried on the next pass until the target is in sync.
+        tracing::debug!("switchover for scale-down not started yet: {message}");
     }
     runtime.start_missing()?;
     runtime.stop_retiring()?;
@@ -715,6 +721,17 @@ fn start_switchover(
                 .and_then(|r| r.data.as_ref())
                 .is_some_and(|d| d.master_link_up && !d.restarted_empty && !d.never_synced)
     });
+    // The master must see it online too (after a full sync it waits for the first ack).
+    let online_at_master = observed
+        .nodes
+        .get(&from)
+        .and_then(|o| o.report.as_ref()?.data.as_ref())
+        .is_some_and(|d| {
+            d.replicas.iter().any(|r| {
+                r.host == target.host && r.port == u32::from(target.port) && r.state == "online"
+            })
+        });
+    let target_ok = target_ok && online_at_master;
     if !target_ok {
         return Err(format!("{to} is not an in-sync replica right now"));
     }

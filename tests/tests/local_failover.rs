@@ -1,0 +1,470 @@
+//! End-to-end through the local runtime (`valkey-controller local up`), with real valkey-server
+//! and valkey-agent processes: bootstrap, crash and hang failover, planned switchover, empty
+//! restarts, lost agents, controller restarts and scaling.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use redis::AsyncCommands;
+use valkey_controller::local::control::{self, Request, Status};
+use valkey_e2e::{
+    local::{LocalInstance, manifest},
+    wait_for,
+};
+
+const T: Duration = Duration::from_secs(30);
+
+fn master_of(status: &Status) -> (String, String, u32) {
+    let master = status.master.clone().expect("a master");
+    let node = status
+        .nodes
+        .iter()
+        .find(|n| n.pod == master)
+        .expect("master node");
+    (
+        master,
+        node.addr.clone(),
+        node.valkey_pid.expect("master pid"),
+    )
+}
+
+fn node<'a>(status: &'a Status, pod: &str) -> &'a control::NodeStatus {
+    status.nodes.iter().find(|n| n.pod == pod).expect("node")
+}
+
+fn signal(pid: u32, signal: Signal) {
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).expect("signal");
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// The written keys (w<n>) missing on the node at `addr`.
+async fn missing_on(instance: &LocalInstance, addr: &str, keys: &BTreeSet<u64>) -> Vec<u64> {
+    let mut conn = instance.conn(addr).await;
+    let mut missing = Vec::new();
+    for k in keys {
+        let exists: bool = conn.exists(format!("w{k}")).await.expect("EXISTS");
+        if !exists {
+            missing.push(*k);
+        }
+    }
+    missing
+}
+
+async fn write_n(instance: &LocalInstance, addr: &str, n: u64, replicas: i64) -> BTreeSet<u64> {
+    let mut conn = instance.conn(addr).await;
+    for i in 1..=n {
+        let _: () = conn.set(format!("w{i}"), i).await.expect("SET");
+    }
+    let acks: i64 = redis::cmd("WAIT")
+        .arg(replicas)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .expect("WAIT");
+    assert_eq!(acks, replicas);
+    (1..=n).collect()
+}
+
+/// Asks for a switchover until it is accepted: right after a full sync the master may not
+/// count the target online yet, and the controller says so.
+async fn switchover_when_ready(instance: &LocalInstance, to: &str) {
+    wait_for(
+        &format!("a switchover to {to} to be accepted"),
+        T,
+        || async {
+            let reply = instance.switchover(Some(to)).await;
+            if !reply.ok {
+                assert!(
+                    reply.message.contains("not an in-sync replica"),
+                    "{}",
+                    reply.message
+                );
+            }
+            reply.ok.then_some(())
+        },
+    )
+    .await;
+}
+
+/// A client that keeps writing to whichever node the controller names master, as an
+/// application following the routing would, and remembers every acknowledged write.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeSet<u64>>>,
+    acked_count: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    /// `wait_replicas`: 0 counts a plain SET reply as the acknowledgement; 1 requires WAIT 1.
+    fn start(dir: PathBuf, password: String, wait_replicas: i64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let acked_count = Arc::new(AtomicU64::new(0));
+        let (stop_flag, acked_set, count) = (stop.clone(), acked.clone(), acked_count.clone());
+        let task = tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut conn: Option<(String, redis::aio::MultiplexedConnection)> = None;
+            while !stop_flag.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    let status = control::request(&dir, &Request::Status)
+                        .await
+                        .ok()
+                        .and_then(|r| r.status);
+                    let Some(addr) = status.and_then(|s| s.master_addr) else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let client = redis::Client::open(format!("redis://:{password}@{addr}/"))
+                        .expect("client");
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(Duration::from_millis(500)))
+                        .set_response_timeout(Some(Duration::from_millis(3000)));
+                    match client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                    {
+                        Ok(c) => conn = Some((addr, c)),
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some((_, c)) = conn.as_mut() else {
+                    continue;
+                };
+                i += 1;
+                let set: redis::RedisResult<()> = c.set(format!("w{i}"), i).await;
+                let acknowledged = match set {
+                    Err(_) => false,
+                    Ok(()) if wait_replicas == 0 => true,
+                    Ok(()) => {
+                        let acks: redis::RedisResult<i64> = redis::cmd("WAIT")
+                            .arg(wait_replicas)
+                            .arg(1000)
+                            .query_async(c)
+                            .await;
+                        acks.is_ok_and(|n| n >= wait_replicas)
+                    }
+                };
+                if acknowledged {
+                    acked_set.lock().unwrap().insert(i);
+                    count.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    // Error or not acknowledged: look the master up again.
+                    conn = None;
+                }
+            }
+        });
+        Self {
+            stop,
+            acked,
+            acked_count,
+            task,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.acked_count.load(Ordering::Relaxed)
+    }
+
+    /// Waits for `more` further acknowledged writes.
+    async fn wait_more(&self, more: u64) {
+        let target = self.count() + more;
+        wait_for(&format!("{more} more acknowledged writes"), T, || async {
+            (self.count() >= target).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> BTreeSet<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("writer task");
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_of_three_nodes_gives_one_master_and_two_replicas_in_sync() {
+    let instance = LocalInstance::up(&manifest(3));
+    let status = instance.wait_healthy(3, T).await;
+    assert_eq!(status.epoch, 1);
+    assert_eq!(status.instance, "e2e/demo");
+    let (master, addr, _) = master_of(&status);
+    assert_eq!(master, "demo-0", "all empty: the lowest ordinal");
+    let keys = write_n(&instance, &addr, 100, 2).await;
+    for replica in status.nodes.iter().filter(|n| n.pod != master) {
+        assert_eq!(
+            missing_on(&instance, &replica.addr, &keys).await,
+            Vec::<u64>::new()
+        );
+        let mut conn = instance.conn(&replica.addr).await;
+        let write: redis::RedisResult<()> = conn.set("x", 1).await;
+        assert!(
+            write.is_err_and(|e| e.code() == Some("READONLY")),
+            "a replica refuses writes"
+        );
+    }
+    // The password file opens the master, as the README says.
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut instance.conn(&addr).await)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+}
+
+#[tokio::test]
+async fn kill9_of_the_master_fails_over_and_loses_no_write_acknowledged_by_a_replica() {
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (old, _, pid) = master_of(&before);
+    let writer = Writer::start(instance.dir.clone(), instance.password(), 1);
+    writer.wait_more(200).await;
+
+    signal(pid, Signal::SIGKILL);
+    let after = instance
+        .wait_status("a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    assert_eq!(after.epoch, before.epoch + 1);
+    let record = after.last_failover.clone().expect("failover record");
+    assert!(record.reason.contains("gone"), "{}", record.reason);
+    writer.wait_more(100).await;
+
+    // The old master comes back (restarted like a kubelet would) as a replica.
+    let healed = instance.wait_healthy(3, T).await;
+    assert_eq!(node(&healed, &old).role, "replica");
+    let (new_master, addr, _) = master_of(&healed);
+    assert_eq!(Some(&new_master), after.master.as_ref());
+    let acked = writer.finish().await;
+    assert!(acked.len() >= 300);
+    assert_eq!(
+        missing_on(&instance, &addr, &acked).await,
+        Vec::<u64>::new(),
+        "acknowledged writes lost"
+    );
+}
+
+#[tokio::test]
+async fn a_planned_switchover_under_a_continuous_writer_loses_no_acknowledged_write() {
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (old, _, _) = master_of(&before);
+    // Plain SET replies count: a planned switchover must not lose even those.
+    let writer = Writer::start(instance.dir.clone(), instance.password(), 0);
+    writer.wait_more(500).await;
+
+    switchover_when_ready(&instance, "demo-2").await;
+    let after = instance
+        .wait_status("demo-2 as master", T, |s| {
+            s.master.as_deref() == Some("demo-2") && s.switchover.is_none()
+        })
+        .await;
+    assert_eq!(after.epoch, before.epoch + 1);
+    assert_eq!(
+        after.last_failover.as_ref().map(|f| f.reason.as_str()),
+        Some("planned switchover")
+    );
+    writer.wait_more(500).await;
+    let healed = instance.wait_healthy(3, T).await;
+    assert_eq!(node(&healed, &old).role, "replica");
+    let acked = writer.finish().await;
+    let (_, addr, _) = master_of(&healed);
+    assert_eq!(
+        missing_on(&instance, &addr, &acked).await,
+        Vec::<u64>::new(),
+        "acknowledged writes lost"
+    );
+
+    // Asking for the current master, or a node that does not exist, is refused clearly.
+    let same = instance.switchover(Some("demo-2")).await;
+    assert!(
+        !same.ok && same.message.contains("already the master"),
+        "{}",
+        same.message
+    );
+    let unknown = instance.switchover(Some("demo-9")).await;
+    assert!(
+        !unknown.ok && unknown.message.contains("demo-9"),
+        "{}",
+        unknown.message
+    );
+}
+
+#[tokio::test]
+async fn a_master_restarted_empty_never_becomes_the_sync_source() {
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (old, addr, valkey_pid) = master_of(&before);
+    let keys = write_n(&instance, &addr, 50, 2).await;
+
+    // The whole pod dies (agent and Valkey), and its data is gone: it comes back empty.
+    signal(
+        node(&before, &old).agent_pid.expect("agent pid"),
+        Signal::SIGKILL,
+    );
+    signal(valkey_pid, Signal::SIGKILL);
+    std::fs::remove_dir_all(instance.node_dir(&old).join("appendonlydir")).expect("wipe data");
+
+    let after = instance
+        .wait_status("a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    let reason = after.last_failover.clone().expect("record").reason;
+    assert!(reason.contains(&old), "{reason}");
+    let healed = instance.wait_healthy(3, T).await;
+    assert_ne!(healed.master.as_deref(), Some(old.as_str()));
+    for n in &healed.nodes {
+        assert_eq!(
+            missing_on(&instance, &n.addr, &keys).await,
+            Vec::<u64>::new(),
+            "{} lost data",
+            n.pod
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigstop_of_the_master_fails_over_after_the_hang_timeout_and_sigcont_leaves_one_master() {
+    let instance = LocalInstance::up_with(&manifest(3), &["--hang-timeout-ms", "2000"]);
+    let before = instance.wait_healthy(3, T).await;
+    let (old, _, pid) = master_of(&before);
+    signal(pid, Signal::SIGSTOP);
+    let after = instance
+        .wait_status("a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    let reason = after.last_failover.clone().expect("record").reason;
+    assert!(reason.contains("unresponsive"), "{reason}");
+    signal(pid, Signal::SIGCONT);
+    let healed = instance.wait_healthy(3, T).await;
+    assert_eq!(
+        healed.nodes.iter().filter(|n| n.role == "master").count(),
+        1
+    );
+    assert_eq!(node(&healed, &old).role, "replica");
+    assert_eq!(healed.master, after.master);
+}
+
+#[tokio::test]
+async fn killing_a_replicas_agent_causes_no_failover() {
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let replica = before
+        .nodes
+        .iter()
+        .find(|n| n.role == "replica")
+        .expect("a replica")
+        .clone();
+    signal(replica.agent_pid.expect("agent pid"), Signal::SIGKILL);
+    instance
+        .wait_status("the agent to drop", T, |s| !node(s, &replica.pod).connected)
+        .await;
+    let after = instance
+        .wait_status("the agent back", T, |s| {
+            let n = node(s, &replica.pod);
+            n.connected && n.agent_pid != replica.agent_pid
+        })
+        .await;
+    assert_eq!((after.epoch, &after.master), (before.epoch, &before.master));
+    assert!(after.last_failover.is_none());
+}
+
+#[tokio::test]
+async fn restarting_the_controller_causes_no_spurious_failover_and_resumes_the_state() {
+    let mut instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (master, addr, _) = master_of(&before);
+    let keys = write_n(&instance, &addr, 20, 2).await;
+
+    // Killed hard: its processes die with it, no orphan stays.
+    instance.kill9();
+    let pids: Vec<u32> = before
+        .nodes
+        .iter()
+        .flat_map(|n| [n.valkey_pid, n.agent_pid])
+        .flatten()
+        .collect();
+    wait_for("every child to be gone", T, || async {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    })
+    .await;
+
+    instance.start();
+    let after = instance.wait_healthy(3, T).await;
+    assert_eq!(
+        (after.epoch, after.master.as_deref()),
+        (before.epoch, Some(master.as_str()))
+    );
+    assert!(after.last_failover.is_none());
+    let (_, addr, _) = master_of(&after);
+    assert_eq!(missing_on(&instance, &addr, &keys).await, Vec::<u64>::new());
+
+    // Ctrl-C stops everything cleanly.
+    instance.stop().await;
+    let pids: Vec<u32> = after
+        .nodes
+        .iter()
+        .flat_map(|n| [n.valkey_pid, n.agent_pid])
+        .flatten()
+        .collect();
+    assert!(pids.iter().all(|p| !alive(*p)), "orphans left: {pids:?}");
+}
+
+#[tokio::test]
+async fn scaling_3_to_5_to_2_moves_the_master_first() {
+    let mut instance = LocalInstance::up(&manifest(3));
+    let status = instance.wait_healthy(3, T).await;
+    let (_, addr, _) = master_of(&status);
+    let keys = write_n(&instance, &addr, 30, 2).await;
+
+    instance.stop().await;
+    instance.set_manifest(&manifest(5));
+    instance.start();
+    let five = instance.wait_healthy(5, T).await;
+    assert_eq!(five.epoch, status.epoch);
+    switchover_when_ready(&instance, "demo-4").await;
+    instance
+        .wait_status("demo-4 as master", T, |s| {
+            s.master.as_deref() == Some("demo-4") && s.switchover.is_none()
+        })
+        .await;
+
+    instance.stop().await;
+    instance.set_manifest(&manifest(2));
+    instance.start();
+    let two = instance
+        .wait_status("two nodes, master among them", T, |s| {
+            s.nodes.len() == 2
+                && s.master
+                    .as_deref()
+                    .is_some_and(|m| m == "demo-0" || m == "demo-1")
+        })
+        .await;
+    assert!(two.nodes.iter().all(|n| !n.retiring));
+    let two = instance.wait_healthy(2, T).await;
+    for n in &two.nodes {
+        assert_eq!(
+            missing_on(&instance, &n.addr, &keys).await,
+            Vec::<u64>::new(),
+            "{}",
+            n.pod
+        );
+    }
+}
