@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The local demo: installs Valkey if missing, builds, and runs what the product has today.
+# The local failover demo: installs Valkey when it is missing, builds the two binaries, and runs
+# a three-node instance (deploy/examples/failover-manual.yaml) until Ctrl-C.
+# Extra arguments go to `valkey-controller local up` (e.g. --dir, -f another manifest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v valkey-server >/dev/null || ! command -v valkey-sentinel >/dev/null; then
@@ -10,4 +12,8 @@ if ! command -v valkey-server >/dev/null || ! command -v valkey-sentinel >/dev/n
   bash .ci/install-valkey.sh
 fi
 cargo build --release -p valkey-agent -p valkey-controller
-exec cargo run --release -q -p valkey-controller -- local up -f deploy/examples/failover.yaml "$@"
+manifest=deploy/examples/failover-manual.yaml
+for arg in "$@"; do
+  case "$arg" in -f|--file) manifest="" ;; esac
+done
+exec target/release/valkey-controller local up ${manifest:+-f "$manifest"} "$@"

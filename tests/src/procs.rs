@@ -280,13 +280,28 @@ pub struct Sentinel {
 
 impl Sentinel {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A sentinel monitoring `name` at the master on `master_port` (with [`PASSWORD`]).
+    pub fn monitoring(name: &str, master_port: u16, quorum: u32, down_after_ms: u64) -> Self {
+        Self::start_with(&format!(
+            "sentinel monitor {name} 127.0.0.1 {master_port} {quorum}\n\
+             sentinel auth-pass {name} {PASSWORD}\n\
+             sentinel down-after-milliseconds {name} {down_after_ms}\n\
+             sentinel failover-timeout {name} 10000\n\
+             sentinel parallel-syncs {name} 1\n"
+        ))
+    }
+
+    fn start_with(extra_conf: &str) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("sentinel-")
             .tempdir()
             .expect("temp dir");
         let port = free_port();
         let conf = format!(
-            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nsentinel resolve-hostnames yes\n",
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nsentinel resolve-hostnames yes\n{extra_conf}",
             tmp.path().display()
         );
         std::fs::write(tmp.path().join("sentinel.conf"), conf).expect("write sentinel.conf");
@@ -412,13 +427,11 @@ impl Agent {
             .arg(&opts.failover)
             .arg("--pod-name")
             .arg(&opts.pod)
-            .args(["--probe-interval-ms", "50", "--probe-timeout-ms", "500"])
-            .args([
-                "--heartbeat-interval-ms",
-                "500",
-                "--reconnect-max-ms",
-                "500",
-            ]);
+            .arg("--probe-interval-ms")
+            .arg(opts.probe_interval_ms.to_string())
+            .arg("--heartbeat-interval-ms")
+            .arg(opts.heartbeat_interval_ms.to_string())
+            .args(["--probe-timeout-ms", "500", "--reconnect-max-ms", "500"]);
         if let Some(file) = &opts.password_file {
             cmd.arg("--valkey-password-file").arg(file);
         }

@@ -199,11 +199,15 @@ pub fn render(status: &Status) -> String {
         status.master_addr.as_deref().unwrap_or("-"),
     );
     if let Some(f) = &status.last_failover {
+        let secs = f.at_ms.div_euclid(1000);
         out.push_str(&format!(
-            "last failover: {} -> {} at {} ms: {}\n",
+            "last failover: {} -> {} at {:02}:{:02}:{:02}.{:03} UTC: {}\n",
             f.from.as_deref().unwrap_or("-"),
             f.to,
-            f.at_ms,
+            secs / 3600 % 24,
+            secs / 60 % 60,
+            secs % 60,
+            f.at_ms.rem_euclid(1000),
             f.reason
         ));
     }

@@ -80,6 +80,21 @@ async fn measure(scenario: &'static str, heartbeat_ms: u64, writes: bool, second
         rss_max = rss_max.max(sample(pid).1);
     }
     let wall = start.elapsed().as_secs_f64();
+    if std::env::var_os("FOOTPRINT_DEBUG").is_some() {
+        let events = hub.events();
+        let heartbeats = events
+            .iter()
+            .filter(|e| matches!(e, Event::Heartbeat { .. }))
+            .count();
+        let keys = hub
+            .latest_report("bench")
+            .and_then(|r| r.data)
+            .map(|d| d.key_count);
+        eprintln!(
+            "{scenario}: {} events, {heartbeats} heartbeats, keys {keys:?}",
+            events.len()
+        );
+    }
     let (t1, _, peak) = sample(pid);
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let row = Row {
