@@ -594,6 +594,8 @@ async fn wait_replica(local: &mut Local, host: &str, port: u32, deadline: Durati
         .and_then(|o| o.parse().ok())
         .unwrap_or_default();
     let started = Instant::now();
+    // Give up a little before the command's own deadline, so the answer says how far it got.
+    let deadline = deadline.saturating_sub(Duration::from_millis(100));
     let mut seen = None;
     loop {
         let info = replication(local).await?;

@@ -204,6 +204,16 @@ fn others_hold_data(desired: &Desired, observed: &Observed, name: &str) -> bool 
         .any(|obs| is_up(obs) && !is_empty_node(obs))
 }
 
+/// Whether a node other than `name` answers holding keys.
+fn others_hold_keys(desired: &Desired, observed: &Observed, name: &str) -> bool {
+    desired
+        .nodes
+        .iter()
+        .filter(|n| n.name != name)
+        .filter_map(|n| observed.nodes.get(&n.name))
+        .any(|obs| is_up(obs) && data(obs).is_some_and(|d| d.key_count > 0))
+}
+
 /// Whether the master's replicas agree it is gone: at least one reachable replica follows it,
 /// and every reachable replica that follows it has lost its link or heard nothing for a while.
 /// Replicas that follow nobody (just restarted) or another node are no evidence either way.
@@ -308,9 +318,15 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
     let master_serving = master_up && master_role == Role::Master;
     // Nodes start as replicas of nobody, so a restarted master answers as a replica until it
     // is promoted back; one that came back empty must not be.
+    // Or, restarted, it has no keys while another node has some: whatever its agent remembers
+    // (it may not have seen the last writes before the crash), its data is not the newest.
     let master_empty = master_up
-        && data(&master_obs)
-            .is_some_and(|d| d.restarted_empty || (d.never_synced && d.role() == Role::Replica));
+        && data(&master_obs).is_some_and(|d| {
+            d.restarted_empty
+                || (d.role() == Role::Replica
+                    && (d.never_synced
+                        || (d.key_count == 0 && others_hold_keys(desired, observed, &master.name))))
+        });
 
     let reason = if definitely_down(&master_obs) {
         Some(format!("master {} process is gone", master.name))

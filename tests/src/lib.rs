@@ -11,10 +11,22 @@ pub mod procs;
 
 use std::{future::Future, net::TcpListener, time::Duration};
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below Linux's ephemeral range (32768-60999) so that no
+/// outgoing connection or `:0` listener can take it before the process that is given it binds
+/// it; and apart from the local runtime's range (20000-32000).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread parallel test processes over the range, then walk it.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % 10_000) as u16;
+    for _ in 0..10_000 {
+        let offset = NEXT.fetch_add(7, Ordering::Relaxed);
+        let port = 10_000 + (start.wrapping_add(offset) % 10_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 10000..20000");
 }
 
 /// Polls `check` until it yields a value or `timeout` passes; panics naming `what` then.

@@ -468,3 +468,25 @@ async fn scaling_3_to_5_to_2_moves_the_master_first() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_single_node_instance_comes_back_with_its_data_after_a_crash() {
+    let instance = LocalInstance::up(&manifest(1));
+    let before = instance.wait_healthy(1, T).await;
+    let (master, addr, pid) = master_of(&before);
+    let keys = write_n(&instance, &addr, 10, 0).await;
+    signal(pid, Signal::SIGKILL);
+    // No candidate: nothing to fail over to. The node is restarted, comes back a replica of
+    // nobody with its data, and is promoted back in the same epoch.
+    let after = instance
+        .wait_status("the node back as master", T, |s| {
+            let n = &s.nodes[0];
+            n.valkey_pid.is_some_and(|p| p != pid) && n.process == "up" && n.role == "master"
+        })
+        .await;
+    assert_eq!(
+        (after.epoch, after.master.as_deref()),
+        (before.epoch, Some(master.as_str()))
+    );
+    assert_eq!(missing_on(&instance, &addr, &keys).await, Vec::<u64>::new());
+}

@@ -458,6 +458,17 @@ fn a_restarted_master_is_promoted_back_unless_it_came_back_empty() {
     assert_eq!(plan.durable.clone().expect("durable").epoch, 4);
     assert_eq!(promotes(&plan), ["n1"]);
 
+    // Came back with no keys, its agent unaware it ever held any (it crashed right after its
+    // first writes), while the replicas hold keys: not promoted back either.
+    let unaware = nobody(0, 0);
+    let obs = observed(&[
+        ("n0", unaware),
+        ("n1", nobody(5, 100)),
+        ("n2", nobody(5, 90)),
+    ]);
+    let plan = decide(&d, &at("n0", 3), &obs, 0);
+    assert_eq!(promotes(&plan), ["n1"]);
+
     // Fresh and empty everywhere (nothing was ever written): it is promoted back.
     let fresh = || with(nobody(0, 0), |o| data_mut(o).never_synced = true);
     let obs = observed(&[("n0", fresh()), ("n1", fresh()), ("n2", fresh())]);

@@ -221,6 +221,7 @@ struct Runtime {
     hub_addr: std::net::SocketAddr,
     probe_interval_ms: u64,
     procs: BTreeMap<String, NodeProcs>,
+    last_notes: Vec<String>,
 }
 
 impl Runtime {
@@ -492,6 +493,7 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         hub_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         probe_interval_ms: options.probe_interval_ms,
         procs: BTreeMap::new(),
+        last_notes: Vec::new(),
         dir,
     };
     for pod in runtime.wanted_pods() {
@@ -503,6 +505,12 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
             ("agent", ports.agent),
             ("metrics", ports.metrics),
         ] {
+            // A Valkey killed with its controller may leave a forked child (AOF rewrite,
+            // diskless sync) holding its port for a moment: give it a few seconds.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while port_in_use(port) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             if port_in_use(port) {
                 return Err(LocalError::PortInUse {
                     pod,
@@ -628,8 +636,16 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
     observed.switchover_in_flight = flight.switchover.load(Ordering::SeqCst);
     let now_ms = crate::now_ms();
     let plan = core::decide(&runtime.desired, &runtime.state.durable, &observed, now_ms);
-    for note in &plan.notes {
-        info!("{note}");
+    // The same situation gives the same notes pass after pass: say each once.
+    if plan.notes != runtime.last_notes {
+        for note in plan
+            .notes
+            .iter()
+            .filter(|n| !runtime.last_notes.contains(n))
+        {
+            info!("{note}");
+        }
+        runtime.last_notes = plan.notes.clone();
     }
     if let Some(durable) = plan.durable {
         runtime.state.durable = durable;

@@ -165,14 +165,31 @@ pub fn port_in_use(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
 }
 
+/// Where node ports are picked: below Linux's ephemeral range (32768-60999), so that no port
+/// the kernel hands out for an outgoing connection or a `:0` listener (the hub's, say) can
+/// take a node's stored port.
+const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
+
 /// Distinct ports free right now (all held open together while they are picked).
 pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    use rand::RngExt;
+    let mut rng = rand::rng();
+    let mut listeners = Vec::with_capacity(N);
     let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr()?.port();
+    let mut tries = 0;
+    while listeners.len() < N {
+        tries += 1;
+        if tries > 10_000 {
+            return Err(std::io::Error::other(format!(
+                "no free port in {}..{}",
+                PORT_RANGE.start, PORT_RANGE.end
+            )));
+        }
+        let port = rng.random_range(PORT_RANGE);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            ports[listeners.len()] = port;
+            listeners.push(listener);
+        }
     }
     Ok(ports)
 }
