@@ -94,12 +94,12 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-fn data(obs: &NodeObs) -> Option<&valkey_proto::v1::DataState> {
+pub(crate) fn data(obs: &NodeObs) -> Option<&valkey_proto::v1::DataState> {
     obs.report.as_ref()?.data.as_ref()
 }
 
 /// Connected, and its Valkey answers.
-fn is_up(obs: &NodeObs) -> bool {
+pub(crate) fn is_up(obs: &NodeObs) -> bool {
     obs.connected
         && obs
             .report
@@ -107,11 +107,11 @@ fn is_up(obs: &NodeObs) -> bool {
             .is_some_and(|r| r.process() == ProcessState::Up && r.data.is_some())
 }
 
-fn role(obs: &NodeObs) -> Role {
+pub(crate) fn role(obs: &NodeObs) -> Role {
     data(obs).map(|d| d.role()).unwrap_or(Role::Unspecified)
 }
 
-fn follows(obs: &NodeObs, master: &NodeSpec) -> bool {
+pub(crate) fn follows(obs: &NodeObs, master: &NodeSpec) -> bool {
     data(obs).is_some_and(|d| {
         d.role() == Role::Replica
             && d.master_host == master.host
@@ -120,12 +120,12 @@ fn follows(obs: &NodeObs, master: &NodeSpec) -> bool {
 }
 
 /// Empty after a restart, or never synced: must never be a sync source or a candidate.
-fn is_empty_node(obs: &NodeObs) -> bool {
+pub(crate) fn is_empty_node(obs: &NodeObs) -> bool {
     data(obs).is_some_and(|d| d.restarted_empty || d.never_synced)
 }
 
 /// The agent itself says its Valkey is gone: definite, no vote needed.
-fn definitely_down(obs: &NodeObs) -> bool {
+pub(crate) fn definitely_down(obs: &NodeObs) -> bool {
     obs.connected
         && obs
             .report
@@ -187,7 +187,7 @@ fn bootstrap_choice<'a>(desired: &'a Desired, observed: &Observed) -> Option<&'a
         .map(|(n, _, _)| n)
 }
 
-fn replica_of(master: &NodeSpec) -> Action {
+pub(crate) fn replica_of(master: &NodeSpec) -> Action {
     Action::ReplicaOf(ReplicaOf {
         host: master.host.clone(),
         port: u32::from(master.port),
@@ -205,7 +205,7 @@ fn others_hold_data(desired: &Desired, observed: &Observed, name: &str) -> bool 
 }
 
 /// Whether a node other than `name` answers holding keys.
-fn others_hold_keys(desired: &Desired, observed: &Observed, name: &str) -> bool {
+pub(crate) fn others_hold_keys(desired: &Desired, observed: &Observed, name: &str) -> bool {
     desired
         .nodes
         .iter()
@@ -403,7 +403,7 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
 }
 
 /// Every other answering node replicates from `master`; live settings are kept everywhere.
-fn converge(desired: &Desired, observed: &Observed, master: &NodeSpec, plan: &mut Plan) {
+pub(crate) fn converge(desired: &Desired, observed: &Observed, master: &NodeSpec, plan: &mut Plan) {
     for node in &desired.nodes {
         let Some(obs) = observed.nodes.get(&node.name).filter(|o| is_up(o)) else {
             continue;

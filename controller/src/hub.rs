@@ -163,28 +163,40 @@ impl Hub {
 
     /// What the hub knows of one instance's data pods, for the failover core.
     pub fn observe(&self, instance: &InstanceKey) -> Observed {
-        let now = Instant::now();
-        let nodes = self.inner.nodes.lock().map(|nodes| {
-            nodes
-                .iter()
-                .filter(|((key, _), node)| key == instance && node.hello.kind() == NodeKind::Data)
-                .map(|((_, pod), node)| {
-                    let obs = NodeObs {
-                        connected: node.tx.is_some(),
-                        unhealthy_ms: node
-                            .last_good
-                            .map(|t| now.saturating_duration_since(t).as_millis() as u64)
-                            .unwrap_or(u64::MAX),
-                        report: node.report.clone(),
-                    };
-                    (pod.clone(), obs)
-                })
-                .collect()
-        });
         Observed {
-            nodes: nodes.unwrap_or_default(),
+            nodes: self.observe_kind(instance, NodeKind::Data),
             switchover_in_flight: false,
         }
+    }
+
+    /// What the hub knows of one instance's pods of one kind, by pod name.
+    pub fn observe_kind(
+        &self,
+        instance: &InstanceKey,
+        kind: NodeKind,
+    ) -> std::collections::BTreeMap<String, NodeObs> {
+        let now = Instant::now();
+        self.inner
+            .nodes
+            .lock()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter(|((key, _), node)| key == instance && node.hello.kind() == kind)
+                    .map(|((_, pod), node)| {
+                        let obs = NodeObs {
+                            connected: node.tx.is_some(),
+                            unhealthy_ms: node
+                                .last_good
+                                .map(|t| now.saturating_duration_since(t).as_millis() as u64)
+                                .unwrap_or(u64::MAX),
+                            report: node.report.clone(),
+                        };
+                        (pod.clone(), obs)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The announced address of a pod, as its agent said hello.

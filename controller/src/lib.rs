@@ -5,6 +5,7 @@ pub mod core;
 pub mod hub;
 pub mod local;
 pub mod manifest;
+pub mod sentinel;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {

@@ -58,7 +58,7 @@ pub struct Spec {
     #[serde(default)]
     pub custom_configs: BTreeMap<String, String>,
     #[serde(default)]
-    pub sentinel: Option<serde_yaml::Value>,
+    pub sentinel: Option<SentinelSettings>,
     #[serde(default)]
     pub image_pull_policy: Option<serde_yaml::Value>,
     #[serde(default)]
@@ -83,6 +83,158 @@ pub struct Spec {
     pub security_context: Option<serde_yaml::Value>,
     #[serde(default)]
     pub modules: Option<serde_yaml::Value>,
+}
+
+/// `spec.sentinel`: Sentinel decides failover (policy sentinel).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SentinelSettings {
+    #[serde(default)]
+    pub replicas: Option<i64>,
+    #[serde(default)]
+    pub quorum: Option<i64>,
+    #[serde(default)]
+    pub monitor_config: BTreeMap<String, String>,
+    #[serde(default)]
+    pub sentinel_reference: Option<SentinelReference>,
+    #[serde(default)]
+    pub custom_configs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub image_pull_policy: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub image_pull_secrets: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub resources: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub exporter: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub access: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub affinity: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub security_context: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub tolerations: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub node_selector: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub pod_annotations: Option<serde_yaml::Value>,
+}
+
+/// An existing, external set of sentinels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SentinelReference {
+    pub nodes: Vec<SentinelMonitorNode>,
+    #[serde(default)]
+    pub auth: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SentinelMonitorNode {
+    pub ip: String,
+    pub port: u16,
+    #[serde(default)]
+    pub flags: Option<String>,
+}
+
+/// monitorConfig keys and their defaults.
+pub const MONITOR_DEFAULTS: [(&str, &str); 3] = [
+    ("down-after-milliseconds", "30000"),
+    ("failover-timeout", "180000"),
+    ("parallel-syncs", "1"),
+];
+
+/// sentinel.conf keys the operator owns.
+const SENTINEL_OWNED_KEYS: &[&str] = &[
+    "port",
+    "bind",
+    "dir",
+    "sentinel",
+    "include",
+    "daemonize",
+    "pidfile",
+    "logfile",
+    "requirepass",
+    "protected-mode",
+];
+
+impl SentinelSettings {
+    /// The number of sentinels in use (embedded, or referenced).
+    pub fn count(&self) -> i64 {
+        match &self.sentinel_reference {
+            Some(reference) => reference.nodes.len() as i64,
+            None => self.replicas.unwrap_or(3),
+        }
+    }
+
+    /// The quorum: as set, or a majority of the configured sentinels.
+    pub fn quorum(&self) -> u32 {
+        self.quorum.unwrap_or(self.count() / 2 + 1) as u32
+    }
+
+    /// monitorConfig with the defaults filled in.
+    pub fn monitor_config(&self) -> BTreeMap<String, String> {
+        let mut config: BTreeMap<String, String> = MONITOR_DEFAULTS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        config.extend(self.monitor_config.clone());
+        config
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        if let Some(reference) = &self.sentinel_reference {
+            if reference.nodes.len() < 3 {
+                return Err(invalid(
+                    "spec.sentinel.sentinelReference.nodes",
+                    format!("needs at least 3 sentinels, got {}", reference.nodes.len()),
+                ));
+            }
+        } else {
+            let replicas = self.count();
+            if replicas < 3 || replicas % 2 == 0 {
+                return Err(invalid(
+                    "spec.sentinel.replicas",
+                    format!("must be odd and at least 3, got {replicas}"),
+                ));
+            }
+        }
+        if let Some(quorum) = self.quorum
+            && !(1..=self.count()).contains(&quorum)
+        {
+            return Err(invalid(
+                "spec.sentinel.quorum",
+                format!("must be 1..={}, got {quorum}", self.count()),
+            ));
+        }
+        for (key, value) in &self.monitor_config {
+            if !MONITOR_DEFAULTS.iter().any(|(k, _)| k == key) {
+                return Err(invalid(
+                    &format!("spec.sentinel.monitorConfig.{key}"),
+                    "is not a known setting (down-after-milliseconds, failover-timeout, parallel-syncs)",
+                ));
+            }
+            if value.parse::<u64>().map_or(true, |n| n == 0) {
+                return Err(invalid(
+                    &format!("spec.sentinel.monitorConfig.{key}"),
+                    format!("must be a positive whole number, got {value:?}"),
+                ));
+            }
+        }
+        for key in self.custom_configs.keys() {
+            if SENTINEL_OWNED_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
+                return Err(invalid(
+                    &format!("spec.sentinel.customConfigs.{key}"),
+                    "is set by the operator and cannot be overridden",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +326,9 @@ impl Manifest {
                 ));
             }
         }
+        if let Some(sentinel) = &self.spec.sentinel {
+            sentinel.validate()?;
+        }
         Ok(())
     }
 }
@@ -199,6 +354,20 @@ mod tests {
             let manifest = Manifest::parse(text, file).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(manifest.spec.replicas, 3, "{file}");
         }
+        let seed = Manifest::parse(
+            include_str!("../../deploy/examples/failover.yaml"),
+            "failover.yaml",
+        )
+        .expect("seed");
+        let sentinel = seed.spec.sentinel.expect("the seed uses Sentinel");
+        assert_eq!((sentinel.count(), sentinel.quorum()), (3, 2));
+        assert_eq!(
+            sentinel.monitor_config()["down-after-milliseconds"],
+            "30000"
+        );
+        let defaults = SentinelSettings::default();
+        assert_eq!((defaults.count(), defaults.quorum()), (3, 2));
+        assert_eq!(defaults.monitor_config()["parallel-syncs"], "1");
         let manifest = Manifest::parse(GOOD, "good").expect("good");
         assert_eq!(
             (manifest.namespace(), manifest.metadata.name.as_str()),
@@ -230,6 +399,40 @@ mod tests {
                 "replicaz",
             ),
             (GOOD.replace("  replicas: 3\n", ""), "replicas"),
+            (
+                format!("{GOOD}  sentinel:\n    replicas: 4\n"),
+                "spec.sentinel.replicas",
+            ),
+            (
+                format!("{GOOD}  sentinel:\n    replicas: 1\n"),
+                "spec.sentinel.replicas",
+            ),
+            (
+                format!("{GOOD}  sentinel:\n    quorum: 4\n"),
+                "spec.sentinel.quorum",
+            ),
+            (
+                format!("{GOOD}  sentinel:\n    quorum: 0\n"),
+                "spec.sentinel.quorum",
+            ),
+            (
+                format!("{GOOD}  sentinel:\n    monitorConfig:\n      down-after: \"1\"\n"),
+                "spec.sentinel.monitorConfig.down-after",
+            ),
+            (
+                format!("{GOOD}  sentinel:\n    monitorConfig:\n      parallel-syncs: \"x\"\n"),
+                "spec.sentinel.monitorConfig.parallel-syncs",
+            ),
+            (
+                format!(
+                    "{GOOD}  sentinel:\n    sentinelReference:\n      nodes:\n        - ip: a\n          port: 1\n"
+                ),
+                "spec.sentinel.sentinelReference.nodes",
+            ),
+            (
+                format!("{GOOD}  sentinel:\n    customConfigs:\n      port: \"1\"\n"),
+                "spec.sentinel.customConfigs.port",
+            ),
         ];
         for (text, field) in cases {
             let err = Manifest::parse(&text, "m.yaml")

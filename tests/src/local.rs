@@ -2,16 +2,24 @@
 //! control socket for status and switchover, and real clients on the nodes' ports.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
-use nix::sys::signal::Signal;
+use nix::{sys::signal::Signal, unistd::Pid};
+use redis::AsyncCommands;
 use tempfile::TempDir;
 use valkey_controller::local::control::{self, Request, Status};
 
-use crate::procs::Proc;
+use crate::{procs::Proc, wait_for};
+
+const T: Duration = Duration::from_secs(30);
 
 /// A manifest for a manual-policy instance named `demo` with `replicas` nodes.
 pub fn manifest(replicas: u32) -> String {
@@ -224,5 +232,180 @@ impl Drop for LocalInstance {
             }
         }
         // The controller's own log is printed by Proc's drop; its children die with it.
+    }
+}
+
+pub fn master_of(status: &Status) -> (String, String, u32) {
+    let master = status.master.clone().expect("a master");
+    let node = status
+        .nodes
+        .iter()
+        .find(|n| n.pod == master)
+        .expect("master node");
+    (
+        master,
+        node.addr.clone(),
+        node.valkey_pid.expect("master pid"),
+    )
+}
+
+pub fn node<'a>(status: &'a Status, pod: &str) -> &'a control::NodeStatus {
+    status.nodes.iter().find(|n| n.pod == pod).expect("node")
+}
+
+pub fn signal(pid: u32, signal: Signal) {
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).expect("signal");
+}
+
+pub fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// The written keys (w<n>) missing on the node at `addr`.
+pub async fn missing_on(instance: &LocalInstance, addr: &str, keys: &BTreeSet<u64>) -> Vec<u64> {
+    let mut conn = instance.conn(addr).await;
+    let mut missing = Vec::new();
+    for k in keys {
+        let exists: bool = conn.exists(format!("w{k}")).await.expect("EXISTS");
+        if !exists {
+            missing.push(*k);
+        }
+    }
+    missing
+}
+
+pub async fn write_n(instance: &LocalInstance, addr: &str, n: u64, replicas: i64) -> BTreeSet<u64> {
+    let mut conn = instance.conn(addr).await;
+    for i in 1..=n {
+        let _: () = conn.set(format!("w{i}"), i).await.expect("SET");
+    }
+    let acks: i64 = redis::cmd("WAIT")
+        .arg(replicas)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .expect("WAIT");
+    assert_eq!(acks, replicas);
+    (1..=n).collect()
+}
+
+/// Asks for a switchover until it is accepted: right after a full sync the master may not
+/// count the target online yet, and the controller says so.
+pub async fn switchover_when_ready(instance: &LocalInstance, to: &str) {
+    wait_for(
+        &format!("a switchover to {to} to be accepted"),
+        T,
+        || async {
+            let reply = instance.switchover(Some(to)).await;
+            if !reply.ok {
+                assert!(
+                    reply.message.contains("not an in-sync replica"),
+                    "{}",
+                    reply.message
+                );
+            }
+            reply.ok.then_some(())
+        },
+    )
+    .await;
+}
+
+/// A client that keeps writing to whichever node the controller names master, as an
+/// application following the routing would, and remembers every acknowledged write.
+#[derive(Debug)]
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeSet<u64>>>,
+    acked_count: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    /// `wait_replicas`: 0 counts a plain SET reply as the acknowledgement; 1 requires WAIT 1.
+    pub fn start(dir: PathBuf, password: String, wait_replicas: i64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let acked_count = Arc::new(AtomicU64::new(0));
+        let (stop_flag, acked_set, count) = (stop.clone(), acked.clone(), acked_count.clone());
+        let task = tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut conn: Option<(String, redis::aio::MultiplexedConnection)> = None;
+            while !stop_flag.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    let status = control::request(&dir, &Request::Status)
+                        .await
+                        .ok()
+                        .and_then(|r| r.status);
+                    let Some(addr) = status.and_then(|s| s.master_addr) else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let client = redis::Client::open(format!("redis://:{password}@{addr}/"))
+                        .expect("client");
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(Duration::from_millis(500)))
+                        .set_response_timeout(Some(Duration::from_millis(3000)));
+                    match client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                    {
+                        Ok(c) => conn = Some((addr, c)),
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some((_, c)) = conn.as_mut() else {
+                    continue;
+                };
+                i += 1;
+                let set: redis::RedisResult<()> = c.set(format!("w{i}"), i).await;
+                let acknowledged = match set {
+                    Err(_) => false,
+                    Ok(()) if wait_replicas == 0 => true,
+                    Ok(()) => {
+                        let acks: redis::RedisResult<i64> = redis::cmd("WAIT")
+                            .arg(wait_replicas)
+                            .arg(1000)
+                            .query_async(c)
+                            .await;
+                        acks.is_ok_and(|n| n >= wait_replicas)
+                    }
+                };
+                if acknowledged {
+                    acked_set.lock().unwrap().insert(i);
+                    count.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    // Error or not acknowledged: look the master up again.
+                    conn = None;
+                }
+            }
+        });
+        Self {
+            stop,
+            acked,
+            acked_count,
+            task,
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.acked_count.load(Ordering::Relaxed)
+    }
+
+    /// Waits for `more` further acknowledged writes.
+    pub async fn wait_more(&self, more: u64) {
+        let target = self.count() + more;
+        wait_for(&format!("{more} more acknowledged writes"), T, || async {
+            (self.count() >= target).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn finish(self) -> BTreeSet<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("writer task");
+        self.acked.lock().unwrap().clone()
     }
 }

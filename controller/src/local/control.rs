@@ -77,6 +77,29 @@ pub struct Status {
     pub last_failover: Option<FailoverRecord>,
     pub switchover: Option<String>,
     pub nodes: Vec<NodeStatus>,
+    /// Who decides failover, and how to reach it.
+    pub monitor: MonitorStatus,
+}
+
+/// `status.monitor`: the policy, and under policy sentinel the monitor and its sentinels.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MonitorStatus {
+    pub policy: String,
+    pub name: Option<String>,
+    pub quorum: Option<u32>,
+    pub nodes: Vec<SentinelNodeStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentinelNodeStatus {
+    pub pod: String,
+    pub addr: String,
+    pub connected: bool,
+    /// The master this sentinel names, and its config epoch.
+    pub master: Option<String>,
+    pub config_epoch: Option<u64>,
+    pub flags: Vec<String>,
+    pub sentinel_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +209,10 @@ pub fn status(
             .as_ref()
             .map(|s| format!("{} -> {}", s.from, s.to)),
         nodes,
+        monitor: MonitorStatus {
+            policy: "manual".into(),
+            ..MonitorStatus::default()
+        },
     }
 }
 
@@ -210,6 +237,25 @@ pub fn render(status: &Status) -> String {
             f.at_ms.rem_euclid(1000),
             f.reason
         ));
+    }
+    if status.monitor.policy == "sentinel" {
+        out.push_str(&format!(
+            "policy sentinel: monitor {} quorum {}\n",
+            status.monitor.name.as_deref().unwrap_or("-"),
+            status.monitor.quorum.unwrap_or_default()
+        ));
+        for s in &status.monitor.nodes {
+            out.push_str(&format!(
+                "  {:<24} {:<16} {:<9} master {} (config epoch {})\n",
+                s.pod,
+                s.addr,
+                if s.connected { "connected" } else { "no-agent" },
+                s.master.as_deref().unwrap_or("-"),
+                s.config_epoch
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "-".into())
+            ));
+        }
     }
     if let Some(s) = &status.switchover {
         out.push_str(&format!("switchover under way: {s}\n"));

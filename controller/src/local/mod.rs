@@ -20,12 +20,16 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
-use valkey_proto::v1::{Command, Failover, Outcome, command::Action};
+use valkey_proto::v1::{
+    Command, ConfigSet, Failover, NodeKind, Outcome, PauseWrites, ReplicaOf, SentinelFailover,
+    UnpauseWrites, WaitReplica, command::Action,
+};
 
 use crate::{
     core::{self, Desired, Durable, NodeSpec, PendingSwitchover},
     hub::{Hub, HubEvent, InstanceKey, StaticToken},
     manifest::{Manifest, ManifestError},
+    sentinel::SentinelDesired,
 };
 use supervisor::{Supervised, free_ports, log_path, port_in_use, sibling_or_path, which};
 
@@ -107,6 +111,9 @@ pub struct LocalState {
     pub name: String,
     pub durable: Durable,
     pub ports: BTreeMap<String, NodePorts>,
+    /// Embedded sentinels' ports (policy sentinel), kept across runs.
+    #[serde(default)]
+    pub sentinels: BTreeMap<String, NodePorts>,
 }
 
 /// Writes a file atomically: temp file, fsync, rename.
@@ -222,6 +229,8 @@ struct Runtime {
     probe_interval_ms: u64,
     procs: BTreeMap<String, NodeProcs>,
     last_notes: Vec<String>,
+    /// Policy sentinel: how Sentinel watches this instance, and its binary.
+    sentinel: Option<(SentinelDesired, PathBuf)>,
 }
 
 impl Runtime {
@@ -257,19 +266,66 @@ impl Runtime {
         Ok(path)
     }
 
-    fn procs_for(&self, pod: &str, ports: NodePorts) -> Result<NodeProcs, LocalError> {
-        let conf = self.write_config(pod, ports)?;
-        let valkey = Supervised::new(
-            format!("{pod} valkey-server"),
-            self.valkey_bin.clone(),
-            vec![conf.display().to_string()],
-            log_path(&self.dir, &format!("{pod}.valkey-stdout")),
+    /// sentinel.conf, written once: Sentinel rewrites it with what it learns, so that its
+    /// state survives a restart.
+    fn write_sentinel_config(&self, pod: &str, ports: NodePorts) -> Result<PathBuf, LocalError> {
+        let node_dir = self.node_dir(pod);
+        std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
+        let path = node_dir.join("sentinel.conf");
+        if path.exists() {
+            return Ok(path);
+        }
+        let mut conf = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+             sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n",
+            port = ports.valkey,
+            dir = node_dir.display(),
+            log = log_path(&self.dir, &format!("{pod}.sentinel")).display(),
         );
-        let agent_args = vec![
+        if let Some(settings) = &self.manifest.spec.sentinel {
+            for (key, value) in &settings.custom_configs {
+                conf.push_str(&format!("{key} {value}\n"));
+            }
+        }
+        write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
+        Ok(path)
+    }
+
+    fn procs_for(
+        &self,
+        pod: &str,
+        ports: NodePorts,
+        sentinel: bool,
+    ) -> Result<NodeProcs, LocalError> {
+        let (what, program, conf) = match (&self.sentinel, sentinel) {
+            (Some((_, bin)), true) => (
+                "valkey-sentinel",
+                bin.clone(),
+                self.write_sentinel_config(pod, ports)?,
+            ),
+            _ => (
+                "valkey-server",
+                self.valkey_bin.clone(),
+                self.write_config(pod, ports)?,
+            ),
+        };
+        let valkey = Supervised::new(
+            format!("{pod} {what}"),
+            program,
+            vec![conf.display().to_string()],
+            log_path(&self.dir, &format!("{pod}.{what}-stdout")),
+        );
+        let mut agent_args: Vec<String> = if sentinel {
+            vec!["--mode".into(), "sentinel".into()]
+        } else {
+            vec![
+                "--valkey-password-file".into(),
+                self.password_file.display().to_string(),
+            ]
+        };
+        agent_args.extend([
             "--valkey-addr".into(),
             format!("127.0.0.1:{}", ports.valkey),
-            "--valkey-password-file".into(),
-            self.password_file.display().to_string(),
             "--controller-addr".into(),
             format!("http://{}", self.hub_addr),
             "--token-file".into(),
@@ -290,7 +346,7 @@ impl Runtime {
             self.probe_interval_ms.to_string(),
             "--reconnect-max-ms".into(),
             "1000".into(),
-        ];
+        ]);
         let agent = Supervised::new(
             format!("{pod} valkey-agent"),
             self.agent_bin.clone(),
@@ -300,23 +356,32 @@ impl Runtime {
         Ok(NodeProcs { valkey, agent })
     }
 
-    /// The nodes to run: the desired ones and those still retiring.
-    fn wanted_pods(&self) -> Vec<String> {
-        self.desired.nodes.iter().map(|n| n.name.clone()).collect()
+    /// The processes to run: the desired nodes, those still retiring, and the sentinels; each
+    /// with its ports and whether it is a sentinel.
+    fn wanted_pods(&self) -> Vec<(String, NodePorts, bool)> {
+        let data = self
+            .desired
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.name.clone(), *self.state.ports.get(&n.name)?, false)));
+        let sentinels = self
+            .state
+            .sentinels
+            .iter()
+            .filter(|_| self.sentinel.is_some())
+            .map(|(pod, ports)| (pod.clone(), *ports, true));
+        data.chain(sentinels).collect()
     }
 
     /// Starts the nodes not running yet: every Valkey first, and each agent once its Valkey
     /// listens, so that no agent reports a Valkey that has merely not started yet as gone.
     fn start_missing(&mut self) -> Result<(), LocalError> {
         let mut started = Vec::new();
-        for pod in self.wanted_pods() {
+        for (pod, ports, sentinel) in self.wanted_pods() {
             if self.procs.contains_key(&pod) {
                 continue;
             }
-            let Some(ports) = self.state.ports.get(&pod).copied() else {
-                continue;
-            };
-            let mut procs = self.procs_for(&pod, ports)?;
+            let mut procs = self.procs_for(&pod, ports, sentinel)?;
             procs.valkey.start()?;
             self.procs.insert(pod.clone(), procs);
             started.push((pod, ports));
@@ -372,14 +437,43 @@ impl Runtime {
             .iter()
             .map(|(pod, p)| (pod.clone(), (p.valkey.pid(), p.agent.pid())))
             .collect();
-        control::status(
+        let mut status = control::status(
             &self.key,
             &self.state.durable,
             &self.desired,
             hub,
             &self.dir,
             &pids,
-        )
+        );
+        if let Some((sd, _)) = &self.sentinel {
+            let observed = hub.observe_kind(&self.key, NodeKind::Sentinel);
+            status.monitor = control::MonitorStatus {
+                policy: "sentinel".into(),
+                name: Some(sd.name.clone()),
+                quorum: Some(sd.quorum),
+                nodes: self
+                    .state
+                    .sentinels
+                    .iter()
+                    .map(|(pod, ports)| {
+                        let obs = observed.get(pod);
+                        let master = obs
+                            .and_then(|o| o.report.as_ref()?.sentinel.as_ref())
+                            .and_then(|s| s.masters.iter().find(|m| m.name == sd.name));
+                        control::SentinelNodeStatus {
+                            pod: pod.clone(),
+                            addr: format!("127.0.0.1:{}", ports.valkey),
+                            connected: obs.is_some_and(|o| o.connected),
+                            master: master.map(|m| format!("{}:{}", m.host, m.port)),
+                            config_epoch: master.map(|m| m.config_epoch),
+                            flags: master.map(|m| m.flags.clone()).unwrap_or_default(),
+                            sentinel_pid: self.procs.get(pod).and_then(|p| p.valkey.pid()),
+                        }
+                    })
+                    .collect(),
+            };
+        }
+        status
     }
 
     fn shutdown(&mut self) {
@@ -405,11 +499,24 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         namespace: manifest.namespace().to_owned(),
         name: manifest.metadata.name.clone(),
     };
-    if manifest.spec.sentinel.is_some() {
-        warn!(
-            "spec.sentinel is set, but the local runtime runs policy manual for now: the controller decides failover"
-        );
+    if manifest
+        .spec
+        .sentinel
+        .as_ref()
+        .is_some_and(|s| s.sentinel_reference.is_some())
+    {
+        return Err(LocalError::Manifest(ManifestError::Invalid {
+            field: "spec.sentinel.sentinelReference".into(),
+            message: "an external Sentinel set is not supported by the local runtime yet".into(),
+        }));
     }
+    let sentinel_bin = match &manifest.spec.sentinel {
+        Some(_) => Some(which("valkey-sentinel").ok_or(LocalError::MissingBinary {
+            name: "valkey-sentinel".into(),
+            flag: "path",
+        })?),
+        None => None,
+    };
     let valkey_bin = which("valkey-server").ok_or(LocalError::MissingBinary {
         name: "valkey-server".into(),
         flag: "path",
@@ -446,6 +553,20 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
     }
 
     let replicas = manifest.spec.replicas as u32;
+    if let Some(settings) = &manifest.spec.sentinel {
+        for ordinal in 0..settings.count() {
+            let pod = format!("{}-sentinel-{ordinal}", key.name);
+            if let std::collections::btree_map::Entry::Vacant(entry) = state.sentinels.entry(pod) {
+                let [sentinel, agent, metrics] =
+                    free_ports().map_err(io("finding free ports on", Path::new("127.0.0.1")))?;
+                entry.insert(NodePorts {
+                    valkey: sentinel,
+                    agent,
+                    metrics,
+                });
+            }
+        }
+    }
     for ordinal in 0..replicas {
         let pod = pod_name(&key.name, ordinal);
         if let std::collections::btree_map::Entry::Vacant(entry) = state.ports.entry(pod) {
@@ -494,12 +615,25 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         probe_interval_ms: options.probe_interval_ms,
         procs: BTreeMap::new(),
         last_notes: Vec::new(),
+        sentinel: None,
         dir,
     };
-    for pod in runtime.wanted_pods() {
-        let Some(ports) = runtime.state.ports.get(&pod).copied() else {
-            continue;
-        };
+    let runtime = Runtime {
+        sentinel: match (&runtime.manifest.spec.sentinel, sentinel_bin) {
+            (Some(settings), Some(bin)) => Some((
+                SentinelDesired {
+                    name: format!("{}.{}", runtime.key.namespace, runtime.key.name),
+                    quorum: settings.quorum(),
+                    monitor_config: settings.monitor_config(),
+                    auth_pass: secret_file(&runtime.password_file)?,
+                },
+                bin,
+            )),
+            _ => None,
+        },
+        ..runtime
+    };
+    for (pod, ports, _) in runtime.wanted_pods() {
         for (what, port) in [
             ("valkey", ports.valkey),
             ("agent", ports.agent),
@@ -635,7 +769,22 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
     let mut observed = hub.observe(&runtime.key);
     observed.switchover_in_flight = flight.switchover.load(Ordering::SeqCst);
     let now_ms = crate::now_ms();
-    let plan = core::decide(&runtime.desired, &runtime.state.durable, &observed, now_ms);
+    let plan = match &runtime.sentinel {
+        None => core::decide(&runtime.desired, &runtime.state.durable, &observed, now_ms),
+        // A Sentinel switchover runs its own steps; the core waits for them.
+        Some(_) if observed.switchover_in_flight => core::Plan::default(),
+        Some((sd, _)) => {
+            let sentinels = hub.observe_kind(&runtime.key, NodeKind::Sentinel);
+            crate::sentinel::decide(
+                &runtime.desired,
+                sd,
+                &runtime.state.durable,
+                &observed,
+                &sentinels,
+                now_ms,
+            )
+        }
+    };
     // The same situation gives the same notes pass after pass: say each once.
     if plan.notes != runtime.last_notes {
         for note in plan
@@ -751,6 +900,9 @@ fn start_switchover(
     if !target_ok {
         return Err(format!("{to} is not an in-sync replica right now"));
     }
+    if let Some((sd, _)) = &runtime.sentinel {
+        return sentinel_switchover(runtime, hub, flight, sd.name.clone(), from, target);
+    }
     let epoch = runtime.state.durable.epoch + 1;
     runtime.state.durable.switchover = Some(PendingSwitchover {
         from: from.clone(),
@@ -795,4 +947,147 @@ fn start_switchover(
         flight.switchover.store(false, Ordering::SeqCst);
     });
     Ok(format!("switchover {from} -> {to} started (epoch {epoch})"))
+}
+
+/// A lossless planned switchover under policy sentinel: pause writes on the master, wait for
+/// the target to have its offset, steer Sentinel's choice to the target (replica-priority),
+/// `SENTINEL FAILOVER`, wait for the target to serve as master, then release the pause and
+/// restore the priorities. Writes stall for the duration; none that was acknowledged is lost.
+fn sentinel_switchover(
+    runtime: &Runtime,
+    hub: &Hub,
+    flight: &Arc<Flight>,
+    monitor: String,
+    from: String,
+    target: NodeSpec,
+) -> Result<String, String> {
+    // A sentinel that knows the target as a good replica (it learns replicas from the master's
+    // INFO, every 10 s): otherwise SENTINEL FAILOVER would find no replica to promote.
+    let target_addr = (target.host.as_str(), u32::from(target.port));
+    let sentinel_pod = hub
+        .observe_kind(&runtime.key, NodeKind::Sentinel)
+        .into_iter()
+        .filter(|(_, o)| o.connected)
+        .find(|(_, o)| {
+            o.report
+                .as_ref()
+                .and_then(|r| r.sentinel.as_ref())
+                .and_then(|s| s.masters.iter().find(|m| m.name == monitor))
+                .is_some_and(|m| {
+                    m.replicas.iter().any(|r| {
+                        (r.host.as_str(), r.port) == target_addr
+                            && r.master_link_up
+                            && r.flags.iter().all(|f| f == "slave")
+                    })
+                })
+        })
+        .map(|(pod, _)| pod)
+        .ok_or_else(|| format!("{} is not an in-sync replica for Sentinel yet", target.name))?;
+    let replicas: Vec<String> = runtime
+        .desired
+        .nodes
+        .iter()
+        .filter(|n| n.name != from)
+        .map(|n| n.name.clone())
+        .collect();
+    let epoch = runtime.state.durable.epoch;
+    flight.switchover.store(true, Ordering::SeqCst);
+    let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
+    let to = target.name.clone();
+    let message = format!("switchover {from} -> {to} started through Sentinel");
+    info!(from = %from, to = %to, "switchover started through Sentinel");
+    tokio::spawn(async move {
+        let send = |pod: String, action: Action| {
+            let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
+            async move {
+                let command = Command {
+                    id: flight.next_id(epoch),
+                    epoch,
+                    deadline_ms: 8000,
+                    action: Some(action),
+                };
+                match hub
+                    .command(&key, &pod, command, Duration::from_secs(9))
+                    .await
+                {
+                    Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(r),
+                    Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        let priority = |value: &str| {
+            Action::ConfigSet(ConfigSet {
+                params: [("replica-priority".to_owned(), value.to_owned())].into(),
+                rewrite: false,
+            })
+        };
+        let steps = async {
+            for pod in &replicas {
+                let value = if *pod == to { "1" } else { "0" };
+                send(pod.clone(), priority(value)).await?;
+            }
+            send(
+                from.clone(),
+                Action::PauseWrites(PauseWrites { pause_ms: 10_000 }),
+            )
+            .await?;
+            send(
+                from.clone(),
+                Action::WaitReplica(WaitReplica {
+                    host: target.host.clone(),
+                    port: u32::from(target.port),
+                }),
+            )
+            .await?;
+            send(
+                sentinel_pod.clone(),
+                Action::SentinelFailover(SentinelFailover {
+                    name: monitor.clone(),
+                }),
+            )
+            .await?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let observed = hub.observe(&key);
+                let done = observed.nodes.get(&to).is_some_and(|o| {
+                    o.report
+                        .as_ref()
+                        .and_then(|r| r.data.as_ref())
+                        .is_some_and(|d| d.role() == valkey_proto::v1::Role::Master)
+                });
+                if done {
+                    // Demote the old master before its pause ends, rather than waiting for
+                    // Sentinel to convert it (which can take seconds, taking writes meanwhile).
+                    send(
+                        from.clone(),
+                        Action::ReplicaOf(ReplicaOf {
+                            host: target.host.clone(),
+                            port: u32::from(target.port),
+                        }),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{to} did not become master within 15 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let outcome: Result<(), String> = steps.await;
+        // Whatever happened: release the pause and restore the priorities.
+        let _ = send(from.clone(), Action::UnpauseWrites(UnpauseWrites {})).await;
+        for pod in replicas.iter().chain(std::iter::once(&from)) {
+            let _ = send(pod.clone(), priority("100")).await;
+        }
+        match outcome {
+            Ok(()) => info!(from = %from, to = %to, "switchover through Sentinel done"),
+            Err(err) => {
+                warn!(from = %from, to = %to, error = %err, "switchover through Sentinel failed")
+            }
+        }
+        flight.switchover.store(false, Ordering::SeqCst);
+    });
+    Ok(message)
 }

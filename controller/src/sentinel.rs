@@ -1,0 +1,503 @@
+//! The core for `policy: sentinel`: Sentinel's quorum and config epochs decide who is master;
+//! the controller makes Sentinel fast and keeps it healthy. A pure function of (desired nodes,
+//! Sentinel settings, durable state, data and sentinel observations) to a plan, like `core`.
+
+use std::collections::BTreeMap;
+
+use valkey_proto::v1::{
+    ProcessState, Promote, Role, SentinelFailover, SentinelMaster, SentinelMonitor, SentinelSet,
+    command::Action,
+};
+
+use crate::core::{
+    self, Desired, Durable, NodeObs, NodeSpec, Observed, Plan, converge, data, definitely_down,
+    is_up, others_hold_keys, role,
+};
+
+/// How Sentinel should watch this instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelDesired {
+    /// The monitor name, unique per instance (`<namespace>.<name>`).
+    pub name: String,
+    pub quorum: u32,
+    /// down-after-milliseconds, failover-timeout, parallel-syncs.
+    pub monitor_config: BTreeMap<String, String>,
+    /// The password Sentinel uses to reach the data nodes.
+    pub auth_pass: String,
+}
+
+/// What one sentinel says of this instance's master.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentinelView<'a> {
+    pub pod: &'a str,
+    pub master: Option<&'a SentinelMaster>,
+}
+
+fn views<'a>(
+    sd: &SentinelDesired,
+    sentinels: &'a BTreeMap<String, NodeObs>,
+) -> Vec<SentinelView<'a>> {
+    sentinels
+        .iter()
+        .filter(|(_, obs)| obs.connected)
+        .filter_map(|(pod, obs)| {
+            let report = obs.report.as_ref()?;
+            if report.process() != ProcessState::Up {
+                return None;
+            }
+            let state = report.sentinel.as_ref()?;
+            Some(SentinelView {
+                pod,
+                master: state.masters.iter().find(|m| m.name == sd.name),
+            })
+        })
+        .collect()
+}
+
+/// The master Sentinel names: the address with the highest config epoch among the sentinels
+/// that monitor this instance (on a tie, the one most of them name).
+pub fn sentinel_master<'a>(views: &[SentinelView<'a>]) -> Option<(&'a str, u32, u64)> {
+    let mut votes: BTreeMap<(u64, &str, u32), usize> = BTreeMap::new();
+    for master in views.iter().filter_map(|v| v.master) {
+        *votes
+            .entry((master.config_epoch, master.host.as_str(), master.port))
+            .or_default() += 1;
+    }
+    votes
+        .into_iter()
+        .max_by_key(|((epoch, _, _), n)| (*epoch, *n))
+        .map(|((epoch, host, port), _)| (host, port, epoch))
+}
+
+fn failover_in_progress(views: &[SentinelView]) -> bool {
+    views.iter().filter_map(|v| v.master).any(|m| {
+        m.flags.iter().any(|f| f.starts_with("failover"))
+            || (!m.failover_state.is_empty() && m.failover_state != "none")
+    })
+}
+
+fn monitor(sd: &SentinelDesired, master: &NodeSpec) -> Action {
+    Action::SentinelMonitor(SentinelMonitor {
+        name: sd.name.clone(),
+        host: master.host.clone(),
+        port: u32::from(master.port),
+        quorum: sd.quorum,
+        auth_user: String::new(),
+        auth_pass: sd.auth_pass.clone(),
+    })
+}
+
+/// Decides what to do now under policy sentinel.
+pub fn decide(
+    desired: &Desired,
+    sd: &SentinelDesired,
+    durable: &Durable,
+    observed: &Observed,
+    sentinels: &BTreeMap<String, NodeObs>,
+    now_ms: i64,
+) -> Plan {
+    let views = views(sd, sentinels);
+    let Some((host, port, config_epoch)) = sentinel_master(&views) else {
+        // Nobody monitors the instance yet: bootstrap the data nodes as the manual core does,
+        // then hand the master to every sentinel.
+        if durable.master.is_none() {
+            return core::decide(desired, durable, observed, now_ms);
+        }
+        let mut plan = Plan::default();
+        if let Some(master) = durable.master.as_deref().and_then(|m| desired.node(m))
+            && observed
+                .nodes
+                .get(&master.name)
+                .is_some_and(|o| is_up(o) && role(o) == Role::Master)
+        {
+            for view in &views {
+                plan.commands
+                    .push((view.pod.to_owned(), monitor(sd, master)));
+                plan.commands.push((
+                    view.pod.to_owned(),
+                    Action::SentinelSet(SentinelSet {
+                        name: sd.name.clone(),
+                        params: sd.monitor_config.clone().into_iter().collect(),
+                    }),
+                ));
+            }
+        }
+        return plan;
+    };
+
+    let mut plan = Plan::default();
+    let Some(master) = desired
+        .nodes
+        .iter()
+        .find(|n| n.host == host && u32::from(n.port) == port)
+    else {
+        plan.notes.push(format!(
+            "Sentinel names {host}:{port} master, which is not a node of this instance"
+        ));
+        return plan;
+    };
+    // Follow Sentinel: its master becomes ours, under a new epoch when it changed.
+    if durable.master.as_deref() != Some(master.name.as_str()) {
+        let mut next = durable.clone();
+        next.epoch = durable.epoch.max(config_epoch) + 1;
+        if durable.master.is_some() {
+            next.last_failover = Some(core::FailoverRecord {
+                at_ms: now_ms,
+                from: durable.master.clone(),
+                to: master.name.clone(),
+                reason: format!("Sentinel switched master (config epoch {config_epoch})"),
+            });
+        }
+        next.master = Some(master.name.clone());
+        plan.notes.push(format!(
+            "Sentinel names {} master (config epoch {config_epoch})",
+            master.name
+        ));
+        plan.durable = Some(next);
+    }
+
+    // Heal: every sentinel monitors the instance, with the desired settings.
+    for view in &views {
+        match view.master {
+            None => {
+                plan.commands
+                    .push((view.pod.to_owned(), monitor(sd, master)));
+                plan.commands.push((
+                    view.pod.to_owned(),
+                    Action::SentinelSet(SentinelSet {
+                        name: sd.name.clone(),
+                        params: sd.monitor_config.clone().into_iter().collect(),
+                    }),
+                ));
+            }
+            Some(m) => {
+                let want = sd
+                    .monitor_config
+                    .get("down-after-milliseconds")
+                    .and_then(|v| v.parse::<u64>().ok());
+                if want.is_some_and(|w| w != m.down_after_ms) || m.quorum != sd.quorum {
+                    let mut params: std::collections::HashMap<String, String> =
+                        sd.monitor_config.clone().into_iter().collect();
+                    params.insert("quorum".into(), sd.quorum.to_string());
+                    plan.commands.push((
+                        view.pod.to_owned(),
+                        Action::SentinelSet(SentinelSet {
+                            name: sd.name.clone(),
+                            params,
+                        }),
+                    ));
+                }
+            }
+        }
+    }
+
+    let in_progress = failover_in_progress(&views);
+    let master_obs = observed
+        .nodes
+        .get(&master.name)
+        .cloned()
+        .unwrap_or_default();
+    let master_empty = is_up(&master_obs)
+        && data(&master_obs).is_some_and(|d| {
+            d.restarted_empty
+                || (d.role() == Role::Replica
+                    && (d.never_synced
+                        || (d.key_count == 0 && others_hold_keys(desired, observed, &master.name))))
+        });
+    // Acceleration: the master's own agent says its Valkey is gone (or it came back empty):
+    // ask a sentinel to fail over now rather than after down-after-milliseconds.
+    if (definitely_down(&master_obs) || master_empty) && !in_progress {
+        if let Some(view) = views.iter().find(|v| v.master.is_some()) {
+            plan.notes.push(format!(
+                "master {} {}: asking Sentinel to fail over now",
+                master.name,
+                if master_empty {
+                    "came back empty"
+                } else {
+                    "is gone"
+                }
+            ));
+            plan.commands.push((
+                view.pod.to_owned(),
+                Action::SentinelFailover(SentinelFailover {
+                    name: sd.name.clone(),
+                }),
+            ));
+        }
+        return plan;
+    }
+    if in_progress {
+        return plan;
+    }
+    if is_up(&master_obs) && role(&master_obs) == Role::Replica {
+        // Sentinel's master restarted (as every node does, a replica of nobody) with its data.
+        plan.commands
+            .push((master.name.clone(), Action::Promote(Promote {})));
+        return plan;
+    }
+    if is_up(&master_obs) && role(&master_obs) == Role::Master {
+        for node in &desired.nodes {
+            if node.name != master.name
+                && observed
+                    .nodes
+                    .get(&node.name)
+                    .is_some_and(|o| is_up(o) && role(o) == Role::Master)
+            {
+                plan.notes.push(format!(
+                    "two masters: {} claims master too; keeping {}, which Sentinel names, and demoting {}",
+                    node.name, master.name, node.name
+                ));
+            }
+        }
+        converge(desired, observed, master, &mut plan);
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use valkey_proto::v1::{DataState, SentinelState, StateReport};
+
+    use super::*;
+
+    fn desired() -> Desired {
+        Desired {
+            nodes: (0..3)
+                .map(|i| NodeSpec {
+                    name: format!("n{i}"),
+                    ordinal: i,
+                    host: "127.0.0.1".into(),
+                    port: 7000 + i as u16,
+                    retiring: false,
+                })
+                .collect(),
+            hang_timeout_ms: 3000,
+            replica_silence_s: 3,
+            live_config: BTreeMap::new(),
+        }
+    }
+
+    fn sd() -> SentinelDesired {
+        SentinelDesired {
+            name: "ns.demo".into(),
+            quorum: 2,
+            monitor_config: BTreeMap::from([("down-after-milliseconds".into(), "30000".into())]),
+            auth_pass: "pw".into(),
+        }
+    }
+
+    fn node(role: Role, of: u16, keys: u64, process: ProcessState) -> NodeObs {
+        NodeObs {
+            connected: true,
+            unhealthy_ms: 0,
+            report: Some(StateReport {
+                process: process.into(),
+                data: Some(DataState {
+                    role: role.into(),
+                    master_host: "127.0.0.1".into(),
+                    master_port: u32::from(of),
+                    master_link_up: role == Role::Replica,
+                    key_count: keys,
+                    replica_priority: 100,
+                    ..DataState::default()
+                }),
+                ..StateReport::default()
+            }),
+        }
+    }
+
+    fn sentinel(masters: Vec<(u16, u64)>) -> NodeObs {
+        NodeObs {
+            connected: true,
+            unhealthy_ms: 0,
+            report: Some(StateReport {
+                process: ProcessState::Up.into(),
+                sentinel: Some(SentinelState {
+                    masters: masters
+                        .into_iter()
+                        .map(|(port, epoch)| SentinelMaster {
+                            name: "ns.demo".into(),
+                            host: "127.0.0.1".into(),
+                            port: u32::from(port),
+                            config_epoch: epoch,
+                            quorum: 2,
+                            down_after_ms: 30000,
+                            flags: vec!["master".into()],
+                            ..SentinelMaster::default()
+                        })
+                        .collect(),
+                    ..SentinelState::default()
+                }),
+                ..StateReport::default()
+            }),
+        }
+    }
+
+    fn healthy() -> Observed {
+        Observed {
+            nodes: BTreeMap::from([
+                ("n0".into(), node(Role::Master, 0, 5, ProcessState::Up)),
+                ("n1".into(), node(Role::Replica, 7000, 5, ProcessState::Up)),
+                ("n2".into(), node(Role::Replica, 7000, 5, ProcessState::Up)),
+            ]),
+            switchover_in_flight: false,
+        }
+    }
+
+    fn at(master: &str) -> Durable {
+        Durable {
+            epoch: 1,
+            master: Some(master.into()),
+            ..Durable::default()
+        }
+    }
+
+    fn sentinels(views: Vec<Vec<(u16, u64)>>) -> BTreeMap<String, NodeObs> {
+        views
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("s{i}"), sentinel(v)))
+            .collect()
+    }
+
+    #[test]
+    fn the_highest_config_epoch_names_the_master() {
+        let s = sentinels(vec![vec![(7000, 1)], vec![(7001, 2)], vec![(7000, 1)]]);
+        let views = views(&sd(), &s);
+        assert_eq!(sentinel_master(&views), Some(("127.0.0.1", 7001, 2)));
+    }
+
+    #[test]
+    fn unmonitored_sentinels_are_given_the_master_and_settings() {
+        let plan = decide(
+            &desired(),
+            &sd(),
+            &at("n0"),
+            &healthy(),
+            &sentinels(vec![vec![], vec![], vec![]]),
+            0,
+        );
+        let monitors: Vec<&str> = plan
+            .commands
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::SentinelMonitor(m) if m.port == 7000 && m.quorum == 2 && m.auth_pass == "pw"))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(monitors, ["s0", "s1", "s2"]);
+        assert_eq!(
+            plan.commands
+                .iter()
+                .filter(|(_, a)| matches!(a, Action::SentinelSet(_)))
+                .count(),
+            3
+        );
+    }
+
+    #[test]
+    fn a_missing_monitor_or_wrong_settings_are_healed_one_sentinel_at_a_time() {
+        let mut s = sentinels(vec![vec![(7000, 0)], vec![], vec![(7000, 0)]]);
+        if let Some(report) = s.get_mut("s2").and_then(|o| o.report.as_mut())
+            && let Some(m) = report
+                .sentinel
+                .as_mut()
+                .and_then(|st| st.masters.first_mut())
+        {
+            m.down_after_ms = 5000;
+        }
+        let plan = decide(&desired(), &sd(), &at("n0"), &healthy(), &s, 0);
+        let pods: Vec<(&str, bool)> = plan
+            .commands
+            .iter()
+            .map(|(p, a)| (p.as_str(), matches!(a, Action::SentinelMonitor(_))))
+            .collect();
+        assert_eq!(pods, [("s1", true), ("s1", false), ("s2", false)]);
+    }
+
+    #[test]
+    fn a_gone_master_makes_a_sentinel_fail_over_at_once() {
+        let mut obs = healthy();
+        obs.nodes
+            .insert("n0".into(), node(Role::Master, 0, 5, ProcessState::Down));
+        let s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
+        let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+        assert_eq!(plan.commands.len(), 1);
+        assert!(
+            matches!(&plan.commands[0], (p, Action::SentinelFailover(f)) if p == "s0" && f.name == "ns.demo")
+        );
+        assert_eq!(
+            plan.durable, None,
+            "Sentinel, not the controller, picks the new master"
+        );
+    }
+
+    #[test]
+    fn sentinels_decision_is_followed_and_the_old_master_demoted() {
+        let mut obs = healthy();
+        obs.nodes
+            .insert("n1".into(), node(Role::Master, 0, 5, ProcessState::Up));
+        obs.nodes
+            .insert("n2".into(), node(Role::Replica, 7001, 5, ProcessState::Up));
+        // n0 came back claiming master: two masters.
+        let s = sentinels(vec![vec![(7001, 1)], vec![(7001, 1)], vec![(7000, 0)]]);
+        let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 42);
+        let durable = plan.durable.clone().expect("durable");
+        assert_eq!((durable.master.as_deref(), durable.epoch), (Some("n1"), 2));
+        assert!(
+            durable
+                .last_failover
+                .expect("record")
+                .reason
+                .contains("Sentinel")
+        );
+        assert!(
+            plan.notes.iter().any(|n| n.contains("two masters")),
+            "{:?}",
+            plan.notes
+        );
+        assert!(
+            plan.commands
+                .iter()
+                .any(|(p, a)| p == "n0" && matches!(a, Action::ReplicaOf(r) if r.port == 7001))
+        );
+        // The stale sentinel is not touched: Sentinel's own gossip updates it.
+        assert!(!plan.commands.iter().any(|(p, _)| p == "s2"));
+    }
+
+    #[test]
+    fn nothing_is_repointed_while_sentinel_fails_over() {
+        let mut obs = healthy();
+        obs.nodes
+            .insert("n2".into(), node(Role::Replica, 9999, 5, ProcessState::Up));
+        let mut s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
+        if let Some(report) = s.get_mut("s0").and_then(|o| o.report.as_mut())
+            && let Some(m) = report
+                .sentinel
+                .as_mut()
+                .and_then(|st| st.masters.first_mut())
+        {
+            m.flags.push("failover_in_progress".into());
+        }
+        let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+        assert!(plan.commands.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn a_restarted_master_is_promoted_back_unless_empty() {
+        let s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
+        let mut obs = healthy();
+        obs.nodes
+            .insert("n0".into(), node(Role::Replica, 1, 5, ProcessState::Up));
+        let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+        assert!(
+            matches!(&plan.commands[..], [(p, Action::Promote(_))] if p == "n0"),
+            "{plan:?}"
+        );
+        obs.nodes
+            .insert("n0".into(), node(Role::Replica, 1, 0, ProcessState::Up));
+        let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+        assert!(
+            matches!(&plan.commands[..], [(_, Action::SentinelFailover(_))]),
+            "{plan:?}"
+        );
+    }
+}

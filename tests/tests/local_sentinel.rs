@@ -1,0 +1,161 @@
+//! Policy sentinel through the local runtime, with real valkey-sentinel processes: the seed's
+//! example bootstraps with three sentinels; a killed master is failed over at once although
+//! down-after-milliseconds is 30 s; a planned switchover through Sentinel loses nothing.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use valkey_controller::local::control::Status;
+use valkey_e2e::{
+    local::{
+        LocalInstance, Writer, master_of, missing_on, node, signal, switchover_when_ready, write_n,
+    },
+    wait_for,
+};
+
+const T: Duration = Duration::from_secs(30);
+const SEED: &str = include_str!("../../deploy/examples/failover.yaml");
+const MONITOR: &str = "valkey-system.example-failover";
+
+/// Every sentinel connected and naming the controller's master.
+fn sentinels_agree(status: &Status) -> bool {
+    let master = status.master_addr.as_deref();
+    status.monitor.policy == "sentinel"
+        && status.monitor.nodes.len() == 3
+        && status
+            .monitor
+            .nodes
+            .iter()
+            .all(|s| s.connected && s.master.as_deref() == master && master.is_some())
+}
+
+async fn sentinel_master_info(addr: &str) -> HashMap<String, String> {
+    let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("sentinel");
+    redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg(MONITOR)
+        .query_async(&mut conn)
+        .await
+        .expect("SENTINEL MASTER")
+}
+
+async fn up_and_ready() -> (LocalInstance, Status) {
+    let instance = LocalInstance::up(SEED);
+    instance.wait_healthy(3, T).await;
+    let status = instance
+        .wait_status("every sentinel to name the master", T, sentinels_agree)
+        .await;
+    (instance, status)
+}
+
+#[tokio::test]
+async fn the_seed_example_bootstraps_with_three_sentinels() {
+    let (_instance, status) = up_and_ready().await;
+    assert_eq!(status.monitor.name.as_deref(), Some(MONITOR));
+    assert_eq!(status.monitor.quorum, Some(2));
+    // Each sentinel has the example's settings and finds the others and both replicas.
+    for sentinel in &status.monitor.nodes {
+        let info = wait_for("the sentinel to know its peers", T, || async {
+            let info = sentinel_master_info(&sentinel.addr).await;
+            (info.get("num-other-sentinels").map(String::as_str) == Some("2")
+                && info.get("num-slaves").map(String::as_str) == Some("2"))
+            .then_some(info)
+        })
+        .await;
+        assert_eq!(info["quorum"], "2");
+        assert_eq!(info["down-after-milliseconds"], "30000");
+        assert_eq!(info["failover-timeout"], "180000");
+        assert_eq!(info["parallel-syncs"], "1");
+        assert_eq!(
+            Some(format!("{}:{}", info["ip"], info["port"])),
+            status.master_addr
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_killed_master_is_failed_over_at_once_despite_down_after_30s() {
+    let (instance, status) = up_and_ready().await;
+    let (old, addr, pid) = master_of(&status);
+    let keys = write_n(&instance, &addr, 50, 2).await;
+    // Sentinel must know the replicas before it can promote one.
+    for sentinel in &status.monitor.nodes {
+        wait_for("the sentinel to know both replicas", T, || async {
+            (sentinel_master_info(&sentinel.addr)
+                .await
+                .get("num-slaves")
+                .map(String::as_str)
+                == Some("2"))
+            .then_some(())
+        })
+        .await;
+    }
+
+    let killed = Instant::now();
+    signal(pid, Signal::SIGKILL);
+    let after = instance
+        .wait_status("Sentinel to name a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    let took = killed.elapsed();
+    eprintln!(
+        "kill -9 to a new master named by Sentinel: {took:?} (down-after-milliseconds is 30000)"
+    );
+    assert!(took < Duration::from_secs(15), "not accelerated: {took:?}");
+    let reason = after.last_failover.clone().expect("record").reason;
+    assert!(reason.contains("Sentinel"), "{reason}");
+    let healed = instance.wait_healthy(3, T).await;
+    assert_eq!(node(&healed, &old).role, "replica");
+    let (_, new_addr, _) = master_of(&healed);
+    assert_eq!(
+        missing_on(&instance, &new_addr, &keys).await,
+        Vec::<u64>::new()
+    );
+    instance
+        .wait_status("every sentinel to follow", T, sentinels_agree)
+        .await;
+}
+
+#[tokio::test]
+async fn a_planned_switchover_through_sentinel_loses_no_acknowledged_write() {
+    let (instance, status) = up_and_ready().await;
+    let (old, _, _) = master_of(&status);
+    let target = status
+        .nodes
+        .iter()
+        .find(|n| n.pod != old)
+        .expect("a replica")
+        .pod
+        .clone();
+    // Plain SET replies count as acknowledgements.
+    let writer = Writer::start(instance.dir.clone(), instance.password(), 0);
+    writer.wait_more(300).await;
+    switchover_when_ready(&instance, &target).await;
+    instance
+        .wait_status("the target as master", T, |s| {
+            s.master.as_deref() == Some(target.as_str())
+        })
+        .await;
+    writer.wait_more(300).await;
+    let healed = instance.wait_healthy(3, T).await;
+    assert_eq!(node(&healed, &old).role, "replica");
+    let acked = writer.finish().await;
+    let (_, addr, _) = master_of(&healed);
+    assert_eq!(
+        missing_on(&instance, &addr, &acked).await,
+        Vec::<u64>::new(),
+        "acknowledged writes lost"
+    );
+    instance
+        .wait_status("every sentinel to follow", T, sentinels_agree)
+        .await;
+}
