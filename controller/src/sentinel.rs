@@ -24,6 +24,9 @@ pub struct SentinelDesired {
     pub monitor_config: BTreeMap<String, String>,
     /// The password Sentinel uses to reach the data nodes.
     pub auth_pass: String,
+    /// The sentinels' own announced addresses (host, port): any other sentinel a sentinel
+    /// remembers is stale.
+    pub sentinel_addrs: Vec<(String, u32)>,
 }
 
 /// What one sentinel says of this instance's master.
@@ -171,6 +174,37 @@ pub fn decide(
                 ));
             }
             Some(m) => {
+                // Stale entries (a sentinel or replica that moved or left) are only dropped by
+                // SENTINEL RESET, which forgets everything it learned: use it only when needed.
+                let stale_sentinel = m.sentinels.iter().any(|p| {
+                    !sd.sentinel_addrs
+                        .iter()
+                        .any(|(h, port)| *h == p.host && *port == p.port)
+                });
+                let stale_replica = m.replicas.iter().any(|r| {
+                    !desired
+                        .nodes
+                        .iter()
+                        .any(|n| n.host == r.host && u32::from(n.port) == r.port)
+                });
+                if (stale_sentinel || stale_replica) && !failover_in_progress(&views) {
+                    plan.notes.push(format!(
+                        "{} remembers a {} that is gone: SENTINEL RESET",
+                        view.pod,
+                        if stale_sentinel {
+                            "sentinel"
+                        } else {
+                            "replica"
+                        }
+                    ));
+                    plan.commands.push((
+                        view.pod.to_owned(),
+                        Action::SentinelReset(valkey_proto::v1::SentinelReset {
+                            pattern: sd.name.clone(),
+                        }),
+                    ));
+                    continue;
+                }
                 let want = sd
                     .monitor_config
                     .get("down-after-milliseconds")
@@ -283,6 +317,11 @@ mod tests {
             quorum: 2,
             monitor_config: BTreeMap::from([("down-after-milliseconds".into(), "30000".into())]),
             auth_pass: "pw".into(),
+            sentinel_addrs: vec![
+                ("127.0.0.1".into(), 26379),
+                ("127.0.0.1".into(), 26380),
+                ("127.0.0.1".into(), 26381),
+            ],
         }
     }
 
@@ -479,6 +518,67 @@ mod tests {
         }
         let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
         assert!(plan.commands.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn stale_sentinels_and_replicas_are_reset_only_where_remembered() {
+        use valkey_proto::v1::SentinelPeer;
+        let peer = |port: u32| SentinelPeer {
+            host: "127.0.0.1".into(),
+            port,
+            ..SentinelPeer::default()
+        };
+        let mut s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
+        let set = |s: &mut BTreeMap<String, NodeObs>,
+                   pod: &str,
+                   sentinels: Vec<SentinelPeer>,
+                   replicas: Vec<SentinelPeer>| {
+            if let Some(m) = s
+                .get_mut(pod)
+                .and_then(|o| o.report.as_mut())
+                .and_then(|r| r.sentinel.as_mut())
+                .and_then(|st| st.masters.first_mut())
+            {
+                m.sentinels = sentinels;
+                m.replicas = replicas;
+            }
+        };
+        // Healthy: peers and replicas all current.
+        set(
+            &mut s,
+            "s0",
+            vec![peer(26380), peer(26381)],
+            vec![peer(7001), peer(7002)],
+        );
+        let plan = decide(&desired(), &sd(), &at("n0"), &healthy(), &s, 0);
+        assert!(
+            !plan
+                .commands
+                .iter()
+                .any(|(_, a)| matches!(a, Action::SentinelReset(_))),
+            "{plan:?}"
+        );
+        // s1 remembers a sentinel on an old port; s2 a replica that no longer exists.
+        set(
+            &mut s,
+            "s1",
+            vec![peer(26379), peer(26999)],
+            vec![peer(7001)],
+        );
+        set(
+            &mut s,
+            "s2",
+            vec![peer(26379)],
+            vec![peer(7001), peer(7009)],
+        );
+        let plan = decide(&desired(), &sd(), &at("n0"), &healthy(), &s, 0);
+        let resets: Vec<&str> = plan
+            .commands
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::SentinelReset(r) if r.pattern == "ns.demo"))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(resets, ["s1", "s2"]);
     }
 
     #[test]

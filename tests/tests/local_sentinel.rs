@@ -159,3 +159,78 @@ async fn a_planned_switchover_through_sentinel_loses_no_acknowledged_write() {
         .wait_status("every sentinel to follow", T, sentinels_agree)
         .await;
 }
+
+#[tokio::test]
+async fn a_hung_master_is_left_to_sentinels_own_timing() {
+    let manifest = SEED.replace(
+        "down-after-milliseconds: \"30000\"",
+        "down-after-milliseconds: \"2000\"",
+    );
+    let instance = LocalInstance::up(&manifest);
+    instance.wait_healthy(3, T).await;
+    let status = instance
+        .wait_status("every sentinel to name the master", T, sentinels_agree)
+        .await;
+    let (old, _, pid) = master_of(&status);
+    for sentinel in &status.monitor.nodes {
+        wait_for("the sentinel to know both replicas", T, || async {
+            (sentinel_master_info(&sentinel.addr)
+                .await
+                .get("num-slaves")
+                .map(String::as_str)
+                == Some("2"))
+            .then_some(())
+        })
+        .await;
+    }
+    let stopped = Instant::now();
+    signal(pid, Signal::SIGSTOP);
+    let after = instance
+        .wait_status("Sentinel to name a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    // A hang gives no definite signal: no acceleration, Sentinel decides on its own timing.
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(2000),
+        "failed over before down-after"
+    );
+    assert!(
+        after
+            .last_failover
+            .expect("record")
+            .reason
+            .contains("Sentinel")
+    );
+    signal(pid, Signal::SIGCONT);
+    let healed = instance.wait_healthy(3, T).await;
+    assert_eq!(
+        healed.nodes.iter().filter(|n| n.role == "master").count(),
+        1
+    );
+    assert_eq!(node(&healed, &old).role, "replica");
+    instance
+        .wait_status("every sentinel to follow", T, sentinels_agree)
+        .await;
+}
+
+#[tokio::test]
+async fn a_restarted_sentinel_comes_back_knowing_the_master() {
+    let (instance, status) = up_and_ready().await;
+    let victim = status.monitor.nodes[0].clone();
+    let conf = std::fs::read_to_string(instance.node_dir(&victim.pod).join("sentinel.conf"))
+        .expect("conf");
+    assert!(
+        conf.contains(&format!("sentinel monitor {MONITOR}")),
+        "Sentinel persisted its monitor:\n{conf}"
+    );
+    signal(victim.sentinel_pid.expect("pid"), Signal::SIGKILL);
+    let after = instance
+        .wait_status("the sentinel back, naming the master", T, |s| {
+            let n = &s.monitor.nodes[0];
+            n.sentinel_pid != victim.sentinel_pid && n.connected && sentinels_agree(s)
+        })
+        .await;
+    assert_eq!(after.master, status.master);
+    assert_eq!(after.epoch, status.epoch, "no failover");
+}

@@ -626,6 +626,12 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
                     quorum: settings.quorum(),
                     monitor_config: settings.monitor_config(),
                     auth_pass: secret_file(&runtime.password_file)?,
+                    sentinel_addrs: runtime
+                        .state
+                        .sentinels
+                        .values()
+                        .map(|p| ("127.0.0.1".to_owned(), u32::from(p.valkey)))
+                        .collect(),
                 },
                 bin,
             )),
@@ -666,6 +672,9 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
 struct Flight {
     /// Pods with a command in flight (one at a time per pod).
     busy: Mutex<HashSet<String>>,
+    /// When each sentinel was last sent SENTINEL RESET: at most one per pod every 30 s, so that
+    /// it has time to learn its peers and replicas again.
+    resets: Mutex<std::collections::HashMap<String, Instant>>,
     switchover: AtomicBool,
     ids: AtomicU64,
 }
@@ -803,6 +812,16 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
     }
     let epoch = runtime.state.durable.epoch;
     for (pod, action) in plan.commands {
+        if matches!(action, Action::SentinelReset(_)) {
+            let mut resets = flight.resets.lock().unwrap_or_else(|e| e.into_inner());
+            if resets
+                .get(&pod)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+            {
+                continue;
+            }
+            resets.insert(pod.clone(), Instant::now());
+        }
         let claimed = flight
             .busy
             .lock()
