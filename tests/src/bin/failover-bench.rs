@@ -28,7 +28,8 @@ use valkey_e2e::{
 #[derive(Clone)]
 enum Discovery {
     Controller(std::path::PathBuf),
-    Sentinel(Vec<u16>),
+    /// Sentinel ports and the monitor name.
+    Sentinel(Vec<u16>, String),
 }
 
 impl Discovery {
@@ -41,7 +42,7 @@ impl Discovery {
                     .status?
                     .master_addr
             }
-            Discovery::Sentinel(ports) => {
+            Discovery::Sentinel(ports, name) => {
                 for port in ports {
                     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
                     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
@@ -49,7 +50,7 @@ impl Discovery {
                     };
                     let addr: Option<(String, String)> = redis::cmd("SENTINEL")
                         .arg("GET-MASTER-ADDR-BY-NAME")
-                        .arg("bench")
+                        .arg(name)
                         .query_async(&mut conn)
                         .await
                         .ok()?;
@@ -217,6 +218,69 @@ async fn ours(runs: usize) -> Vec<Sample> {
     samples
 }
 
+/// Waits until a sentinel knows `n` replicas in good standing (flags exactly "slave").
+async fn sentinel_knows_replicas(port: u16, name: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+    loop {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let replicas: Vec<std::collections::HashMap<String, String>> = redis::cmd("SENTINEL")
+                .arg("REPLICAS")
+                .arg(name)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            let good = replicas
+                .iter()
+                .filter(|r| r.get("flags").map(String::as_str) == Some("slave"))
+                .count();
+            if good >= n {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "sentinel did not learn its replicas");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ours under policy sentinel: the seed's example (down-after-milliseconds 30000).
+async fn ours_sentinel(runs: usize) -> Vec<Sample> {
+    let instance = LocalInstance::up(include_str!("../../../deploy/examples/failover.yaml"));
+    let name = "valkey-system.example-failover";
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        let status = instance
+            .wait_status("a master every sentinel names", Duration::from_secs(60), |s| {
+                s.nodes.iter().all(|n| n.connected && n.process == "up")
+                    && s.nodes.iter().filter(|n| n.role == "master").count() == 1
+                    && s.nodes.iter().filter(|n| n.role == "replica").all(|n| n.link == "up")
+                    && s.monitor.nodes.iter().all(|m| m.master == s.master_addr)
+            })
+            .await;
+        let ports: Vec<u16> = status
+            .monitor
+            .nodes
+            .iter()
+            .map(|m| m.addr.rsplit_once(':').expect("addr").1.parse().expect("port"))
+            .collect();
+        for port in &ports {
+            sentinel_knows_replicas(*port, name, 2).await;
+        }
+        let master = status.master.clone().expect("master");
+        let node = status.nodes.iter().find(|n| n.pod == master).expect("node");
+        let sample = measure(
+            Discovery::Sentinel(ports, name.into()),
+            &instance.password(),
+            &node.addr,
+            node.valkey_pid.expect("pid"),
+        )
+        .await;
+        eprintln!("ours sentinel run {run}: {:?}", sample.failover);
+        samples.push(sample);
+    }
+    samples
+}
+
 async fn sentinel(runs: usize, down_after_ms: u64) -> Vec<Sample> {
     let mut samples = Vec::new();
     for run in 0..runs {
@@ -258,7 +322,7 @@ async fn sentinel(runs: usize, down_after_ms: u64) -> Vec<Sample> {
         }
         let pid = master.proc().pid().as_raw() as u32;
         let sample = measure(
-            Discovery::Sentinel(sentinels.iter().map(|s| s.port).collect()),
+            Discovery::Sentinel(sentinels.iter().map(|s| s.port).collect(), "bench".into()),
             PASSWORD,
             &master.addr(),
             pid,
@@ -298,6 +362,7 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let ours = ours(runs).await;
+    let ours_sentinel = ours_sentinel(runs).await;
     let sentinel_1000 = sentinel(runs, 1000).await;
     println!(
         "kill -9 of the master -> first acknowledged write on the new master ({runs} runs each)\n"
@@ -305,6 +370,10 @@ async fn main() {
     println!("| setup | runs | median ms | p90 ms | max ms | lost SET acks | lost WAIT 1 acks |");
     println!("|---|---|---|---|---|---|---|");
     println!("{}", row("ours, policy manual (local runtime)", &ours));
+    println!(
+        "{}",
+        row("ours, policy sentinel, down-after-milliseconds 30000 (seed example)", &ours_sentinel)
+    );
     println!(
         "{}",
         row(
@@ -315,6 +384,7 @@ async fn main() {
     let csv: String = ours
         .iter()
         .map(|s| ("ours-manual", s))
+        .chain(ours_sentinel.iter().map(|s| ("ours-sentinel-30000", s)))
         .chain(sentinel_1000.iter().map(|s| ("sentinel-1000", s)))
         .map(|(name, s)| {
             format!(
