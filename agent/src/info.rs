@@ -140,6 +140,7 @@ fn peer(map: &HashMap<String, String>) -> SentinelPeer {
         run_id: map.get("runid").cloned().unwrap_or_default(),
         offset: field(map, "slave-repl-offset"),
         master_link_up: map.get("master-link-status").map(String::as_str) == Some("ok"),
+        priority: field(map, "slave-priority"),
     }
 }
 
@@ -247,6 +248,7 @@ mod tests {
             ("master-link-status", "ok"),
             ("slave-repl-offset", "99"),
             ("runid", "r"),
+            ("slave-priority", "7"),
         ]);
         let state = sentinel_master(&master, &[replica], &[]);
         assert_eq!(state.flags, ["master", "s_down"]);
@@ -254,7 +256,10 @@ mod tests {
             (state.config_epoch, state.quorum, state.down_after_ms),
             (3, 2, 30000)
         );
-        assert_eq!(state.replicas[0].offset, 99);
+        assert_eq!(
+            (state.replicas[0].offset, state.replicas[0].priority),
+            (99, 7)
+        );
         assert!(state.replicas[0].master_link_up);
     }
 }

@@ -264,12 +264,21 @@ pub fn alive(pid: u32) -> bool {
 /// The written keys (w<n>) missing on the node at `addr`.
 pub async fn missing_on(instance: &LocalInstance, addr: &str, keys: &BTreeSet<u64>) -> Vec<u64> {
     let mut conn = instance.conn(addr).await;
+    let keys: Vec<u64> = keys.iter().copied().collect();
     let mut missing = Vec::new();
-    for k in keys {
-        let exists: bool = conn.exists(format!("w{k}")).await.expect("EXISTS");
-        if !exists {
-            missing.push(*k);
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.exists(format!("w{k}"));
         }
+        let exists: Vec<bool> = pipe.query_async(&mut conn).await.expect("EXISTS");
+        missing.extend(
+            chunk
+                .iter()
+                .zip(exists)
+                .filter(|(_, e)| !e)
+                .map(|(k, _)| *k),
+        );
     }
     missing
 }

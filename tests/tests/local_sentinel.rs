@@ -141,7 +141,8 @@ async fn a_planned_switchover_through_sentinel_loses_no_acknowledged_write() {
     writer.wait_more(300).await;
     switchover_when_ready(&instance, &target).await;
     instance
-        .wait_status("the target as master", T, |s| {
+        // Sentinel reads replica priorities every 10 s: steering it can take that long.
+        .wait_status("the target as master", 2 * T, |s| {
             s.master.as_deref() == Some(target.as_str())
         })
         .await;
@@ -233,4 +234,67 @@ async fn a_restarted_sentinel_comes_back_knowing_the_master() {
         .await;
     assert_eq!(after.master, status.master);
     assert_eq!(after.epoch, status.epoch, "no failover");
+}
+
+#[tokio::test]
+async fn an_external_sentinel_set_is_shared_by_two_instances() {
+    let sentinels: Vec<valkey_e2e::procs::Sentinel> = (0..3)
+        .map(|_| valkey_e2e::procs::Sentinel::start())
+        .collect();
+    let nodes: String = sentinels
+        .iter()
+        .map(|s| format!("        - ip: 127.0.0.1\n          port: {}\n", s.port))
+        .collect();
+    let manifest = |name: &str| {
+        format!(
+            "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata:\n  name: {name}\n  namespace: shared\nspec:\n  replicas: 2\n  sentinel:\n    quorum: 2\n    monitorConfig:\n      down-after-milliseconds: \"5000\"\n    sentinelReference:\n      nodes:\n{nodes}"
+        )
+    };
+    let a = LocalInstance::up(&manifest("a"));
+    let b = LocalInstance::up(&manifest("b"));
+    let agree = |s: &Status| {
+        s.monitor.nodes.len() == 3
+            && s.monitor
+                .nodes
+                .iter()
+                .all(|n| n.connected && n.master.is_some() && n.master == s.master_addr)
+    };
+    let sa = a
+        .wait_status("instance a monitored by every sentinel", T, agree)
+        .await;
+    let sb = b
+        .wait_status("instance b monitored by every sentinel", T, agree)
+        .await;
+    assert_eq!(sa.monitor.name.as_deref(), Some("shared.a"));
+    assert_eq!(sb.monitor.name.as_deref(), Some("shared.b"));
+    assert_ne!(sa.master_addr, sb.master_addr);
+    // One sentinel, both monitors, each with its own master and settings.
+    let client = sentinels[0].client();
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("sentinel");
+    let masters: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
+        .arg("MASTERS")
+        .query_async(&mut conn)
+        .await
+        .expect("MASTERS");
+    let by_name: HashMap<&str, &HashMap<String, String>> =
+        masters.iter().map(|m| (m["name"].as_str(), m)).collect();
+    for status in [&sa, &sb] {
+        let name = status.monitor.name.as_deref().expect("name");
+        let m = by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not monitored: {masters:?}"));
+        assert_eq!(
+            Some(format!("{}:{}", m["ip"], m["port"])),
+            status.master_addr
+        );
+        assert_eq!(
+            (m["quorum"].as_str(), m["down-after-milliseconds"].as_str()),
+            ("2", "5000")
+        );
+    }
+    a.wait_healthy(2, T).await;
+    b.wait_healthy(2, T).await;
 }

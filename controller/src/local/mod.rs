@@ -229,8 +229,12 @@ struct Runtime {
     probe_interval_ms: u64,
     procs: BTreeMap<String, NodeProcs>,
     last_notes: Vec<String>,
-    /// Policy sentinel: how Sentinel watches this instance, and its binary.
-    sentinel: Option<(SentinelDesired, PathBuf)>,
+    /// Policy sentinel: how Sentinel watches this instance.
+    sentinel: Option<SentinelDesired>,
+    /// valkey-sentinel, for embedded sentinels.
+    sentinel_bin: Option<PathBuf>,
+    /// An external Sentinel set: (pod name given to its in-process agent, host, port).
+    external: Vec<(String, String, u16)>,
 }
 
 impl Runtime {
@@ -297,8 +301,8 @@ impl Runtime {
         ports: NodePorts,
         sentinel: bool,
     ) -> Result<NodeProcs, LocalError> {
-        let (what, program, conf) = match (&self.sentinel, sentinel) {
-            (Some((_, bin)), true) => (
+        let (what, program, conf) = match (&self.sentinel_bin, sentinel) {
+            (Some(bin), true) => (
                 "valkey-sentinel",
                 bin.clone(),
                 self.write_sentinel_config(pod, ports)?,
@@ -368,7 +372,7 @@ impl Runtime {
             .state
             .sentinels
             .iter()
-            .filter(|_| self.sentinel.is_some())
+            .filter(|_| self.sentinel_bin.is_some())
             .map(|(pod, ports)| (pod.clone(), *ports, true));
         data.chain(sentinels).collect()
     }
@@ -445,8 +449,12 @@ impl Runtime {
             &self.dir,
             &pids,
         );
-        if let Some((sd, _)) = &self.sentinel {
+        if let Some(sd) = &self.sentinel {
             let observed = hub.observe_kind(&self.key, NodeKind::Sentinel);
+            let external = self
+                .external
+                .iter()
+                .map(|(pod, host, port)| (pod.clone(), format!("{host}:{port}")));
             status.monitor = control::MonitorStatus {
                 policy: "sentinel".into(),
                 name: Some(sd.name.clone()),
@@ -455,19 +463,21 @@ impl Runtime {
                     .state
                     .sentinels
                     .iter()
-                    .map(|(pod, ports)| {
-                        let obs = observed.get(pod);
+                    .map(|(pod, ports)| (pod.clone(), format!("127.0.0.1:{}", ports.valkey)))
+                    .chain(external)
+                    .map(|(pod, addr)| {
+                        let obs = observed.get(&pod);
                         let master = obs
                             .and_then(|o| o.report.as_ref()?.sentinel.as_ref())
                             .and_then(|s| s.masters.iter().find(|m| m.name == sd.name));
                         control::SentinelNodeStatus {
-                            pod: pod.clone(),
-                            addr: format!("127.0.0.1:{}", ports.valkey),
+                            sentinel_pid: self.procs.get(&pod).and_then(|p| p.valkey.pid()),
+                            pod,
+                            addr,
                             connected: obs.is_some_and(|o| o.connected),
                             master: master.map(|m| format!("{}:{}", m.host, m.port)),
                             config_epoch: master.map(|m| m.config_epoch),
                             flags: master.map(|m| m.flags.clone()).unwrap_or_default(),
-                            sentinel_pid: self.procs.get(pod).and_then(|p| p.valkey.pid()),
                         }
                     })
                     .collect(),
@@ -499,23 +509,36 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         namespace: manifest.namespace().to_owned(),
         name: manifest.metadata.name.clone(),
     };
-    if manifest
+    // An external Sentinel set gets no processes of ours: an agent for each of its sentinels
+    // runs inside the controller instead.
+    let external: Vec<(String, String, u16)> = manifest
         .spec
         .sentinel
         .as_ref()
-        .is_some_and(|s| s.sentinel_reference.is_some())
-    {
-        return Err(LocalError::Manifest(ManifestError::Invalid {
-            field: "spec.sentinel.sentinelReference".into(),
-            message: "an external Sentinel set is not supported by the local runtime yet".into(),
-        }));
-    }
+        .and_then(|s| s.sentinel_reference.as_ref())
+        .map(|reference| {
+            reference
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        format!("{}-external-sentinel-{i}", key.name),
+                        n.ip.clone(),
+                        n.port,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let sentinel_bin = match &manifest.spec.sentinel {
-        Some(_) => Some(which("valkey-sentinel").ok_or(LocalError::MissingBinary {
-            name: "valkey-sentinel".into(),
-            flag: "path",
-        })?),
-        None => None,
+        Some(s) if s.sentinel_reference.is_none() => {
+            Some(which("valkey-sentinel").ok_or(LocalError::MissingBinary {
+                name: "valkey-sentinel".into(),
+                flag: "path",
+            })?)
+        }
+        _ => None,
     };
     let valkey_bin = which("valkey-server").ok_or(LocalError::MissingBinary {
         name: "valkey-server".into(),
@@ -553,7 +576,12 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
     }
 
     let replicas = manifest.spec.replicas as u32;
-    if let Some(settings) = &manifest.spec.sentinel {
+    if let Some(settings) = manifest
+        .spec
+        .sentinel
+        .as_ref()
+        .filter(|s| s.sentinel_reference.is_none())
+    {
         for ordinal in 0..settings.count() {
             let pod = format!("{}-sentinel-{ordinal}", key.name);
             if let std::collections::btree_map::Entry::Vacant(entry) = state.sentinels.entry(pod) {
@@ -616,27 +644,29 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         procs: BTreeMap::new(),
         last_notes: Vec::new(),
         sentinel: None,
+        sentinel_bin: None,
+        external: Vec::new(),
         dir,
     };
     let runtime = Runtime {
-        sentinel: match (&runtime.manifest.spec.sentinel, sentinel_bin) {
-            (Some(settings), Some(bin)) => Some((
-                SentinelDesired {
-                    name: format!("{}.{}", runtime.key.namespace, runtime.key.name),
-                    quorum: settings.quorum(),
-                    monitor_config: settings.monitor_config(),
-                    auth_pass: secret_file(&runtime.password_file)?,
-                    sentinel_addrs: runtime
-                        .state
-                        .sentinels
-                        .values()
-                        .map(|p| ("127.0.0.1".to_owned(), u32::from(p.valkey)))
-                        .collect(),
-                },
-                bin,
-            )),
-            _ => None,
+        sentinel: match &runtime.manifest.spec.sentinel {
+            Some(settings) => Some(SentinelDesired {
+                name: format!("{}.{}", runtime.key.namespace, runtime.key.name),
+                quorum: settings.quorum(),
+                monitor_config: settings.monitor_config(),
+                auth_pass: secret_file(&runtime.password_file)?,
+                sentinel_addrs: runtime
+                    .state
+                    .sentinels
+                    .values()
+                    .map(|p| ("127.0.0.1".to_owned(), u32::from(p.valkey)))
+                    .chain(external.iter().map(|(_, h, p)| (h.clone(), u32::from(*p))))
+                    .collect(),
+            }),
+            None => None,
         },
+        sentinel_bin,
+        external,
         ..runtime
     };
     for (pod, ports, _) in runtime.wanted_pods() {
@@ -692,7 +722,7 @@ pub async fn up(
 ) -> Result<(), LocalError> {
     let mut runtime = prepare(&options)?;
     let token = secret_file(&runtime.token_file)?;
-    let (hub, mut hub_events) = Hub::new(StaticToken(token), Duration::from_millis(500));
+    let (hub, mut hub_events) = Hub::new(StaticToken(token.clone()), Duration::from_millis(500));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
@@ -706,6 +736,7 @@ pub async fn up(
     let control_listener = control::bind(&runtime.dir)?;
 
     runtime.start_missing()?;
+    let (external_stop, external_tasks) = start_external_agents(&runtime, &token);
     info!(
         instance = %format_args!("{}/{}", runtime.key.namespace, runtime.key.name),
         dir = %runtime.dir.display(),
@@ -767,6 +798,10 @@ pub async fn up(
         }
     }
     info!("stopping every process");
+    let _ = external_stop.send(true);
+    for task in external_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
     runtime.shutdown();
     server_task.abort();
     control::unbind(&runtime.dir);
@@ -782,7 +817,7 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
         None => core::decide(&runtime.desired, &runtime.state.durable, &observed, now_ms),
         // A Sentinel switchover runs its own steps; the core waits for them.
         Some(_) if observed.switchover_in_flight => core::Plan::default(),
-        Some((sd, _)) => {
+        Some(sd) => {
             let sentinels = hub.observe_kind(&runtime.key, NodeKind::Sentinel);
             crate::sentinel::decide(
                 &runtime.desired,
@@ -919,7 +954,7 @@ fn start_switchover(
     if !target_ok {
         return Err(format!("{to} is not an in-sync replica right now"));
     }
-    if let Some((sd, _)) = &runtime.sentinel {
+    if let Some(sd) = &runtime.sentinel {
         return sentinel_switchover(runtime, hub, flight, sd.name.clone(), from, target);
     }
     let epoch = runtime.state.durable.epoch + 1;
@@ -1010,6 +1045,7 @@ fn sentinel_switchover(
         .map(|n| n.name.clone())
         .collect();
     let epoch = runtime.state.durable.epoch;
+    let nodes = runtime.desired.nodes.clone();
     flight.switchover.store(true, Ordering::SeqCst);
     let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
     let to = target.name.clone();
@@ -1045,6 +1081,41 @@ fn sentinel_switchover(
             for pod in &replicas {
                 let value = if *pod == to { "1" } else { "0" };
                 send(pod.clone(), priority(value)).await?;
+            }
+            // Sentinel picks by the priorities it last read from INFO (every 10 s): wait until
+            // it has seen the new ones, so that it promotes the target and no other.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let addr_of = |pod: &str| {
+                nodes
+                    .iter()
+                    .find(|n| n.name == pod)
+                    .map(|n| (n.host.clone(), u32::from(n.port)))
+            };
+            loop {
+                let seen = hub
+                    .observe_kind(&key, NodeKind::Sentinel)
+                    .get(&sentinel_pod)
+                    .and_then(|o| o.report.as_ref()?.sentinel.clone())
+                    .and_then(|s| s.masters.into_iter().find(|m| m.name == monitor));
+                let steered = seen.is_some_and(|m| {
+                    replicas.iter().all(|pod| {
+                        let want = if *pod == to { 1 } else { 0 };
+                        addr_of(pod).is_some_and(|(host, port)| {
+                            m.replicas
+                                .iter()
+                                .any(|r| r.host == host && r.port == port && r.priority == want)
+                        })
+                    })
+                });
+                if steered {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(
+                        "Sentinel did not see the new replica priorities within 20 s".into(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             send(
                 from.clone(),
@@ -1109,4 +1180,58 @@ fn sentinel_switchover(
         flight.switchover.store(false, Ordering::SeqCst);
     });
     Ok(message)
+}
+
+/// Runs an agent, in this process, for each sentinel of an external set (which has no agents
+/// of its own), so that the hub and the Sentinel core treat it like an embedded one.
+fn start_external_agents(
+    runtime: &Runtime,
+    token: &str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks = runtime
+        .external
+        .iter()
+        .map(|(pod, host, port)| {
+            let config = valkey_agent::Config {
+                mode: valkey_agent::config::Mode::Sentinel,
+                valkey_host: host.clone(),
+                valkey_port: *port,
+                valkey_username: None,
+                valkey_password: None,
+                controller: Some(valkey_agent::config::ControllerConfig {
+                    addr: format!("http://{}", runtime.hub_addr),
+                    token: valkey_agent::config::TokenSource::Inline(token.to_owned()),
+                    reconnect_max: Duration::from_secs(1),
+                }),
+                namespace: runtime.key.namespace.clone(),
+                failover: runtime.key.name.clone(),
+                pod_name: pod.clone(),
+                announce_host: host.clone(),
+                announce_port: *port,
+                data_dir: runtime.dir.join("external").join(pod),
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                metrics_listen: None,
+                probe_interval: Duration::from_millis(runtime.probe_interval_ms),
+                probe_timeout: Duration::from_secs(1),
+                heartbeat_interval: Duration::from_secs(1),
+                command_deadline: Duration::from_secs(10),
+                shutdown_switchover_timeout: Duration::ZERO,
+            };
+            let mut stopped = stopped.clone();
+            let pod = pod.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                if let Err(err) = valkey_agent::run(config, shutdown).await {
+                    warn!(pod = %pod, error = %err, "the agent for an external sentinel stopped");
+                }
+            })
+        })
+        .collect();
+    (stop, tasks)
 }

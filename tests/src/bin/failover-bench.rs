@@ -238,7 +238,10 @@ async fn sentinel_knows_replicas(port: u16, name: &str, n: usize) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "sentinel did not learn its replicas");
+        assert!(
+            Instant::now() < deadline,
+            "sentinel did not learn its replicas"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -250,18 +253,32 @@ async fn ours_sentinel(runs: usize) -> Vec<Sample> {
     let mut samples = Vec::new();
     for run in 0..runs {
         let status = instance
-            .wait_status("a master every sentinel names", Duration::from_secs(60), |s| {
-                s.nodes.iter().all(|n| n.connected && n.process == "up")
-                    && s.nodes.iter().filter(|n| n.role == "master").count() == 1
-                    && s.nodes.iter().filter(|n| n.role == "replica").all(|n| n.link == "up")
-                    && s.monitor.nodes.iter().all(|m| m.master == s.master_addr)
-            })
+            .wait_status(
+                "a master every sentinel names",
+                Duration::from_secs(60),
+                |s| {
+                    s.nodes.iter().all(|n| n.connected && n.process == "up")
+                        && s.nodes.iter().filter(|n| n.role == "master").count() == 1
+                        && s.nodes
+                            .iter()
+                            .filter(|n| n.role == "replica")
+                            .all(|n| n.link == "up")
+                        && s.monitor.nodes.iter().all(|m| m.master == s.master_addr)
+                },
+            )
             .await;
         let ports: Vec<u16> = status
             .monitor
             .nodes
             .iter()
-            .map(|m| m.addr.rsplit_once(':').expect("addr").1.parse().expect("port"))
+            .map(|m| {
+                m.addr
+                    .rsplit_once(':')
+                    .expect("addr")
+                    .1
+                    .parse()
+                    .expect("port")
+            })
             .collect();
         for port in &ports {
             sentinel_knows_replicas(*port, name, 2).await;
@@ -372,7 +389,10 @@ async fn main() {
     println!("{}", row("ours, policy manual (local runtime)", &ours));
     println!(
         "{}",
-        row("ours, policy sentinel, down-after-milliseconds 30000 (seed example)", &ours_sentinel)
+        row(
+            "ours, policy sentinel, down-after-milliseconds 30000 (seed example)",
+            &ours_sentinel
+        )
     );
     println!(
         "{}",
