@@ -298,3 +298,58 @@ async fn an_external_sentinel_set_is_shared_by_two_instances() {
     a.wait_healthy(2, T).await;
     b.wait_healthy(2, T).await;
 }
+
+#[tokio::test]
+async fn a_sentinel_back_on_a_new_port_is_found_and_the_old_address_forgotten() {
+    let (mut instance, status) = up_and_ready().await;
+    let moved = status.monitor.nodes[0].clone();
+    let witness = status.monitor.nodes[1].addr.clone();
+    // Every sentinel has met the one that will move.
+    wait_for("the sentinels to know each other", T, || async {
+        (sentinel_master_info(&witness)
+            .await
+            .get("num-other-sentinels")
+            .map(String::as_str)
+            == Some("2"))
+        .then_some(())
+    })
+    .await;
+    instance.stop().await;
+    let state_path = instance.dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).expect("state")).expect("json");
+    let new_port = valkey_e2e::free_port();
+    state["sentinels"][&moved.pod]["valkey"] = new_port.into();
+    std::fs::write(&state_path, serde_json::to_string(&state).expect("json")).expect("write state");
+    instance.start();
+
+    let old_port = moved.addr.rsplit_once(':').expect("addr").1.to_owned();
+    let healed = wait_for(
+        "the old sentinel address to be forgotten",
+        2 * T,
+        || async {
+            let status = instance.try_status().await?;
+            if !sentinels_agree(&status)
+                || status.monitor.nodes[0].addr != format!("127.0.0.1:{new_port}")
+            {
+                return None;
+            }
+            let client = redis::Client::open(format!("redis://{witness}/")).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let peers: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
+                .arg("SENTINELS")
+                .arg(MONITOR)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let ports: Vec<&str> = peers
+                .iter()
+                .filter_map(|p| p.get("port").map(String::as_str))
+                .collect();
+            (ports.contains(&new_port.to_string().as_str()) && !ports.contains(&old_port.as_str()))
+                .then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(healed.master, status.master, "no failover");
+}

@@ -276,7 +276,18 @@ impl Runtime {
         let node_dir = self.node_dir(pod);
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let path = node_dir.join("sentinel.conf");
-        if path.exists() {
+        if let Ok(existing) = std::fs::read_to_string(&path) {
+            // Keep what Sentinel learned; only its port follows the stored one.
+            let conf: String = existing
+                .lines()
+                .map(|line| match line.split_whitespace().next() {
+                    Some("port") => format!("port {}\n", ports.valkey),
+                    _ => format!("{line}\n"),
+                })
+                .collect();
+            if conf != existing {
+                write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
+            }
             return Ok(path);
         }
         let mut conf = format!(
