@@ -436,4 +436,4 @@ pub(crate) fn converge(desired: &Desired, observed: &Observed, master: &NodeSpec
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -88,21 +88,6 @@ fn find_dir(dir: Option<PathBuf>) -> Result<PathBuf, String> {
     }
 }
 
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -140,7 +125,7 @@ fn main() -> ExitCode {
                         hang_timeout: Duration::from_millis(hang_timeout_ms),
                         probe_interval_ms,
                     },
-                    termination(),
+                    valkey_agent::termination(),
                 )
                 .await
                 .map_err(|e| e.to_string()),

@@ -79,15 +79,28 @@ fn failover_in_progress(views: &[SentinelView]) -> bool {
     })
 }
 
-fn monitor(sd: &SentinelDesired, master: &NodeSpec) -> Action {
-    Action::SentinelMonitor(SentinelMonitor {
-        name: sd.name.clone(),
-        host: master.host.clone(),
-        port: u32::from(master.port),
-        quorum: sd.quorum,
-        auth_user: String::new(),
-        auth_pass: sd.auth_pass.clone(),
-    })
+/// SENTINEL MONITOR (with auth) and the monitorConfig, for one sentinel.
+fn monitor(sd: &SentinelDesired, master: &NodeSpec, pod: &str) -> [(String, Action); 2] {
+    [
+        (
+            pod.to_owned(),
+            Action::SentinelMonitor(SentinelMonitor {
+                name: sd.name.clone(),
+                host: master.host.clone(),
+                port: u32::from(master.port),
+                quorum: sd.quorum,
+                auth_user: String::new(),
+                auth_pass: sd.auth_pass.clone(),
+            }),
+        ),
+        (
+            pod.to_owned(),
+            Action::SentinelSet(SentinelSet {
+                name: sd.name.clone(),
+                params: sd.monitor_config.clone().into_iter().collect(),
+            }),
+        ),
+    ]
 }
 
 /// Decides what to do now under policy sentinel.
@@ -114,15 +127,7 @@ pub fn decide(
                 .is_some_and(|o| is_up(o) && role(o) == Role::Master)
         {
             for view in &views {
-                plan.commands
-                    .push((view.pod.to_owned(), monitor(sd, master)));
-                plan.commands.push((
-                    view.pod.to_owned(),
-                    Action::SentinelSet(SentinelSet {
-                        name: sd.name.clone(),
-                        params: sd.monitor_config.clone().into_iter().collect(),
-                    }),
-                ));
+                plan.commands.extend(monitor(sd, master, view.pod));
             }
         }
         return plan;
@@ -163,15 +168,7 @@ pub fn decide(
     for view in &views {
         match view.master {
             None => {
-                plan.commands
-                    .push((view.pod.to_owned(), monitor(sd, master)));
-                plan.commands.push((
-                    view.pod.to_owned(),
-                    Action::SentinelSet(SentinelSet {
-                        name: sd.name.clone(),
-                        params: sd.monitor_config.clone().into_iter().collect(),
-                    }),
-                ));
+                plan.commands.extend(monitor(sd, master, view.pod));
             }
             Some(m) => {
                 // Stale entries (a sentinel or replica that moved or left) are only dropped by
@@ -295,20 +292,7 @@ mod tests {
     use super::*;
 
     fn desired() -> Desired {
-        Desired {
-            nodes: (0..3)
-                .map(|i| NodeSpec {
-                    name: format!("n{i}"),
-                    ordinal: i,
-                    host: "127.0.0.1".into(),
-                    port: 7000 + i as u16,
-                    retiring: false,
-                })
-                .collect(),
-            hang_timeout_ms: 3000,
-            replica_silence_s: 3,
-            live_config: BTreeMap::new(),
-        }
+        crate::core::tests::desired(3)
     }
 
     fn sd() -> SentinelDesired {

@@ -47,6 +47,22 @@ async fn sentinel_master_info(addr: &str) -> HashMap<String, String> {
         .expect("SENTINEL MASTER")
 }
 
+/// Sentinel must know the replicas (it reads them from the master every 10 s) before it can
+/// promote one.
+async fn sentinels_know_both_replicas(status: &Status) {
+    for sentinel in &status.monitor.nodes {
+        wait_for("the sentinel to know both replicas", T, || async {
+            (sentinel_master_info(&sentinel.addr)
+                .await
+                .get("num-slaves")
+                .map(String::as_str)
+                == Some("2"))
+            .then_some(())
+        })
+        .await;
+    }
+}
+
 async fn up_and_ready() -> (LocalInstance, Status) {
     let instance = LocalInstance::up(SEED);
     instance.wait_healthy(3, T).await;
@@ -86,18 +102,7 @@ async fn a_killed_master_is_failed_over_at_once_despite_down_after_30s() {
     let (instance, status) = up_and_ready().await;
     let (old, addr, pid) = master_of(&status);
     let keys = write_n(&instance, &addr, 50, 2).await;
-    // Sentinel must know the replicas before it can promote one.
-    for sentinel in &status.monitor.nodes {
-        wait_for("the sentinel to know both replicas", T, || async {
-            (sentinel_master_info(&sentinel.addr)
-                .await
-                .get("num-slaves")
-                .map(String::as_str)
-                == Some("2"))
-            .then_some(())
-        })
-        .await;
-    }
+    sentinels_know_both_replicas(&status).await;
 
     let killed = Instant::now();
     signal(pid, Signal::SIGKILL);
@@ -173,17 +178,7 @@ async fn a_hung_master_is_left_to_sentinels_own_timing() {
         .wait_status("every sentinel to name the master", T, sentinels_agree)
         .await;
     let (old, _, pid) = master_of(&status);
-    for sentinel in &status.monitor.nodes {
-        wait_for("the sentinel to know both replicas", T, || async {
-            (sentinel_master_info(&sentinel.addr)
-                .await
-                .get("num-slaves")
-                .map(String::as_str)
-                == Some("2"))
-            .then_some(())
-        })
-        .await;
-    }
+    sentinels_know_both_replicas(&status).await;
     let stopped = Instant::now();
     signal(pid, Signal::SIGSTOP);
     let after = instance

@@ -5,7 +5,7 @@ use valkey_proto::v1::DataState;
 
 use super::*;
 
-fn desired(n: u32) -> Desired {
+pub(crate) fn desired(n: u32) -> Desired {
     Desired {
         nodes: (0..n)
             .map(|i| NodeSpec {
