@@ -2,6 +2,7 @@
 //! runtime that wires them to real processes without a cluster.
 
 pub mod core;
+pub mod crd;
 pub mod hub;
 pub mod local;
 pub mod manifest;

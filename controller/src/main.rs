@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print the Failover CustomResourceDefinition (YAML), as deploy/crd.yaml holds it.
+    Crd,
     /// Run a Failover locally, without a cluster.
     Local {
         #[command(subcommand)]
@@ -112,6 +114,11 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = runtime.block_on(async {
         match cli.command {
+            Command::Crd => {
+                let yaml = valkey_controller::crd::crd_yaml().map_err(|e| e.to_string())?;
+                print!("{yaml}");
+                Ok(())
+            }
             Command::Local { command } => match command {
                 LocalCommand::Up {
                     file,
