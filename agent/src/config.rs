@@ -213,6 +213,8 @@ pub struct Config {
     pub valkey_port: u16,
     pub valkey_username: Option<String>,
     pub valkey_password: Option<String>,
+    /// Where the password came from: re-read when Valkey refuses it (a rotation).
+    pub valkey_password_file: Option<PathBuf>,
     pub controller: Option<ControllerConfig>,
     pub namespace: String,
     pub failover: String,
@@ -337,6 +339,7 @@ impl Args {
             valkey_port,
             valkey_username: self.valkey_username,
             valkey_password,
+            valkey_password_file: self.valkey_password_file,
             controller,
             namespace: self.namespace,
             failover: self.failover,

@@ -70,6 +70,29 @@ pub struct Local {
     client: Client,
     conn: Option<MultiplexedConnection>,
     timeout: Duration,
+    addr: (String, u16),
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<std::path::PathBuf>,
+}
+
+fn client(
+    addr: &(String, u16),
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<Client, LocalError> {
+    let mut redis = RedisConnectionInfo::default().set_skip_set_lib_name();
+    if let Some(user) = username {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = password {
+        redis = redis.set_password(password);
+    }
+    let info: ConnectionInfo = ConnectionAddr::Tcp(addr.0.clone(), addr.1)
+        .into_connection_info()
+        .map_err(|e| LocalError::Reply(e.to_string()))?
+        .set_redis_settings(redis);
+    Client::open(info).map_err(|e| LocalError::Reply(e.to_string()))
 }
 
 impl std::fmt::Debug for Local {
@@ -83,24 +106,45 @@ impl std::fmt::Debug for Local {
 
 impl Local {
     pub fn new(config: &Config, timeout: Duration) -> Result<Self, LocalError> {
-        let mut redis = RedisConnectionInfo::default().set_skip_set_lib_name();
-        if let Some(user) = &config.valkey_username {
-            redis = redis.set_username(user);
-        }
-        if let Some(password) = &config.valkey_password {
-            redis = redis.set_password(password);
-        }
-        let info: ConnectionInfo =
-            ConnectionAddr::Tcp(config.valkey_host.clone(), config.valkey_port)
-                .into_connection_info()
-                .map_err(|e| LocalError::Reply(e.to_string()))?
-                .set_redis_settings(redis);
-        let client = Client::open(info).map_err(|e| LocalError::Reply(e.to_string()))?;
+        let addr = (config.valkey_host.clone(), config.valkey_port);
+        let client = client(
+            &addr,
+            config.valkey_username.as_deref(),
+            config.valkey_password.as_deref(),
+        )?;
         Ok(Self {
             client,
             conn: None,
             timeout,
+            addr,
+            username: config.valkey_username.clone(),
+            password: config.valkey_password.clone(),
+            password_file: config.valkey_password_file.clone(),
         })
+    }
+
+    /// After Valkey refused our password: re-reads the password file, and when it holds a
+    /// new password (a rotation), uses it from now on. True when it changed.
+    fn reload_password(&mut self) -> bool {
+        let Some(file) = &self.password_file else {
+            return false;
+        };
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return false;
+        };
+        let password = text.trim_end_matches(['\r', '\n']).to_owned();
+        if password.is_empty() || Some(&password) == self.password.as_ref() {
+            return false;
+        }
+        match client(&self.addr, self.username.as_deref(), Some(&password)) {
+            Ok(client) => {
+                tracing::info!("the Valkey password file changed; using the new password");
+                self.client = client;
+                self.password = Some(password);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     pub fn timeout(&self) -> Duration {
@@ -113,6 +157,13 @@ impl Local {
     }
 
     async fn connection(&mut self) -> Result<MultiplexedConnection, LocalError> {
+        match self.connect().await {
+            Err(LocalError::Auth(_)) if self.reload_password() => self.connect().await,
+            other => other,
+        }
+    }
+
+    async fn connect(&mut self) -> Result<MultiplexedConnection, LocalError> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }

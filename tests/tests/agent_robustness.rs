@@ -334,3 +334,42 @@ async fn sigterm_on_a_master_asks_for_a_switchover_and_waits_for_it() {
     assert!(!asked);
     assert!(agent_b.proc_mut().exited().is_none());
 }
+
+#[tokio::test]
+async fn a_rotated_password_is_picked_up_from_the_password_file() {
+    let mut hub = TestHub::start("t0ken").await;
+    let a = Valkey::start("a");
+    let agent = Agent::start(AgentOpts::for_valkey(&a, Some(hub.url())));
+    hub.wait_report("a", T, |r| r.process() == ProcessState::Up)
+        .await;
+
+    // The password changes on the server; the agent's connections are cut.
+    let mut conn = a.conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("rotated-pw-2")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(0);
+    // Until the file changes, the agent says its credentials are refused (and stays live).
+    let report = hub
+        .wait_report("a", T, |r| r.process() == ProcessState::AuthFailed)
+        .await;
+    assert!(report.health.expect("health").live);
+    std::fs::write(a.password_file(), "rotated-pw-2\n").expect("rotate the file");
+    hub.wait_report("a", T, |r| r.process() == ProcessState::Up)
+        .await;
+    assert!(agent.log_text().contains("password file changed"));
+    assert!(
+        !agent.log_text().contains("rotated-pw-2"),
+        "the password must never be logged"
+    );
+}

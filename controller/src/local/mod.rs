@@ -1213,6 +1213,7 @@ fn start_external_agents(
                 valkey_port: *port,
                 valkey_username: None,
                 valkey_password: None,
+                valkey_password_file: None,
                 controller: Some(valkey_agent::config::ControllerConfig {
                     addr: format!("http://{}", runtime.hub_addr),
                     token: valkey_agent::config::TokenSource::Inline(token.to_owned()),
