@@ -55,6 +55,12 @@ enum LocalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Rotate the instance's password (both work until every node and sentinel has the new one).
+    RotatePassword {
+        /// The instance's working dir.
+        #[arg(long, env = "VALKEY_LOCAL_DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Ask a running `local up` for a planned, lossless switchover.
     Switchover {
         /// The instance's working dir.
@@ -149,6 +155,16 @@ fn main() -> ExitCode {
                         print!("{}", control::render(&status));
                     }
                     Ok(())
+                }
+                LocalCommand::RotatePassword { dir } => {
+                    let dir = find_dir(dir)?;
+                    let reply = control::request(&dir, &control::Request::RotatePassword).await?;
+                    if reply.ok {
+                        println!("{}", reply.message);
+                        Ok(())
+                    } else {
+                        Err(reply.message)
+                    }
                 }
                 LocalCommand::Switchover { dir, to } => {
                     let dir = find_dir(dir)?;

@@ -310,3 +310,68 @@ async fn a_single_node_instance_comes_back_with_its_data_after_a_crash() {
     );
     assert_eq!(missing_on(&instance, &addr, &keys).await, Vec::<u64>::new());
 }
+
+#[tokio::test]
+async fn a_password_rotation_keeps_replication_and_restarted_nodes_working() {
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (_, addr, _) = master_of(&before);
+    let keys = write_n(&instance, &addr, 20, 2).await;
+    let old = instance.password();
+
+    let reply = valkey_controller::local::control::request(
+        &instance.dir,
+        &valkey_controller::local::control::Request::RotatePassword,
+    )
+    .await
+    .expect("rotate");
+    assert!(reply.ok, "{}", reply.message);
+    instance
+        .wait_status("the rotation to finish", T, |s| {
+            s.monitor.old_password_secret.is_none() && instance.password() != old
+        })
+        .await;
+    let new = instance.password();
+    let refused = redis::Client::open(format!("redis://:{old}@{addr}/"))
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await;
+    assert!(
+        refused.is_err(),
+        "the old password still works after the rotation"
+    );
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut instance.conn(&addr).await)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    assert_ne!(new, old);
+
+    // A replica restarted after the rotation authenticates to the master with the new password.
+    let status = instance.wait_healthy(3, T).await;
+    let replica = status
+        .nodes
+        .iter()
+        .find(|n| n.role == "replica")
+        .expect("a replica")
+        .clone();
+    signal(replica.valkey_pid.expect("pid"), Signal::SIGKILL);
+    let healed = instance
+        .wait_status("the replica back and in sync", T, |s| {
+            let n = node(s, &replica.pod);
+            n.valkey_pid != replica.valkey_pid
+                && n.process == "up"
+                && n.role == "replica"
+                && n.link == "up"
+        })
+        .await;
+    assert_eq!(healed.master, before.master);
+    for n in &instance.wait_healthy(3, T).await.nodes {
+        assert_eq!(
+            missing_on(&instance, &n.addr, &keys).await,
+            Vec::<u64>::new(),
+            "{}",
+            n.pod
+        );
+    }
+}

@@ -348,3 +348,40 @@ async fn a_sentinel_back_on_a_new_port_is_found_and_the_old_address_forgotten() 
     .await;
     assert_eq!(healed.master, status.master, "no failover");
 }
+
+#[tokio::test]
+async fn after_a_password_rotation_sentinel_still_fails_over() {
+    let (instance, status) = up_and_ready().await;
+    let (old_master, addr, pid) = master_of(&status);
+    let keys = write_n(&instance, &addr, 20, 2).await;
+    let old = instance.password();
+    let reply = valkey_controller::local::control::request(
+        &instance.dir,
+        &valkey_controller::local::control::Request::RotatePassword,
+    )
+    .await
+    .expect("rotate");
+    assert!(reply.ok, "{}", reply.message);
+    let rotated = instance
+        .wait_status("the rotation to finish", T, |s| {
+            s.monitor.old_password_secret.is_none() && instance.password() != old
+        })
+        .await;
+    assert!(rotated.monitor.password_secret.is_some());
+    sentinels_know_both_replicas(&status).await;
+    signal(pid, Signal::SIGKILL);
+    instance
+        .wait_status("Sentinel to name a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old_master)
+        })
+        .await;
+    let healed = instance.wait_healthy(3, T).await;
+    let (_, new_addr, _) = master_of(&healed);
+    assert_eq!(
+        missing_on(&instance, &new_addr, &keys).await,
+        Vec::<u64>::new()
+    );
+    instance
+        .wait_status("every sentinel to follow", T, sentinels_agree)
+        .await;
+}

@@ -48,7 +48,11 @@ pub fn unbind(dir: &Path) {
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Switchover { to: Option<String> },
+    Switchover {
+        to: Option<String>,
+    },
+    /// Rotate the instance's password without breaking replication or Sentinel.
+    RotatePassword,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +89,10 @@ pub struct Status {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MonitorStatus {
     pub policy: String,
+    /// The file holding the instance's password.
+    pub password_secret: Option<String>,
+    /// Kept while a password rotation is under way: both passwords work until it ends.
+    pub old_password_secret: Option<String>,
     pub name: Option<String>,
     pub quorum: Option<u32>,
     pub nodes: Vec<SentinelNodeStatus>,

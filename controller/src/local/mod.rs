@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use valkey_proto::v1::{
-    Command, ConfigSet, Failover, NodeKind, Outcome, PauseWrites, ReplicaOf, SentinelFailover,
-    UnpauseWrites, WaitReplica, command::Action,
+    AclSetUser, Command, ConfigSet, Failover, NodeKind, Outcome, PauseWrites, ReplicaOf,
+    SentinelFailover, UnpauseWrites, WaitReplica, command::Action,
 };
 
 use crate::{
@@ -460,6 +460,9 @@ impl Runtime {
             &self.dir,
             &pids,
         );
+        status.monitor.password_secret = Some(self.password_file.display().to_string());
+        let old = old_password_path(&self.password_file);
+        status.monitor.old_password_secret = old.exists().then(|| old.display().to_string());
         if let Some(sd) = &self.sentinel {
             let observed = hub.observe_kind(&self.key, NodeKind::Sentinel);
             let external = self
@@ -468,6 +471,8 @@ impl Runtime {
                 .map(|(pod, host, port)| (pod.clone(), format!("{host}:{port}")));
             status.monitor = control::MonitorStatus {
                 policy: "sentinel".into(),
+                password_secret: status.monitor.password_secret.take(),
+                old_password_secret: status.monitor.old_password_secret.take(),
                 name: Some(sd.name.clone()),
                 quorum: Some(sd.quorum),
                 nodes: self
@@ -711,6 +716,8 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
 /// Shared between the loop and the tasks it spawns.
 #[derive(Debug, Default)]
 struct Flight {
+    /// A password rotation is under way.
+    rotating: AtomicBool,
     /// Pods with a command in flight (one at a time per pod).
     busy: Mutex<HashSet<String>>,
     /// When each sentinel was last sent SENTINEL RESET: at most one per pod every 30 s, so that
@@ -789,6 +796,10 @@ pub async fn up(
                         let reply = match request {
                             control::Request::Status => control::Reply::status(status),
                             control::Request::Switchover { to } => match start_switchover(&mut runtime, &hub, &flight, to) {
+                                Ok(message) => control::Reply::ok(message),
+                                Err(message) => control::Reply::error(message),
+                            },
+                            control::Request::RotatePassword => match start_rotation(&runtime, &hub, &flight) {
                                 Ok(message) => control::Reply::ok(message),
                                 Err(message) => control::Reply::error(message),
                             },
@@ -1246,4 +1257,144 @@ fn start_external_agents(
         })
         .collect();
     (stop, tasks)
+}
+
+fn old_password_path(password_file: &Path) -> PathBuf {
+    password_file.with_extension("old")
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Replaces `requirepass` and `masterauth` in a written valkey.conf, so that a restarted node
+/// uses the new password.
+fn rewrite_passwords(conf: &Path, password: &str) -> std::io::Result<()> {
+    let text = std::fs::read_to_string(conf)?;
+    let updated: String = text
+        .lines()
+        .map(|line| match line.split_whitespace().next() {
+            Some(key @ ("requirepass" | "masterauth")) => format!("{key} {password}\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    write_atomic(conf, updated.as_bytes())
+}
+
+/// Rotates the password without breaking anything: every node accepts both passwords, the
+/// replicas and Sentinel switch to the new one, the file (which the agents re-read) and the
+/// config files change, and only then is the old one dropped. While it runs, the old password
+/// is kept in `password.old` (`status.monitor.oldPasswordSecret`).
+fn start_rotation(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<String, String> {
+    if flight.rotating.swap(true, Ordering::SeqCst) {
+        return Err("a password rotation is already under way".into());
+    }
+    let password_file = runtime.password_file.clone();
+    let old = std::fs::read_to_string(&password_file)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| {
+            flight.rotating.store(false, Ordering::SeqCst);
+            format!("reading {}: {e}", password_file.display())
+        })?;
+    let new = random_secret();
+    let data: Vec<String> = runtime
+        .desired
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .collect();
+    let confs: Vec<PathBuf> = data
+        .iter()
+        .map(|pod| runtime.node_dir(pod).join("valkey.conf"))
+        .collect();
+    let sentinels: Vec<String> = hub
+        .observe_kind(&runtime.key, NodeKind::Sentinel)
+        .into_iter()
+        .filter(|(_, o)| o.connected)
+        .map(|(pod, _)| pod)
+        .collect();
+    let monitor = runtime.sentinel.as_ref().map(|sd| sd.name.clone());
+    let epoch = runtime.state.durable.epoch;
+    let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
+    tokio::spawn(async move {
+        let connected = hub.observe(&key);
+        let send = |pod: String, action: Action| {
+            let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
+            async move {
+                let command = Command {
+                    id: flight.next_id(epoch),
+                    epoch,
+                    deadline_ms: 5000,
+                    action: Some(action),
+                };
+                match hub
+                    .command(&key, &pod, command, Duration::from_secs(6))
+                    .await
+                {
+                    Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(()),
+                    Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        let accept = |hashes: Vec<String>| {
+            Action::AclSetUser(AclSetUser {
+                username: "default".into(),
+                enabled: true,
+                password_sha256: hashes,
+                rules: vec!["~*".into(), "&*".into(), "+@all".into()],
+            })
+        };
+        let up: Vec<String> = data
+            .iter()
+            .filter(|pod| connected.nodes.get(*pod).is_some_and(|o| o.connected))
+            .cloned()
+            .collect();
+        let steps = async {
+            let old_file = old_password_path(&password_file);
+            write_atomic(&old_file, old.as_bytes())
+                .map_err(|e| format!("{}: {e}", old_file.display()))?;
+            for pod in &up {
+                send(
+                    pod.clone(),
+                    accept(vec![sha256_hex(&old), sha256_hex(&new)]),
+                )
+                .await?;
+            }
+            for pod in &up {
+                let masterauth = Action::ConfigSet(ConfigSet {
+                    params: [("masterauth".to_owned(), new.clone())].into(),
+                    rewrite: false,
+                });
+                send(pod.clone(), masterauth).await?;
+            }
+            if let Some(monitor) = &monitor {
+                for pod in &sentinels {
+                    let auth = Action::SentinelSet(valkey_proto::v1::SentinelSet {
+                        name: monitor.clone(),
+                        params: [("auth-pass".to_owned(), new.clone())].into(),
+                    });
+                    send(pod.clone(), auth).await?;
+                }
+            }
+            for conf in &confs {
+                rewrite_passwords(conf, &new).map_err(|e| format!("{}: {e}", conf.display()))?;
+            }
+            write_atomic(&password_file, new.as_bytes())
+                .map_err(|e| format!("{}: {e}", password_file.display()))?;
+            for pod in &up {
+                send(pod.clone(), accept(vec![sha256_hex(&new)])).await?;
+            }
+            let _ = std::fs::remove_file(&old_file);
+            Ok::<(), String>(())
+        };
+        match steps.await {
+            Ok(()) => info!("password rotated"),
+            // The old password stays accepted (password.old kept): nothing is cut off.
+            Err(err) => warn!(error = %err, "password rotation stopped; both passwords still work"),
+        }
+        flight.rotating.store(false, Ordering::SeqCst);
+    });
+    Ok("password rotation started".into())
 }
