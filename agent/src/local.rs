@@ -47,12 +47,20 @@ impl LocalError {
     }
 
     fn classify(err: &RedisError) -> Self {
-        let code = err.code().unwrap_or_default();
+        // A pipeline's error carries its first failure only in its text.
+        let text = err.to_string();
+        let code = err.code().unwrap_or_else(|| {
+            ["NOAUTH", "WRONGPASS", "LOADING", "BUSY"]
+                .into_iter()
+                .find(|code| text.contains(&format!("\"{code}\"")) || text.starts_with(code))
+                .unwrap_or_default()
+        });
         match err.kind() {
             ErrorKind::Server(ServerErrorKind::BusyLoading) => Self::Loading,
             ErrorKind::AuthenticationFailed => Self::Auth(err.to_string()),
+            _ if code == "LOADING" => Self::Loading,
             _ if code == "BUSY" => Self::Busy,
-            _ if matches!(code, "NOAUTH" | "WRONGPASS") => Self::Auth(err.to_string()),
+            _ if matches!(code, "NOAUTH" | "WRONGPASS") => Self::Auth(text),
             _ if err.is_io_error()
                 || err.is_connection_refusal()
                 || err.is_connection_dropped()
@@ -60,7 +68,7 @@ impl LocalError {
             {
                 Self::Down(err.to_string())
             }
-            _ => Self::Reply(err.to_string()),
+            _ => Self::Reply(text),
         }
     }
 }

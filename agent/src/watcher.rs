@@ -267,7 +267,14 @@ impl Watcher {
 
     fn publish(&mut self, process: ProcessState, error: String, latency: Duration) {
         let up = process == ProcessState::Up;
-        let health = health::assess(process, self.last_data.as_ref().filter(|_| up));
+        let mut health = health::assess(process, self.last_data.as_ref().filter(|_| up));
+        // It answered, but not our probe (or a data node's state was never read): alive, but
+        // nothing says it serves.
+        if up && (!error.is_empty() || (self.config.mode == Mode::Data && self.last_data.is_none()))
+        {
+            health.ready = false;
+            health.reason = format!("cannot read the local state: {error}");
+        }
         let report = StateReport {
             seq: 0,
             observed_at_ms: now_ms(),

@@ -163,6 +163,20 @@ const SENTINEL_OWNED_KEYS: &[&str] = &[
 ];
 
 impl SentinelSettings {
+    /// The Secret holding the sentinels' own password, and the field that names it:
+    /// `access.defaultPasswordSecret` (embedded) or `sentinelReference.auth.passwordSecret`.
+    pub fn password_secret(&self) -> Option<(&'static str, String)> {
+        let named = |value: Option<&serde_yaml::Value>, key: &str| {
+            value?.get(key)?.as_str().map(str::to_owned)
+        };
+        match &self.sentinel_reference {
+            Some(reference) => named(reference.auth.as_ref(), "passwordSecret")
+                .map(|s| ("spec.sentinel.sentinelReference.auth.passwordSecret", s)),
+            None => named(self.access.as_ref(), "defaultPasswordSecret")
+                .map(|s| ("spec.sentinel.access.defaultPasswordSecret", s)),
+        }
+    }
+
     /// The number of sentinels in use (embedded, or referenced).
     pub fn count(&self) -> i64 {
         match &self.sentinel_reference {

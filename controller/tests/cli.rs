@@ -116,3 +116,29 @@ fn a_port_in_use_is_named_with_its_node() {
     );
     assert!(!instance.join("nodes").exists(), "no node was started");
 }
+
+#[test]
+fn a_missing_password_secret_is_named_and_nothing_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = format!("{GOOD}  sentinel:\n    access:\n      defaultPasswordSecret: nope\n");
+    let (code, stderr) = up(dir.path(), &manifest, None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("spec.sentinel.access.defaultPasswordSecret")
+            && stderr.contains("\"nope\""),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("instance").join("nodes").exists(),
+        "no node was started"
+    );
+    let external = format!(
+        "{GOOD}  sentinel:\n    sentinelReference:\n      nodes:\n        - {{ip: 127.0.0.1, port: 1}}\n        - {{ip: 127.0.0.1, port: 2}}\n        - {{ip: 127.0.0.1, port: 3}}\n      auth:\n        passwordSecret: gone\n"
+    );
+    let (code, stderr) = up(dir.path(), &external, None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("spec.sentinel.sentinelReference.auth.passwordSecret"),
+        "{stderr}"
+    );
+}

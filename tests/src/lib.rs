@@ -15,13 +15,10 @@ use std::{future::Future, net::TcpListener, time::Duration};
 /// outgoing connection or `:0` listener can take it before the process that is given it binds
 /// it; and apart from the local runtime's range (20000-32000).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    // Spread parallel test processes over the range, then walk it.
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let start = (std::process::id() % 10_000) as u16;
+    use rand::RngExt;
+    let mut rng = rand::rng();
     for _ in 0..10_000 {
-        let offset = NEXT.fetch_add(7, Ordering::Relaxed);
-        let port = 10_000 + (start.wrapping_add(offset) % 10_000);
+        let port = rng.random_range(10_000..20_000);
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

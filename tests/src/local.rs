@@ -61,7 +61,17 @@ impl LocalInstance {
         Self::up_with(manifest_yaml, &[])
     }
 
+    /// Starts with `files` (paths relative to the working dir, and contents) written first,
+    /// as a user would create Secrets.
+    pub fn up_with_files(manifest_yaml: &str, files: &[(&str, &str)]) -> Self {
+        Self::up_prepared(manifest_yaml, &[], files)
+    }
+
     pub fn up_with(manifest_yaml: &str, extra: &[&str]) -> Self {
+        Self::up_prepared(manifest_yaml, extra, &[])
+    }
+
+    fn up_prepared(manifest_yaml: &str, extra: &[&str], files: &[(&str, &str)]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("local-")
             .tempdir()
@@ -76,6 +86,11 @@ impl LocalInstance {
             past: Vec::new(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
+        for (path, content) in files {
+            let path = instance.dir.join(path);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&path, content).expect("write file");
+        }
         instance.start();
         instance
     }

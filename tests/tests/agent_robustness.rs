@@ -373,3 +373,22 @@ async fn a_rotated_password_is_picked_up_from_the_password_file() {
         "the password must never be logged"
     );
 }
+
+#[tokio::test]
+async fn a_missing_password_is_reported_as_refused_credentials_not_as_serving() {
+    let mut hub = TestHub::start("t0ken").await;
+    let a = Valkey::start("a");
+    let mut opts = AgentOpts::for_valkey(&a, Some(hub.url()));
+    opts.password_file = None;
+    let agent = Agent::start(opts);
+    let report = hub
+        .wait_report("a", T, |r| r.process() != ProcessState::Unspecified)
+        .await;
+    assert_eq!(report.process(), ProcessState::AuthFailed, "{report:?}");
+    let health = report.health.expect("health");
+    assert!(health.live && !health.ready, "{health:?}");
+    assert_eq!(
+        agent.health("readiness").await,
+        Some(ServingStatus::NotServing)
+    );
+}

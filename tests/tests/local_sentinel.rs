@@ -385,3 +385,46 @@ async fn after_a_password_rotation_sentinel_still_fails_over() {
         .wait_status("every sentinel to follow", T, sentinels_agree)
         .await;
 }
+
+#[tokio::test]
+async fn sentinels_with_a_password_secret_require_it_and_the_agents_use_it() {
+    let manifest = SEED.replace(
+        "  sentinel:\n    replicas: 3\n",
+        "  sentinel:\n    replicas: 3\n    access:\n      defaultPasswordSecret: sentinel-pw\n",
+    );
+    assert_ne!(manifest, SEED);
+    let instance = LocalInstance::up_with_files(
+        &manifest,
+        &[("secrets/sentinel-pw/password", "s3ntinel-pw\n")],
+    );
+    instance.wait_healthy(3, T).await;
+    let status = instance
+        .wait_status("every sentinel to name the master", T, sentinels_agree)
+        .await;
+    let addr = &status.monitor.nodes[0].addr;
+    let anonymous = redis::Client::open(format!("redis://{addr}/")).expect("client");
+    let mut conn = anonymous
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let refused: redis::RedisResult<Vec<HashMap<String, String>>> = redis::cmd("SENTINEL")
+        .arg("MASTERS")
+        .query_async(&mut conn)
+        .await;
+    assert!(
+        refused.is_err_and(|e| e.code() == Some("NOAUTH")),
+        "a sentinel answered without its password"
+    );
+    let authed = redis::Client::open(format!("redis://:s3ntinel-pw@{addr}/")).expect("client");
+    let masters: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
+        .arg("MASTERS")
+        .query_async(
+            &mut authed
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect"),
+        )
+        .await
+        .expect("MASTERS with the password");
+    assert_eq!(masters.len(), 1);
+}

@@ -235,6 +235,8 @@ struct Runtime {
     sentinel_bin: Option<PathBuf>,
     /// An external Sentinel set: (pod name given to its in-process agent, host, port).
     external: Vec<(String, String, u16)>,
+    /// The sentinels' own password file (a Secret: `<dir>/secrets/<name>/password`).
+    sentinel_password_file: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -292,10 +294,18 @@ impl Runtime {
         }
         let mut conf = format!(
             "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
-             sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n",
+             sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n{auth}",
             port = ports.valkey,
             dir = node_dir.display(),
             log = log_path(&self.dir, &format!("{pod}.sentinel")).display(),
+            auth = match &self.sentinel_password_file {
+                Some(file) => {
+                    let password = std::fs::read_to_string(file).map_err(io("reading", file))?;
+                    let password = password.trim();
+                    format!("requirepass {password}\nsentinel sentinel-pass {password}\n")
+                }
+                None => String::new(),
+            },
         );
         if let Some(settings) = &self.manifest.spec.sentinel {
             for (key, value) in &settings.custom_configs {
@@ -331,7 +341,11 @@ impl Runtime {
             log_path(&self.dir, &format!("{pod}.{what}-stdout")),
         );
         let mut agent_args: Vec<String> = if sentinel {
-            vec!["--mode".into(), "sentinel".into()]
+            let mut args = vec!["--mode".into(), "sentinel".into()];
+            if let Some(file) = &self.sentinel_password_file {
+                args.extend(["--valkey-password-file".into(), file.display().to_string()]);
+            }
+            args
         } else {
             vec![
                 "--valkey-password-file".into(),
@@ -574,6 +588,29 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         .unwrap_or_else(|| default_dir(&key.namespace, &key.name));
     std::fs::create_dir_all(dir.join("logs")).map_err(io("creating", &dir))?;
     let dir = dir.canonicalize().map_err(io("resolving", &dir))?;
+    // Secrets are files in the working dir: a Secret named N is `secrets/N/password`.
+    let sentinel_password_file = match manifest
+        .spec
+        .sentinel
+        .as_ref()
+        .and_then(|s| s.password_secret())
+    {
+        None => None,
+        Some((field, name)) => {
+            let file = dir.join("secrets").join(&name).join("password");
+            let readable = std::fs::read_to_string(&file).is_ok_and(|p| !p.trim().is_empty());
+            if !readable {
+                return Err(LocalError::Manifest(ManifestError::Invalid {
+                    field: field.to_owned(),
+                    message: format!(
+                        "Secret {name:?} not found (the local runtime reads it from {})",
+                        file.display()
+                    ),
+                }));
+            }
+            Some(file)
+        }
+    };
     let state_path = dir.join("state.json");
     let mut state = LocalState::load(&state_path)?.unwrap_or_else(|| LocalState {
         namespace: key.namespace.clone(),
@@ -662,6 +699,7 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         sentinel: None,
         sentinel_bin: None,
         external: Vec::new(),
+        sentinel_password_file: None,
         dir,
     };
     let runtime = Runtime {
@@ -683,6 +721,7 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         },
         sentinel_bin,
         external,
+        sentinel_password_file,
         ..runtime
     };
     for (pod, ports, _) in runtime.wanted_pods() {
@@ -1223,8 +1262,12 @@ fn start_external_agents(
                 valkey_host: host.clone(),
                 valkey_port: *port,
                 valkey_username: None,
-                valkey_password: None,
-                valkey_password_file: None,
+                valkey_password: runtime
+                    .sentinel_password_file
+                    .as_ref()
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                    .map(|p| p.trim().to_owned()),
+                valkey_password_file: runtime.sentinel_password_file.clone(),
                 controller: Some(valkey_agent::config::ControllerConfig {
                     addr: format!("http://{}", runtime.hub_addr),
                     token: valkey_agent::config::TokenSource::Inline(token.to_owned()),

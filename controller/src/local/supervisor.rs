@@ -170,9 +170,31 @@ pub fn port_in_use(port: u16) -> bool {
 /// take a node's stored port.
 const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
 
-/// Distinct ports free right now (all held open together while they are picked).
+/// Distinct ports free right now (all held open together while they are picked), and not
+/// just handed to another `local up` that has not bound them yet: picks are recorded, under a
+/// file lock, in a registry in the temp dir, with the picking process's pid.
 pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
     use rand::RngExt;
+    use std::io::{Read, Seek, Write};
+    let registry_path = std::env::temp_dir().join("valkey-local-ports");
+    let mut registry = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&registry_path)?;
+    registry.lock()?;
+    let mut text = String::new();
+    registry.read_to_string(&mut text)?;
+    // Entries of processes that are gone are dropped.
+    let mut taken: Vec<(u16, u32)> = text
+        .lines()
+        .filter_map(|line| {
+            let (port, pid) = line.split_once(' ')?;
+            Some((port.parse().ok()?, pid.parse().ok()?))
+        })
+        .filter(|(_, pid)| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
     let mut rng = rand::rng();
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0; N];
@@ -186,11 +208,23 @@ pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
             )));
         }
         let port = rng.random_range(PORT_RANGE);
+        if taken.iter().any(|(p, _)| *p == port) {
+            continue;
+        }
         if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
             ports[listeners.len()] = port;
             listeners.push(listener);
         }
     }
+    taken.extend(ports.iter().map(|p| (*p, std::process::id())));
+    let updated: String = taken
+        .iter()
+        .map(|(port, pid)| format!("{port} {pid}\n"))
+        .collect();
+    registry.set_len(0)?;
+    registry.rewind()?;
+    registry.write_all(updated.as_bytes())?;
+    registry.unlock()?;
     Ok(ports)
 }
 
