@@ -265,15 +265,27 @@ async fn an_external_sentinel_set_is_shared_by_two_instances() {
     assert_ne!(sa.master_addr, sb.master_addr);
     // One sentinel, both monitors, each with its own master and settings.
     let client = sentinels[0].client();
-    let mut conn = client
+    let conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("sentinel");
-    let masters: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
-        .arg("MASTERS")
-        .query_async(&mut conn)
-        .await
-        .expect("MASTERS");
+    // The monitor comes first, its settings right after: wait for both monitors' settings.
+    let masters: Vec<HashMap<String, String>> = wait_for("both monitors configured", T, || {
+        let mut conn = conn.clone();
+        async move {
+            let masters: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
+                .arg("MASTERS")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (masters.len() == 2
+                && masters
+                    .iter()
+                    .all(|m| m.get("down-after-milliseconds").map(String::as_str) == Some("5000")))
+            .then_some(masters)
+        }
+    })
+    .await;
     let by_name: HashMap<&str, &HashMap<String, String>> =
         masters.iter().map(|m| (m["name"].as_str(), m)).collect();
     for status in [&sa, &sb] {
