@@ -201,6 +201,19 @@ impl LocalInstance {
         .expect("switchover request")
     }
 
+    /// Asks for a password rotation and waits until it is over (the old password dropped).
+    pub async fn rotate_password(&self) -> Status {
+        let old = self.password();
+        let reply = control::request(&self.dir, &Request::RotatePassword)
+            .await
+            .expect("rotate");
+        assert!(reply.ok, "{}", reply.message);
+        self.wait_status("the rotation to finish", T, |s| {
+            s.monitor.old_password_secret.is_none() && self.password() != old
+        })
+        .await
+    }
+
     pub fn password(&self) -> String {
         std::fs::read_to_string(self.dir.join("password"))
             .expect("password file")

@@ -319,18 +319,7 @@ async fn a_password_rotation_keeps_replication_and_restarted_nodes_working() {
     let keys = write_n(&instance, &addr, 20, 2).await;
     let old = instance.password();
 
-    let reply = valkey_controller::local::control::request(
-        &instance.dir,
-        &valkey_controller::local::control::Request::RotatePassword,
-    )
-    .await
-    .expect("rotate");
-    assert!(reply.ok, "{}", reply.message);
-    instance
-        .wait_status("the rotation to finish", T, |s| {
-            s.monitor.old_password_secret.is_none() && instance.password() != old
-        })
-        .await;
+    instance.rotate_password().await;
     let new = instance.password();
     let refused = redis::Client::open(format!("redis://:{old}@{addr}/"))
         .expect("client")

@@ -366,19 +366,7 @@ async fn after_a_password_rotation_sentinel_still_fails_over() {
     let (instance, status) = up_and_ready().await;
     let (old_master, addr, pid) = master_of(&status);
     let keys = write_n(&instance, &addr, 20, 2).await;
-    let old = instance.password();
-    let reply = valkey_controller::local::control::request(
-        &instance.dir,
-        &valkey_controller::local::control::Request::RotatePassword,
-    )
-    .await
-    .expect("rotate");
-    assert!(reply.ok, "{}", reply.message);
-    let rotated = instance
-        .wait_status("the rotation to finish", T, |s| {
-            s.monitor.old_password_secret.is_none() && instance.password() != old
-        })
-        .await;
+    let rotated = instance.rotate_password().await;
     assert!(rotated.monitor.password_secret.is_some());
     sentinels_know_both_replicas(&status).await;
     signal(pid, Signal::SIGKILL);

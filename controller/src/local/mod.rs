@@ -1116,20 +1116,16 @@ fn sentinel_switchover(
         let send = |pod: String, action: Action| {
             let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
             async move {
-                let command = Command {
-                    id: flight.next_id(epoch),
+                run_command(
+                    &hub,
+                    &key,
+                    &flight,
                     epoch,
-                    deadline_ms: 8000,
-                    action: Some(action),
-                };
-                match hub
-                    .command(&key, &pod, command, Duration::from_secs(9))
-                    .await
-                {
-                    Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(r),
-                    Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
-                    Err(e) => Err(e.to_string()),
-                }
+                    &pod,
+                    action,
+                    Duration::from_millis(8000),
+                )
+                .await
             }
         };
         let priority = |value: &str| {
@@ -1365,20 +1361,16 @@ fn start_rotation(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<
         let send = |pod: String, action: Action| {
             let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
             async move {
-                let command = Command {
-                    id: flight.next_id(epoch),
+                run_command(
+                    &hub,
+                    &key,
+                    &flight,
                     epoch,
-                    deadline_ms: 5000,
-                    action: Some(action),
-                };
-                match hub
-                    .command(&key, &pod, command, Duration::from_secs(6))
-                    .await
-                {
-                    Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(()),
-                    Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
-                    Err(e) => Err(e.to_string()),
-                }
+                    &pod,
+                    action,
+                    Duration::from_millis(5000),
+                )
+                .await
             }
         };
         let accept = |hashes: Vec<String>| {
@@ -1440,4 +1432,31 @@ fn start_rotation(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<
         flight.rotating.store(false, Ordering::SeqCst);
     });
     Ok("password rotation started".into())
+}
+
+/// Sends one command under `epoch` and waits until it is done (OK or ALREADY), within
+/// `deadline` (and a second more for the answer to arrive).
+async fn run_command(
+    hub: &Hub,
+    key: &InstanceKey,
+    flight: &Flight,
+    epoch: u64,
+    pod: &str,
+    action: Action,
+    deadline: Duration,
+) -> Result<(), String> {
+    let command = Command {
+        id: flight.next_id(epoch),
+        epoch,
+        deadline_ms: deadline.as_millis() as u32,
+        action: Some(action),
+    };
+    match hub
+        .command(key, pod, command, deadline + Duration::from_secs(1))
+        .await
+    {
+        Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(()),
+        Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
+        Err(e) => Err(e.to_string()),
+    }
 }
