@@ -152,6 +152,7 @@ pub fn action_name(action: Option<&Action>) -> &'static str {
         Some(Action::SentinelFailover(_)) => "sentinel_failover",
         Some(Action::SentinelGetMasterAddr(_)) => "sentinel_get_master_addr",
         Some(Action::Shutdown(_)) => "shutdown",
+        Some(Action::SentinelConfigSet(_)) => "sentinel_config_set",
     }
 }
 
@@ -164,15 +165,16 @@ fn action_mode(action: &Action) -> Option<Mode> {
         | Action::PauseWrites(_)
         | Action::UnpauseWrites(_)
         | Action::WaitReplica(_)
-        | Action::ConfigSet(_)
-        | Action::AclSetUser(_) => Some(Mode::Data),
+        | Action::ConfigSet(_) => Some(Mode::Data),
         Action::SentinelMonitor(_)
         | Action::SentinelRemove(_)
         | Action::SentinelSet(_)
         | Action::SentinelReset(_)
         | Action::SentinelFailover(_)
-        | Action::SentinelGetMasterAddr(_) => Some(Mode::Sentinel),
-        Action::Shutdown(_) => None,
+        | Action::SentinelGetMasterAddr(_)
+        | Action::SentinelConfigSet(_) => Some(Mode::Sentinel),
+        // Sentinel has ACLs too: its own password rotates the same way.
+        Action::AclSetUser(_) | Action::Shutdown(_) => None,
     }
 }
 
@@ -431,6 +433,22 @@ impl Executor {
                     "set {} parameter(s) on {}",
                     set.params.len(),
                     set.name
+                )))
+            }
+            Action::SentinelConfigSet(set) => {
+                if set.params.is_empty() {
+                    return Err(invalid("sentinel_config_set.params is empty"));
+                }
+                let mut cmd = redis::cmd("SENTINEL");
+                cmd.arg("CONFIG").arg("SET");
+                for (key, value) in sorted(&set.params) {
+                    check_word("sentinel_config_set.params key", key)?;
+                    cmd.arg(key).arg(value);
+                }
+                let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
+                Ok(Done::ok(format!(
+                    "set {} sentinel setting(s)",
+                    set.params.len()
                 )))
             }
             Action::SentinelReset(reset) => {

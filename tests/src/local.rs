@@ -209,7 +209,9 @@ impl LocalInstance {
             .expect("rotate");
         assert!(reply.ok, "{}", reply.message);
         self.wait_status("the rotation to finish", T, |s| {
-            s.monitor.old_password_secret.is_none() && self.password() != old
+            s.nodes.iter().all(|n| n.connected)
+                && !self.dir.join("password.old").exists()
+                && self.password() != old
         })
         .await
     }

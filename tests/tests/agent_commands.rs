@@ -12,8 +12,8 @@ use valkey_e2e::{
 };
 use valkey_proto::v1::{
     AclSetUser, ConfigSet, Failover, Outcome, PauseWrites, Promote, ReplicaOf, Role,
-    SentinelFailover, SentinelGetMasterAddr, SentinelMonitor, SentinelRemove, SentinelReset,
-    SentinelSet, UnpauseWrites, WaitReplica, command::Action,
+    SentinelConfigSet, SentinelFailover, SentinelGetMasterAddr, SentinelMonitor, SentinelRemove,
+    SentinelReset, SentinelSet, UnpauseWrites, WaitReplica, command::Action,
 };
 
 const T: Duration = Duration::from_secs(15);
@@ -395,6 +395,48 @@ async fn sentinel_commands() {
         )
         .await;
     assert_eq!(bad_set.outcome(), Outcome::Invalid, "{bad_set:?}");
+    // Sentinel's own settings (the peer password of a rotation goes this way).
+    let config = hub
+        .command(
+            "s0",
+            command(
+                1,
+                Action::SentinelConfigSet(SentinelConfigSet {
+                    params: HashMap::from([("sentinel-pass".to_owned(), "peer-pw".to_owned())]),
+                }),
+            ),
+            T,
+        )
+        .await;
+    assert_eq!(config.outcome(), Outcome::Ok, "{config:?}");
+    let pass: HashMap<String, String> = redis::cmd("SENTINEL")
+        .arg("CONFIG")
+        .arg("GET")
+        .arg("sentinel-pass")
+        .query_async(
+            &mut sentinel
+                .client()
+                .get_multiplexed_async_connection()
+                .await
+                .expect("sentinel"),
+        )
+        .await
+        .expect("SENTINEL CONFIG GET");
+    assert_eq!(
+        pass.get("sentinel-pass").map(String::as_str),
+        Some("peer-pw")
+    );
+    let empty = hub
+        .command(
+            "s0",
+            command(1, Action::SentinelConfigSet(SentinelConfigSet::default())),
+            T,
+        )
+        .await;
+    assert_eq!(
+        (empty.outcome(), empty.message.as_str()),
+        (Outcome::Invalid, "sentinel_config_set.params is empty")
+    );
     let reset = hub
         .command(
             "s0",

@@ -386,45 +386,129 @@ async fn after_a_password_rotation_sentinel_still_fails_over() {
         .await;
 }
 
-#[tokio::test]
-async fn sentinels_with_a_password_secret_require_it_and_the_agents_use_it() {
+/// The seed's example with the sentinels' own password in Secret `sentinel-pw`.
+fn with_sentinel_password() -> LocalInstance {
     let manifest = SEED.replace(
         "  sentinel:\n    replicas: 3\n",
         "  sentinel:\n    replicas: 3\n    access:\n      defaultPasswordSecret: sentinel-pw\n",
     );
     assert_ne!(manifest, SEED);
-    let instance = LocalInstance::up_with_files(
+    LocalInstance::up_with_files(
         &manifest,
         &[("secrets/sentinel-pw/password", "s3ntinel-pw\n")],
-    );
+    )
+}
+
+/// `SENTINEL <args>` on a sentinel, with `password` (or none).
+async fn sentinel_query<T: redis::FromRedisValue>(
+    addr: &str,
+    password: Option<&str>,
+    args: &[&str],
+) -> redis::RedisResult<T> {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let client = redis::Client::open(format!("redis://{auth}{addr}/"))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("SENTINEL")
+        .arg(args)
+        .query_async(&mut conn)
+        .await
+}
+
+#[tokio::test]
+async fn sentinels_with_a_password_secret_require_it_and_the_agents_use_it() {
+    let instance = with_sentinel_password();
     instance.wait_healthy(3, T).await;
     let status = instance
         .wait_status("every sentinel to name the master", T, sentinels_agree)
         .await;
+    assert_eq!(
+        status.monitor.password_secret.as_deref(),
+        Some("sentinel-pw")
+    );
     let addr = &status.monitor.nodes[0].addr;
-    let anonymous = redis::Client::open(format!("redis://{addr}/")).expect("client");
-    let mut conn = anonymous
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let refused: redis::RedisResult<Vec<HashMap<String, String>>> = redis::cmd("SENTINEL")
-        .arg("MASTERS")
-        .query_async(&mut conn)
-        .await;
+    let refused: redis::RedisResult<Vec<HashMap<String, String>>> =
+        sentinel_query(addr, None, &["MASTERS"]).await;
     assert!(
         refused.is_err_and(|e| e.code() == Some("NOAUTH")),
         "a sentinel answered without its password"
     );
-    let authed = redis::Client::open(format!("redis://:s3ntinel-pw@{addr}/")).expect("client");
-    let masters: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
-        .arg("MASTERS")
-        .query_async(
-            &mut authed
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect"),
-        )
-        .await
-        .expect("MASTERS with the password");
+    let masters: Vec<HashMap<String, String>> =
+        sentinel_query(addr, Some("s3ntinel-pw"), &["MASTERS"])
+            .await
+            .expect("MASTERS with the password");
     assert_eq!(masters.len(), 1);
+}
+
+#[tokio::test]
+async fn a_changed_sentinel_secret_is_rolled_out_without_cutting_anyone_off() {
+    let instance = with_sentinel_password();
+    instance.wait_healthy(3, T).await;
+    let before = instance
+        .wait_status("every sentinel to name the master", T, sentinels_agree)
+        .await;
+    std::fs::write(
+        instance.dir.join("secrets/sentinel-pw/password"),
+        "n3w-sentinel-pw\n",
+    )
+    .expect("update the Secret");
+    let rotated = instance
+        .wait_status("the sentinels to take the new password", T, |s| {
+            sentinels_agree(s)
+                && s.monitor.old_password_secret.is_none()
+                && std::fs::read_to_string(instance.dir.join("sentinel-password"))
+                    .is_ok_and(|p| p.trim() == "n3w-sentinel-pw")
+        })
+        .await;
+    let done = Instant::now();
+    for sentinel in &rotated.monitor.nodes {
+        let old: redis::RedisResult<Vec<HashMap<String, String>>> =
+            sentinel_query(&sentinel.addr, Some("s3ntinel-pw"), &["MASTERS"]).await;
+        assert!(
+            old.is_err(),
+            "{} still takes the old password",
+            sentinel.pod
+        );
+        // Peers authenticate with the new password: each peer's latest ping reply, received
+        // after the rotation ended, was a good one.
+        wait_for(
+            "every peer to answer pings with the new password",
+            T,
+            || async {
+                let peers: Vec<HashMap<String, String>> = sentinel_query(
+                    &sentinel.addr,
+                    Some("n3w-sentinel-pw"),
+                    &["SENTINELS", MONITOR],
+                )
+                .await
+                .ok()?;
+                let fresh = |p: &HashMap<String, String>| {
+                    let ms = |k: &str| p.get(k).and_then(|v| v.parse::<u128>().ok());
+                    ms("last-ping-reply").is_some_and(|r| r < done.elapsed().as_millis())
+                        && ms("last-ping-reply") == ms("last-ok-ping-reply")
+                };
+                (peers.len() == 2 && peers.iter().all(fresh)).then_some(())
+            },
+        )
+        .await;
+    }
+    // A sentinel restarted after the rotation comes back with the new password only.
+    let first = &rotated.monitor.nodes[0];
+    signal(first.sentinel_pid.expect("pid"), Signal::SIGKILL);
+    let back = instance
+        .wait_status("the sentinel to come back", T, |s| {
+            sentinels_agree(s) && s.monitor.nodes[0].sentinel_pid != first.sentinel_pid
+        })
+        .await;
+    let addr = &back.monitor.nodes[0].addr;
+    let masters = wait_for("the restarted sentinel to answer", T, || async {
+        sentinel_query::<Vec<HashMap<String, String>>>(addr, Some("n3w-sentinel-pw"), &["MASTERS"])
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(masters.len(), 1);
+    let old: redis::RedisResult<Vec<HashMap<String, String>>> =
+        sentinel_query(addr, Some("s3ntinel-pw"), &["MASTERS"]).await;
+    assert!(old.is_err(), "the old password works again after a restart");
+    assert_eq!(back.master, before.master, "no failover");
 }

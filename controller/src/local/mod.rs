@@ -116,10 +116,17 @@ pub struct LocalState {
     pub sentinels: BTreeMap<String, NodePorts>,
 }
 
-/// Writes a file atomically: temp file, fsync, rename.
+/// Writes a file atomically: temp file, fsync, rename. Readable by this user only: the working
+/// dir holds passwords.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -179,9 +186,6 @@ fn secret_file(path: &Path) -> Result<String, LocalError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             let secret = random_secret();
             write_atomic(path, secret.as_bytes()).map_err(io("writing", path))?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(io("securing", path))?;
             Ok(secret)
         }
         Err(source) => Err(LocalError::Io {
@@ -235,8 +239,13 @@ struct Runtime {
     sentinel_bin: Option<PathBuf>,
     /// An external Sentinel set: (pod name given to its in-process agent, host, port).
     external: Vec<(String, String, u16)>,
-    /// The sentinels' own password file (a Secret: `<dir>/secrets/<name>/password`).
+    /// The sentinels' password in force, read by their agents: for embedded sentinels the
+    /// controller's copy (`sentinel-password`) that follows the Secret through a rotation; for
+    /// an external set the Secret itself.
     sentinel_password_file: Option<PathBuf>,
+    /// Embedded sentinels with a password: the Secret's name and file
+    /// (`<dir>/secrets/<name>/password`), the password wanted.
+    sentinel_secret: Option<(String, PathBuf)>,
 }
 
 impl Runtime {
@@ -279,14 +288,23 @@ impl Runtime {
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let path = node_dir.join("sentinel.conf");
         if let Ok(existing) = std::fs::read_to_string(&path) {
-            // Keep what Sentinel learned; only its port follows the stored one.
-            let conf: String = existing
+            // Keep what Sentinel learned; only its port and password follow the stored ones
+            // (both passwords while a rotation is under way).
+            let auth = self.sentinel_auth_lines()?;
+            let mut conf: String = existing
                 .lines()
-                .map(|line| match line.split_whitespace().next() {
-                    Some("port") => format!("port {}\n", ports.valkey),
-                    _ => format!("{line}\n"),
+                .filter_map(|line| {
+                    let mut words = line.split_whitespace();
+                    match (words.next(), words.next()) {
+                        (Some("port"), _) => Some(format!("port {}\n", ports.valkey)),
+                        (Some("requirepass" | "masterauth"), _)
+                        | (Some("user"), Some("default"))
+                        | (Some("sentinel"), Some("sentinel-pass")) => None,
+                        _ => Some(format!("{line}\n")),
+                    }
                 })
                 .collect();
+            conf.push_str(&auth);
             if conf != existing {
                 write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
             }
@@ -298,14 +316,7 @@ impl Runtime {
             port = ports.valkey,
             dir = node_dir.display(),
             log = log_path(&self.dir, &format!("{pod}.sentinel")).display(),
-            auth = match &self.sentinel_password_file {
-                Some(file) => {
-                    let password = std::fs::read_to_string(file).map_err(io("reading", file))?;
-                    let password = password.trim();
-                    format!("requirepass {password}\nsentinel sentinel-pass {password}\n")
-                }
-                None => String::new(),
-            },
+            auth = self.sentinel_auth_lines()?,
         );
         if let Some(settings) = &self.manifest.spec.sentinel {
             for (key, value) in &settings.custom_configs {
@@ -314,6 +325,27 @@ impl Runtime {
         }
         write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
         Ok(path)
+    }
+
+    /// The password lines of an embedded sentinel's config: the password in force, and the old
+    /// one too while a rotation is under way (`sentinel-password.old`).
+    fn sentinel_auth_lines(&self) -> Result<String, LocalError> {
+        let Some(file) = self
+            .sentinel_secret
+            .as_ref()
+            .and(self.sentinel_password_file.as_ref())
+        else {
+            return Ok(String::new());
+        };
+        let password = std::fs::read_to_string(file).map_err(io("reading", file))?;
+        let password = password.trim();
+        let mut hashes = format!("#{}", sha256_hex(password));
+        if let Ok(old) = std::fs::read_to_string(old_password_path(file)) {
+            hashes.push_str(&format!(" #{}", sha256_hex(old.trim())));
+        }
+        Ok(format!(
+            "user default on {hashes} ~* &* +@all\nsentinel sentinel-pass {password}\n"
+        ))
     }
 
     fn procs_for(
@@ -474,8 +506,17 @@ impl Runtime {
             &self.dir,
             &pids,
         );
-        status.monitor.password_secret = Some(self.password_file.display().to_string());
-        let old = old_password_path(&self.password_file);
+        // How to reach the monitor: the sentinels' Secret when they have one, else the
+        // instance's password; the old one is named while a rotation is under way.
+        let (secret, in_force) = match (&self.sentinel_secret, &self.sentinel_password_file) {
+            (Some((name, _)), Some(in_force)) => (name.clone(), in_force),
+            _ => (
+                self.password_file.display().to_string(),
+                &self.password_file,
+            ),
+        };
+        status.monitor.password_secret = Some(secret);
+        let old = old_password_path(in_force);
         status.monitor.old_password_secret = old.exists().then(|| old.display().to_string());
         if let Some(sd) = &self.sentinel {
             let observed = hub.observe_kind(&self.key, NodeKind::Sentinel);
@@ -589,7 +630,7 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
     std::fs::create_dir_all(dir.join("logs")).map_err(io("creating", &dir))?;
     let dir = dir.canonicalize().map_err(io("resolving", &dir))?;
     // Secrets are files in the working dir: a Secret named N is `secrets/N/password`.
-    let sentinel_password_file = match manifest
+    let sentinel_secret = match manifest
         .spec
         .sentinel
         .as_ref()
@@ -608,7 +649,7 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
                     ),
                 }));
             }
-            Some(file)
+            Some((name, file))
         }
     };
     let state_path = dir.join("state.json");
@@ -700,7 +741,22 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         sentinel_bin: None,
         external: Vec::new(),
         sentinel_password_file: None,
+        sentinel_secret: None,
         dir,
+    };
+    // Embedded sentinels use the controller's copy of their password, which follows the Secret
+    // through a rotation; an external set's agents read the Secret itself.
+    let (sentinel_password_file, sentinel_secret) = match sentinel_secret {
+        None => (None, None),
+        Some((_, file)) if !external.is_empty() => (Some(file), None),
+        Some((name, file)) => {
+            let copy = runtime.dir.join("sentinel-password");
+            if !copy.exists() {
+                let password = std::fs::read(&file).map_err(io("reading", &file))?;
+                write_atomic(&copy, &password).map_err(io("writing", &copy))?;
+            }
+            (Some(copy), Some((name, file)))
+        }
     };
     let runtime = Runtime {
         sentinel: match &runtime.manifest.spec.sentinel {
@@ -722,6 +778,7 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         sentinel_bin,
         external,
         sentinel_password_file,
+        sentinel_secret,
         ..runtime
     };
     for (pod, ports, _) in runtime.wanted_pods() {
@@ -757,6 +814,10 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
 struct Flight {
     /// A password rotation is under way.
     rotating: AtomicBool,
+    /// A rotation of the sentinels' own password is under way.
+    sentinel_rotating: AtomicBool,
+    /// When the last rotation failed (it is retried no sooner than 5 s later).
+    rotation_failed: Mutex<Option<Instant>>,
     /// Pods with a command in flight (one at a time per pod).
     busy: Mutex<HashSet<String>>,
     /// When each sentinel was last sent SENTINEL RESET: at most one per pod every 30 s, so that
@@ -955,6 +1016,7 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
         // Retried on the next pass until the target is in sync.
         tracing::debug!("switchover for scale-down not started yet: {message}");
     }
+    maybe_rotate_sentinel_password(runtime, hub, flight);
     runtime.start_missing()?;
     runtime.stop_retiring()?;
     Ok(())
@@ -1321,43 +1383,29 @@ fn rewrite_passwords(conf: &Path, password: &str) -> std::io::Result<()> {
     write_atomic(conf, updated.as_bytes())
 }
 
-/// Rotates the password without breaking anything: every node accepts both passwords, the
-/// replicas and Sentinel switch to the new one, the file (which the agents re-read) and the
-/// config files change, and only then is the old one dropped. While it runs, the old password
-/// is kept in `password.old` (`status.monitor.oldPasswordSecret`).
-fn start_rotation(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<String, String> {
-    if flight.rotating.swap(true, Ordering::SeqCst) {
-        return Err("a password rotation is already under way".into());
-    }
-    let password_file = runtime.password_file.clone();
-    let old = std::fs::read_to_string(&password_file)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| {
-            flight.rotating.store(false, Ordering::SeqCst);
-            format!("reading {}: {e}", password_file.display())
-        })?;
-    let new = random_secret();
-    let data: Vec<String> = runtime
-        .desired
-        .nodes
-        .iter()
-        .map(|n| n.name.clone())
-        .collect();
-    let confs: Vec<PathBuf> = data
-        .iter()
-        .map(|pod| runtime.node_dir(pod).join("valkey.conf"))
-        .collect();
-    let sentinels: Vec<String> = hub
-        .observe_kind(&runtime.key, NodeKind::Sentinel)
-        .into_iter()
-        .filter(|(_, o)| o.connected)
-        .map(|(pod, _)| pod)
-        .collect();
-    let monitor = runtime.sentinel.as_ref().map(|sd| sd.name.clone());
-    let epoch = runtime.state.durable.epoch;
-    let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
-    tokio::spawn(async move {
-        let connected = hub.observe(&key);
+/// One password rotation, in the order that never cuts anyone off: the old password is kept
+/// beside the one in force (`<file>.old`, shown as `status.monitor.oldPasswordSecret`), every
+/// target accepts both, the clients switch (`switches`), the config files and the password file
+/// (which the agents re-read when refused) take the new one, and only then do the targets
+/// drop the old one.
+struct Rotation {
+    what: &'static str,
+    old: String,
+    new: String,
+    in_force: PathBuf,
+    targets: Vec<String>,
+    switches: Vec<(String, Action)>,
+    confs: Vec<PathBuf>,
+}
+
+impl Rotation {
+    async fn run(
+        self,
+        hub: Hub,
+        key: InstanceKey,
+        flight: Arc<Flight>,
+        epoch: u64,
+    ) -> Result<(), String> {
         let send = |pod: String, action: Action| {
             let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
             async move {
@@ -1381,57 +1429,176 @@ fn start_rotation(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<
                 rules: vec!["~*".into(), "&*".into(), "+@all".into()],
             })
         };
-        let up: Vec<String> = data
-            .iter()
-            .filter(|pod| connected.nodes.get(*pod).is_some_and(|o| o.connected))
-            .cloned()
-            .collect();
-        let steps = async {
-            let old_file = old_password_path(&password_file);
-            write_atomic(&old_file, old.as_bytes())
-                .map_err(|e| format!("{}: {e}", old_file.display()))?;
-            for pod in &up {
-                send(
-                    pod.clone(),
-                    accept(vec![sha256_hex(&old), sha256_hex(&new)]),
-                )
-                .await?;
-            }
-            for pod in &up {
-                let masterauth = Action::ConfigSet(ConfigSet {
-                    params: [("masterauth".to_owned(), new.clone())].into(),
-                    rewrite: false,
-                });
-                send(pod.clone(), masterauth).await?;
-            }
-            if let Some(monitor) = &monitor {
-                for pod in &sentinels {
-                    let auth = Action::SentinelSet(valkey_proto::v1::SentinelSet {
-                        name: monitor.clone(),
-                        params: [("auth-pass".to_owned(), new.clone())].into(),
-                    });
-                    send(pod.clone(), auth).await?;
-                }
-            }
-            for conf in &confs {
-                rewrite_passwords(conf, &new).map_err(|e| format!("{}: {e}", conf.display()))?;
-            }
-            write_atomic(&password_file, new.as_bytes())
-                .map_err(|e| format!("{}: {e}", password_file.display()))?;
-            for pod in &up {
-                send(pod.clone(), accept(vec![sha256_hex(&new)])).await?;
-            }
-            let _ = std::fs::remove_file(&old_file);
-            Ok::<(), String>(())
-        };
-        match steps.await {
-            Ok(()) => info!("password rotated"),
-            // The old password stays accepted (password.old kept): nothing is cut off.
-            Err(err) => warn!(error = %err, "password rotation stopped; both passwords still work"),
+        let old_file = old_password_path(&self.in_force);
+        write_atomic(&old_file, self.old.as_bytes())
+            .map_err(|e| format!("{}: {e}", old_file.display()))?;
+        for pod in &self.targets {
+            send(
+                pod.clone(),
+                accept(vec![sha256_hex(&self.old), sha256_hex(&self.new)]),
+            )
+            .await?;
         }
-        flight.rotating.store(false, Ordering::SeqCst);
-    });
+        for (pod, action) in self.switches {
+            send(pod, action).await?;
+        }
+        for conf in &self.confs {
+            rewrite_passwords(conf, &self.new).map_err(|e| format!("{}: {e}", conf.display()))?;
+        }
+        write_atomic(&self.in_force, self.new.as_bytes())
+            .map_err(|e| format!("{}: {e}", self.in_force.display()))?;
+        for pod in &self.targets {
+            send(pod.clone(), accept(vec![sha256_hex(&self.new)])).await?;
+        }
+        let _ = std::fs::remove_file(&old_file);
+        info!(what = self.what, "password rotated");
+        Ok(())
+    }
+}
+
+/// Rotates the instance's password (`local rotate-password`) to a new random one: the data
+/// nodes accept both, replicas (`masterauth`) and Sentinel (`auth-pass`) switch, then the old
+/// one is dropped.
+fn start_rotation(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<String, String> {
+    if flight.rotating.swap(true, Ordering::SeqCst) {
+        return Err("a password rotation is already under way".into());
+    }
+    let old = match std::fs::read_to_string(&runtime.password_file) {
+        Ok(old) => old.trim().to_owned(),
+        Err(e) => {
+            flight.rotating.store(false, Ordering::SeqCst);
+            return Err(format!("reading {}: {e}", runtime.password_file.display()));
+        }
+    };
+    let new = random_secret();
+    let connected = hub.observe(&runtime.key);
+    let targets: Vec<String> = runtime
+        .desired
+        .nodes
+        .iter()
+        .filter(|n| connected.nodes.get(&n.name).is_some_and(|o| o.connected))
+        .map(|n| n.name.clone())
+        .collect();
+    let mut switches: Vec<(String, Action)> = targets
+        .iter()
+        .map(|pod| {
+            let masterauth = Action::ConfigSet(ConfigSet {
+                params: [("masterauth".to_owned(), new.clone())].into(),
+                rewrite: false,
+            });
+            (pod.clone(), masterauth)
+        })
+        .collect();
+    if let Some(sd) = &runtime.sentinel {
+        for pod in connected_sentinels(runtime, hub) {
+            let auth = Action::SentinelSet(valkey_proto::v1::SentinelSet {
+                name: sd.name.clone(),
+                params: [("auth-pass".to_owned(), new.clone())].into(),
+            });
+            switches.push((pod, auth));
+        }
+    }
+    let rotation = Rotation {
+        what: "instance",
+        confs: runtime
+            .desired
+            .nodes
+            .iter()
+            .map(|n| runtime.node_dir(&n.name).join("valkey.conf"))
+            .collect(),
+        old,
+        new,
+        in_force: runtime.password_file.clone(),
+        targets,
+        switches,
+    };
+    spawn_rotation(rotation, runtime, hub, flight, |f| &f.rotating);
     Ok("password rotation started".into())
+}
+
+fn connected_sentinels(runtime: &Runtime, hub: &Hub) -> Vec<String> {
+    hub.observe_kind(&runtime.key, NodeKind::Sentinel)
+        .into_iter()
+        .filter(|(_, o)| o.connected)
+        .map(|(pod, _)| pod)
+        .collect()
+}
+
+fn spawn_rotation(
+    rotation: Rotation,
+    runtime: &Runtime,
+    hub: &Hub,
+    flight: &Arc<Flight>,
+    running: fn(&Flight) -> &AtomicBool,
+) {
+    let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
+    let epoch = runtime.state.durable.epoch;
+    tokio::spawn(async move {
+        let what = rotation.what;
+        if let Err(err) = rotation.run(hub, key, flight.clone(), epoch).await {
+            // The old password stays accepted (`.old` kept): nothing is cut off; retried later.
+            warn!(what, error = %err, "password rotation stopped; both passwords still work");
+            if let Ok(mut failed) = flight.rotation_failed.lock() {
+                *failed = Some(Instant::now());
+            }
+        }
+        running(&flight).store(false, Ordering::SeqCst);
+    });
+}
+
+/// The sentinels' own password follows its Secret: when the Secret's content differs from the
+/// password in force (`sentinel-password`), every embedded sentinel accepts both, presents the
+/// new one to its peers (`SENTINEL CONFIG SET sentinel-pass`), and then drops the old one. A
+/// rotation waits until every sentinel is connected, and retries 5 s after a failure.
+fn maybe_rotate_sentinel_password(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) {
+    let (Some((_, secret)), Some(in_force)) =
+        (&runtime.sentinel_secret, &runtime.sentinel_password_file)
+    else {
+        return;
+    };
+    if runtime.state.sentinels.is_empty() || flight.sentinel_rotating.load(Ordering::SeqCst) {
+        return;
+    }
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|p| p.trim().to_owned())
+    };
+    let (Some(wanted), Some(current)) = (read(secret), read(in_force)) else {
+        return;
+    };
+    if wanted.is_empty() || wanted == current {
+        return;
+    }
+    let recently_failed = flight
+        .rotation_failed
+        .lock()
+        .map(|t| t.is_some_and(|t| t.elapsed() < Duration::from_secs(5)))
+        .unwrap_or(false);
+    let targets = connected_sentinels(runtime, hub);
+    if recently_failed || targets.len() < runtime.state.sentinels.len() {
+        return;
+    }
+    flight.sentinel_rotating.store(true, Ordering::SeqCst);
+    let switches = targets
+        .iter()
+        .map(|pod| {
+            let pass = valkey_proto::v1::SentinelConfigSet {
+                params: [("sentinel-pass".to_owned(), wanted.clone())].into(),
+            };
+            (pod.clone(), Action::SentinelConfigSet(pass))
+        })
+        .collect();
+    let rotation = Rotation {
+        what: "sentinel",
+        old: current,
+        new: wanted,
+        in_force: in_force.clone(),
+        targets,
+        switches,
+        confs: Vec::new(),
+    };
+    spawn_rotation(rotation, runtime, hub, flight, |f| &f.sentinel_rotating);
 }
 
 /// Sends one command under `epoch` and waits until it is done (OK or ALREADY), within
