@@ -7,6 +7,7 @@ pub mod hub;
 pub mod local;
 pub mod manifest;
 pub mod sentinel;
+pub mod validate;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {

@@ -596,7 +596,8 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
                     (
                         format!("{}-external-sentinel-{i}", key.name),
                         n.ip.clone(),
-                        n.port,
+                        // Validated: 1..=65535.
+                        u16::try_from(n.port).unwrap_or_default(),
                     )
                 })
                 .collect()
@@ -762,8 +763,8 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         sentinel: match &runtime.manifest.spec.sentinel {
             Some(settings) => Some(SentinelDesired {
                 name: format!("{}.{}", runtime.key.namespace, runtime.key.name),
-                quorum: settings.quorum(),
-                monitor_config: settings.monitor_config(),
+                quorum: settings.quorum_or_default(),
+                monitor_config: settings.monitor_config_or_default(),
                 auth_pass: secret_file(&runtime.password_file)?,
                 sentinel_addrs: runtime
                     .state

@@ -1,0 +1,521 @@
+//! Checks a Failover spec beyond what the CRD schema can express, the same way for a cluster
+//! and for the local runtime, with errors that name the field. Pure: nothing here reads the
+//! API; what needs it (a Secret that must exist, a NodePort already taken) is checked where
+//! the objects are applied.
+
+use std::collections::BTreeMap;
+
+use crate::crd::{FailoverSpec, SentinelSettings, ServiceType};
+
+/// valkey.conf keys the operator owns; customConfigs may not set them.
+pub const OWNED_KEYS: &[&str] = &[
+    "bind",
+    "port",
+    "dir",
+    "replicaof",
+    "slaveof",
+    "requirepass",
+    "masterauth",
+    "masteruser",
+    "replica-announce-ip",
+    "replica-announce-port",
+    "slave-announce-ip",
+    "slave-announce-port",
+    "include",
+    "daemonize",
+    "pidfile",
+    "logfile",
+    "aclfile",
+    "unixsocket",
+];
+const OWNED_PREFIXES: &[&str] = &["tls-", "cluster-"];
+
+/// sentinel.conf keys the operator owns.
+const SENTINEL_OWNED_KEYS: &[&str] = &[
+    "port",
+    "bind",
+    "dir",
+    "sentinel",
+    "include",
+    "daemonize",
+    "pidfile",
+    "logfile",
+    "requirepass",
+    "protected-mode",
+];
+
+/// monitorConfig keys and their defaults.
+pub const MONITOR_DEFAULTS: [(&str, &str); 3] = [
+    ("down-after-milliseconds", "30000"),
+    ("failover-timeout", "180000"),
+    ("parallel-syncs", "1"),
+];
+
+/// valkey.conf keys that cannot change on a running server: a change rolls the pods.
+pub const RESTART_KEYS: &[&str] = &[
+    "databases",
+    "io-threads",
+    "loadmodule",
+    "rename-command",
+    "tcp-backlog",
+    "unixsocketperm",
+    "supervised",
+    "always-show-logo",
+];
+
+/// A spec the controller will not act on: `field` is its path, e.g. `spec.replicas`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Checks the instance's name (it becomes part of pod and Service names) and its spec.
+pub fn validate(name: &str, spec: &FailoverSpec) -> Result<(), Invalid> {
+    let dns = !name.is_empty()
+        && name.len() <= 52
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !dns {
+        return Err(invalid(
+            "metadata.name",
+            format!(
+                "{name:?} must be 1-52 lowercase letters, digits or '-', starting and ending alphanumeric"
+            ),
+        ));
+    }
+    if !(1..=9).contains(&spec.replicas) {
+        return Err(invalid(
+            "spec.replicas",
+            format!("must be 1..=9, got {}", spec.replicas),
+        ));
+    }
+    for key in spec.custom_configs.keys() {
+        let lower = key.to_ascii_lowercase();
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(invalid(
+                format!("spec.customConfigs.{key:?}"),
+                "is not a valkey.conf key",
+            ));
+        }
+        if OWNED_KEYS.contains(&lower.as_str())
+            || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p))
+        {
+            return Err(invalid(
+                format!("spec.customConfigs.{key}"),
+                "is set by the operator and cannot be overridden",
+            ));
+        }
+    }
+    for key in ["maxmemory", "repl-backlog-size"] {
+        if let Some(value) = spec.custom_configs.get(key)
+            && parse_memory(value).is_none()
+        {
+            return Err(invalid(
+                format!("spec.customConfigs.{key}"),
+                format!("{value:?} is not a size (e.g. 100mb, 1gb, 1048576)"),
+            ));
+        }
+    }
+    check_resources("spec.resources", spec.resources.as_ref())?;
+    if let Some(storage) = &spec.storage
+        && let Some(capacity) = &storage.capacity
+        && parse_quantity(&capacity.0).is_none()
+    {
+        return Err(invalid(
+            "spec.storage.capacity",
+            format!("{:?} is not a quantity (e.g. 1Gi, 500Mi)", capacity.0),
+        ));
+    }
+    if let Some(exporter) = &spec.exporter {
+        check_resources("spec.exporter.resources", exporter.resources.as_ref())?;
+    }
+    node_port_pool(spec)?;
+    for (i, module) in spec.modules.iter().enumerate() {
+        if module.path.trim().is_empty() || module.path.contains(char::is_whitespace) {
+            return Err(invalid(
+                format!("spec.modules[{i}].path"),
+                "must be a file name or an absolute path, without spaces",
+            ));
+        }
+    }
+    if let Some(sentinel) = &spec.sentinel {
+        validate_sentinel(sentinel)?;
+    }
+    Ok(())
+}
+
+fn check_resources(
+    field: &str,
+    resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
+) -> Result<(), Invalid> {
+    let Some(resources) = resources else {
+        return Ok(());
+    };
+    for (kind, map) in [
+        ("limits", resources.limits.as_ref()),
+        ("requests", resources.requests.as_ref()),
+    ] {
+        for (name, quantity) in map.into_iter().flatten() {
+            if parse_quantity(&quantity.0).is_none() {
+                return Err(invalid(
+                    format!("{field}.{kind}.{name}"),
+                    format!("{:?} is not a quantity (e.g. 512Mi, 1Gi, 250m)", quantity.0),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The NodePort pool (`spec.access.ports`): one port per pod, no repeats, only with
+/// serviceType NodePort. Empty when no pool is given.
+pub fn node_port_pool(spec: &FailoverSpec) -> Result<Vec<i32>, Invalid> {
+    const FIELD: &str = "spec.access.ports";
+    let Some(text) = spec.access.ports.as_deref() else {
+        return Ok(Vec::new());
+    };
+    if spec.access.service_type != ServiceType::NodePort {
+        return Err(invalid(FIELD, "a NodePort pool needs serviceType NodePort"));
+    }
+    let mut ports = Vec::new();
+    for part in text.split(',') {
+        let bad = || {
+            invalid(
+                FIELD,
+                format!("{part:?} is not a port or a range like 30001-30003"),
+            )
+        };
+        let (from, to) = match part.trim().split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part.trim(), part.trim()),
+        };
+        let from: i32 = from.parse().map_err(|_| bad())?;
+        let to: i32 = to.parse().map_err(|_| bad())?;
+        if !(1..=65535).contains(&from) || !(1..=65535).contains(&to) || from > to {
+            return Err(bad());
+        }
+        ports.extend(from..=to);
+    }
+    let mut sorted = ports.clone();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(invalid(FIELD, format!("port {} is listed twice", w[0])));
+    }
+    if ports.len() != spec.replicas as usize {
+        return Err(invalid(
+            FIELD,
+            format!(
+                "must hold one port per pod: {} port(s) for {} pod(s)",
+                ports.len(),
+                spec.replicas
+            ),
+        ));
+    }
+    Ok(ports)
+}
+
+fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
+    if let Some(reference) = &sentinel.sentinel_reference {
+        if reference.nodes.len() < 3 {
+            return Err(invalid(
+                "spec.sentinel.sentinelReference.nodes",
+                format!("needs at least 3 sentinels, got {}", reference.nodes.len()),
+            ));
+        }
+        for (i, node) in reference.nodes.iter().enumerate() {
+            if node.ip.trim().is_empty() || !(1..=65535).contains(&node.port) {
+                return Err(invalid(
+                    format!("spec.sentinel.sentinelReference.nodes[{i}]"),
+                    "needs a host and a port 1..=65535",
+                ));
+            }
+        }
+    } else {
+        let replicas = sentinel.count();
+        if replicas < 3 || replicas % 2 == 0 {
+            return Err(invalid(
+                "spec.sentinel.replicas",
+                format!("must be odd and at least 3, got {replicas}"),
+            ));
+        }
+    }
+    if let Some(quorum) = sentinel.quorum
+        && !(1..=sentinel.count()).contains(&quorum)
+    {
+        return Err(invalid(
+            "spec.sentinel.quorum",
+            format!("must be 1..={}, got {quorum}", sentinel.count()),
+        ));
+    }
+    for (key, value) in &sentinel.monitor_config {
+        if !MONITOR_DEFAULTS.iter().any(|(k, _)| k == key) {
+            return Err(invalid(
+                format!("spec.sentinel.monitorConfig.{key}"),
+                "is not a known setting (down-after-milliseconds, failover-timeout, parallel-syncs)",
+            ));
+        }
+        if value.parse::<u64>().map_or(true, |n| n == 0) {
+            return Err(invalid(
+                format!("spec.sentinel.monitorConfig.{key}"),
+                format!("must be a positive whole number, got {value:?}"),
+            ));
+        }
+    }
+    for key in sentinel.custom_configs.keys() {
+        if SENTINEL_OWNED_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
+            return Err(invalid(
+                format!("spec.sentinel.customConfigs.{key}"),
+                "is set by the operator and cannot be overridden",
+            ));
+        }
+    }
+    check_resources("spec.sentinel.resources", sentinel.resources.as_ref())
+}
+
+impl SentinelSettings {
+    /// The number of sentinels in use (embedded, or referenced).
+    pub fn count(&self) -> i32 {
+        match &self.sentinel_reference {
+            Some(reference) => reference.nodes.len() as i32,
+            None => self.replicas.unwrap_or(3),
+        }
+    }
+
+    /// The quorum: as set, or a majority of the configured sentinels.
+    pub fn quorum_or_default(&self) -> u32 {
+        self.quorum.unwrap_or(self.count() / 2 + 1).max(1) as u32
+    }
+
+    /// monitorConfig with the defaults filled in.
+    pub fn monitor_config_or_default(&self) -> BTreeMap<String, String> {
+        let mut config: BTreeMap<String, String> = MONITOR_DEFAULTS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        config.extend(self.monitor_config.clone());
+        config
+    }
+
+    /// The Secret holding the sentinels' own password, and the field that names it:
+    /// `access.defaultPasswordSecret` (embedded) or `sentinelReference.auth.passwordSecret`.
+    pub fn password_secret(&self) -> Option<(&'static str, String)> {
+        match &self.sentinel_reference {
+            Some(reference) => reference
+                .auth
+                .as_ref()?
+                .password_secret
+                .clone()
+                .map(|s| ("spec.sentinel.sentinelReference.auth.passwordSecret", s)),
+            None => self
+                .access
+                .as_ref()?
+                .default_password_secret
+                .clone()
+                .map(|s| ("spec.sentinel.access.defaultPasswordSecret", s)),
+        }
+    }
+}
+
+/// A Kubernetes quantity (`512Mi`, `1Gi`, `250m`, `1e3`) as a number of base units.
+pub fn parse_quantity(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        exp if exp.starts_with(['e', 'E']) => 10f64.powi(exp[1..].parse().ok()?),
+        _ => return None,
+    };
+    (number >= 0.0 && number.is_finite()).then_some(number * factor)
+}
+
+/// A valkey.conf size (`100mb`, `1gb`, `1048576`) in bytes.
+pub fn parse_memory(text: &str) -> Option<u64> {
+    let lower = text.trim().to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{InstanceAccess, SentinelMonitorNode, SentinelReference};
+
+    fn spec() -> FailoverSpec {
+        FailoverSpec {
+            replicas: 3,
+            ..FailoverSpec::default()
+        }
+    }
+
+    fn field_of(spec: &FailoverSpec) -> String {
+        validate("demo", spec).expect_err("invalid").field
+    }
+
+    #[test]
+    fn quantities_and_sizes() {
+        assert_eq!(parse_quantity("512Mi"), Some(512.0 * 1024.0 * 1024.0));
+        assert_eq!(parse_quantity("250m"), Some(0.25));
+        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert_eq!(parse_quantity("2"), Some(2.0));
+        for bad in ["", "1Gb", "lots", "1.2.3Mi", "-1Gi"] {
+            assert_eq!(parse_quantity(bad), None, "{bad}");
+        }
+        assert_eq!(parse_memory("100mb"), Some(100 * 1024 * 1024));
+        assert_eq!(parse_memory("1GB"), Some(1024 * 1024 * 1024));
+        assert_eq!(parse_memory("1mib"), None);
+    }
+
+    #[test]
+    fn a_good_spec_passes() {
+        assert_eq!(validate("demo", &spec()), Ok(()));
+        let mut node_port = spec();
+        node_port.access = InstanceAccess {
+            service_type: ServiceType::NodePort,
+            ports: Some("30001,30002-30003".into()),
+            ..InstanceAccess::default()
+        };
+        assert_eq!(node_port_pool(&node_port), Ok(vec![30001, 30002, 30003]));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut cases: Vec<(FailoverSpec, &str)> = Vec::new();
+        let mut s = spec();
+        s.replicas = 0;
+        cases.push((s, "spec.replicas"));
+        let mut s = spec();
+        s.replicas = 10;
+        cases.push((s, "spec.replicas"));
+        let mut s = spec();
+        s.custom_configs.insert("requirepass".into(), "x".into());
+        cases.push((s, "spec.customConfigs.requirepass"));
+        let mut s = spec();
+        s.custom_configs.insert("TLS-port".into(), "1".into());
+        cases.push((s, "spec.customConfigs.TLS-port"));
+        let mut s = spec();
+        s.custom_configs.insert("maxmemory".into(), "lots".into());
+        cases.push((s, "spec.customConfigs.maxmemory"));
+        let mut s = spec();
+        s.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            limits: Some(
+                [(
+                    "memory".to_owned(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("1Gb".into()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        });
+        cases.push((s, "spec.resources.limits.memory"));
+        let mut s = spec();
+        s.storage = Some(crate::crd::Storage {
+            capacity: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "ten gigs".into(),
+            )),
+            ..Default::default()
+        });
+        cases.push((s, "spec.storage.capacity"));
+        for ports in [
+            "30001,30002",
+            "30001-30004",
+            "30001,30001,30002",
+            "x",
+            "30003-30001",
+        ] {
+            let mut s = spec();
+            s.access.service_type = ServiceType::NodePort;
+            s.access.ports = Some(ports.into());
+            cases.push((s, "spec.access.ports"));
+        }
+        let mut s = spec();
+        s.access.ports = Some("30001-30003".into());
+        cases.push((s, "spec.access.ports"));
+        for replicas in [1, 4] {
+            let mut s = spec();
+            s.sentinel = Some(SentinelSettings {
+                replicas: Some(replicas),
+                ..Default::default()
+            });
+            cases.push((s, "spec.sentinel.replicas"));
+        }
+        for quorum in [0, 4] {
+            let mut s = spec();
+            s.sentinel = Some(SentinelSettings {
+                quorum: Some(quorum),
+                ..Default::default()
+            });
+            cases.push((s, "spec.sentinel.quorum"));
+        }
+        let mut s = spec();
+        s.sentinel = Some(SentinelSettings {
+            monitor_config: [("down-after".to_owned(), "1".to_owned())].into(),
+            ..Default::default()
+        });
+        cases.push((s, "spec.sentinel.monitorConfig.down-after"));
+        let mut s = spec();
+        s.sentinel = Some(SentinelSettings {
+            sentinel_reference: Some(SentinelReference {
+                nodes: vec![SentinelMonitorNode {
+                    ip: "a".into(),
+                    port: 1,
+                    flags: None,
+                }],
+                auth: None,
+            }),
+            ..Default::default()
+        });
+        cases.push((s, "spec.sentinel.sentinelReference.nodes"));
+        for (spec, field) in cases {
+            assert_eq!(field_of(&spec), field, "{spec:?}");
+        }
+        assert_eq!(
+            validate("Demo_1", &spec()).expect_err("name").field,
+            "metadata.name"
+        );
+    }
+}
