@@ -322,6 +322,20 @@ pub struct FailoverStatus {
     pub last_failover_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover_reason: Option<String>,
+    /// The master before the last failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_from: Option<String>,
+    /// A planned switchover under way (written before it starts, cleared when it is over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_switchover: Option<PendingSwitchoverStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingSwitchoverStatus {
+    pub from: String,
+    pub to: String,
+    pub epoch: i64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

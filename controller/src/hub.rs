@@ -36,8 +36,13 @@ pub struct InstanceKey {
 
 /// Decides whether a Hello may open a stream.
 pub trait Authenticator: Send + Sync + 'static {
-    fn check(&self, hello: &Hello) -> Result<(), String>;
+    /// Ok when the agent's hello (its token, pod and instance) is accepted.
+    fn check<'a>(&'a self, hello: &'a Hello) -> AuthFuture<'a>;
 }
+
+/// What an [`Authenticator`] returns: a check may call out (e.g. a TokenReview).
+pub type AuthFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// One shared token (the local runtime's).
 #[derive(Clone)]
@@ -50,15 +55,16 @@ impl std::fmt::Debug for StaticToken {
 }
 
 impl Authenticator for StaticToken {
-    fn check(&self, hello: &Hello) -> Result<(), String> {
-        if hello.token == self.0 {
+    fn check<'a>(&'a self, hello: &'a Hello) -> AuthFuture<'a> {
+        let result = if hello.token == self.0 {
             Ok(())
         } else {
             Err(format!(
                 "wrong token from {}/{}",
                 hello.namespace, hello.pod_name
             ))
-        }
+        };
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -98,6 +104,7 @@ struct Inner {
     nodes: Mutex<HashMap<(InstanceKey, String), Node>>,
     pending: Mutex<HashMap<String, oneshot::Sender<CommandResult>>>,
     changed: watch::Sender<u64>,
+    instances: tokio::sync::broadcast::Sender<InstanceKey>,
     events: mpsc::UnboundedSender<HubEvent>,
     sessions: AtomicU64,
     heartbeat: Duration,
@@ -139,6 +146,7 @@ impl Hub {
                 nodes: Mutex::default(),
                 pending: Mutex::default(),
                 changed,
+                instances: tokio::sync::broadcast::channel(4096).0,
                 events,
                 sessions: AtomicU64::new(0),
                 heartbeat,
@@ -157,8 +165,25 @@ impl Hub {
         self.inner.changed.subscribe()
     }
 
-    fn touch(&self) {
+    fn touch(&self, instance: &InstanceKey) {
         self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+        // Nobody listening is fine (the local runtime uses the counter only).
+        let _ = self.inner.instances.send(instance.clone());
+    }
+
+    /// The instance of every report, connect and disconnect, for a controller that reconciles
+    /// instances one by one. A slow receiver skips ahead (and should then look at everything).
+    pub fn subscribe_instances(&self) -> tokio::sync::broadcast::Receiver<InstanceKey> {
+        self.inner.instances.subscribe()
+    }
+
+    /// Agents with an open stream.
+    pub fn connected(&self) -> usize {
+        self.inner
+            .nodes
+            .lock()
+            .map(|nodes| nodes.values().filter(|n| n.tx.is_some()).count())
+            .unwrap_or(0)
     }
 
     /// What the hub knows of one instance's data pods, for the failover core.
@@ -269,7 +294,7 @@ impl Hub {
                     }
                     node.report = Some(report);
                 }
-                self.touch();
+                self.touch(&key.0);
             }
             Msg::Heartbeat(_) => {
                 if let Ok(mut nodes) = self.inner.nodes.lock()
@@ -327,7 +352,7 @@ impl AgentHub for Hub {
                 ));
             }
         };
-        if let Err(why) = self.auth.check(&hello) {
+        if let Err(why) = self.auth.check(&hello).await {
             warn!(pod = %hello.pod_name, namespace = %hello.namespace, "refused an agent: {why}");
             return Err(Status::unauthenticated("the agent's token was refused"));
         }
@@ -355,7 +380,7 @@ impl AgentHub for Hub {
                 },
             );
         }
-        self.touch();
+        self.touch(&key.0);
         let hub = self.clone();
         tokio::spawn(async move {
             loop {
@@ -371,7 +396,7 @@ impl AgentHub for Hub {
             {
                 node.tx = None;
             }
-            hub.touch();
+            hub.touch(&key.0);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -3,7 +3,9 @@
 
 pub mod core;
 pub mod crd;
+pub mod engine;
 pub mod hub;
+pub mod k8s;
 pub mod local;
 pub mod manifest;
 pub mod sentinel;

@@ -1,5 +1,6 @@
-//! `valkey-controller`: the Failover operator's binary. Today it runs an instance locally
-//! (`local up`, `local status`, `local switchover`); the Kubernetes controller comes next.
+//! `valkey-controller`: the Failover operator's binary: the Kubernetes controller (`run`), the
+//! CRD (`crd`), and an instance run locally without a cluster (`local up`, `status`,
+//! `switchover`, `rotate-password`).
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -21,11 +22,69 @@ struct Cli {
 enum Command {
     /// Print the Failover CustomResourceDefinition (YAML), as deploy/crd.yaml holds it.
     Crd,
+    /// Run the Kubernetes controller (in a cluster, or against the current kubeconfig).
+    Run(RunArgs),
     /// Run a Failover locally, without a cluster.
     Local {
         #[command(subcommand)]
         command: LocalCommand,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Where the agent hub (gRPC) listens.
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_HUB_LISTEN",
+        default_value = "0.0.0.0:7070"
+    )]
+    hub_listen: std::net::SocketAddr,
+    /// Where /metrics and /healthz are served.
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_HTTP_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    http_listen: std::net::SocketAddr,
+    /// The address agents dial to reach the hub (the controller's Service).
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_AGENT_ADDR",
+        default_value = "http://valkey-controller.valkey-system.svc:7070"
+    )]
+    agent_controller_addr: String,
+    /// Image of the agent sidecar (it holds valkey-agent).
+    #[arg(long, env = "VALKEY_CONTROLLER_AGENT_IMAGE")]
+    agent_image: Option<String>,
+    /// Valkey image used when spec.image is absent.
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_VALKEY_IMAGE",
+        default_value = "valkey/valkey:8.0"
+    )]
+    valkey_image: String,
+    /// Exporter image used when spec.exporter.image is absent.
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_EXPORTER_IMAGE",
+        default_value = "oliver006/redis_exporter:v1.67.0"
+    )]
+    exporter_image: String,
+    /// This replica's pod name (the Lease holder identity).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: String,
+    /// This replica's namespace (where the Lease lives).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "valkey-system")]
+    pod_namespace: String,
+    /// A hung master (or one whose agent is silent) is failed over after this many
+    /// milliseconds, once its replicas agree they lost it (policy manual).
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_HANG_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    hang_timeout_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +183,25 @@ fn main() -> ExitCode {
                 let yaml = valkey_controller::crd::crd_yaml().map_err(|e| e.to_string())?;
                 print!("{yaml}");
                 Ok(())
+            }
+            Command::Run(args) => {
+                let defaults = valkey_controller::k8s::Settings::default();
+                let options = valkey_controller::k8s::run::RunOptions {
+                    hub_listen: args.hub_listen,
+                    http_listen: args.http_listen,
+                    settings: valkey_controller::k8s::Settings {
+                        valkey_image: args.valkey_image,
+                        agent_image: args.agent_image.unwrap_or(defaults.agent_image),
+                        exporter_image: args.exporter_image,
+                        controller_addr: args.agent_controller_addr,
+                    },
+                    pod_name: args.pod_name,
+                    pod_namespace: args.pod_namespace,
+                    hang_timeout: Duration::from_millis(args.hang_timeout_ms),
+                };
+                valkey_controller::k8s::run::run(options, valkey_agent::termination())
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Command::Local { command } => match command {
                 LocalCommand::Up {

@@ -6,6 +6,7 @@
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
 pub mod hub;
+pub mod k8s;
 pub mod local;
 pub mod procs;
 

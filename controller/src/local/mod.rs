@@ -6,12 +6,12 @@ pub mod control;
 pub mod supervisor;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -21,12 +21,13 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use valkey_proto::v1::{
-    AclSetUser, Command, ConfigSet, Failover, NodeKind, Outcome, PauseWrites, ReplicaOf,
-    SentinelFailover, UnpauseWrites, WaitReplica, command::Action,
+    AclSetUser, Command, ConfigSet, Failover, NodeKind, PauseWrites, ReplicaOf, SentinelFailover,
+    UnpauseWrites, WaitReplica, command::Action,
 };
 
 use crate::{
     core::{self, Desired, Durable, NodeSpec, PendingSwitchover},
+    engine::Engine,
     hub::{Hub, HubEvent, InstanceKey, StaticToken},
     manifest::{Manifest, ManifestError},
     sentinel::SentinelDesired,
@@ -201,21 +202,6 @@ fn secret_file(path: &Path) -> Result<String, LocalError> {
 struct NodeProcs {
     valkey: Supervised,
     agent: Supervised,
-}
-
-/// Settings kept live on every node: fencing when there are enough nodes to afford it.
-fn live_config(manifest: &Manifest) -> BTreeMap<String, String> {
-    let mut live = BTreeMap::new();
-    if manifest.spec.replicas >= 3 {
-        live.insert("min-replicas-to-write".to_owned(), "1".to_owned());
-        live.insert("min-replicas-max-lag".to_owned(), "5".to_owned());
-    }
-    for key in ["min-replicas-to-write", "min-replicas-max-lag"] {
-        if let Some(value) = manifest.spec.custom_configs.get(key) {
-            live.insert(key.to_owned(), value.clone());
-        }
-    }
-    live
 }
 
 struct Runtime {
@@ -722,7 +708,7 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
         nodes,
         hang_timeout_ms: options.hang_timeout.as_millis() as u64,
         replica_silence_s: (options.hang_timeout.as_secs() as i64).max(2),
-        live_config: live_config(&manifest),
+        live_config: crate::engine::live_config(&manifest.spec),
     };
     let runtime = Runtime {
         password_file: dir.join("password"),
@@ -813,25 +799,13 @@ fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> {
 /// Shared between the loop and the tasks it spawns.
 #[derive(Debug, Default)]
 struct Flight {
+    engine: Arc<Engine>,
     /// A password rotation is under way.
     rotating: AtomicBool,
     /// A rotation of the sentinels' own password is under way.
     sentinel_rotating: AtomicBool,
     /// When the last rotation failed (it is retried no sooner than 5 s later).
     rotation_failed: Mutex<Option<Instant>>,
-    /// Pods with a command in flight (one at a time per pod).
-    busy: Mutex<HashSet<String>>,
-    /// When each sentinel was last sent SENTINEL RESET: at most one per pod every 30 s, so that
-    /// it has time to learn its peers and replicas again.
-    resets: Mutex<std::collections::HashMap<String, Instant>>,
-    switchover: AtomicBool,
-    ids: AtomicU64,
-}
-
-impl Flight {
-    fn next_id(&self, epoch: u64) -> String {
-        format!("e{epoch}-{}", self.ids.fetch_add(1, Ordering::Relaxed))
-    }
 }
 
 /// Runs the instance until `shutdown` resolves; then stops every process it started.
@@ -933,25 +907,14 @@ pub async fn up(
 
 /// One pass: observe, decide, persist, then send.
 fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(), LocalError> {
-    let mut observed = hub.observe(&runtime.key);
-    observed.switchover_in_flight = flight.switchover.load(Ordering::SeqCst);
-    let now_ms = crate::now_ms();
-    let plan = match &runtime.sentinel {
-        None => core::decide(&runtime.desired, &runtime.state.durable, &observed, now_ms),
-        // A Sentinel switchover runs its own steps; the core waits for them.
-        Some(_) if observed.switchover_in_flight => core::Plan::default(),
-        Some(sd) => {
-            let sentinels = hub.observe_kind(&runtime.key, NodeKind::Sentinel);
-            crate::sentinel::decide(
-                &runtime.desired,
-                sd,
-                &runtime.state.durable,
-                &observed,
-                &sentinels,
-                now_ms,
-            )
-        }
-    };
+    let plan = flight.engine.plan(
+        hub,
+        &runtime.key,
+        &runtime.desired,
+        runtime.sentinel.as_ref(),
+        &runtime.state.durable,
+        crate::now_ms(),
+    );
     // The same situation gives the same notes pass after pass: say each once.
     if plan.notes != runtime.last_notes {
         for note in plan
@@ -968,49 +931,12 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
         // Durable first: if this fails, nothing is sent.
         runtime.state.save(&runtime.state_path)?;
     }
-    let epoch = runtime.state.durable.epoch;
-    for (pod, action) in plan.commands {
-        if matches!(action, Action::SentinelReset(_)) {
-            let mut resets = flight.resets.lock().unwrap_or_else(|e| e.into_inner());
-            if resets
-                .get(&pod)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
-            {
-                continue;
-            }
-            resets.insert(pod.clone(), Instant::now());
-        }
-        let claimed = flight
-            .busy
-            .lock()
-            .map(|mut busy| busy.insert(pod.clone()))
-            .unwrap_or(false);
-        if !claimed {
-            continue;
-        }
-        let command = Command {
-            id: flight.next_id(epoch),
-            epoch,
-            deadline_ms: 5000,
-            action: Some(action),
-        };
-        let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
-        tokio::spawn(async move {
-            match hub
-                .command(&key, &pod, command, Duration::from_secs(6))
-                .await
-            {
-                Ok(result) if matches!(result.outcome(), Outcome::Ok | Outcome::Already) => {}
-                Ok(result) => {
-                    warn!(pod = %pod, outcome = ?result.outcome(), message = %result.message, "command not done")
-                }
-                Err(err) => warn!(pod = %pod, error = %err, "command not answered"),
-            }
-            if let Ok(mut busy) = flight.busy.lock() {
-                busy.remove(&pod);
-            }
-        });
-    }
+    flight.engine.dispatch(
+        hub,
+        &runtime.key,
+        runtime.state.durable.epoch,
+        plan.commands,
+    );
     if let Some(target) = plan.switchover
         && let Err(message) = start_switchover(runtime, hub, flight, Some(target))
     {
@@ -1032,7 +958,8 @@ fn start_switchover(
     flight: &Arc<Flight>,
     to: Option<String>,
 ) -> Result<String, String> {
-    if flight.switchover.load(Ordering::SeqCst) || runtime.state.durable.switchover.is_some() {
+    if flight.engine.switchover.load(Ordering::SeqCst) || runtime.state.durable.switchover.is_some()
+    {
         return Err("a switchover is already under way".into());
     }
     let from = runtime
@@ -1091,9 +1018,9 @@ fn start_switchover(
         runtime.state.durable.switchover = None;
         return Err(format!("cannot persist the switchover: {err}"));
     }
-    flight.switchover.store(true, Ordering::SeqCst);
+    flight.engine.switchover.store(true, Ordering::SeqCst);
     let command = Command {
-        id: flight.next_id(epoch),
+        id: flight.engine.next_id(epoch),
         epoch,
         deadline_ms: 10_000,
         action: Some(Action::Failover(Failover {
@@ -1122,7 +1049,7 @@ fn start_switchover(
         }
         // Give the target's agent a moment to report its new role before the core looks.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        flight.switchover.store(false, Ordering::SeqCst);
+        flight.engine.switchover.store(false, Ordering::SeqCst);
     });
     Ok(format!("switchover {from} -> {to} started (epoch {epoch})"))
 }
@@ -1170,7 +1097,7 @@ fn sentinel_switchover(
         .collect();
     let epoch = runtime.state.durable.epoch;
     let nodes = runtime.desired.nodes.clone();
-    flight.switchover.store(true, Ordering::SeqCst);
+    flight.engine.switchover.store(true, Ordering::SeqCst);
     let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
     let to = target.name.clone();
     let message = format!("switchover {from} -> {to} started through Sentinel");
@@ -1297,7 +1224,7 @@ fn sentinel_switchover(
                 warn!(from = %from, to = %to, error = %err, "switchover through Sentinel failed")
             }
         }
-        flight.switchover.store(false, Ordering::SeqCst);
+        flight.engine.switchover.store(false, Ordering::SeqCst);
     });
     Ok(message)
 }
@@ -1602,8 +1529,7 @@ fn maybe_rotate_sentinel_password(runtime: &Runtime, hub: &Hub, flight: &Arc<Fli
     spawn_rotation(rotation, runtime, hub, flight, |f| &f.sentinel_rotating);
 }
 
-/// Sends one command under `epoch` and waits until it is done (OK or ALREADY), within
-/// `deadline` (and a second more for the answer to arrive).
+/// Sends one command under `epoch` and waits until it is done (see [`Engine::run_command`]).
 async fn run_command(
     hub: &Hub,
     key: &InstanceKey,
@@ -1613,18 +1539,8 @@ async fn run_command(
     action: Action,
     deadline: Duration,
 ) -> Result<(), String> {
-    let command = Command {
-        id: flight.next_id(epoch),
-        epoch,
-        deadline_ms: deadline.as_millis() as u32,
-        action: Some(action),
-    };
-    match hub
-        .command(key, pod, command, deadline + Duration::from_secs(1))
+    flight
+        .engine
+        .run_command(hub, key, epoch, pod, action, deadline)
         .await
-    {
-        Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(()),
-        Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
-        Err(e) => Err(e.to_string()),
-    }
 }

@@ -1,0 +1,168 @@
+//! One instance's decision loop, shared by the local runtime and the Kubernetes controller:
+//! observe the hub, ask the core (policy manual or sentinel) for a plan, and send its commands,
+//! one in flight per pod, with SENTINEL RESET throttled. Persisting the plan's durable state
+//! before dispatching is the caller's job (a file locally, the status in Kubernetes).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tracing::warn;
+use valkey_proto::v1::{Command, NodeKind, Outcome, command::Action};
+
+use crate::{
+    core::{self, Desired, Durable, Plan},
+    hub::{Hub, InstanceKey},
+    sentinel::SentinelDesired,
+};
+
+/// How long a sentinel is left alone after a SENTINEL RESET, to learn its peers and replicas.
+const RESET_QUIET: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub struct Engine {
+    /// Distinguishes this process's command ids from a previous one's (agents answer a
+    /// repeated id from their cache without acting).
+    session: String,
+    ids: AtomicU64,
+    /// Pods with a command in flight.
+    busy: Mutex<HashSet<String>>,
+    resets: Mutex<HashMap<String, Instant>>,
+    /// A planned switchover is being carried out right now: the core waits for it.
+    pub switchover: AtomicBool,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        use rand::RngExt;
+        Engine {
+            session: format!("{:08x}", rand::rng().random::<u32>()),
+            ids: AtomicU64::new(0),
+            busy: Mutex::default(),
+            resets: Mutex::default(),
+            switchover: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Engine {
+    pub fn next_id(&self, epoch: u64) -> String {
+        format!(
+            "{}-e{epoch}-{}",
+            self.session,
+            self.ids.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// What to do now for one instance.
+    pub fn plan(
+        &self,
+        hub: &Hub,
+        key: &InstanceKey,
+        desired: &Desired,
+        sentinel: Option<&SentinelDesired>,
+        durable: &Durable,
+        now_ms: i64,
+    ) -> Plan {
+        let mut observed = hub.observe(key);
+        observed.switchover_in_flight = self.switchover.load(Ordering::SeqCst);
+        match sentinel {
+            None => core::decide(desired, durable, &observed, now_ms),
+            // A Sentinel switchover runs its own steps; the core waits for them.
+            Some(_) if observed.switchover_in_flight => Plan::default(),
+            Some(sd) => {
+                let sentinels = hub.observe_kind(key, NodeKind::Sentinel);
+                crate::sentinel::decide(desired, sd, durable, &observed, &sentinels, now_ms)
+            }
+        }
+    }
+
+    /// Sends each command under `epoch` without waiting; a pod with a command in flight is
+    /// skipped (the next pass plans again from what it then sees).
+    pub fn dispatch(
+        self: &Arc<Self>,
+        hub: &Hub,
+        key: &InstanceKey,
+        epoch: u64,
+        commands: Vec<(String, Action)>,
+    ) {
+        for (pod, action) in commands {
+            if matches!(action, Action::SentinelReset(_)) {
+                let mut resets = self.resets.lock().unwrap_or_else(|e| e.into_inner());
+                if resets.get(&pod).is_some_and(|t| t.elapsed() < RESET_QUIET) {
+                    continue;
+                }
+                resets.insert(pod.clone(), Instant::now());
+            }
+            let claimed = self
+                .busy
+                .lock()
+                .map(|mut busy| busy.insert(pod.clone()))
+                .unwrap_or(false);
+            if !claimed {
+                continue;
+            }
+            let (hub, key, engine) = (hub.clone(), key.clone(), self.clone());
+            tokio::spawn(async move {
+                let result = engine
+                    .run_command(&hub, &key, epoch, &pod, action, Duration::from_secs(5))
+                    .await;
+                if let Err(err) = result {
+                    warn!(pod = %pod, error = %err, "command not done");
+                }
+                if let Ok(mut busy) = engine.busy.lock() {
+                    busy.remove(&pod);
+                }
+            });
+        }
+    }
+
+    /// Sends one command under `epoch` and waits until it is done (OK or ALREADY), within
+    /// `deadline` (and a second more for the answer to arrive).
+    pub async fn run_command(
+        &self,
+        hub: &Hub,
+        key: &InstanceKey,
+        epoch: u64,
+        pod: &str,
+        action: Action,
+        deadline: Duration,
+    ) -> Result<(), String> {
+        let command = Command {
+            id: self.next_id(epoch),
+            epoch,
+            deadline_ms: deadline.as_millis() as u32,
+            action: Some(action),
+        };
+        match hub
+            .command(key, pod, command, deadline + Duration::from_secs(1))
+            .await
+        {
+            Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(()),
+            Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Settings the core keeps on every node with CONFIG SET: fencing when there are enough nodes
+/// to afford it (a master cut off from every replica stops taking writes after 5 s), unless
+/// customConfigs says otherwise.
+pub fn live_config(spec: &crate::crd::FailoverSpec) -> std::collections::BTreeMap<String, String> {
+    let mut live = std::collections::BTreeMap::new();
+    if spec.replicas >= 3 {
+        live.insert("min-replicas-to-write".to_owned(), "1".to_owned());
+        live.insert("min-replicas-max-lag".to_owned(), "5".to_owned());
+    }
+    for key in ["min-replicas-to-write", "min-replicas-max-lag"] {
+        if let Some(value) = spec.custom_configs.get(key) {
+            live.insert(key.to_owned(), value.clone());
+        }
+    }
+    live
+}

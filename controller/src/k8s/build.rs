@@ -1,0 +1,785 @@
+//! Pure builders for the Valkey side of an instance: valkey.conf (ConfigMap), the password
+//! Secret, the data StatefulSet with its agent sidecar, and the PodDisruptionBudget. No API
+//! calls: the reconciler applies what these return, and tests compare them with fixtures.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
+        core::v1::{
+            Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+            EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, GRPCAction, KeyToPath,
+            Lifecycle, LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
+            PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+            PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, Secret, SecretKeySelector,
+            SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
+            VolumeMount, VolumeProjection, VolumeResourceRequirements, WeightedPodAffinityTerm,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use kube::ResourceExt;
+
+use super::{
+    AGENT_METRICS_PORT, AGENT_PORT, ANNOTATION_RESTART_HASH, EXPORTER_PORT, Names, Settings,
+    TOKEN_AUDIENCE, VALKEY_PORT, owned_meta, selector,
+};
+use crate::{
+    crd::{AccessMode, Failover, FailoverSpec, PullPolicy},
+    validate::{RESTART_KEYS, parse_memory, parse_quantity},
+};
+
+pub const COMPONENT_DATA: &str = "data";
+/// Where the rendered config (with the password) lives inside the pod: memory-backed.
+const RUN_DIR: &str = "/run/valkey";
+const SECRET_DIR: &str = "/etc/valkey-secret";
+const CONFIG_DIR: &str = "/etc/valkey";
+const TOKEN_DIR: &str = "/var/run/secrets/valkey-agent";
+/// How long a terminating master waits for its role to move (the agent's switchover).
+const SWITCHOVER_WAIT_S: i64 = 10;
+
+/// maxmemory from the container's memory: about 70% of the limit (or of the request when
+/// there is no limit), leaving room for replication buffers and fork copy-on-write.
+pub fn maxmemory(spec: &FailoverSpec) -> Option<u64> {
+    let resources = spec.resources.as_ref()?;
+    let memory = resources
+        .limits
+        .as_ref()
+        .and_then(|l| l.get("memory"))
+        .or_else(|| resources.requests.as_ref()?.get("memory"))?;
+    let bytes = parse_quantity(&memory.0)?;
+    Some((bytes * 0.7) as u64)
+}
+
+/// The backlog lets a replica that briefly lost its link resume without a full sync: 1% of
+/// maxmemory, between 1 MiB and 256 MiB.
+pub fn repl_backlog_size(maxmemory: Option<u64>) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    maxmemory.map_or(MIB, |m| (m / 100).clamp(MIB, 256 * MIB))
+}
+
+/// valkey.conf as the ConfigMap holds it. The password is not in it: the pod appends it at
+/// start from the Secret. Every node starts as a replica of nobody (`replicaof 127.0.0.1 1`),
+/// so a pod that comes back, empty or not, takes no writes and serves no sync until the
+/// controller (or Sentinel) makes it master.
+pub fn valkey_conf(spec: &FailoverSpec) -> String {
+    let mut conf = format!(
+        "# Written by the valkey operator; edit spec.customConfigs instead.\n\
+         port {VALKEY_PORT}\nbind * -::*\nprotected-mode no\ndir /data\n\
+         appendonly yes\nappendfsync everysec\n\
+         repl-ping-replica-period 1\nrepl-diskless-sync yes\nrepl-diskless-sync-delay 0\n\
+         replicaof 127.0.0.1 1\n"
+    );
+    let maxmemory_set = spec.custom_configs.contains_key("maxmemory");
+    let maxmemory = match spec.custom_configs.get("maxmemory") {
+        Some(value) => parse_memory(value),
+        None => maxmemory(spec),
+    };
+    if !maxmemory_set && let Some(bytes) = maxmemory {
+        conf.push_str(&format!("maxmemory {bytes}\n"));
+    }
+    if !spec.custom_configs.contains_key("repl-backlog-size") {
+        conf.push_str(&format!(
+            "repl-backlog-size {}\n",
+            repl_backlog_size(maxmemory)
+        ));
+    }
+    if spec.replicas >= 3 && !spec.custom_configs.contains_key("min-replicas-to-write") {
+        // Fencing: a master cut off from every replica stops taking writes after 5 s.
+        conf.push_str("min-replicas-to-write 1\nmin-replicas-max-lag 5\n");
+    }
+    for module in &spec.modules {
+        let mut path = if module.path.starts_with('/') {
+            module.path.clone()
+        } else {
+            format!("/usr/lib/valkey/modules/{}", module.path)
+        };
+        if !path.ends_with(".so") {
+            path.push_str(".so");
+        }
+        let args = module.args.join(" ");
+        conf.push_str(format!("loadmodule {path} {args}").trim_end());
+        conf.push('\n');
+    }
+    for (key, value) in &spec.custom_configs {
+        conf.push_str(&format!("{key} {value}\n"));
+    }
+    conf
+}
+
+/// A hash of what only a restart applies (restart-only keys, modules, image): when it changes
+/// the pods are rolled; other customConfigs changes go live through CONFIG SET.
+pub fn restart_hash(spec: &FailoverSpec) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for (key, value) in &spec.custom_configs {
+        if RESTART_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
+            hasher.update(format!("{key}={value}\n"));
+        }
+    }
+    for module in &spec.modules {
+        hasher.update(format!(
+            "module {} {}\n",
+            module.path,
+            module.args.join(" ")
+        ));
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+pub fn config_map(failover: &Failover) -> ConfigMap {
+    let names = Names::of(failover);
+    ConfigMap {
+        metadata: owned_meta(failover, names.config(), COMPONENT_DATA),
+        data: Some([("valkey.conf".to_owned(), valkey_conf(&failover.spec))].into()),
+        ..ConfigMap::default()
+    }
+}
+
+/// A password from the operating system's CSPRNG (through rand's ThreadRng, a ChaCha CSPRNG
+/// seeded from it): 32 letters and digits, about 190 bits.
+pub fn generate_password() -> String {
+    use rand::RngExt;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// The instance's password Secret, created only when absent and never overwritten.
+pub fn password_secret(failover: &Failover, password: &str) -> Secret {
+    let names = Names::of(failover);
+    Secret {
+        metadata: owned_meta(failover, names.password(), COMPONENT_DATA),
+        string_data: Some([("password".to_owned(), password.to_owned())].into()),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
+}
+
+pub fn pull_policy(policy: Option<PullPolicy>) -> String {
+    match policy.unwrap_or_default() {
+        PullPolicy::Always => "Always",
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Never => "Never",
+    }
+    .into()
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+fn port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+/// Probes go through the agent's grpc.health.v1: "" is the local process answering,
+/// "readiness" is serving (a master, or a replica in sync).
+fn grpc_probe(service: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction {
+            port: AGENT_PORT,
+            service: Some(service.into()),
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// Non-root, no privilege escalation, read-only root, no capabilities.
+pub fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The pod default: uid 999, gid 1000, fsGroup 1000.
+pub fn pod_security(given: Option<&PodSecurityContext>) -> PodSecurityContext {
+    given.cloned().unwrap_or(PodSecurityContext {
+        run_as_user: Some(999),
+        run_as_group: Some(1000),
+        fs_group: Some(1000),
+        run_as_non_root: Some(true),
+        ..PodSecurityContext::default()
+    })
+}
+
+/// The default: spread this component's pods across nodes when possible.
+pub fn anti_affinity(given: Option<&Affinity>, labels: BTreeMap<String, String>) -> Affinity {
+    given.cloned().unwrap_or(Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(labels),
+                            ..LabelSelector::default()
+                        }),
+                        topology_key: "kubernetes.io/hostname".into(),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    })
+}
+
+/// The agent sidecar, for a data pod (`mode` data) or a sentinel pod.
+pub fn agent_container(
+    names: &Names,
+    settings: &Settings,
+    mode: &str,
+    local_port: i32,
+    announce_host: &str,
+    password_file: Option<&str>,
+) -> Container {
+    let mut env = vec![
+        env("VALKEY_AGENT_MODE", mode),
+        env(
+            "VALKEY_AGENT_VALKEY_ADDR",
+            format!("127.0.0.1:{local_port}"),
+        ),
+        env(
+            "VALKEY_AGENT_CONTROLLER_ADDR",
+            settings.controller_addr.clone(),
+        ),
+        env("VALKEY_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+        env("VALKEY_AGENT_NAMESPACE", names.namespace.clone()),
+        env("VALKEY_AGENT_FAILOVER", names.instance.clone()),
+        env_field("VALKEY_AGENT_POD_NAME", "metadata.name"),
+        env("VALKEY_AGENT_ANNOUNCE_HOST", announce_host),
+        env("VALKEY_AGENT_ANNOUNCE_PORT", local_port.to_string()),
+        env("VALKEY_AGENT_DATA_DIR", "/data"),
+        env("VALKEY_AGENT_LISTEN", format!("0.0.0.0:{AGENT_PORT}")),
+        env(
+            "VALKEY_AGENT_METRICS_LISTEN",
+            format!("0.0.0.0:{AGENT_METRICS_PORT}"),
+        ),
+        env("VALKEY_AGENT_LOG_FORMAT", "json"),
+    ];
+    let mut mounts = vec![
+        mount("data", "/data", false),
+        mount("agent-token", TOKEN_DIR, true),
+    ];
+    if let Some(file) = password_file {
+        env.push(self::env("VALKEY_AGENT_VALKEY_PASSWORD_FILE", file));
+        mounts.push(mount("password", SECRET_DIR, true));
+    }
+    Container {
+        name: "agent".into(),
+        image: Some(settings.agent_image.clone()),
+        command: Some(vec!["valkey-agent".into()]),
+        env: Some(env),
+        ports: Some(vec![
+            port("agent-grpc", AGENT_PORT),
+            port("agent-metrics", AGENT_METRICS_PORT),
+        ]),
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(k8s_openapi::api::core::v1::TCPSocketAction {
+                port: IntOrString::Int(AGENT_PORT),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Probe::default()
+        }),
+        resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(
+                [
+                    ("cpu".to_owned(), Quantity("10m".into())),
+                    ("memory".to_owned(), Quantity("16Mi".into())),
+                ]
+                .into(),
+            ),
+            limits: Some([("memory".to_owned(), Quantity("64Mi".into()))].into()),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        security_context: Some(container_security()),
+        ..Container::default()
+    }
+}
+
+/// The projected service-account token the agent presents to the controller.
+pub fn token_volume() -> Volume {
+    Volume {
+        name: "agent-token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(3600),
+                    path: "token".into(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+pub fn secret_volume(secret: &str) -> Volume {
+    Volume {
+        name: "password".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            items: Some(vec![KeyToPath {
+                key: "password".into(),
+                path: "password".into(),
+                mode: Some(0o400),
+            }]),
+            default_mode: Some(0o400),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+pub fn memory_volume(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("16Mi".into())),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// The shell that starts Valkey: the ConfigMap's valkey.conf plus the password and the
+/// announced name, written to a memory-backed file readable by Valkey's user only.
+fn valkey_start_script(names: &Names) -> String {
+    format!(
+        "set -eu\numask 077\nP=\"$(cat {SECRET_DIR}/password)\"\n\
+         {{ cat {CONFIG_DIR}/valkey.conf\n  printf 'requirepass \"%s\"\\nmasterauth \"%s\"\\n' \"$P\" \"$P\"\n  \
+         printf 'replica-announce-ip %s\\n' \"$POD_NAME.{headless}.{namespace}.svc\"\n}} > {RUN_DIR}/valkey.conf\n\
+         exec valkey-server {RUN_DIR}/valkey.conf\n",
+        headless = names.headless(),
+        namespace = names.namespace,
+    )
+}
+
+/// preStop on the Valkey container: a terminating master holds until the controller has moved
+/// its role away (the agent asks for that on SIGTERM), for at most SWITCHOVER_WAIT_S.
+fn valkey_pre_stop() -> String {
+    format!(
+        "export REDISCLI_AUTH=\"$(cat {SECRET_DIR}/password)\" VALKEYCLI_AUTH=\"$(cat {SECRET_DIR}/password)\"\n\
+         i=0\nwhile [ $i -lt {steps} ]; do\n  \
+         valkey-cli -p {VALKEY_PORT} role 2>/dev/null | head -n1 | grep -q '^master$' || exit 0\n  \
+         sleep 0.1; i=$((i+1))\ndone\n",
+        steps = SWITCHOVER_WAIT_S * 10
+    )
+}
+
+pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> StatefulSet {
+    let names = Names::of(failover);
+    let spec = &failover.spec;
+    let select = selector(&names, COMPONENT_DATA);
+    let image = spec.image.clone().unwrap_or(settings.valkey_image.clone());
+    let mut annotations = spec.pod_annotations.clone();
+    annotations.insert(ANNOTATION_RESTART_HASH.into(), restart_hash(spec));
+    let announce = format!(
+        "$(VALKEY_AGENT_POD_NAME).{}.{}.svc",
+        names.headless(),
+        names.namespace
+    );
+    let valkey = Container {
+        name: "valkey".into(),
+        image: Some(image),
+        image_pull_policy: Some(pull_policy(spec.image_pull_policy)),
+        command: Some(vec!["sh".into(), "-c".into(), valkey_start_script(&names)]),
+        env: Some(vec![env_field("POD_NAME", "metadata.name")]),
+        ports: Some(vec![port("valkey", VALKEY_PORT)]),
+        resources: spec.resources.clone(),
+        readiness_probe: Some(grpc_probe("readiness", 2, 2)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(10),
+            ..grpc_probe("", 5, 6)
+        }),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["sh".into(), "-c".into(), valkey_pre_stop()]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("data", "/data", false),
+            mount("config", CONFIG_DIR, true),
+            mount("password", SECRET_DIR, true),
+            mount("run", RUN_DIR, false),
+        ]),
+        security_context: Some(container_security()),
+        ..Container::default()
+    };
+    let agent = agent_container(
+        &names,
+        settings,
+        "data",
+        VALKEY_PORT,
+        &announce,
+        Some(&format!("{SECRET_DIR}/password")),
+    );
+    let mut containers = vec![valkey, agent];
+    if let Some(exporter) = &spec.exporter {
+        containers.push(Container {
+            name: "exporter".into(),
+            image: Some(
+                exporter
+                    .image
+                    .clone()
+                    .unwrap_or(settings.exporter_image.clone()),
+            ),
+            image_pull_policy: Some(pull_policy(exporter.image_pull_policy)),
+            env: Some(vec![
+                env("REDIS_ADDR", format!("redis://127.0.0.1:{VALKEY_PORT}")),
+                EnvVar {
+                    name: "REDIS_PASSWORD".into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: names.password(),
+                            key: "password".into(),
+                            optional: Some(false),
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                },
+            ]),
+            ports: Some(vec![port("metrics", EXPORTER_PORT)]),
+            resources: exporter.resources.clone(),
+            security_context: Some(
+                exporter
+                    .security_context
+                    .clone()
+                    .unwrap_or(container_security()),
+            ),
+            ..Container::default()
+        });
+    }
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        secret_volume(&names.password()),
+        memory_volume("run"),
+        token_volume(),
+    ];
+    let claims = match &spec.storage {
+        Some(storage) => {
+            let capacity = storage.capacity.clone().unwrap_or_else(|| {
+                // Twice the memory (for the AOF and its rewrite), at least 1Gi.
+                let bytes = maxmemory(spec).map_or(0.0, |m| m as f64 / 0.7 * 2.0);
+                let gib = (bytes / 1024f64.powi(3)).ceil().max(1.0) as u64;
+                Quantity(format!("{gib}Gi"))
+            });
+            let access = match storage.access_mode.unwrap_or_default() {
+                AccessMode::ReadWriteOnce => "ReadWriteOnce",
+                AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+                AccessMode::ReadWriteMany => "ReadWriteMany",
+                AccessMode::ReadOnlyMany => "ReadOnlyMany",
+            };
+            Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    labels: Some(select.clone()),
+                    annotations: (!storage.annotations.is_empty())
+                        .then(|| storage.annotations.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec![access.into()]),
+                    storage_class_name: storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some([("storage".to_owned(), capacity)].into()),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }])
+        }
+        None => {
+            volumes.push(Volume {
+                name: "data".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+            None
+        }
+    };
+    let mut template_labels = select.clone();
+    template_labels.extend(super::labels(&names, COMPONENT_DATA));
+    StatefulSet {
+        metadata: owned_meta(failover, names.data(), COMPONENT_DATA),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(if paused { 0 } else { spec.replicas }),
+            service_name: Some(names.headless()),
+            pod_management_policy: Some("Parallel".into()),
+            // The controller rolls the pods itself: replicas first, the master last after a
+            // switchover.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(select.clone()),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(template_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers,
+                    volumes: Some(volumes),
+                    affinity: Some(anti_affinity(spec.affinity.as_ref(), select)),
+                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+                    node_selector: (!spec.node_selector.is_empty())
+                        .then(|| spec.node_selector.clone()),
+                    security_context: Some(pod_security(spec.security_context.as_ref())),
+                    image_pull_secrets: (!spec.image_pull_secrets.is_empty())
+                        .then(|| spec.image_pull_secrets.clone()),
+                    termination_grace_period_seconds: Some(SWITCHOVER_WAIT_S + 20),
+                    enable_service_links: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: claims,
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+/// One pod down at a time, voluntarily.
+pub fn pdb(failover: &Failover, component: &str, name: String) -> PodDisruptionBudget {
+    let names = Names::of(failover);
+    PodDisruptionBudget {
+        metadata: owned_meta(failover, name, component),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(&names, component)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// The Failover's name, for log fields.
+pub fn instance_name(failover: &Failover) -> String {
+    failover.name_any()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Storage, ValkeyModule};
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+
+    pub(crate) fn failover(spec: FailoverSpec) -> Failover {
+        let mut failover = Failover::new("demo", spec);
+        failover.metadata.namespace = Some("prod".into());
+        failover.metadata.uid = Some("uid-1".into());
+        failover
+    }
+
+    fn with_memory(limit: &str) -> FailoverSpec {
+        FailoverSpec {
+            replicas: 3,
+            resources: Some(ResourceRequirements {
+                limits: Some([("memory".to_owned(), Quantity(limit.into()))].into()),
+                ..Default::default()
+            }),
+            ..FailoverSpec::default()
+        }
+    }
+
+    #[test]
+    fn valkey_conf_sizes_memory_and_starts_as_a_replica_of_nobody() {
+        let conf = valkey_conf(&with_memory("1Gi"));
+        assert!(conf.contains("\nreplicaof 127.0.0.1 1\n"), "{conf}");
+        assert!(conf.contains(&format!("\nmaxmemory {}\n", (1024f64.powi(3) * 0.7) as u64)));
+        assert!(conf.contains(&format!(
+            "\nrepl-backlog-size {}\n",
+            (1024f64.powi(3) * 0.7) as u64 / 100
+        )));
+        assert!(conf.contains("min-replicas-to-write 1"));
+        assert!(
+            !conf.contains("requirepass"),
+            "no password in the ConfigMap"
+        );
+        let mut spec = with_memory("1Gi");
+        spec.custom_configs
+            .insert("maxmemory".into(), "100mb".into());
+        spec.modules.push(ValkeyModule {
+            path: "valkey-json".into(),
+            args: vec![],
+        });
+        let conf = valkey_conf(&spec);
+        assert_eq!(conf.matches("maxmemory ").count(), 1, "{conf}");
+        assert!(conf.contains("maxmemory 100mb\n"));
+        assert!(conf.contains(&format!("repl-backlog-size {}\n", 1024 * 1024)));
+        assert!(conf.contains("loadmodule /usr/lib/valkey/modules/valkey-json.so\n"));
+        let single = valkey_conf(&FailoverSpec {
+            replicas: 1,
+            ..FailoverSpec::default()
+        });
+        assert!(!single.contains("min-replicas-to-write"));
+        assert!(!single.contains("maxmemory "));
+    }
+
+    #[test]
+    fn only_restart_keys_change_the_restart_hash() {
+        let base = with_memory("1Gi");
+        let mut live = base.clone();
+        live.custom_configs
+            .insert("maxmemory-policy".into(), "allkeys-lru".into());
+        let mut restart = base.clone();
+        restart
+            .custom_configs
+            .insert("databases".into(), "32".into());
+        assert_eq!(restart_hash(&base), restart_hash(&live));
+        assert_ne!(restart_hash(&base), restart_hash(&restart));
+    }
+
+    #[test]
+    fn passwords_are_random_and_long() {
+        let (a, b) = (generate_password(), generate_password());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn the_statefulset_has_the_agent_probes_prestop_and_defaults() {
+        let mut spec = with_memory("1Gi");
+        spec.storage = Some(Storage::default());
+        spec.exporter = Some(Default::default());
+        let sts = statefulset(&failover(spec.clone()), &Settings::default(), false);
+        let meta = &sts.metadata;
+        assert_eq!(meta.name.as_deref(), Some("demo"));
+        assert_eq!(
+            meta.owner_references.as_ref().map(|o| o[0].uid.as_str()),
+            Some("uid-1")
+        );
+        let s = sts.spec.as_ref().expect("spec");
+        assert_eq!(s.replicas, Some(3));
+        assert_eq!(s.service_name.as_deref(), Some("demo-headless"));
+        let pod = s.template.spec.as_ref().expect("pod");
+        let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["valkey", "agent", "exporter"]);
+        let valkey = &pod.containers[0];
+        let ready = valkey
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.grpc.as_ref())
+            .expect("grpc");
+        assert_eq!(
+            (ready.port, ready.service.as_deref()),
+            (AGENT_PORT, Some("readiness"))
+        );
+        assert!(
+            valkey
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.pre_stop.as_ref())
+                .is_some()
+        );
+        let script = &valkey.command.as_ref().expect("command")[2];
+        assert!(script.contains("demo-headless.prod.svc"), "{script}");
+        let security = pod.security_context.as_ref().expect("pod security");
+        assert_eq!(
+            (security.run_as_user, security.fs_group),
+            (Some(999), Some(1000))
+        );
+        assert!(
+            pod.affinity
+                .as_ref()
+                .and_then(|a| a.pod_anti_affinity.as_ref())
+                .is_some()
+        );
+        let claims = s.volume_claim_templates.as_ref().expect("PVC");
+        let size = claims[0]
+            .spec
+            .as_ref()
+            .and_then(|c| c.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .map(|r| r["storage"].0.clone());
+        assert_eq!(size.as_deref(), Some("2Gi"), "twice the memory limit");
+        let agent_env: BTreeMap<String, String> = pod.containers[1]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        assert_eq!(agent_env["VALKEY_AGENT_FAILOVER"], "demo");
+        assert_eq!(agent_env["VALKEY_AGENT_NAMESPACE"], "prod");
+        let paused = statefulset(&failover(spec), &Settings::default(), true);
+        assert_eq!(paused.spec.and_then(|s| s.replicas), Some(0));
+    }
+}

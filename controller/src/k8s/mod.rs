@@ -1,0 +1,165 @@
+//! The Kubernetes layer: pure builders of the objects a Failover owns (`build`, `services`,
+//! `sentinel_objects`), the status it reports (`status`), and the reconciler that applies them
+//! (`reconcile`), around the same failover core the local runtime uses.
+
+pub mod auth;
+pub mod build;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod run;
+pub mod sentinel_objects;
+pub mod services;
+pub mod status;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use crate::crd::Failover;
+
+/// Label on every object and pod of an instance: the Failover's name.
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+/// `data` (Valkey pods) or `sentinel`.
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// `master` or `replica`, patched on pods at promotion: the Services route by it.
+pub const LABEL_ROLE: &str = "valkey.buf.red/role";
+/// Annotation: `"true"` scales the instance to zero pods, keeping PVCs and Secrets.
+pub const ANNOTATION_PAUSED: &str = "valkey.buf.red/paused";
+/// Annotation: a pod name, or `any`: a planned switchover.
+pub const ANNOTATION_SWITCHOVER: &str = "valkey.buf.red/switchover";
+/// Pod template annotation: hash of the settings that need a restart.
+pub const ANNOTATION_RESTART_HASH: &str = "valkey.buf.red/restart-hash";
+/// Finalizer: ordered cleanup (PVCs unless retainAfterDeleted).
+pub const FINALIZER: &str = "valkey.buf.red/cleanup";
+/// The agent's audience for its projected service-account token.
+pub const TOKEN_AUDIENCE: &str = "valkey-controller";
+
+pub const VALKEY_PORT: i32 = 6379;
+pub const SENTINEL_PORT: i32 = 26379;
+pub const AGENT_PORT: i32 = 9400;
+pub const AGENT_METRICS_PORT: i32 = 9401;
+pub const EXPORTER_PORT: i32 = 9121;
+
+/// What the builders need beyond the Failover: images and where agents find the controller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub valkey_image: String,
+    pub agent_image: String,
+    pub exporter_image: String,
+    /// e.g. `http://valkey-controller.valkey-system.svc:7070`
+    pub controller_addr: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            valkey_image: "valkey/valkey:8.0".into(),
+            agent_image: format!(
+                "ghcr.io/buf-red/valkey-operator:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            exporter_image: "oliver006/redis_exporter:v1.67.0".into(),
+            controller_addr: "http://valkey-controller.valkey-system.svc:7070".into(),
+        }
+    }
+}
+
+/// Names of everything an instance owns, in one place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Names {
+    pub instance: String,
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn of(failover: &Failover) -> Self {
+        Names {
+            instance: failover.name_any(),
+            namespace: failover.namespace().unwrap_or_else(|| "default".into()),
+        }
+    }
+    pub fn data(&self) -> String {
+        self.instance.clone()
+    }
+    pub fn headless(&self) -> String {
+        format!("{}-headless", self.instance)
+    }
+    pub fn read_only(&self) -> String {
+        format!("{}-read", self.instance)
+    }
+    pub fn config(&self) -> String {
+        format!("{}-config", self.instance)
+    }
+    pub fn password(&self) -> String {
+        format!("{}-password", self.instance)
+    }
+    pub fn metrics(&self) -> String {
+        format!("{}-metrics", self.instance)
+    }
+    pub fn pod(&self, ordinal: i32) -> String {
+        format!("{}-{ordinal}", self.instance)
+    }
+    pub fn sentinel(&self) -> String {
+        format!("{}-sentinel", self.instance)
+    }
+    pub fn sentinel_headless(&self) -> String {
+        format!("{}-sentinel-headless", self.instance)
+    }
+    /// The monitor name in Sentinel: unique per instance.
+    pub fn monitor(&self) -> String {
+        format!("{}.{}", self.namespace, self.instance)
+    }
+    /// A data pod's stable DNS name, announced to replicas and Sentinel.
+    pub fn pod_host(&self, pod: &str) -> String {
+        format!("{pod}.{}.{}.svc", self.headless(), self.namespace)
+    }
+    pub fn sentinel_host(&self, pod: &str) -> String {
+        format!("{pod}.{}.{}.svc", self.sentinel_headless(), self.namespace)
+    }
+}
+
+/// Labels that select one component of one instance.
+pub fn selector(names: &Names, component: &str) -> BTreeMap<String, String> {
+    [
+        (LABEL_INSTANCE.to_owned(), names.instance.clone()),
+        (LABEL_COMPONENT.to_owned(), component.to_owned()),
+    ]
+    .into()
+}
+
+/// Labels on owned objects: the selector plus who manages them.
+pub fn labels(names: &Names, component: &str) -> BTreeMap<String, String> {
+    let mut labels = selector(names, component);
+    labels.insert("app.kubernetes.io/name".into(), "valkey".into());
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "valkey-operator".into(),
+    );
+    labels
+}
+
+/// Metadata for an object the Failover owns (deleted with it by the garbage collector).
+pub fn owned_meta(failover: &Failover, name: String, component: &str) -> ObjectMeta {
+    let names = Names::of(failover);
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(names.namespace.clone()),
+        labels: Some(labels(&names, component)),
+        owner_references: owner(failover).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn owner(failover: &Failover) -> Option<OwnerReference> {
+    failover.controller_owner_ref(&())
+}
+
+/// Whether the paused annotation is set.
+pub fn is_paused(failover: &Failover) -> bool {
+    failover
+        .annotations()
+        .get(ANNOTATION_PAUSED)
+        .is_some_and(|v| v == "true")
+}

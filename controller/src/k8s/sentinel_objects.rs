@@ -1,0 +1,352 @@
+//! Pure builders for an embedded Sentinel set: its sentinel.conf template (ConfigMap), its
+//! StatefulSet (valkey-sentinel with an agent each), its Services and its PDB. Sentinel uses
+//! hostnames (resolve-hostnames / announce-hostnames), so a pod back with a new IP is found.
+
+use k8s_openapi::api::{
+    apps::v1::{StatefulSet, StatefulSetSpec},
+    core::v1::{
+        ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+        EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, Service, ServicePort,
+        Volume, VolumeMount,
+    },
+    policy::v1::PodDisruptionBudget,
+};
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
+
+use super::{
+    AGENT_PORT, Names, SENTINEL_PORT, Settings,
+    build::{
+        agent_container, anti_affinity, container_security, memory_volume, pdb, pod_security,
+        pull_policy, secret_volume, token_volume,
+    },
+    owned_meta, selector,
+    services::{client_service, headless},
+};
+use crate::crd::{Failover, SentinelSettings};
+
+pub const COMPONENT_SENTINEL: &str = "sentinel";
+const SECRET_DIR: &str = "/etc/valkey-secret";
+
+/// The embedded Sentinel's settings, when the instance has one (not an external set).
+pub fn embedded(failover: &Failover) -> Option<&SentinelSettings> {
+    failover
+        .spec
+        .sentinel
+        .as_ref()
+        .filter(|s| s.sentinel_reference.is_none())
+}
+
+/// sentinel.conf as first written. Sentinel rewrites its file with what it learns; the pod
+/// copies this template only when the file is absent. The controller then issues MONITOR.
+pub fn sentinel_conf(settings: &SentinelSettings) -> String {
+    let mut conf = format!(
+        "# Written by the valkey operator; edit spec.sentinel.customConfigs instead.\n\
+         port {SENTINEL_PORT}\nprotected-mode no\ndir /data\n\
+         sentinel resolve-hostnames yes\nsentinel announce-hostnames yes\n"
+    );
+    for (key, value) in &settings.custom_configs {
+        conf.push_str(&format!("{key} {value}\n"));
+    }
+    conf
+}
+
+fn start_script(names: &Names, with_password: bool) -> String {
+    let password = if with_password {
+        format!(
+            "P=\"$(cat {SECRET_DIR}/password)\"\n\
+             printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "set -eu\numask 077\n\
+         [ -f /data/sentinel.conf ] || cp /etc/sentinel/sentinel.conf /data/sentinel.conf\n\
+         # The password and the announced name always follow the Secret and the pod.\n\
+         grep -v -e '^requirepass' -e '^user default' -e '^sentinel sentinel-pass' \
+         -e '^sentinel announce-ip' /data/sentinel.conf > /data/sentinel.conf.new || true\n\
+         mv /data/sentinel.conf.new /data/sentinel.conf\n\
+         printf 'sentinel announce-ip %s\\n' \"$POD_NAME.{headless}.{namespace}.svc\" >> /data/sentinel.conf\n\
+         {password}exec valkey-sentinel /data/sentinel.conf\n",
+        headless = names.sentinel_headless(),
+        namespace = names.namespace,
+    )
+}
+
+/// Every object of an embedded Sentinel set; empty without one.
+pub fn objects(
+    failover: &Failover,
+    settings: &Settings,
+    paused: bool,
+) -> (
+    Vec<ConfigMap>,
+    Vec<StatefulSet>,
+    Vec<Service>,
+    Vec<PodDisruptionBudget>,
+) {
+    let Some(sentinel) = embedded(failover) else {
+        return Default::default();
+    };
+    let names = Names::of(failover);
+    let select = selector(&names, COMPONENT_SENTINEL);
+    let config_name = format!("{}-config", names.sentinel());
+    let config = ConfigMap {
+        metadata: owned_meta(failover, config_name.clone(), COMPONENT_SENTINEL),
+        data: Some([("sentinel.conf".to_owned(), sentinel_conf(sentinel))].into()),
+        ..ConfigMap::default()
+    };
+    let password_secret = sentinel
+        .access
+        .as_ref()
+        .and_then(|a| a.default_password_secret.clone());
+    let image = sentinel
+        .image
+        .clone()
+        .or(failover.spec.image.clone())
+        .unwrap_or(settings.valkey_image.clone());
+    let mut mounts = vec![
+        VolumeMount {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "config".into(),
+            mount_path: "/etc/sentinel".into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "data".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_name,
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        token_volume(),
+        memory_volume("run"),
+    ];
+    if let Some(secret) = &password_secret {
+        mounts.push(VolumeMount {
+            name: "password".into(),
+            mount_path: SECRET_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(secret_volume(secret));
+    }
+    let container = Container {
+        name: "sentinel".into(),
+        image: Some(image),
+        image_pull_policy: Some(pull_policy(
+            sentinel
+                .image_pull_policy
+                .or(failover.spec.image_pull_policy),
+        )),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            start_script(&names, password_secret.is_some()),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("sentinel".into()),
+            container_port: SENTINEL_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: sentinel.resources.clone(),
+        readiness_probe: Some(Probe {
+            grpc: Some(k8s_openapi::api::core::v1::GRPCAction {
+                port: AGENT_PORT,
+                service: Some("readiness".into()),
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        volume_mounts: Some(mounts),
+        security_context: Some(container_security()),
+        ..Container::default()
+    };
+    let announce = format!(
+        "$(VALKEY_AGENT_POD_NAME).{}.{}.svc",
+        names.sentinel_headless(),
+        names.namespace
+    );
+    let agent = agent_container(
+        &names,
+        settings,
+        "sentinel",
+        SENTINEL_PORT,
+        &announce,
+        password_secret
+            .as_ref()
+            .map(|_| format!("{SECRET_DIR}/password"))
+            .as_deref(),
+    );
+    let mut template_labels = select.clone();
+    template_labels.extend(super::labels(&names, COMPONENT_SENTINEL));
+    let statefulset = StatefulSet {
+        metadata: owned_meta(failover, names.sentinel(), COMPONENT_SENTINEL),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(if paused { 0 } else { sentinel.count() }),
+            service_name: Some(names.sentinel_headless()),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(select.clone()),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    labels: Some(template_labels),
+                    annotations: (!sentinel.pod_annotations.is_empty())
+                        .then(|| sentinel.pod_annotations.clone()),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container, agent],
+                    volumes: Some(volumes),
+                    affinity: Some(anti_affinity(sentinel.affinity.as_ref(), select)),
+                    tolerations: (!sentinel.tolerations.is_empty())
+                        .then(|| sentinel.tolerations.clone()),
+                    node_selector: (!sentinel.node_selector.is_empty())
+                        .then(|| sentinel.node_selector.clone()),
+                    security_context: Some(pod_security(sentinel.security_context.as_ref())),
+                    image_pull_secrets: {
+                        let secrets = if sentinel.image_pull_secrets.is_empty() {
+                            &failover.spec.image_pull_secrets
+                        } else {
+                            &sentinel.image_pull_secrets
+                        };
+                        (!secrets.is_empty()).then(|| secrets.clone())
+                    },
+                    enable_service_links: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    };
+    let port = ServicePort {
+        name: Some("sentinel".into()),
+        port: SENTINEL_PORT,
+        target_port: Some(IntOrString::Int(SENTINEL_PORT)),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    };
+    let access = sentinel
+        .access
+        .as_ref()
+        .map(|a| a.access.clone())
+        .unwrap_or_default();
+    let services = vec![
+        headless(
+            failover,
+            names.sentinel_headless(),
+            COMPONENT_SENTINEL,
+            port.clone(),
+        ),
+        client_service(
+            failover,
+            &access,
+            names.sentinel(),
+            COMPONENT_SENTINEL,
+            selector(&names, COMPONENT_SENTINEL),
+            vec![port],
+        ),
+    ];
+    let budget = pdb(failover, COMPONENT_SENTINEL, names.sentinel());
+    (vec![config], vec![statefulset], services, vec![budget])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{FailoverSpec, SentinelInstanceAccess, SentinelReference};
+
+    fn failover(sentinel: Option<SentinelSettings>) -> Failover {
+        let mut failover = Failover::new(
+            "demo",
+            FailoverSpec {
+                replicas: 3,
+                sentinel,
+                ..FailoverSpec::default()
+            },
+        );
+        failover.metadata.namespace = Some("prod".into());
+        failover
+    }
+
+    #[test]
+    fn an_embedded_set_gets_its_statefulset_config_services_and_pdb() {
+        let settings = SentinelSettings {
+            replicas: Some(5),
+            access: Some(SentinelInstanceAccess {
+                default_password_secret: Some("sentinel-pw".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (configs, sets, services, pdbs) =
+            objects(&failover(Some(settings)), &Settings::default(), false);
+        let conf = &configs[0].data.as_ref().expect("data")["sentinel.conf"];
+        assert!(conf.contains("sentinel announce-hostnames yes\n"));
+        assert!(conf.contains("sentinel resolve-hostnames yes\n"));
+        let spec = sets[0].spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(5));
+        let pod = spec.template.spec.as_ref().expect("pod");
+        let script = &pod.containers[0].command.as_ref().expect("command")[2];
+        assert!(
+            script.contains("demo-sentinel-headless.prod.svc"),
+            "{script}"
+        );
+        assert!(script.contains("sentinel sentinel-pass"), "{script}");
+        assert_eq!(pod.containers[1].name, "agent");
+        assert!(pod.volumes.iter().flatten().any(|v| {
+            v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("sentinel-pw")
+        }));
+        let names: Vec<_> = services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect();
+        assert_eq!(names, ["demo-sentinel-headless", "demo-sentinel"]);
+        assert_eq!(pdbs.len(), 1);
+    }
+
+    #[test]
+    fn no_objects_for_manual_policy_or_an_external_set() {
+        assert!(
+            objects(&failover(None), &Settings::default(), false)
+                .1
+                .is_empty()
+        );
+        let external = SentinelSettings {
+            sentinel_reference: Some(SentinelReference::default()),
+            ..Default::default()
+        };
+        assert!(
+            objects(&failover(Some(external)), &Settings::default(), false)
+                .1
+                .is_empty()
+        );
+    }
+}

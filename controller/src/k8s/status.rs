@@ -1,0 +1,431 @@
+//! The Failover's status, built purely from what the agents report, the controller's durable
+//! state and the pods, and the durable state read back from a status. Phase `Ready` only when
+//! every pod runs, exactly one master serves and every replica's link to it is up.
+
+use k8s_openapi::{
+    api::core::v1::Pod,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use valkey_proto::v1::Role;
+
+use super::Names;
+use crate::{
+    core::{Durable, FailoverRecord, Observed, PendingSwitchover},
+    crd::{
+        FailoverStatus, MonitorStatus, NodeRole, PendingSwitchoverStatus, Phase, Policy,
+        SentinelMonitorNode, ValkeyNode,
+    },
+};
+
+/// The durable state kept in the status: epoch, master, last failover, pending switchover.
+pub fn durable_from(status: Option<&FailoverStatus>) -> Durable {
+    let Some(status) = status else {
+        return Durable::default();
+    };
+    let at_ms = status
+        .last_failover_time
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .map_or(0, |t| t.as_millisecond());
+    Durable {
+        epoch: status.epoch.max(0) as u64,
+        master: status.master.clone(),
+        last_failover: status
+            .master
+            .clone()
+            .zip(status.last_failover_reason.clone())
+            .map(|(to, reason)| FailoverRecord {
+                at_ms,
+                from: status.last_failover_from.clone(),
+                to,
+                reason,
+            }),
+        switchover: status
+            .pending_switchover
+            .as_ref()
+            .map(|p| PendingSwitchover {
+                from: p.from.clone(),
+                to: p.to.clone(),
+                epoch: p.epoch.max(0) as u64,
+            }),
+    }
+}
+
+/// Writes the durable state into a status.
+pub fn durable_into(durable: &Durable, status: &mut FailoverStatus) {
+    status.epoch = durable.epoch as i64;
+    status.master = durable.master.clone();
+    if let Some(last) = &durable.last_failover {
+        status.last_failover_time = Timestamp::from_millisecond(last.at_ms)
+            .ok()
+            .map(|t| t.to_string());
+        status.last_failover_reason = Some(last.reason.clone());
+        status.last_failover_from = last.from.clone();
+    }
+    status.pending_switchover = durable
+        .switchover
+        .as_ref()
+        .map(|p| PendingSwitchoverStatus {
+            from: p.from.clone(),
+            to: p.to.clone(),
+            epoch: p.epoch as i64,
+        });
+}
+
+/// Everything the status is built from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    pub names: &'a Names,
+    pub replicas: i32,
+    pub generation: Option<i64>,
+    pub paused: bool,
+    pub durable: &'a Durable,
+    pub observed: &'a Observed,
+    pub pods: &'a [Pod],
+    pub sentinel: Option<SentinelInputs>,
+    pub now: Timestamp,
+}
+
+#[derive(Debug)]
+pub struct SentinelInputs {
+    pub monitor: String,
+    pub password_secret: Option<String>,
+    /// The sentinels in use: host and port.
+    pub nodes: Vec<(String, i32)>,
+}
+
+fn condition(
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    Condition {
+        type_: kind.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    }
+}
+
+pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
+    let mut status = FailoverStatus::default();
+    durable_into(inputs.durable, &mut status);
+    status.observed_generation = inputs.generation;
+    let names = inputs.names;
+    for ordinal in 0..inputs.replicas {
+        let pod_name = names.pod(ordinal);
+        let pod = inputs
+            .pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(&pod_name));
+        let obs = inputs.observed.nodes.get(&pod_name);
+        // What a node whose agent is gone, or whose Valkey is down, last said is history.
+        let data = obs
+            .filter(|o| o.connected)
+            .and_then(|o| o.report.as_ref())
+            .filter(|r| r.process() == valkey_proto::v1::ProcessState::Up)
+            .and_then(|r| r.data.as_ref());
+        let role = match data.map(|d| d.role()) {
+            Some(Role::Master) => NodeRole::Master,
+            Some(Role::Replica) => NodeRole::Replica,
+            _ => NodeRole::None,
+        };
+        let master_offset = inputs
+            .durable
+            .master
+            .as_ref()
+            .and_then(|m| inputs.observed.nodes.get(m))
+            .and_then(|o| o.report.as_ref()?.data.as_ref())
+            .map(|d| d.repl_offset);
+        status.nodes.push(ValkeyNode {
+            id: data.map(|d| d.run_id.clone()).unwrap_or_default(),
+            role,
+            ip: pod
+                .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+                .unwrap_or_default(),
+            port: super::VALKEY_PORT,
+            master_ref: data
+                .filter(|d| d.role() == Role::Replica && d.master_port > 1)
+                .map(|d| format!("{}:{}", d.master_host, d.master_port)),
+            stateful_set: names.data(),
+            pod_name: pod_name.clone(),
+            node_name: pod
+                .and_then(|p| p.spec.as_ref()?.node_name.clone())
+                .unwrap_or_default(),
+            repl_offset: data.map_or(0, |d| d.repl_offset),
+            lag: match (data, master_offset) {
+                (Some(d), Some(m)) if role == NodeRole::Replica => (m - d.repl_offset).max(0),
+                _ => 0,
+            },
+            link_up: data.is_some_and(|d| d.master_link_up),
+        });
+    }
+    let masters = status
+        .nodes
+        .iter()
+        .filter(|n| n.role == NodeRole::Master)
+        .count();
+    let master_node = status
+        .nodes
+        .iter()
+        .find(|n| Some(&n.pod_name) == inputs.durable.master.as_ref());
+    let replicas_in_sync = status
+        .nodes
+        .iter()
+        .filter(|n| Some(&n.pod_name) != inputs.durable.master.as_ref())
+        .all(|n| n.role == NodeRole::Replica && n.link_up);
+    let all_reporting = status.nodes.iter().all(|n| {
+        inputs
+            .observed
+            .nodes
+            .get(&n.pod_name)
+            .is_some_and(|o| o.connected)
+    });
+    let ready = !inputs.paused
+        && masters == 1
+        && master_node.is_some_and(|n| n.role == NodeRole::Master)
+        && replicas_in_sync
+        && all_reporting;
+    (status.phase, status.message) = if inputs.paused {
+        (
+            Phase::Paused,
+            "paused: scaled to zero pods; PVCs and Secrets kept".into(),
+        )
+    } else if ready {
+        (
+            Phase::Ready,
+            format!(
+                "master {} with {} replica(s) in sync",
+                inputs.durable.master.as_deref().unwrap_or("?"),
+                inputs.replicas - 1
+            ),
+        )
+    } else if masters > 1 {
+        (
+            Phase::Creating,
+            format!("{masters} nodes claim master; the controller is demoting the extra one"),
+        )
+    } else if !all_reporting {
+        let waiting = status
+            .nodes
+            .iter()
+            .filter(|n| {
+                !inputs
+                    .observed
+                    .nodes
+                    .get(&n.pod_name)
+                    .is_some_and(|o| o.connected)
+            })
+            .map(|n| n.pod_name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        (
+            Phase::Creating,
+            format!("waiting for the agents of {waiting}"),
+        )
+    } else if inputs.durable.master.is_none() {
+        (Phase::Creating, "choosing a master".into())
+    } else {
+        (Phase::Creating, "replicas are syncing".into())
+    };
+    let now = inputs.now;
+    let gen_ = inputs.generation;
+    status.conditions = vec![
+        condition(
+            "Ready",
+            ready,
+            if ready { "Ready" } else { "NotReady" },
+            &status.message,
+            gen_,
+            now,
+        ),
+        condition(
+            "Progressing",
+            !ready && !inputs.paused,
+            if ready {
+                "Stable"
+            } else if inputs.paused {
+                "Paused"
+            } else {
+                "Reconciling"
+            },
+            &status.message,
+            gen_,
+            now,
+        ),
+        condition(
+            "Degraded",
+            !ready && inputs.durable.master.is_some() && !inputs.paused,
+            if ready || inputs.durable.master.is_none() {
+                "AsExpected"
+            } else {
+                "ReplicasNotInSync"
+            },
+            &status.message,
+            gen_,
+            now,
+        ),
+    ];
+    status.monitor = match &inputs.sentinel {
+        None => MonitorStatus {
+            policy: Policy::Manual,
+            ..MonitorStatus::default()
+        },
+        Some(s) => MonitorStatus {
+            policy: Policy::Sentinel,
+            name: Some(s.monitor.clone()),
+            password_secret: s.password_secret.clone(),
+            nodes: s
+                .nodes
+                .iter()
+                .map(|(host, port)| SentinelMonitorNode {
+                    ip: host.clone(),
+                    port: *port,
+                    flags: None,
+                })
+                .collect(),
+            ..MonitorStatus::default()
+        },
+    };
+    status
+}
+
+/// Keeps a condition's transition time when its status did not change, so that a status
+/// written every pass does not churn.
+pub fn keep_transition_times(new: &mut FailoverStatus, old: Option<&FailoverStatus>) {
+    let Some(old) = old else { return };
+    for condition in &mut new.conditions {
+        if let Some(previous) = old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition.type_ && c.status == condition.status)
+        {
+            condition.last_transition_time = previous.last_transition_time.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::NodeObs;
+    use valkey_proto::v1::{DataState, StateReport};
+
+    fn obs(role: Role, link: bool, offset: i64) -> NodeObs {
+        NodeObs {
+            connected: true,
+            unhealthy_ms: 0,
+            report: Some(StateReport {
+                data: Some(DataState {
+                    role: role as i32,
+                    master_link_up: link,
+                    repl_offset: offset,
+                    master_host: "demo-0.demo-headless.prod.svc".into(),
+                    master_port: 6379,
+                    ..DataState::default()
+                }),
+                ..StateReport::default()
+            }),
+        }
+    }
+
+    fn inputs<'a>(names: &'a Names, durable: &'a Durable, observed: &'a Observed) -> Inputs<'a> {
+        Inputs {
+            names,
+            replicas: 3,
+            generation: Some(2),
+            paused: false,
+            durable,
+            observed,
+            pods: &[],
+            sentinel: None,
+            now: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn ready_only_with_one_master_and_every_replica_linked() {
+        let names = Names {
+            instance: "demo".into(),
+            namespace: "prod".into(),
+        };
+        let durable = Durable {
+            epoch: 3,
+            master: Some("demo-0".into()),
+            ..Durable::default()
+        };
+        let mut observed = Observed::default();
+        observed
+            .nodes
+            .insert("demo-0".into(), obs(Role::Master, false, 100));
+        observed
+            .nodes
+            .insert("demo-1".into(), obs(Role::Replica, true, 90));
+        observed
+            .nodes
+            .insert("demo-2".into(), obs(Role::Replica, false, 0));
+        let status = build(&inputs(&names, &durable, &observed));
+        assert_eq!(status.phase, Phase::Creating);
+        assert_eq!(status.message, "replicas are syncing");
+        assert_eq!(status.nodes[1].lag, 10);
+        assert_eq!(
+            status.nodes[1].master_ref.as_deref(),
+            Some("demo-0.demo-headless.prod.svc:6379")
+        );
+        observed
+            .nodes
+            .insert("demo-2".into(), obs(Role::Replica, true, 100));
+        let status = build(&inputs(&names, &durable, &observed));
+        assert_eq!(status.phase, Phase::Ready, "{}", status.message);
+        assert_eq!(
+            (status.epoch, status.master.as_deref()),
+            (3, Some("demo-0"))
+        );
+        assert_eq!(status.observed_generation, Some(2));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        );
+        observed
+            .nodes
+            .insert("demo-1".into(), obs(Role::Master, false, 100));
+        let status = build(&inputs(&names, &durable, &observed));
+        assert_eq!(status.phase, Phase::Creating);
+        assert!(
+            status.message.contains("2 nodes claim master"),
+            "{}",
+            status.message
+        );
+    }
+
+    #[test]
+    fn the_durable_state_round_trips_through_the_status() {
+        let durable = Durable {
+            epoch: 7,
+            master: Some("demo-2".into()),
+            last_failover: Some(FailoverRecord {
+                at_ms: 1_700_000_000_123,
+                from: Some("demo-0".into()),
+                to: "demo-2".into(),
+                reason: "master down".into(),
+            }),
+            switchover: Some(PendingSwitchover {
+                from: "demo-2".into(),
+                to: "demo-1".into(),
+                epoch: 8,
+            }),
+        };
+        let mut status = FailoverStatus::default();
+        durable_into(&durable, &mut status);
+        assert_eq!(durable_from(Some(&status)), durable);
+        assert_eq!(durable_from(None), Durable::default());
+    }
+}

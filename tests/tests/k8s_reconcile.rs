@@ -1,0 +1,606 @@
+//! The Kubernetes reconciler against an in-memory API server (kube-fake-client), with the
+//! controller's real agent hub and, where status matters, real valkey-server processes and
+//! valkey-agents reporting to it: creating a Failover creates its objects, status and role
+//! labels follow the agents, deletion goes through the finalizer, pause and resume work, and
+//! bad input fails the Failover with a message naming the field, leaving the instance alone.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{
+            ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServicePort, ServiceSpec,
+        },
+        policy::v1::PodDisruptionBudget,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+use nix::sys::signal::Signal;
+use valkey_controller::{
+    crd::{
+        Failover, FailoverSpec, NodeRole, Phase, SentinelInstanceAccess, SentinelSettings, Storage,
+    },
+    k8s::{ANNOTATION_PAUSED, FINALIZER, LABEL_INSTANCE, LABEL_ROLE},
+};
+use valkey_e2e::{
+    k8s::{FakeCluster, TOKEN},
+    procs::{Agent, AgentOpts, PASSWORD, Valkey},
+    wait_for,
+};
+
+const T: Duration = Duration::from_secs(30);
+const NS: &str = "default";
+
+fn failover(name: &str, spec: FailoverSpec) -> Failover {
+    let mut failover = Failover::new(name, spec);
+    failover.metadata.namespace = Some(NS.into());
+    failover
+}
+
+fn three() -> FailoverSpec {
+    FailoverSpec {
+        replicas: 3,
+        ..FailoverSpec::default()
+    }
+}
+
+fn password_secret(name: &str, password: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            [(
+                "password".to_owned(),
+                ByteString(password.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Secret::default()
+    }
+}
+
+async fn names<K>(api: &Api<K>) -> Vec<String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let mut names: Vec<String> = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .map(|o| o.name_any())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn creating_a_failover_creates_its_objects_and_a_password_that_is_never_overwritten() {
+    let cluster = FakeCluster::start().await;
+    let mut spec = three();
+    spec.storage = Some(Storage::default());
+    spec.exporter = Some(Default::default());
+    cluster.create(&failover("demo", spec)).await;
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+
+    let created = cluster.failover(NS, "demo").await;
+    assert!(created.finalizers().contains(&FINALIZER.to_owned()));
+    assert_eq!(names(&cluster.api::<StatefulSet>(NS)).await, ["demo"]);
+    assert_eq!(names(&cluster.api::<ConfigMap>(NS)).await, ["demo-config"]);
+    assert_eq!(
+        names(&cluster.api::<PodDisruptionBudget>(NS)).await,
+        ["demo"]
+    );
+    assert_eq!(
+        names(&cluster.api::<Service>(NS)).await,
+        [
+            "demo",
+            "demo-0",
+            "demo-1",
+            "demo-2",
+            "demo-headless",
+            "demo-metrics",
+            "demo-read"
+        ]
+    );
+    let sts = cluster
+        .api::<StatefulSet>(NS)
+        .get("demo")
+        .await
+        .expect("sts");
+    let owner = sts.owner_references();
+    assert_eq!(owner.len(), 1);
+    assert_eq!(
+        (owner[0].kind.as_str(), owner[0].controller),
+        ("Failover", Some(true))
+    );
+    assert_eq!(sts.spec.as_ref().and_then(|s| s.replicas), Some(3));
+
+    let secrets = cluster.api::<Secret>(NS);
+    let read = |s: Secret| {
+        s.data
+            .and_then(|d| {
+                d.get("password")
+                    .map(|b| String::from_utf8(b.0.clone()).expect("utf8"))
+            })
+            .or_else(|| s.string_data.and_then(|d| d.get("password").cloned()))
+            .expect("a password")
+    };
+    let password = read(secrets.get("demo-password").await.expect("secret"));
+    assert_eq!(password.len(), 32);
+    cluster.reconcile(NS, "demo").await.expect("second pass");
+    assert_eq!(
+        read(secrets.get("demo-password").await.expect("secret")),
+        password
+    );
+
+    let status = cluster.failover(NS, "demo").await.status.expect("status");
+    assert_eq!(status.phase, Phase::Creating);
+    assert!(
+        status.message.contains("waiting for the agents"),
+        "{}",
+        status.message
+    );
+
+    // A Secret the user made is used as it is.
+    cluster
+        .api::<Secret>(NS)
+        .create(
+            &PostParams::default(),
+            &password_secret("mine-password", "users-own"),
+        )
+        .await
+        .expect("user's secret");
+    cluster.create(&failover("mine", three())).await;
+    cluster.reconcile(NS, "mine").await.expect("reconcile");
+    assert_eq!(
+        read(secrets.get("mine-password").await.expect("secret")),
+        "users-own"
+    );
+}
+
+#[tokio::test]
+async fn the_seed_example_gets_its_sentinels() {
+    let cluster = FakeCluster::start().await;
+    let mut seed: Failover =
+        serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
+    seed.metadata.namespace = Some(NS.into());
+    cluster.create(&seed).await;
+    cluster
+        .reconcile(NS, "example-failover")
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        names(&cluster.api::<StatefulSet>(NS)).await,
+        ["example-failover", "example-failover-sentinel"]
+    );
+    let services = names(&cluster.api::<Service>(NS)).await;
+    assert!(
+        services.contains(&"example-failover-sentinel".to_owned()),
+        "{services:?}"
+    );
+    let status = cluster
+        .failover(NS, "example-failover")
+        .await
+        .status
+        .expect("status");
+    assert_eq!(
+        status.monitor.name.as_deref(),
+        Some("default.example-failover")
+    );
+    assert_eq!(status.monitor.nodes.len(), 3);
+}
+
+/// Three real Valkeys with agents reporting to the cluster's hub as pods demo-0..2.
+struct Nodes {
+    valkeys: Vec<Valkey>,
+    _agents: Vec<Agent>,
+}
+
+fn start_nodes(cluster: &FakeCluster) -> Nodes {
+    let valkeys: Vec<Valkey> = (0..3)
+        .map(|i| Valkey::start(&format!("demo-{i}")))
+        .collect();
+    let agents = valkeys
+        .iter()
+        .map(|v| {
+            let mut opts = AgentOpts::for_valkey(v, Some(cluster.hub_url.clone()));
+            std::fs::write(opts.token_file.as_ref().expect("token file"), TOKEN).expect("token");
+            opts.failover = "demo".into();
+            Agent::start(opts)
+        })
+        .collect();
+    Nodes {
+        valkeys,
+        _agents: agents,
+    }
+}
+
+fn ready(f: &Failover) -> bool {
+    f.status.as_ref().is_some_and(|s| s.phase == Phase::Ready)
+}
+
+async fn role_labels(cluster: &FakeCluster) -> BTreeMap<String, String> {
+    cluster
+        .api::<Pod>(NS)
+        .list(&ListParams::default())
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .map(|p| {
+            let role = p.labels().get(LABEL_ROLE).cloned().unwrap_or_default();
+            (p.name_any(), role)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn status_and_routing_follow_the_agents_through_a_failover() {
+    let cluster = FakeCluster::start().await;
+    cluster
+        .api::<Secret>(NS)
+        .create(
+            &PostParams::default(),
+            &password_secret("demo-password", PASSWORD),
+        )
+        .await
+        .expect("secret");
+    cluster.create(&failover("demo", three())).await;
+    cluster.create_pods(NS, "demo", 3).await;
+    let nodes = start_nodes(&cluster);
+
+    let up = cluster
+        .reconcile_until(NS, "demo", "phase Ready", T, ready)
+        .await;
+    let status = up.status.expect("status");
+    let master = status.master.clone().expect("a master");
+    assert_eq!(status.epoch, 1);
+    assert_eq!(status.nodes.len(), 3);
+    for node in &status.nodes {
+        let want = if node.pod_name == master {
+            NodeRole::Master
+        } else {
+            NodeRole::Replica
+        };
+        assert_eq!(node.role, want, "{node:?}");
+        assert!(node.pod_name == master || node.link_up, "{node:?}");
+    }
+    let labels = role_labels(&cluster).await;
+    for (pod, role) in &labels {
+        assert_eq!(
+            role,
+            if *pod == master { "master" } else { "replica" },
+            "{labels:?}"
+        );
+    }
+    assert!(
+        cluster
+            .events(NS)
+            .await
+            .iter()
+            .any(|(t, r, _)| t == "Normal" && r == "Ready"),
+        "{:?}",
+        cluster.events(NS).await
+    );
+
+    // Writes acknowledged by a replica, then kill -9 of the master: a replica is promoted
+    // with them, and status and the role label follow.
+    let index: usize = master
+        .rsplit('-')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .expect("ordinal");
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(T));
+    let mut conn = nodes.valkeys[index]
+        .client()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect");
+    for i in 0..20 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(i)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+    }
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(2)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .expect("WAIT");
+    assert_eq!(acked, 2);
+    nodes.valkeys[index].proc().signal(Signal::SIGKILL);
+    let after = cluster
+        .reconcile_until(NS, "demo", "a new master", T, |f| {
+            f.status
+                .as_ref()
+                .is_some_and(|s| s.master.as_ref().is_some_and(|m| *m != master) && s.epoch == 2)
+        })
+        .await;
+    let status = after.status.expect("status");
+    let new_master = status.master.clone().expect("master");
+    assert!(status.last_failover_reason.is_some());
+    assert_eq!(status.last_failover_from.as_deref(), Some(master.as_str()));
+    // Routing follows on the passes the new master's report triggers.
+    let labels = wait_for("the role label to move", T, || async {
+        cluster.reconcile(NS, "demo").await.expect("reconcile");
+        let labels = role_labels(&cluster).await;
+        (labels[&new_master] == "master").then_some(labels)
+    })
+    .await;
+    assert_ne!(labels[&master], "master", "{labels:?}");
+    assert!(
+        status.phase != Phase::Ready,
+        "one node is down: {}",
+        status.message
+    );
+    let new_index: usize = new_master
+        .rsplit('-')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .expect("ordinal");
+    let keys: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut nodes.valkeys[new_index].conn().await)
+        .await
+        .expect("DBSIZE");
+    assert_eq!(keys, 20, "acknowledged writes kept");
+}
+
+#[tokio::test]
+async fn pause_scales_to_zero_keeping_secrets_and_resume_brings_it_back() {
+    let cluster = FakeCluster::start().await;
+    cluster.create(&failover("demo", three())).await;
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+    let api = cluster.api::<Failover>(NS);
+    let annotate = |value: Option<&str>| serde_json::json!({"metadata": {"annotations": {ANNOTATION_PAUSED: value}}});
+    api.patch(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(&annotate(Some("true"))),
+    )
+    .await
+    .expect("pause");
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+    let replicas = || async {
+        cluster
+            .api::<StatefulSet>(NS)
+            .get("demo")
+            .await
+            .expect("sts")
+            .spec
+            .and_then(|s| s.replicas)
+    };
+    assert_eq!(replicas().await, Some(0));
+    let paused = cluster.failover(NS, "demo").await.status.expect("status");
+    assert_eq!(paused.phase, Phase::Paused);
+    assert!(
+        cluster
+            .api::<Secret>(NS)
+            .get_opt("demo-password")
+            .await
+            .expect("get")
+            .is_some()
+    );
+
+    api.patch(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(&annotate(None)),
+    )
+    .await
+    .expect("resume");
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+    assert_eq!(replicas().await, Some(3));
+    let resumed = cluster.failover(NS, "demo").await.status.expect("status");
+    assert_eq!(resumed.phase, Phase::Creating);
+}
+
+#[tokio::test]
+async fn an_invalid_spec_fails_naming_the_field_and_leaves_the_instance_alone() {
+    let cluster = FakeCluster::start().await;
+    cluster.create(&failover("demo", three())).await;
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+    let sts_before = cluster
+        .api::<StatefulSet>(NS)
+        .get("demo")
+        .await
+        .expect("sts");
+    let config_before = cluster
+        .api::<ConfigMap>(NS)
+        .get("demo-config")
+        .await
+        .expect("cm");
+
+    let mut edited = cluster.failover(NS, "demo").await;
+    edited
+        .spec
+        .custom_configs
+        .insert("port".into(), "7000".into());
+    edited.spec.replicas = 5;
+    cluster
+        .api::<Failover>(NS)
+        .replace("demo", &PostParams::default(), &edited)
+        .await
+        .expect("edit");
+    let action = cluster
+        .reconcile(NS, "demo")
+        .await
+        .expect("handled, not retried");
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+
+    let status = cluster.failover(NS, "demo").await.status.expect("status");
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(
+        status.message.starts_with("spec.customConfigs.port:"),
+        "{}",
+        status.message
+    );
+    let events = cluster.events(NS).await;
+    assert!(
+        events.iter().any(|(t, r, n)| t == "Warning"
+            && r == "InvalidSpec"
+            && n.contains("spec.customConfigs.port")),
+        "{events:?}"
+    );
+    let sts_after = cluster
+        .api::<StatefulSet>(NS)
+        .get("demo")
+        .await
+        .expect("sts");
+    assert_eq!(sts_after.resource_version(), sts_before.resource_version());
+    assert_eq!(sts_after.spec.and_then(|s| s.replicas), Some(3));
+    let config_after = cluster
+        .api::<ConfigMap>(NS)
+        .get("demo-config")
+        .await
+        .expect("cm");
+    assert_eq!(config_after.data, config_before.data);
+}
+
+#[tokio::test]
+async fn a_missing_secret_or_a_taken_node_port_is_named() {
+    let other = Service {
+        metadata: ObjectMeta {
+            name: Some("someone-else".into()),
+            namespace: Some("other".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("NodePort".into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                node_port: Some(31001),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let cluster = FakeCluster::start_with(|b| b.with_object(other)).await;
+    let mut spec = three();
+    spec.access.service_type = valkey_controller::crd::ServiceType::NodePort;
+    spec.access.ports = Some("31000-31002".into());
+    cluster.create(&failover("demo", spec)).await;
+    cluster.reconcile(NS, "demo").await.expect("handled");
+    let status = cluster.failover(NS, "demo").await.status.expect("status");
+    assert_eq!(status.phase, Phase::Failed);
+    assert_eq!(
+        status.message,
+        "spec.access.ports: NodePort 31001 is already used by Service other/someone-else"
+    );
+    assert!(
+        names(&cluster.api::<StatefulSet>(NS)).await.is_empty(),
+        "nothing applied"
+    );
+
+    let mut spec = three();
+    spec.sentinel = Some(SentinelSettings {
+        access: Some(SentinelInstanceAccess {
+            default_password_secret: Some("sentinel-pw".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    cluster.create(&failover("guarded", spec)).await;
+    cluster.reconcile(NS, "guarded").await.expect("handled");
+    let status = cluster
+        .failover(NS, "guarded")
+        .await
+        .status
+        .expect("status");
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(
+        status.message.starts_with(
+            "spec.sentinel.access.defaultPasswordSecret: Secret \"sentinel-pw\" not found"
+        ),
+        "{}",
+        status.message
+    );
+    let events = cluster.events(NS).await;
+    assert!(
+        events.iter().any(|(_, r, _)| r == "MissingSecret"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|(_, r, _)| r == "NodePortInUse"),
+        "{events:?}"
+    );
+}
+
+/// The Failover as the API server holds it after `kubectl delete`: a deletion timestamp, and
+/// our finalizer still on it; plus PVCs of its own and of another instance.
+async fn deleted(retain: bool) -> FakeCluster {
+    let mut spec = three();
+    spec.storage = Some(Storage {
+        retain_after_deleted: retain,
+        ..Storage::default()
+    });
+    let mut doomed = failover("demo", spec);
+    doomed.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    doomed.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let pvc = |name: &str, instance: &str| PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            labels: Some([(LABEL_INSTANCE.to_owned(), instance.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        ..PersistentVolumeClaim::default()
+    };
+    FakeCluster::start_with(|b| {
+        b.with_object(doomed)
+            .with_object(pvc("data-demo-0", "demo"))
+            .with_object(pvc("data-demo-1", "demo"))
+            .with_object(pvc("data-other-0", "other"))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn deletion_goes_through_the_finalizer_and_honours_retain_after_deleted() {
+    let cluster = deleted(false).await;
+    cluster.reconcile(NS, "demo").await.expect("cleanup");
+    assert!(
+        cluster
+            .api::<Failover>(NS)
+            .get_opt("demo")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert_eq!(
+        names(&cluster.api::<PersistentVolumeClaim>(NS)).await,
+        ["data-other-0"]
+    );
+
+    let cluster = deleted(true).await;
+    cluster.reconcile(NS, "demo").await.expect("cleanup");
+    assert!(
+        cluster
+            .api::<Failover>(NS)
+            .get_opt("demo")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert_eq!(
+        names(&cluster.api::<PersistentVolumeClaim>(NS)).await,
+        ["data-demo-0", "data-demo-1", "data-other-0"]
+    );
+}
