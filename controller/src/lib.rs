@@ -9,6 +9,7 @@ pub mod k8s;
 pub mod local;
 pub mod manifest;
 pub mod sentinel;
+pub mod switchover;
 pub mod validate;
 
 /// Unix time in milliseconds.

@@ -24,6 +24,13 @@ enum Command {
     Crd,
     /// Run the Kubernetes controller (in a cluster, or against the current kubeconfig).
     Run(RunArgs),
+    /// Print, as YAML, the objects the controller would apply for a Failover manifest (all but
+    /// the generated password Secret), after validating it.
+    Render {
+        /// The Failover manifest.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
     /// Run a Failover locally, without a cluster.
     Local {
         #[command(subcommand)]
@@ -182,6 +189,30 @@ fn main() -> ExitCode {
             Command::Crd => {
                 let yaml = valkey_controller::crd::crd_yaml().map_err(|e| e.to_string())?;
                 print!("{yaml}");
+                Ok(())
+            }
+            Command::Render { file } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("reading {}: {e}", file.display()))?;
+                let manifest = valkey_controller::manifest::Manifest::parse(
+                    &text,
+                    &file.display().to_string(),
+                )
+                .map_err(|e| e.to_string())?;
+                let mut failover = valkey_controller::crd::Failover::new(
+                    &manifest.metadata.name,
+                    manifest.spec.clone(),
+                );
+                failover.metadata.namespace = Some(manifest.namespace().to_owned());
+                let objects = valkey_controller::k8s::render(
+                    &failover,
+                    &valkey_controller::k8s::Settings::default(),
+                )
+                .map_err(|e| e.to_string())?;
+                for object in objects {
+                    let yaml = serde_yaml::to_string(&object).map_err(|e| e.to_string())?;
+                    print!("---\n{yaml}");
+                }
                 Ok(())
             }
             Command::Run(args) => {

@@ -55,6 +55,11 @@ impl FakeCluster {
     /// The same, with objects already in it (`builder.with_object(...)`).
     pub async fn start_with(seed: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // The controller's logs go to the test's output (shown when it fails).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info,valkey_controller=debug")
+            .with_test_writer()
+            .try_init();
         let builder = ClientBuilder::new()
             .with_resource::<Failover>()
             .with_status_subresource::<Failover>();
@@ -146,8 +151,9 @@ impl FakeCluster {
             }
             if tokio::time::Instant::now() >= deadline {
                 panic!(
-                    "timed out after {timeout:?} waiting for {what}; status: {:#?}",
-                    failover.status
+                    "timed out after {timeout:?} waiting for {what}; status: {:#?}\nevents: {:#?}",
+                    failover.status,
+                    self.events(namespace).await
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -28,7 +28,7 @@ use valkey_controller::{
     crd::{
         Failover, FailoverSpec, NodeRole, Phase, SentinelInstanceAccess, SentinelSettings, Storage,
     },
-    k8s::{ANNOTATION_PAUSED, FINALIZER, LABEL_INSTANCE, LABEL_ROLE},
+    k8s::{ANNOTATION_PAUSED, ANNOTATION_SWITCHOVER, FINALIZER, LABEL_INSTANCE, LABEL_ROLE},
 };
 use valkey_e2e::{
     k8s::{FakeCluster, TOKEN},
@@ -297,6 +297,40 @@ async fn status_and_routing_follow_the_agents_through_a_failover() {
         cluster.events(NS).await
     );
 
+    // A planned switchover through the annotation: another node takes over, the annotation
+    // is removed and the result recorded.
+    cluster
+        .api::<Failover>(NS)
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &serde_json::json!({"metadata": {"annotations": {ANNOTATION_SWITCHOVER: "any"}}}),
+            ),
+        )
+        .await
+        .expect("annotate");
+    let switched = cluster
+        .reconcile_until(NS, "demo", "the switchover", T, |f| {
+            f.status.as_ref().is_some_and(|s| {
+                s.phase == Phase::Ready
+                    && s.master.as_ref().is_some_and(|m| *m != master)
+                    && s.last_failover_reason.as_deref() == Some("planned switchover")
+            })
+        })
+        .await;
+    assert!(!switched.annotations().contains_key(ANNOTATION_SWITCHOVER));
+    let events = cluster.events(NS).await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, r, _)| t == "Normal" && r == "Switchover"),
+        "{events:?}"
+    );
+    let status = switched.status.expect("status");
+    assert_eq!(status.epoch, 2, "{status:#?}");
+    let master = status.master.expect("master");
+
     // Writes acknowledged by a replica, then kill -9 of the master: a replica is promoted
     // with them, and status and the role label follow.
     let index: usize = master
@@ -330,7 +364,7 @@ async fn status_and_routing_follow_the_agents_through_a_failover() {
         .reconcile_until(NS, "demo", "a new master", T, |f| {
             f.status
                 .as_ref()
-                .is_some_and(|s| s.master.as_ref().is_some_and(|m| *m != master) && s.epoch == 2)
+                .is_some_and(|s| s.master.as_ref().is_some_and(|m| *m != master) && s.epoch == 3)
         })
         .await;
     let status = after.status.expect("status");

@@ -56,10 +56,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             valkey_image: "valkey/valkey:8.0".into(),
-            agent_image: format!(
-                "ghcr.io/buf-red/valkey-operator:{}",
-                env!("CARGO_PKG_VERSION")
-            ),
+            agent_image: format!("ghcr.io/buf-red/valkey-agent:{}", env!("CARGO_PKG_VERSION")),
             exporter_image: "oliver006/redis_exporter:v1.67.0".into(),
             controller_addr: "http://valkey-controller.valkey-system.svc:7070".into(),
         }
@@ -162,4 +159,46 @@ pub fn is_paused(failover: &Failover) -> bool {
         .annotations()
         .get(ANNOTATION_PAUSED)
         .is_some_and(|v| v == "true")
+}
+
+/// Every object the controller applies for a Failover (but the password Secret, which is
+/// generated at apply time), in apply order: what `valkey-controller render` prints.
+pub fn render(
+    failover: &Failover,
+    settings: &Settings,
+) -> Result<Vec<serde_json::Value>, crate::validate::Invalid> {
+    let names = Names::of(failover);
+    crate::validate::validate(&names.instance, &failover.spec)?;
+    let paused = is_paused(failover);
+    let mut objects = Vec::new();
+    let mut push = |value: Result<serde_json::Value, serde_json::Error>| {
+        if let Ok(value) = value {
+            objects.push(value);
+        }
+    };
+    push(serde_json::to_value(build::config_map(failover)));
+    for service in services::data_services(failover)? {
+        push(serde_json::to_value(service));
+    }
+    push(serde_json::to_value(build::statefulset(
+        failover, settings, paused,
+    )));
+    push(serde_json::to_value(build::pdb(
+        failover,
+        build::COMPONENT_DATA,
+        names.data(),
+    )));
+    let (configs, sets, sentinel_services, budgets) =
+        sentinel_objects::objects(failover, settings, paused);
+    configs
+        .into_iter()
+        .for_each(|o| push(serde_json::to_value(o)));
+    sentinel_services
+        .into_iter()
+        .for_each(|o| push(serde_json::to_value(o)));
+    sets.into_iter().for_each(|o| push(serde_json::to_value(o)));
+    budgets
+        .into_iter()
+        .for_each(|o| push(serde_json::to_value(o)));
+    Ok(objects)
 }

@@ -27,8 +27,8 @@ use tracing::{info, warn};
 use valkey_proto::v1::{ConfigSet, Role, command::Action as AgentAction};
 
 use super::{
-    FINALIZER, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_ROLE, Names, SENTINEL_PORT, Settings,
-    VALKEY_PORT, build, is_paused, sentinel_objects, services, status,
+    ANNOTATION_SWITCHOVER, FINALIZER, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_ROLE, Names,
+    SENTINEL_PORT, Settings, VALKEY_PORT, build, is_paused, sentinel_objects, services, status,
 };
 use crate::{
     core::{Desired, NodeSpec},
@@ -36,6 +36,7 @@ use crate::{
     engine::{Engine, live_config},
     hub::{Hub, InstanceKey},
     sentinel::SentinelDesired,
+    switchover::{self, Refused},
     validate::{Invalid, RESTART_KEYS, validate},
 };
 
@@ -109,6 +110,8 @@ pub struct Context {
     /// last applied with CONFIG SET.
     notes: Mutex<HashMap<InstanceKey, Vec<String>>>,
     applied_live: Mutex<HashMap<InstanceKey, BTreeMap<String, String>>>,
+    /// Masters being terminated (their agent asked on SIGTERM) whose role should move.
+    switchover_requests: Mutex<HashMap<InstanceKey, String>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -129,6 +132,28 @@ impl Context {
             engines: Mutex::default(),
             notes: Mutex::default(),
             applied_live: Mutex::default(),
+            switchover_requests: Mutex::default(),
+        }
+    }
+
+    /// A master's agent is being terminated: move its role on the next pass.
+    pub fn request_switchover(&self, key: InstanceKey, pod: String) {
+        if let Ok(mut requests) = self.switchover_requests.lock() {
+            requests.insert(key, pod);
+        }
+    }
+
+    /// The terminating pod, while it is still the master (the request is kept until its role
+    /// has moved, so that a switchover that cannot start yet is tried again).
+    fn terminating_master(&self, key: &InstanceKey, master: Option<&str>) -> Option<String> {
+        let mut requests = self.switchover_requests.lock().ok()?;
+        match requests.get(key) {
+            Some(pod) if Some(pod.as_str()) == master => Some(pod.clone()),
+            Some(_) => {
+                requests.remove(key);
+                None
+            }
+            None => None,
         }
     }
 
@@ -307,10 +332,56 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         }
         if !plan.commands.is_empty() {
             ctx.metrics.decided(decided.elapsed());
+            tracing::debug!(failover = %names.instance, epoch = durable.epoch, commands = ?plan.commands, "dispatching");
         }
         engine.dispatch(&ctx.hub, &key, durable.epoch, plan.commands);
         report_notes(ctx, failover, &key, plan.notes).await;
         apply_live_settings(ctx, &engine, &key, failover, durable.epoch).await;
+        let asked = failover.annotations().get(ANNOTATION_SWITCHOVER).cloned();
+        let terminating = ctx.terminating_master(&key, durable.master.as_deref());
+        if let Some(to) = asked
+            .clone()
+            .or(plan.switchover)
+            .or(terminating.map(|_| "any".into()))
+        {
+            let started = start_switchover(
+                ctx,
+                failover,
+                &engine,
+                &key,
+                &desired,
+                sentinel.as_ref(),
+                &mut durable,
+                to,
+            )
+            .await?;
+            let retry = started.as_ref().err().is_some_and(Refused::is_transient);
+            if asked.is_some() && !retry {
+                // Done with the request: the result is in an Event.
+                let (type_, reason, note) = match &started {
+                    Ok(message) => (EventType::Normal, "Switchover", message.clone()),
+                    Err(why) => (EventType::Warning, "SwitchoverRefused", why.to_string()),
+                };
+                publish(ctx, failover, type_, reason, &note).await;
+                let patch = serde_json::json!({
+                    "metadata": { "annotations": { ANNOTATION_SWITCHOVER: null } }
+                });
+                failovers
+                    .patch(
+                        &names.instance,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .map_err(|source| Error::Apply {
+                        kind: "Failover",
+                        name: names.instance.clone(),
+                        source,
+                    })?;
+            } else if let Err(why) = started {
+                tracing::debug!(failover = %names.instance, "switchover not started yet: {why}");
+            }
+        }
     }
 
     // Routing: the role label follows the master within a pass.
@@ -360,6 +431,11 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         generation: failover.metadata.generation,
         paused,
         durable: &durable,
+        master_addr: durable.master.as_ref().and_then(|m| {
+            desired(failover, &names, &ctx.hub, ctx.hang_timeout)
+                .node(m)
+                .map(|n| format!("{}:{}", n.host, n.port))
+        }),
         observed: &observed,
         pods: &data_pods,
         sentinel: sentinel.as_ref().map(|sd| status::SentinelInputs {
@@ -445,10 +521,26 @@ async fn write_status(
 ) -> Result<(), Error> {
     let names = Names::of(failover);
     let api: Api<Failover> = Api::namespaced(client.clone(), &names.namespace);
+    let mut value =
+        serde_json::to_value(status).map_err(|e| Error::Status(kube::Error::SerdeError(e)))?;
+    // A field that is gone (e.g. a finished pendingSwitchover) is sent as null, so that it is
+    // removed whether the server applies the patch as an apply or as a merge.
+    if let (Some(previous), Some(fields)) = (
+        failover
+            .status
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok()),
+        value.as_object_mut(),
+    ) && let Some(previous) = previous.as_object()
+    {
+        for key in previous.keys() {
+            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
     let patch = serde_json::json!({
         "apiVersion": "valkey.buf.red/v1alpha1",
         "kind": "Failover",
-        "status": status,
+        "status": value,
     });
     api.patch_status(
         &names.instance,
@@ -636,6 +728,55 @@ fn sentinel_desired(failover: &Failover, names: &Names, password: &str) -> Optio
         auth_pass: password.to_owned(),
         sentinel_addrs,
     })
+}
+
+/// Starts a planned switchover to `to` (a pod, or `any`) unless one is under way. Under policy
+/// manual the intent is written to the status first. Err only for a failed status write; the
+/// inner result says whether it started.
+#[allow(clippy::too_many_arguments)]
+async fn start_switchover(
+    ctx: &Context,
+    failover: &Failover,
+    engine: &Arc<Engine>,
+    key: &InstanceKey,
+    desired: &Desired,
+    sentinel: Option<&SentinelDesired>,
+    durable: &mut crate::core::Durable,
+    to: String,
+) -> Result<Result<String, Refused>, Error> {
+    if engine.switchover.load(std::sync::atomic::Ordering::SeqCst) || durable.switchover.is_some() {
+        // The one under way finishes first; this request is looked at again afterwards.
+        return Ok(Err(Refused::InProgress));
+    }
+    let observed = ctx.hub.observe(key);
+    let (from, target) = match switchover::choose(desired, durable, &observed, Some(to)) {
+        Ok(chosen) => chosen,
+        Err(why) => return Ok(Err(why)),
+    };
+    if let Some(sd) = sentinel {
+        return Ok(switchover::start_sentinel(
+            engine,
+            &ctx.hub,
+            key,
+            desired,
+            durable.epoch,
+            sd.name.clone(),
+            from,
+            target,
+        ));
+    }
+    let epoch = durable.epoch + 1;
+    durable.switchover = Some(crate::core::PendingSwitchover {
+        from: from.clone(),
+        to: target.name.clone(),
+        epoch,
+    });
+    let mut status = failover.status.clone().unwrap_or_default();
+    status::durable_into(durable, &mut status);
+    write_status(&ctx.client, failover, &status).await?;
+    Ok(Ok(switchover::start_manual(
+        engine, &ctx.hub, key, from, target, epoch,
+    )))
 }
 
 /// Each decision note once, as a Normal Event.

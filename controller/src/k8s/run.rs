@@ -31,7 +31,10 @@ use super::{
     metrics::Metrics,
     reconcile::{Context, error_policy, reconcile},
 };
-use crate::{crd::Failover, hub::Hub};
+use crate::{
+    crd::Failover,
+    hub::{Hub, HubEvent, InstanceKey},
+};
 
 /// Label on the controller pod that leads: the hub's Service selects it, so agents always
 /// reach the replica that decides.
@@ -70,7 +73,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Client)?;
     let metrics = Arc::new(Metrics::default());
-    let (hub, _events) = Hub::new(
+    let (hub, mut hub_events) = Hub::new(
         TokenReviewAuth::new(client.clone(), metrics.clone()),
         Duration::from_millis(500),
     );
@@ -152,10 +155,29 @@ pub async fn run(
     context.hang_timeout = options.hang_timeout;
     let context = Arc::new(context);
 
-    let reports = BroadcastStream::new(hub.subscribe_instances()).filter_map(|key| async move {
-        key.ok()
-            .map(|key| ObjectRef::<Failover>::new(&key.name).within(&key.namespace))
-    });
+    // A terminating master's agent asks for its role to move: note it, and wake its Failover.
+    let (wake, woken) = tokio::sync::mpsc::unbounded_channel::<InstanceKey>();
+    {
+        let context = context.clone();
+        tokio::spawn(async move {
+            while let Some(event) = hub_events.recv().await {
+                match event {
+                    HubEvent::SwitchoverRequested { instance, pod } => {
+                        info!(failover = %instance.name, pod = %pod, "the master is terminating: switching over");
+                        context.request_switchover(instance.clone(), pod);
+                        let _ = wake.send(instance);
+                    }
+                }
+            }
+        });
+    }
+    let reported =
+        BroadcastStream::new(hub.subscribe_instances()).filter_map(|key| async move { key.ok() });
+    let reports = futures::stream::select(
+        reported,
+        tokio_stream::wrappers::UnboundedReceiverStream::new(woken),
+    )
+    .map(|key| ObjectRef::<Failover>::new(&key.name).within(&key.namespace));
     let by_instance_label = |pod: Pod| {
         let namespace = pod.namespace();
         pod.labels().get(LABEL_INSTANCE).map(|name| {

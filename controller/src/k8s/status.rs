@@ -81,6 +81,8 @@ pub struct Inputs<'a> {
     pub generation: Option<i64>,
     pub paused: bool,
     pub durable: &'a Durable,
+    /// The master's announced `host:port`, which every replica must follow.
+    pub master_addr: Option<String>,
     pub observed: &'a Observed,
     pub pods: &'a [Pod],
     pub sentinel: Option<SentinelInputs>,
@@ -179,7 +181,7 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
         .nodes
         .iter()
         .filter(|n| Some(&n.pod_name) != inputs.durable.master.as_ref())
-        .all(|n| n.role == NodeRole::Replica && n.link_up);
+        .all(|n| n.role == NodeRole::Replica && n.link_up && n.master_ref == inputs.master_addr);
     let all_reporting = status.nodes.iter().all(|n| {
         inputs
             .observed
@@ -322,6 +324,7 @@ mod tests {
             connected: true,
             unhealthy_ms: 0,
             report: Some(StateReport {
+                process: valkey_proto::v1::ProcessState::Up as i32,
                 data: Some(DataState {
                     role: role as i32,
                     master_link_up: link,
@@ -342,6 +345,7 @@ mod tests {
             generation: Some(2),
             paused: false,
             durable,
+            master_addr: Some("demo-0.demo-headless.prod.svc:6379".into()),
             observed,
             pods: &[],
             sentinel: None,
@@ -388,6 +392,18 @@ mod tests {
             (3, Some("demo-0"))
         );
         assert_eq!(status.observed_generation, Some(2));
+        let mut chained = obs(Role::Replica, true, 100);
+        if let Some(d) = chained.report.as_mut().and_then(|r| r.data.as_mut()) {
+            d.master_host = "demo-1.demo-headless.prod.svc".into();
+        }
+        let mut with_chain = observed.clone();
+        with_chain.nodes.insert("demo-2".into(), chained);
+        let chained_status = build(&inputs(&names, &durable, &with_chain));
+        assert_eq!(
+            chained_status.phase,
+            Phase::Creating,
+            "a replica following another replica"
+        );
         assert!(
             status
                 .conditions

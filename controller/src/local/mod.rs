@@ -20,17 +20,15 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
-use valkey_proto::v1::{
-    AclSetUser, Command, ConfigSet, Failover, NodeKind, PauseWrites, ReplicaOf, SentinelFailover,
-    UnpauseWrites, WaitReplica, command::Action,
-};
+use valkey_proto::v1::{AclSetUser, ConfigSet, NodeKind, command::Action};
 
 use crate::{
-    core::{self, Desired, Durable, NodeSpec, PendingSwitchover},
+    core::{Desired, Durable, NodeSpec, PendingSwitchover},
     engine::Engine,
     hub::{Hub, HubEvent, InstanceKey, StaticToken},
     manifest::{Manifest, ManifestError},
     sentinel::SentinelDesired,
+    switchover,
 };
 use supervisor::{Supervised, free_ports, log_path, port_in_use, sibling_or_path, which};
 
@@ -949,9 +947,8 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
     Ok(())
 }
 
-/// Starts a planned, lossless switchover: the intent is persisted, then the master runs
-/// FAILOVER TO the target (which pauses writes, waits for the target to catch up, and hands
-/// over); the core commits or drops the intent when it sees the outcome.
+/// Starts a planned, lossless switchover (see [`crate::switchover`]); under policy manual the
+/// intent is persisted first.
 fn start_switchover(
     runtime: &mut Runtime,
     hub: &Hub,
@@ -962,271 +959,41 @@ fn start_switchover(
     {
         return Err("a switchover is already under way".into());
     }
-    let from = runtime
-        .state
-        .durable
-        .master
-        .clone()
-        .ok_or("there is no master yet")?;
     let observed = hub.observe(&runtime.key);
-    let to = match to.filter(|t| t != "any") {
-        Some(to) => {
-            if runtime.desired.node(&to).is_none() {
-                return Err(format!("{to} is not a node of this instance"));
-            }
-            to
-        }
-        None => core::best_candidate(&runtime.desired, &observed, Some(&from))
-            .map(|n| n.name.clone())
-            .ok_or("no replica can take over right now")?,
-    };
-    if to == from {
-        return Err(format!("{to} is already the master"));
-    }
-    let target = runtime.desired.node(&to).cloned().ok_or("unknown target")?;
-    let target_ok = observed.nodes.get(&to).is_some_and(|o| {
-        o.connected
-            && o.report
-                .as_ref()
-                .and_then(|r| r.data.as_ref())
-                .is_some_and(|d| d.master_link_up && !d.restarted_empty && !d.never_synced)
-    });
-    // The master must see it online too (after a full sync it waits for the first ack).
-    let online_at_master = observed
-        .nodes
-        .get(&from)
-        .and_then(|o| o.report.as_ref()?.data.as_ref())
-        .is_some_and(|d| {
-            d.replicas.iter().any(|r| {
-                r.host == target.host && r.port == u32::from(target.port) && r.state == "online"
-            })
-        });
-    let target_ok = target_ok && online_at_master;
-    if !target_ok {
-        return Err(format!("{to} is not an in-sync replica right now"));
-    }
+    let (from, target) =
+        switchover::choose(&runtime.desired, &runtime.state.durable, &observed, to)
+            .map_err(|e| e.to_string())?;
+    let epoch = runtime.state.durable.epoch;
     if let Some(sd) = &runtime.sentinel {
-        return sentinel_switchover(runtime, hub, flight, sd.name.clone(), from, target);
+        return switchover::start_sentinel(
+            &flight.engine,
+            hub,
+            &runtime.key,
+            &runtime.desired,
+            epoch,
+            sd.name.clone(),
+            from,
+            target,
+        )
+        .map_err(|e| e.to_string());
     }
-    let epoch = runtime.state.durable.epoch + 1;
     runtime.state.durable.switchover = Some(PendingSwitchover {
         from: from.clone(),
-        to: to.clone(),
-        epoch,
+        to: target.name.clone(),
+        epoch: epoch + 1,
     });
     if let Err(err) = runtime.state.save(&runtime.state_path) {
         runtime.state.durable.switchover = None;
         return Err(format!("cannot persist the switchover: {err}"));
     }
-    flight.engine.switchover.store(true, Ordering::SeqCst);
-    let command = Command {
-        id: flight.engine.next_id(epoch),
-        epoch,
-        deadline_ms: 10_000,
-        action: Some(Action::Failover(Failover {
-            host: target.host.clone(),
-            port: u32::from(target.port),
-            timeout_ms: 5000,
-            force: false,
-        })),
-    };
-    let (hub, key, flight, from_pod) = (
-        hub.clone(),
-        runtime.key.clone(),
-        flight.clone(),
-        from.clone(),
-    );
-    info!(from = %from, to = %to, epoch, "switchover started");
-    tokio::spawn(async move {
-        match hub
-            .command(&key, &from_pod, command, Duration::from_secs(11))
-            .await
-        {
-            Ok(result) => {
-                info!(outcome = ?result.outcome(), message = %result.message, "switchover command answered")
-            }
-            Err(err) => warn!(error = %err, "switchover command not answered"),
-        }
-        // Give the target's agent a moment to report its new role before the core looks.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        flight.engine.switchover.store(false, Ordering::SeqCst);
-    });
-    Ok(format!("switchover {from} -> {to} started (epoch {epoch})"))
-}
-
-/// A lossless planned switchover under policy sentinel: pause writes on the master, wait for
-/// the target to have its offset, steer Sentinel's choice to the target (replica-priority),
-/// `SENTINEL FAILOVER`, wait for the target to serve as master, then release the pause and
-/// restore the priorities. Writes stall for the duration; none that was acknowledged is lost.
-fn sentinel_switchover(
-    runtime: &Runtime,
-    hub: &Hub,
-    flight: &Arc<Flight>,
-    monitor: String,
-    from: String,
-    target: NodeSpec,
-) -> Result<String, String> {
-    // A sentinel that knows the target as a good replica (it learns replicas from the master's
-    // INFO, every 10 s): otherwise SENTINEL FAILOVER would find no replica to promote.
-    let target_addr = (target.host.as_str(), u32::from(target.port));
-    let sentinel_pod = hub
-        .observe_kind(&runtime.key, NodeKind::Sentinel)
-        .into_iter()
-        .filter(|(_, o)| o.connected)
-        .find(|(_, o)| {
-            o.report
-                .as_ref()
-                .and_then(|r| r.sentinel.as_ref())
-                .and_then(|s| s.masters.iter().find(|m| m.name == monitor))
-                .is_some_and(|m| {
-                    m.replicas.iter().any(|r| {
-                        (r.host.as_str(), r.port) == target_addr
-                            && r.master_link_up
-                            && r.flags.iter().all(|f| f == "slave")
-                    })
-                })
-        })
-        .map(|(pod, _)| pod)
-        .ok_or_else(|| format!("{} is not an in-sync replica for Sentinel yet", target.name))?;
-    let replicas: Vec<String> = runtime
-        .desired
-        .nodes
-        .iter()
-        .filter(|n| n.name != from)
-        .map(|n| n.name.clone())
-        .collect();
-    let epoch = runtime.state.durable.epoch;
-    let nodes = runtime.desired.nodes.clone();
-    flight.engine.switchover.store(true, Ordering::SeqCst);
-    let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
-    let to = target.name.clone();
-    let message = format!("switchover {from} -> {to} started through Sentinel");
-    info!(from = %from, to = %to, "switchover started through Sentinel");
-    tokio::spawn(async move {
-        let send = |pod: String, action: Action| {
-            let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
-            async move {
-                run_command(
-                    &hub,
-                    &key,
-                    &flight,
-                    epoch,
-                    &pod,
-                    action,
-                    Duration::from_millis(8000),
-                )
-                .await
-            }
-        };
-        let priority = |value: &str| {
-            Action::ConfigSet(ConfigSet {
-                params: [("replica-priority".to_owned(), value.to_owned())].into(),
-                rewrite: false,
-            })
-        };
-        let steps = async {
-            for pod in &replicas {
-                let value = if *pod == to { "1" } else { "0" };
-                send(pod.clone(), priority(value)).await?;
-            }
-            // Sentinel picks by the priorities it last read from INFO (every 10 s): wait until
-            // it has seen the new ones, so that it promotes the target and no other.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let addr_of = |pod: &str| {
-                nodes
-                    .iter()
-                    .find(|n| n.name == pod)
-                    .map(|n| (n.host.clone(), u32::from(n.port)))
-            };
-            loop {
-                let seen = hub
-                    .observe_kind(&key, NodeKind::Sentinel)
-                    .get(&sentinel_pod)
-                    .and_then(|o| o.report.as_ref()?.sentinel.clone())
-                    .and_then(|s| s.masters.into_iter().find(|m| m.name == monitor));
-                let steered = seen.is_some_and(|m| {
-                    replicas.iter().all(|pod| {
-                        let want = if *pod == to { 1 } else { 0 };
-                        addr_of(pod).is_some_and(|(host, port)| {
-                            m.replicas
-                                .iter()
-                                .any(|r| r.host == host && r.port == port && r.priority == want)
-                        })
-                    })
-                });
-                if steered {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(
-                        "Sentinel did not see the new replica priorities within 20 s".into(),
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            send(
-                from.clone(),
-                Action::PauseWrites(PauseWrites { pause_ms: 10_000 }),
-            )
-            .await?;
-            send(
-                from.clone(),
-                Action::WaitReplica(WaitReplica {
-                    host: target.host.clone(),
-                    port: u32::from(target.port),
-                }),
-            )
-            .await?;
-            send(
-                sentinel_pod.clone(),
-                Action::SentinelFailover(SentinelFailover {
-                    name: monitor.clone(),
-                }),
-            )
-            .await?;
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                let observed = hub.observe(&key);
-                let done = observed.nodes.get(&to).is_some_and(|o| {
-                    o.report
-                        .as_ref()
-                        .and_then(|r| r.data.as_ref())
-                        .is_some_and(|d| d.role() == valkey_proto::v1::Role::Master)
-                });
-                if done {
-                    // Demote the old master before its pause ends, rather than waiting for
-                    // Sentinel to convert it (which can take seconds, taking writes meanwhile).
-                    send(
-                        from.clone(),
-                        Action::ReplicaOf(ReplicaOf {
-                            host: target.host.clone(),
-                            port: u32::from(target.port),
-                        }),
-                    )
-                    .await?;
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("{to} did not become master within 15 s"));
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        let outcome: Result<(), String> = steps.await;
-        // Whatever happened: release the pause and restore the priorities.
-        let _ = send(from.clone(), Action::UnpauseWrites(UnpauseWrites {})).await;
-        for pod in replicas.iter().chain(std::iter::once(&from)) {
-            let _ = send(pod.clone(), priority("100")).await;
-        }
-        match outcome {
-            Ok(()) => info!(from = %from, to = %to, "switchover through Sentinel done"),
-            Err(err) => {
-                warn!(from = %from, to = %to, error = %err, "switchover through Sentinel failed")
-            }
-        }
-        flight.engine.switchover.store(false, Ordering::SeqCst);
-    });
-    Ok(message)
+    Ok(switchover::start_manual(
+        &flight.engine,
+        hub,
+        &runtime.key,
+        from,
+        target,
+        epoch + 1,
+    ))
 }
 
 /// Runs an agent, in this process, for each sentinel of an external set (which has no agents

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what the schema tests use: kubectl (for `kubectl kustomize deploy/`, from Debian's
+# kubernetes-client) and kubernetes-validate (the Kubernetes OpenAPI schemas, from PyPI).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+if ! command -v kubectl >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq kubernetes-client >/dev/null
+fi
+if ! command -v kubernetes-validate >/dev/null; then
+  python3 -m pip install --quiet --root-user-action=ignore kubernetes-validate
+fi
+kubectl version --client 2>/dev/null | head -n 1 || true
+kubernetes-validate --version

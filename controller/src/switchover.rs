@@ -1,0 +1,325 @@
+//! Planned switchovers, shared by the local runtime and the Kubernetes controller: choosing
+//! and checking the target, then carrying it out losslessly, by FAILOVER TO under policy
+//! manual, or through Sentinel (priority steering, pause, catch-up, SENTINEL FAILOVER) under
+//! policy sentinel.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+use valkey_proto::v1::{
+    Command, ConfigSet, Failover, NodeKind, PauseWrites, ReplicaOf, SentinelFailover,
+    UnpauseWrites, WaitReplica, command::Action,
+};
+
+use crate::{
+    core::{self, Desired, Durable, NodeSpec, Observed},
+    engine::Engine,
+    hub::{Hub, InstanceKey},
+};
+
+/// Why a planned switchover does not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("there is no master yet")]
+    NoMaster,
+    #[error("{0} is not a node of this instance")]
+    NotANode(String),
+    #[error("{0} is already the master")]
+    AlreadyMaster(String),
+    #[error("no replica can take over right now")]
+    NoCandidate,
+    #[error("{0} is not an in-sync replica right now")]
+    NotInSync(String),
+    #[error("{0}")]
+    Sentinel(String),
+    #[error("a switchover is already under way")]
+    InProgress,
+}
+
+impl Refused {
+    /// Worth asking again in a moment (the request itself is fine).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Refused::NoMaster
+                | Refused::NoCandidate
+                | Refused::NotInSync(_)
+                | Refused::Sentinel(_)
+                | Refused::InProgress
+        )
+    }
+}
+
+/// Checks a planned switchover request (`to`: a node, or `None`/`any` for the best replica)
+/// against what is observed: the target must be an in-sync replica that the master sees online.
+pub fn choose(
+    desired: &Desired,
+    durable: &Durable,
+    observed: &Observed,
+    to: Option<String>,
+) -> Result<(String, NodeSpec), Refused> {
+    let from = durable.master.clone().ok_or(Refused::NoMaster)?;
+    let to = match to.filter(|t| t != "any") {
+        Some(to) => {
+            if desired.node(&to).is_none() {
+                return Err(Refused::NotANode(to));
+            }
+            to
+        }
+        None => core::best_candidate(desired, observed, Some(&from))
+            .map(|n| n.name.clone())
+            .ok_or(Refused::NoCandidate)?,
+    };
+    if to == from {
+        return Err(Refused::AlreadyMaster(to));
+    }
+    let target = desired
+        .node(&to)
+        .cloned()
+        .ok_or_else(|| Refused::NotANode(to.clone()))?;
+    let target_ok = observed.nodes.get(&to).is_some_and(|o| {
+        o.connected
+            && o.report
+                .as_ref()
+                .and_then(|r| r.data.as_ref())
+                .is_some_and(|d| d.master_link_up && !d.restarted_empty && !d.never_synced)
+    });
+    // The master must see it online too (after a full sync it waits for the first ack).
+    let online_at_master = observed
+        .nodes
+        .get(&from)
+        .and_then(|o| o.report.as_ref()?.data.as_ref())
+        .is_some_and(|d| {
+            d.replicas.iter().any(|r| {
+                r.host == target.host && r.port == u32::from(target.port) && r.state == "online"
+            })
+        });
+    if !(target_ok && online_at_master) {
+        return Err(Refused::NotInSync(to));
+    }
+    Ok((from, target))
+}
+
+/// Starts a planned switchover under policy manual, once the caller has persisted the intent
+/// (`PendingSwitchover` at `epoch`): the master runs FAILOVER TO the target, which pauses
+/// writes, waits for the target to catch up and hands over; the core commits or drops the
+/// intent when it sees the outcome.
+pub fn start_manual(
+    engine: &Arc<Engine>,
+    hub: &Hub,
+    key: &InstanceKey,
+    from: String,
+    target: NodeSpec,
+    epoch: u64,
+) -> String {
+    engine.switchover.store(true, Ordering::SeqCst);
+    let command = Command {
+        id: engine.next_id(epoch),
+        epoch,
+        deadline_ms: 10_000,
+        action: Some(Action::Failover(Failover {
+            host: target.host.clone(),
+            port: u32::from(target.port),
+            timeout_ms: 5000,
+            force: false,
+        })),
+    };
+    let (hub, key, engine, from_pod) = (hub.clone(), key.clone(), engine.clone(), from.clone());
+    let to = target.name.clone();
+    info!(from = %from, to = %to, epoch, "switchover started");
+    tokio::spawn(async move {
+        match hub
+            .command(&key, &from_pod, command, Duration::from_secs(11))
+            .await
+        {
+            Ok(result) => {
+                info!(outcome = ?result.outcome(), message = %result.message, "switchover command answered")
+            }
+            Err(err) => warn!(error = %err, "switchover command not answered"),
+        }
+        // Give the target's agent a moment to report its new role before the core looks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        engine.switchover.store(false, Ordering::SeqCst);
+    });
+    format!(
+        "switchover {from} -> {} started (epoch {epoch})",
+        target.name
+    )
+}
+
+/// A lossless planned switchover under policy sentinel: pause writes on the master, wait for
+/// the target to have its offset, steer Sentinel's choice to the target (replica-priority),
+/// `SENTINEL FAILOVER`, wait for the target to serve as master, then release the pause and
+/// restore the priorities. Writes stall for the duration; none that was acknowledged is lost.
+#[allow(clippy::too_many_arguments)]
+pub fn start_sentinel(
+    engine: &Arc<Engine>,
+    hub: &Hub,
+    key: &InstanceKey,
+    desired: &Desired,
+    epoch: u64,
+    monitor: String,
+    from: String,
+    target: NodeSpec,
+) -> Result<String, Refused> {
+    // A sentinel that knows the target as a good replica (it learns replicas from the master's
+    // INFO, every 10 s): otherwise SENTINEL FAILOVER would find no replica to promote.
+    let target_addr = (target.host.as_str(), u32::from(target.port));
+    let sentinel_pod = hub
+        .observe_kind(key, NodeKind::Sentinel)
+        .into_iter()
+        .filter(|(_, o)| o.connected)
+        .find(|(_, o)| {
+            o.report
+                .as_ref()
+                .and_then(|r| r.sentinel.as_ref())
+                .and_then(|s| s.masters.iter().find(|m| m.name == monitor))
+                .is_some_and(|m| {
+                    m.replicas.iter().any(|r| {
+                        (r.host.as_str(), r.port) == target_addr
+                            && r.master_link_up
+                            && r.flags.iter().all(|f| f == "slave")
+                    })
+                })
+        })
+        .map(|(pod, _)| pod)
+        .ok_or_else(|| {
+            Refused::Sentinel(format!(
+                "{} is not an in-sync replica for Sentinel yet",
+                target.name
+            ))
+        })?;
+    let replicas: Vec<String> = desired
+        .nodes
+        .iter()
+        .filter(|n| n.name != from)
+        .map(|n| n.name.clone())
+        .collect();
+    let nodes = desired.nodes.clone();
+    engine.switchover.store(true, Ordering::SeqCst);
+    let (hub, key, engine) = (hub.clone(), key.clone(), engine.clone());
+    let to = target.name.clone();
+    let message = format!("switchover {from} -> {to} started through Sentinel");
+    info!(from = %from, to = %to, "switchover started through Sentinel");
+    tokio::spawn(async move {
+        let send = |pod: String, action: Action| {
+            let (hub, key, engine) = (hub.clone(), key.clone(), engine.clone());
+            async move {
+                engine
+                    .run_command(&hub, &key, epoch, &pod, action, Duration::from_millis(8000))
+                    .await
+            }
+        };
+        let priority = |value: &str| {
+            Action::ConfigSet(ConfigSet {
+                params: [("replica-priority".to_owned(), value.to_owned())].into(),
+                rewrite: false,
+            })
+        };
+        let steps = async {
+            for pod in &replicas {
+                let value = if *pod == to { "1" } else { "0" };
+                send(pod.clone(), priority(value)).await?;
+            }
+            // Sentinel picks by the priorities it last read from INFO (every 10 s): wait until
+            // it has seen the new ones, so that it promotes the target and no other.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let addr_of = |pod: &str| {
+                nodes
+                    .iter()
+                    .find(|n| n.name == pod)
+                    .map(|n| (n.host.clone(), u32::from(n.port)))
+            };
+            loop {
+                let seen = hub
+                    .observe_kind(&key, NodeKind::Sentinel)
+                    .get(&sentinel_pod)
+                    .and_then(|o| o.report.as_ref()?.sentinel.clone())
+                    .and_then(|s| s.masters.into_iter().find(|m| m.name == monitor));
+                let steered = seen.is_some_and(|m| {
+                    replicas.iter().all(|pod| {
+                        let want = if *pod == to { 1 } else { 0 };
+                        addr_of(pod).is_some_and(|(host, port)| {
+                            m.replicas
+                                .iter()
+                                .any(|r| r.host == host && r.port == port && r.priority == want)
+                        })
+                    })
+                });
+                if steered {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(
+                        "Sentinel did not see the new replica priorities within 20 s".into(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            send(
+                from.clone(),
+                Action::PauseWrites(PauseWrites { pause_ms: 10_000 }),
+            )
+            .await?;
+            send(
+                from.clone(),
+                Action::WaitReplica(WaitReplica {
+                    host: target.host.clone(),
+                    port: u32::from(target.port),
+                }),
+            )
+            .await?;
+            send(
+                sentinel_pod.clone(),
+                Action::SentinelFailover(SentinelFailover {
+                    name: monitor.clone(),
+                }),
+            )
+            .await?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let observed = hub.observe(&key);
+                let done = observed.nodes.get(&to).is_some_and(|o| {
+                    o.report
+                        .as_ref()
+                        .and_then(|r| r.data.as_ref())
+                        .is_some_and(|d| d.role() == valkey_proto::v1::Role::Master)
+                });
+                if done {
+                    // Demote the old master before its pause ends, rather than waiting for
+                    // Sentinel to convert it (which can take seconds, taking writes meanwhile).
+                    send(
+                        from.clone(),
+                        Action::ReplicaOf(ReplicaOf {
+                            host: target.host.clone(),
+                            port: u32::from(target.port),
+                        }),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{to} did not become master within 15 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let outcome: Result<(), String> = steps.await;
+        // Whatever happened: release the pause and restore the priorities.
+        let _ = send(from.clone(), Action::UnpauseWrites(UnpauseWrites {})).await;
+        for pod in replicas.iter().chain(std::iter::once(&from)) {
+            let _ = send(pod.clone(), priority("100")).await;
+        }
+        match outcome {
+            Ok(()) => info!(from = %from, to = %to, "switchover through Sentinel done"),
+            Err(err) => {
+                warn!(from = %from, to = %to, error = %err, "switchover through Sentinel failed")
+            }
+        }
+        engine.switchover.store(false, Ordering::SeqCst);
+    });
+    Ok(message)
+}

@@ -1,0 +1,259 @@
+//! Everything the operator emits, checked against the Kubernetes OpenAPI schema (strict: no
+//! unknown fields) with kubernetes-validate from PyPI: the objects built for each example and
+//! for a spec that uses every option, and the install `kubectl kustomize deploy/` renders. The
+//! Failover examples are checked against our own CRD's schema. A broken object must fail, so
+//! the check itself is known to work.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{path::Path, process::Command};
+
+use k8s_openapi::{
+    api::core::v1::{Affinity, NodeAffinity, NodeSelector, ResourceRequirements},
+    apimachinery::pkg::api::resource::Quantity,
+};
+use valkey_controller::{
+    crd::{
+        Exporter, Failover, FailoverSpec, IpFamily, SentinelInstanceAccess, SentinelSettings,
+        ServiceType, Storage, ValkeyModule,
+    },
+    k8s::{Settings, build, render},
+};
+
+const KUBERNETES: &str = "1.33.0";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+}
+
+/// Runs kubernetes-validate (strict) on a multi-document YAML file; Err holds its report.
+fn kubernetes_validate(file: &Path) -> Result<(), String> {
+    let output = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet", "-k", KUBERNETES])
+        .arg(file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "kubernetes-validate cannot run ({e}): `pip install kubernetes-validate` \
+                 (CI's .ci/run installs it)"
+            )
+        });
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() && !report.contains("ERROR") {
+        Ok(())
+    } else {
+        Err(report)
+    }
+}
+
+fn write_yaml(dir: &Path, name: &str, objects: &[serde_json::Value]) -> std::path::PathBuf {
+    let text: String = objects
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).expect("yaml")))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+fn example(file: &str) -> Failover {
+    let text = std::fs::read_to_string(repo().join("deploy/examples").join(file)).expect(file);
+    let mut failover: Failover = serde_yaml::from_str(&text).expect(file);
+    failover.metadata.uid = Some("0b5e8c1e-0000-4000-8000-000000000001".into());
+    failover
+}
+
+/// A spec that uses every option the builders read.
+fn everything() -> Failover {
+    let memory = |q: &str| [("memory".to_owned(), Quantity(q.into()))].into();
+    let mut spec = FailoverSpec {
+        replicas: 3,
+        resources: Some(ResourceRequirements {
+            requests: Some(memory("512Mi")),
+            limits: Some(memory("1Gi")),
+            ..Default::default()
+        }),
+        storage: Some(Storage {
+            storage_class_name: Some("fast".into()),
+            annotations: [("backup".to_owned(), "daily".to_owned())].into(),
+            ..Storage::default()
+        }),
+        exporter: Some(Exporter::default()),
+        modules: vec![ValkeyModule {
+            path: "valkey-json".into(),
+            args: vec![],
+        }],
+        affinity: Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![Default::default()],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        pod_annotations: [("team".to_owned(), "cache".to_owned())].into(),
+        node_selector: [("disk".to_owned(), "ssd".to_owned())].into(),
+        sentinel: Some(SentinelSettings {
+            replicas: Some(5),
+            access: Some(SentinelInstanceAccess {
+                default_password_secret: Some("sentinel-pw".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..FailoverSpec::default()
+    };
+    spec.access.service_type = ServiceType::NodePort;
+    spec.access.ports = Some("31000-31002".into());
+    spec.access.ip_family_prefer = Some(IpFamily::IPv6);
+    spec.access.annotations = [("lb".to_owned(), "internal".to_owned())].into();
+    spec.custom_configs
+        .insert("maxmemory-policy".into(), "allkeys-lru".into());
+    let mut failover = Failover::new("everything", spec);
+    failover.metadata.namespace = Some("prod".into());
+    failover.metadata.uid = Some("0b5e8c1e-0000-4000-8000-000000000002".into());
+    failover
+}
+
+#[test]
+fn every_generated_object_validates_against_the_kubernetes_schema() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = Settings::default();
+    for failover in [
+        example("failover.yaml"),
+        example("failover-manual.yaml"),
+        example("failover-external-sentinel.yaml"),
+        everything(),
+    ] {
+        let name = failover.metadata.name.clone().expect("name");
+        let mut objects = render(&failover, &settings).expect("valid");
+        objects.push(
+            serde_json::to_value(build::password_secret(&failover, "generated")).expect("json"),
+        );
+        let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert!(
+            kinds.contains(&"StatefulSet") && kinds.contains(&"Service"),
+            "{kinds:?}"
+        );
+        let file = write_yaml(dir.path(), &format!("{name}.yaml"), &objects);
+        if let Err(report) = kubernetes_validate(&file) {
+            panic!("{name}: generated objects fail the Kubernetes {KUBERNETES} schema:\n{report}");
+        }
+    }
+}
+
+#[test]
+fn a_broken_object_fails_the_check() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut objects = render(&everything(), &Settings::default()).expect("valid");
+    objects[1]["spec"]["ports"][0]["port"] = serde_json::json!("not a number");
+    objects[1]["spec"]["unknownField"] = serde_json::json!(true);
+    let file = write_yaml(dir.path(), "broken.yaml", &objects);
+    let report = kubernetes_validate(&file).expect_err("a broken Service must fail");
+    assert!(
+        report.contains("unknownField") || report.contains("not a number"),
+        "{report}"
+    );
+}
+
+#[test]
+fn the_install_kustomize_renders_validates() {
+    let output = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(repo().join("deploy"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("kubectl cannot run ({e}): apt-get install kubernetes-client (CI's .ci/run installs it)")
+        });
+    assert!(
+        output.status.success(),
+        "kubectl kustomize deploy/ failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rendered = String::from_utf8(output.stdout).expect("utf8");
+    for kind in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "Deployment",
+        "Service",
+    ] {
+        assert!(
+            rendered.contains(&format!("kind: {kind}\n")),
+            "no {kind} in the install"
+        );
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("install.yaml");
+    std::fs::write(&file, rendered).expect("write");
+    if let Err(report) = kubernetes_validate(&file) {
+        panic!("the install fails the Kubernetes {KUBERNETES} schema:\n{report}");
+    }
+}
+
+/// The CRD's openAPIV3Schema, made strict (no unknown fields where properties are listed, as
+/// the API server's pruning would silently drop them), applied to each example with Python's
+/// jsonschema (which kubernetes-validate brings).
+#[test]
+fn the_examples_validate_against_our_crd_schema() {
+    let script = r#"
+import json, sys, yaml, jsonschema
+crd = yaml.safe_load(open(sys.argv[1]))
+schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+def strict(node):
+    if isinstance(node, dict):
+        if "properties" in node and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        for v in node.values():
+            strict(v)
+    elif isinstance(node, list):
+        for v in node:
+            strict(v)
+strict(schema)
+schema["properties"]["metadata"] = {"type": "object"}
+schema["properties"]["apiVersion"] = {"const": "valkey.buf.red/v1alpha1"}
+schema["properties"]["kind"] = {"const": "Failover"}
+failed = False
+for path in sys.argv[2:]:
+    for doc in yaml.safe_load_all(open(path)):
+        errors = list(jsonschema.Draft7Validator(schema).iter_errors(doc))
+        for e in errors:
+            failed = True
+            print(f"{path}: {'.'.join(map(str, e.path))}: {e.message}")
+broken = {"apiVersion": "valkey.buf.red/v1alpha1", "kind": "Failover", "metadata": {},
+          "spec": {"replicas": 0, "replicaz": 1}}
+if not list(jsonschema.Draft7Validator(schema).iter_errors(broken)):
+    print("a broken Failover passed")
+    failed = True
+sys.exit(1 if failed else 0)
+"#;
+    let examples = repo().join("deploy/examples");
+    let mut files: Vec<_> = std::fs::read_dir(&examples)
+        .expect("examples")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(repo().join("deploy/crd.yaml"))
+        .args(&files)
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "examples fail the CRD schema:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
