@@ -62,7 +62,8 @@ impl FakeCluster {
             .try_init();
         let builder = ClientBuilder::new()
             .with_resource::<Failover>()
-            .with_status_subresource::<Failover>();
+            .with_status_subresource::<Failover>()
+            .with_status_subresource::<k8s_openapi::api::apps::v1::StatefulSet>();
         let client = seed(builder).build().await.expect("fake API server");
         let (hub, _events) = Hub::new(StaticToken(TOKEN.into()), Duration::from_millis(500));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -162,27 +163,33 @@ impl FakeCluster {
 
     /// Data pods `name-0..n` with the labels the StatefulSet gives them.
     pub async fn create_pods(&self, namespace: &str, name: &str, n: i32) {
-        let pods = self.api::<Pod>(namespace);
         for ordinal in 0..n {
-            let pod = Pod {
-                metadata: ObjectMeta {
-                    name: Some(format!("{name}-{ordinal}")),
-                    namespace: Some(namespace.into()),
-                    labels: Some(
-                        [
-                            (LABEL_INSTANCE.to_owned(), name.to_owned()),
-                            (LABEL_COMPONENT.to_owned(), "data".to_owned()),
-                        ]
-                        .into(),
-                    ),
-                    ..ObjectMeta::default()
-                },
-                ..Pod::default()
-            };
-            pods.create(&PostParams::default(), &pod)
-                .await
-                .expect("create a pod");
+            self.create_pod(namespace, name, ordinal, "v1").await;
         }
+    }
+
+    /// One data pod, running template `revision` (as the StatefulSet controller would make it).
+    pub async fn create_pod(&self, namespace: &str, name: &str, ordinal: i32, revision: &str) {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}-{ordinal}")),
+                namespace: Some(namespace.into()),
+                labels: Some(
+                    [
+                        (LABEL_INSTANCE.to_owned(), name.to_owned()),
+                        (LABEL_COMPONENT.to_owned(), "data".to_owned()),
+                        ("controller-revision-hash".to_owned(), revision.to_owned()),
+                    ]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        };
+        self.api::<Pod>(namespace)
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("create a pod");
     }
 
     /// Events recorded in a namespace: (type, reason, note).

@@ -638,3 +638,114 @@ async fn deletion_goes_through_the_finalizer_and_honours_retain_after_deleted() 
         ["data-demo-0", "data-demo-1", "data-other-0"]
     );
 }
+
+async fn config_get(valkey: &Valkey, key: &str) -> String {
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(key)
+        .query_async(&mut valkey.conn().await)
+        .await
+        .expect("CONFIG GET");
+    pair.get(1).cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn live_settings_apply_at_once_and_a_new_template_rolls_replicas_first_master_last() {
+    let cluster = FakeCluster::start().await;
+    cluster
+        .api::<Secret>(NS)
+        .create(
+            &PostParams::default(),
+            &password_secret("demo-password", PASSWORD),
+        )
+        .await
+        .expect("secret");
+    cluster.create(&failover("demo", three())).await;
+    cluster.create_pods(NS, "demo", 3).await;
+    let nodes = start_nodes(&cluster);
+    cluster
+        .reconcile_until(NS, "demo", "phase Ready", T, ready)
+        .await;
+
+    // A setting that applies live reaches every node without a restart.
+    let mut edited = cluster.failover(NS, "demo").await;
+    edited
+        .spec
+        .custom_configs
+        .insert("maxmemory-policy".into(), "allkeys-lru".into());
+    cluster
+        .api::<Failover>(NS)
+        .replace("demo", &PostParams::default(), &edited)
+        .await
+        .expect("edit");
+    wait_for("CONFIG SET on every node", T, || async {
+        cluster.reconcile(NS, "demo").await.expect("reconcile");
+        for valkey in &nodes.valkeys {
+            if config_get(valkey, "maxmemory-policy").await != "allkeys-lru" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+
+    // The StatefulSet now has a new template revision: the pods roll one by one.
+    cluster
+        .api::<StatefulSet>(NS)
+        .patch_status(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": {"replicas": 3, "updateRevision": "v2"}})),
+        )
+        .await
+        .expect("new revision");
+    let master = cluster
+        .failover(NS, "demo")
+        .await
+        .status
+        .and_then(|s| s.master)
+        .expect("master");
+    let mut restarted = Vec::new();
+    while restarted.len() < 3 {
+        let gone = wait_for("the next pod to be restarted", T, || async {
+            cluster.reconcile(NS, "demo").await.expect("reconcile");
+            let present = names(&cluster.api::<Pod>(NS)).await;
+            (0..3)
+                .map(|i| format!("demo-{i}"))
+                .find(|p| !present.contains(p))
+        })
+        .await;
+        // Stand in for the StatefulSet controller: the pod comes back on the new template
+        // (its Valkey and agent keep running here).
+        let ordinal: i32 = gone
+            .rsplit('-')
+            .next()
+            .and_then(|o| o.parse().ok())
+            .expect("ordinal");
+        cluster.create_pod(NS, "demo", ordinal, "v2").await;
+        restarted.push(gone);
+        cluster
+            .reconcile_until(NS, "demo", "phase Ready", T, ready)
+            .await;
+    }
+    assert_eq!(
+        restarted.last(),
+        Some(&master),
+        "the master goes last: {restarted:?}"
+    );
+    let after = cluster.failover(NS, "demo").await.status.expect("status");
+    assert_ne!(
+        after.master.as_deref(),
+        Some(master.as_str()),
+        "it was switched over first"
+    );
+    assert_eq!(
+        after.last_failover_reason.as_deref(),
+        Some("planned switchover")
+    );
+    let events = cluster.events(NS).await;
+    assert!(
+        events.iter().any(|(_, r, _)| r == "RollingRestart"),
+        "{events:?}"
+    );
+}

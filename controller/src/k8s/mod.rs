@@ -7,6 +7,7 @@ pub mod build;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod roll;
 pub mod run;
 pub mod sentinel_objects;
 pub mod services;

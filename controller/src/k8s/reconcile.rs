@@ -28,7 +28,8 @@ use valkey_proto::v1::{ConfigSet, Role, command::Action as AgentAction};
 
 use super::{
     ANNOTATION_SWITCHOVER, FINALIZER, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_ROLE, Names,
-    SENTINEL_PORT, Settings, VALKEY_PORT, build, is_paused, sentinel_objects, services, status,
+    SENTINEL_PORT, Settings, VALKEY_PORT, build, is_paused, roll, sentinel_objects, services,
+    status,
 };
 use crate::{
     core::{Desired, NodeSpec},
@@ -273,7 +274,7 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
     for service in services::data_services(failover).map_err(Error::InvalidSpec)? {
         apply(client, &names.namespace, &service).await?;
     }
-    apply(
+    let data_set = apply(
         client,
         &names.namespace,
         &build::statefulset(failover, &ctx.settings, paused),
@@ -455,6 +456,52 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         now: Timestamp::now(),
     });
     status::keep_transition_times(&mut next, failover.status.as_ref());
+
+    // A changed pod template rolls the pods, replicas first, master last after a switchover.
+    let update_revision = data_set
+        .status
+        .as_ref()
+        .and_then(|s| s.update_revision.clone());
+    let step = roll::next_step(
+        &data_pods,
+        update_revision.as_deref(),
+        durable.master.as_deref(),
+        next.phase == Phase::Ready && !paused,
+    );
+    match step {
+        roll::Step::Nothing => {}
+        roll::Step::Restart(pod) => {
+            info!(failover = %names.instance, pod = %pod, "restarting for the new pod template");
+            pods.delete(&pod, &DeleteParams::default())
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Pod",
+                    name: pod.clone(),
+                    source,
+                })?;
+            let note = format!("restarting {pod} for the new pod template");
+            publish(ctx, failover, EventType::Normal, "RollingRestart", &note).await;
+        }
+        roll::Step::SwitchoverFirst(master) => {
+            let desired = desired(failover, &names, &ctx.hub, ctx.hang_timeout);
+            let engine = ctx.engine(&key);
+            let started = start_switchover(
+                ctx,
+                failover,
+                &engine,
+                &key,
+                &desired,
+                sentinel.as_ref(),
+                &mut durable,
+                "any".into(),
+            )
+            .await?;
+            if let Ok(message) = started {
+                let note = format!("{master} is restarted last: {message}");
+                publish(ctx, failover, EventType::Normal, "RollingRestart", &note).await;
+            }
+        }
+    }
     let before = failover.status.as_ref();
     if before != Some(&next) {
         write_status(client, failover, &next).await?;
