@@ -223,19 +223,26 @@ impl Local {
         .await
     }
 
+    /// Runs `call` on the connection. A kept connection that turns out dead (the server was
+    /// restarted, or something ran CLIENT KILL on it, as Sentinel does when it reconfigures a
+    /// node) is replaced and the call made once more: every command the agent sends is
+    /// idempotent.
     async fn bounded<T, F>(
         &mut self,
         limit: Duration,
-        call: impl FnOnce(MultiplexedConnection) -> F,
+        call: impl Fn(MultiplexedConnection) -> F,
     ) -> Result<T, LocalError>
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        let kept = self.conn.is_some();
         let conn = self.connection().await?;
-        let result = match tokio::time::timeout(limit, call(conn)).await {
-            Err(_) => Err(LocalError::Hung(limit)),
-            Ok(reply) => reply.map_err(|e| LocalError::classify(&e)),
-        };
+        let mut result = within(limit, call(conn)).await;
+        if kept && matches!(result, Err(LocalError::Down(_))) {
+            self.conn = None;
+            let conn = self.connection().await?;
+            result = within(limit, call(conn)).await;
+        }
         if let Err(err) = &result
             && !matches!(
                 err,
@@ -246,5 +253,16 @@ impl Local {
             self.conn = None;
         }
         result
+    }
+}
+
+/// One call, bounded by `limit`, its error classified.
+async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, LocalError> {
+    match tokio::time::timeout(limit, call).await {
+        Err(_) => Err(LocalError::Hung(limit)),
+        Ok(reply) => reply.map_err(|e| LocalError::classify(&e)),
     }
 }

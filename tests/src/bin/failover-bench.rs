@@ -1,17 +1,32 @@
-//! Failover benchmark: kill -9 of the master, timed from the kill to the first acknowledged
-//! write on the new master, with a client that finds the master as a real one would (through
-//! the controller's status, or through Sentinel). Also counts acknowledged writes lost (plain
-//! SET replies, and SET + WAIT 1). Ours (policy manual, local runtime) against plain Sentinel
-//! (down-after-milliseconds 1000), measured in the same run.
+//! Failover benchmark: ours against plain Sentinel, measured in the same run on the same
+//! machine. Scenarios, each run `RUNS` times per setup:
+//! - kill: SIGKILL of the master's valkey-server, timed to the first acknowledged write on
+//!   another node;
+//! - hang: SIGSTOP of the master, timed the same way (SIGCONT afterwards);
+//! - switchover: a planned switchover (ours: `local switchover`; Sentinel: `SENTINEL
+//!   FAILOVER`), measured as the longest gap between two acknowledged writes.
+//!
+//! Setups: plain Sentinel at down-after-milliseconds 5000 and 1000; ours under policy manual;
+//! ours under policy sentinel at down-after-milliseconds 30000 and 5000.
+//!
+//! Clients find the master as real ones do: through Sentinel (`GET-MASTER-ADDR-BY-NAME`) or the
+//! controller's status. Two writers run together: one plain `SET` (acknowledged = replied OK),
+//! one `SET` + `WAIT 1 100` (acknowledged = a replica confirmed). After each run, acknowledged
+//! keys missing on the new master are counted as lost. A monitor asks every node for its role
+//! every 20 ms and writes a probe key to each node that claims master; a round in which two
+//! nodes accept it is a moment with two writable masters.
+//!
+//! Output: a table (median, p90, max), `failover-bench.csv` (one line per run) and
+//! `failover-bench.png` (the distributions side by side).
 //!
 //! Run: `cargo build --release --workspace --bins && target/release/failover-bench [RUNS]`
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -20,15 +35,39 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use redis::AsyncCommands;
 use valkey_controller::local::control::{self, Request};
 use valkey_e2e::{
-    local::{LocalInstance, manifest},
+    local::LocalInstance,
     procs::{PASSWORD, Sentinel, Valkey},
 };
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Scenario {
+    Kill,
+    Hang,
+    Switchover,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Kill => "kill -9",
+            Scenario::Hang => "hang (SIGSTOP)",
+            Scenario::Switchover => "planned switchover",
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            Scenario::Kill => "kill",
+            Scenario::Hang => "hang",
+            Scenario::Switchover => "switchover",
+        }
+    }
+}
 
 /// How the client finds the master.
 #[derive(Clone)]
 enum Discovery {
     Controller(std::path::PathBuf),
-    /// Sentinel ports and the monitor name.
+    /// Sentinel ports, the monitor name, and the sentinels' password if any.
     Sentinel(Vec<u16>, String),
 }
 
@@ -45,7 +84,13 @@ impl Discovery {
             Discovery::Sentinel(ports, name) => {
                 for port in ports {
                     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
-                    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(Duration::from_millis(200)))
+                        .set_response_timeout(Some(Duration::from_millis(500)));
+                    let Ok(mut conn) = client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                    else {
                         continue;
                     };
                     let addr: Option<(String, String)> = redis::cmd("SENTINEL")
@@ -64,24 +109,28 @@ impl Discovery {
     }
 }
 
-#[derive(Default)]
-struct Log {
-    /// key -> (address it was acknowledged by, when)
-    plain: BTreeMap<u64, (String, Instant)>,
-    waited: BTreeMap<u64, String>,
-}
+/// Acknowledged writes: key number -> (node that acknowledged it, when).
+type Acks = Arc<Mutex<BTreeMap<u64, (String, Instant)>>>;
 
 struct Writer {
     stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Log>>,
+    acks: Acks,
     task: tokio::task::JoinHandle<()>,
 }
 
+fn conn_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(200)))
+        .set_response_timeout(Some(Duration::from_millis(1000)))
+}
+
 impl Writer {
-    fn start(discovery: Discovery, password: String) -> Self {
+    /// Writes `<prefix><n>` in a loop to the master it discovers; `wait` adds `WAIT 1 100` and
+    /// counts a write as acknowledged only when a replica confirmed it.
+    fn start(discovery: Discovery, password: String, prefix: &'static str, wait: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let log = Arc::new(Mutex::new(Log::default()));
-        let (stop_flag, log_ref) = (stop.clone(), log.clone());
+        let acks: Acks = Arc::default();
+        let (stop_flag, acks_ref) = (stop.clone(), acks.clone());
         let task = tokio::spawn(async move {
             let mut i = 0u64;
             let mut conn: Option<(String, redis::aio::MultiplexedConnection)> = None;
@@ -93,11 +142,8 @@ impl Writer {
                     };
                     let client = redis::Client::open(format!("redis://:{password}@{addr}/"))
                         .expect("client");
-                    let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(Duration::from_millis(200)))
-                        .set_response_timeout(Some(Duration::from_millis(1000)));
                     match client
-                        .get_multiplexed_async_connection_with_config(&config)
+                        .get_multiplexed_async_connection_with_config(&conn_config())
                         .await
                     {
                         Ok(c) => conn = Some((addr, c)),
@@ -111,109 +157,314 @@ impl Writer {
                     continue;
                 };
                 i += 1;
-                let set: redis::RedisResult<()> = c.set(format!("w{i}"), i).await;
+                let set: redis::RedisResult<()> = c.set(format!("{prefix}{i}"), i).await;
                 if set.is_err() {
                     conn = None;
                     continue;
                 }
-                log_ref
-                    .lock()
-                    .unwrap()
-                    .plain
-                    .insert(i, (addr.clone(), Instant::now()));
-                let acks: redis::RedisResult<i64> =
-                    redis::cmd("WAIT").arg(1).arg(100).query_async(c).await;
-                if acks.is_ok_and(|n| n >= 1) {
-                    log_ref.lock().unwrap().waited.insert(i, addr.clone());
+                let acked = if wait {
+                    let replicas: redis::RedisResult<i64> =
+                        redis::cmd("WAIT").arg(1).arg(100).query_async(c).await;
+                    replicas.is_ok_and(|n| n >= 1)
+                } else {
+                    true
+                };
+                if acked {
+                    acks_ref
+                        .lock()
+                        .unwrap()
+                        .insert(i, (addr.clone(), Instant::now()));
                 }
             }
         });
-        Self { stop, log, task }
+        Self { stop, acks, task }
     }
 
-    /// The first acknowledged write after `since` by a node other than `old`.
     fn first_elsewhere(&self, since: Instant, old: &str) -> Option<Instant> {
-        let log = self.log.lock().unwrap();
-        log.plain
-            .values()
+        let acks = self.acks.lock().unwrap();
+        acks.values()
             .filter(|(a, t)| a != old && *t > since)
             .map(|(_, t)| *t)
             .min()
     }
 
-    async fn finish(self) -> Log {
+    /// The longest time between two consecutive acknowledged writes after `since`.
+    fn longest_gap(&self, since: Instant) -> Duration {
+        let acks = self.acks.lock().unwrap();
+        let mut times: Vec<Instant> = acks
+            .values()
+            .map(|(_, t)| *t)
+            .filter(|t| *t > since)
+            .collect();
+        times.sort();
+        times
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default()
+    }
+
+    async fn finish(self) -> BTreeMap<u64, (String, Instant)> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
-        Arc::try_unwrap(self.log)
-            .ok()
-            .expect("writer done")
-            .into_inner()
-            .unwrap()
+        self.acks.lock().unwrap().clone()
     }
 }
 
-struct Sample {
-    failover: Duration,
-    lost_plain: usize,
-    lost_waited: usize,
+/// Counts rounds (every 20 ms) in which two nodes claim master and both accept a write.
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    double: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-async fn missing_on(addr: &str, password: &str, keys: impl Iterator<Item = u64>) -> usize {
+impl Monitor {
+    fn start(nodes: Vec<String>, password: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let double = Arc::new(AtomicU64::new(0));
+        let (stop_flag, double_ref) = (stop.clone(), double.clone());
+        let task = tokio::spawn(async move {
+            let clients: Vec<redis::Client> = nodes
+                .iter()
+                .map(|a| redis::Client::open(format!("redis://:{password}@{a}/")).expect("client"))
+                .collect();
+            let mut conns: Vec<Option<redis::aio::MultiplexedConnection>> =
+                vec![None; clients.len()];
+            while !stop_flag.load(Ordering::Relaxed) {
+                let round = Instant::now();
+                let mut writable = 0;
+                let probes =
+                    clients
+                        .iter()
+                        .zip(conns.iter_mut())
+                        .map(|(client, conn)| async move {
+                            if conn.is_none() {
+                                let config = redis::AsyncConnectionConfig::new()
+                                    .set_connection_timeout(Some(Duration::from_millis(50)))
+                                    .set_response_timeout(Some(Duration::from_millis(100)));
+                                *conn = client
+                                    .get_multiplexed_async_connection_with_config(&config)
+                                    .await
+                                    .ok();
+                            }
+                            let Some(c) = conn.as_mut() else { return false };
+                            let role: redis::RedisResult<redis::Value> =
+                                redis::cmd("ROLE").query_async(c).await;
+                            let master = match role {
+                                Ok(redis::Value::Array(items)) => matches!(
+                                    items.first(),
+                                    Some(redis::Value::BulkString(b)) if b.as_slice() == b"master"
+                                ),
+                                Ok(_) => false,
+                                Err(_) => {
+                                    *conn = None;
+                                    return false;
+                                }
+                            };
+                            if !master {
+                                return false;
+                            }
+                            let probe: redis::RedisResult<()> = c.set("__bench_probe", 1).await;
+                            probe.is_ok()
+                        });
+                for accepted in futures::future::join_all(probes).await {
+                    writable += usize::from(accepted);
+                }
+                if writable >= 2 {
+                    double_ref.fetch_add(1, Ordering::Relaxed);
+                }
+                let left = Duration::from_millis(20).saturating_sub(round.elapsed());
+                tokio::time::sleep(left).await;
+            }
+        });
+        Self { stop, double, task }
+    }
+
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.double.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Sample {
+    setup: &'static str,
+    scenario: Scenario,
+    /// Failover time (kill, hang) or the longest write gap (switchover).
+    time: Duration,
+    lost_plain: usize,
+    lost_waited: usize,
+    double_master_rounds: u64,
+}
+
+async fn missing_on(addr: &str, password: &str, prefix: &str, keys: &BTreeSet<u64>) -> usize {
     let client = redis::Client::open(format!("redis://:{password}@{addr}/")).expect("client");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("conn");
     let mut missing = 0;
-    for k in keys {
-        let exists: bool = conn.exists(format!("w{k}")).await.expect("EXISTS");
-        missing += usize::from(!exists);
+    let keys: Vec<u64> = keys.iter().copied().collect();
+    for chunk in keys.chunks(500) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.exists(format!("{prefix}{k}"));
+        }
+        let found: Vec<bool> = pipe.query_async(&mut conn).await.expect("EXISTS");
+        missing += found.iter().filter(|f| !**f).count();
     }
     missing
 }
 
-/// Kills the master at `old_addr` (pid), waits for the first write elsewhere, then counts losses.
-async fn measure(discovery: Discovery, password: &str, old_addr: &str, pid: u32) -> Sample {
-    let writer = Writer::start(discovery.clone(), password.to_owned());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let killed = Instant::now();
-    nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
-    let deadline = killed + Duration::from_secs(60);
-    let first = loop {
-        if let Some(t) = writer.first_elsewhere(killed, old_addr) {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "no failover within 60 s");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = writer.finish().await;
-    let new_addr = discovery.master().await.expect("a master");
-    let lost_plain = missing_on(&new_addr, password, log.plain.keys().copied()).await;
-    let lost_waited = missing_on(&new_addr, password, log.waited.keys().copied()).await;
-    Sample {
-        failover: first - killed,
-        lost_plain,
-        lost_waited,
-    }
+/// What a setup gives one run: how to find the master, the nodes, the master's address and
+/// pid, and how to ask for a planned switchover.
+struct Target {
+    discovery: Discovery,
+    password: String,
+    nodes: Vec<String>,
+    master_addr: String,
+    master_pid: u32,
+    switchover: Box<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
 }
 
-async fn ours(runs: usize) -> Vec<Sample> {
-    let instance = LocalInstance::up(&manifest(3));
+async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sample {
+    let plain = Writer::start(
+        target.discovery.clone(),
+        target.password.clone(),
+        "p",
+        false,
+    );
+    let waited = Writer::start(target.discovery.clone(), target.password.clone(), "w", true);
+    let monitor = Monitor::start(target.nodes.clone(), target.password.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let pid = Pid::from_raw(target.master_pid as i32);
+    match scenario {
+        Scenario::Kill => nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill"),
+        Scenario::Hang => nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop"),
+        Scenario::Switchover => (target.switchover)().await,
+    }
+    let deadline = started + Duration::from_secs(90);
+    let moved = loop {
+        if let Some(t) = plain.first_elsewhere(started, &target.master_addr) {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{setup} {scenario:?}: no new master within 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    if scenario == Scenario::Hang {
+        nix::sys::signal::kill(pid, Signal::SIGCONT).expect("cont");
+    }
+    // Keep writing and watching a while: a resumed old master must not take writes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gap = plain.longest_gap(started - Duration::from_millis(500));
+    let double_master_rounds = monitor.finish().await;
+    let plain_acks = plain.finish().await;
+    let waited_acks = waited.finish().await;
+    let new_master = target.discovery.master().await.expect("a master");
+    let keys =
+        |acks: &BTreeMap<u64, (String, Instant)>| acks.keys().copied().collect::<BTreeSet<u64>>();
+    let lost_plain = missing_on(&new_master, &target.password, "p", &keys(&plain_acks)).await;
+    let lost_waited = missing_on(&new_master, &target.password, "w", &keys(&waited_acks)).await;
+    let time = match scenario {
+        Scenario::Switchover => gap,
+        _ => moved - started,
+    };
+    let sample = Sample {
+        setup,
+        scenario,
+        time,
+        lost_plain,
+        lost_waited,
+        double_master_rounds,
+    };
+    eprintln!("{setup} / {}: {sample:?}", scenario.name());
+    sample
+}
+
+const SCENARIOS: [Scenario; 3] = [Scenario::Kill, Scenario::Hang, Scenario::Switchover];
+
+/// Ours in the local runtime: one instance for every run, healed between runs.
+async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) -> Vec<Sample> {
+    let instance = Arc::new(LocalInstance::up(manifest));
     let mut samples = Vec::new();
-    for run in 0..runs {
-        let status = instance.wait_healthy(3, Duration::from_secs(60)).await;
-        let master = status.master.clone().expect("master");
-        let node = status.nodes.iter().find(|n| n.pod == master).expect("node");
-        let sample = measure(
-            Discovery::Controller(instance.dir.clone()),
-            &instance.password(),
-            &node.addr,
-            node.valkey_pid.expect("pid"),
-        )
-        .await;
-        eprintln!("ours run {run}: {:?}", sample.failover);
-        samples.push(sample);
+    for scenario in SCENARIOS {
+        for _ in 0..runs {
+            let status = instance
+                .wait_status(
+                    "a master with in-sync replicas",
+                    Duration::from_secs(120),
+                    |s| {
+                        s.nodes.len() == 3
+                            && s.nodes.iter().all(|n| n.connected && n.process == "up")
+                            && s.nodes.iter().filter(|n| n.role == "master").count() == 1
+                            && s.nodes
+                                .iter()
+                                .filter(|n| n.role == "replica")
+                                .all(|n| n.link == "up")
+                            && (!sentinel
+                                || s.monitor
+                                    .nodes
+                                    .iter()
+                                    .all(|m| m.connected && m.master == s.master_addr))
+                    },
+                )
+                .await;
+            let master = status.master.clone().expect("master");
+            let node = status.nodes.iter().find(|n| n.pod == master).expect("node");
+            let discovery = if sentinel {
+                let ports: Vec<u16> = status
+                    .monitor
+                    .nodes
+                    .iter()
+                    .map(|m| {
+                        m.addr
+                            .rsplit_once(':')
+                            .expect("addr")
+                            .1
+                            .parse()
+                            .expect("port")
+                    })
+                    .collect();
+                for port in &ports {
+                    sentinel_knows_replicas(
+                        *port,
+                        status.monitor.name.as_deref().expect("monitor"),
+                        2,
+                    )
+                    .await;
+                }
+                Discovery::Sentinel(ports, status.monitor.name.clone().expect("monitor"))
+            } else {
+                Discovery::Controller(instance.dir.clone())
+            };
+            let for_switchover = instance.clone();
+            let target = Target {
+                discovery,
+                password: instance.password(),
+                nodes: status.nodes.iter().map(|n| n.addr.clone()).collect(),
+                master_addr: node.addr.clone(),
+                master_pid: node.valkey_pid.expect("pid"),
+                switchover: Box::new(move || {
+                    let instance = for_switchover.clone();
+                    Box::pin(async move {
+                        // Retried while the controller says the replicas are not ready yet.
+                        for _ in 0..200 {
+                            if instance.switchover(None).await.ok {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        panic!("the controller never accepted the switchover");
+                    })
+                }),
+            };
+            samples.push(measure(setup, scenario, target).await);
+        }
     }
     samples
 }
@@ -246,108 +497,81 @@ async fn sentinel_knows_replicas(port: u16, name: &str, n: usize) {
     }
 }
 
-/// Ours under policy sentinel: the seed's example (down-after-milliseconds 30000).
-async fn ours_sentinel(runs: usize) -> Vec<Sample> {
-    let instance = LocalInstance::up(include_str!("../../../deploy/examples/failover.yaml"));
-    let name = "valkey-system.example-failover";
+/// Plain Sentinel: fresh processes for every run.
+async fn plain_sentinel(setup: &'static str, down_after_ms: u64, runs: usize) -> Vec<Sample> {
     let mut samples = Vec::new();
-    for run in 0..runs {
-        let status = instance
-            .wait_status(
-                "a master every sentinel names",
-                Duration::from_secs(60),
-                |s| {
-                    s.nodes.iter().all(|n| n.connected && n.process == "up")
-                        && s.nodes.iter().filter(|n| n.role == "master").count() == 1
-                        && s.nodes
-                            .iter()
-                            .filter(|n| n.role == "replica")
-                            .all(|n| n.link == "up")
-                        && s.monitor.nodes.iter().all(|m| m.master == s.master_addr)
-                },
-            )
-            .await;
-        let ports: Vec<u16> = status
-            .monitor
-            .nodes
-            .iter()
-            .map(|m| {
-                m.addr
-                    .rsplit_once(':')
-                    .expect("addr")
-                    .1
-                    .parse()
-                    .expect("port")
-            })
-            .collect();
-        for port in &ports {
-            sentinel_knows_replicas(*port, name, 2).await;
-        }
-        let master = status.master.clone().expect("master");
-        let node = status.nodes.iter().find(|n| n.pod == master).expect("node");
-        let sample = measure(
-            Discovery::Sentinel(ports, name.into()),
-            &instance.password(),
-            &node.addr,
-            node.valkey_pid.expect("pid"),
-        )
-        .await;
-        eprintln!("ours sentinel run {run}: {:?}", sample.failover);
-        samples.push(sample);
-    }
-    samples
-}
-
-async fn sentinel(runs: usize, down_after_ms: u64) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    for run in 0..runs {
-        let master = Valkey::start("m");
-        let port = master.port.to_string();
-        let replicas = [
-            Valkey::start_with("r1", &["--replicaof", "127.0.0.1", &port]),
-            Valkey::start_with("r2", &["--replicaof", "127.0.0.1", &port]),
-        ];
-        let sentinels: Vec<Sentinel> = (0..3)
-            .map(|_| Sentinel::monitoring("bench", master.port, 2, down_after_ms))
-            .collect();
-        // Ready when every sentinel knows both replicas and the two other sentinels.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for s in &sentinels {
-            loop {
-                let mut conn = s
-                    .client()
-                    .get_multiplexed_async_connection()
-                    .await
-                    .expect("sentinel");
-                let info: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
-                    .arg("MASTER")
-                    .arg("bench")
-                    .query_async(&mut conn)
-                    .await
-                    .expect("SENTINEL MASTER");
-                if info.get("num-slaves").map(String::as_str) == Some("2")
-                    && info.get("num-other-sentinels").map(String::as_str) == Some("2")
-                {
-                    break;
+    for scenario in SCENARIOS {
+        for _ in 0..runs {
+            let master = Valkey::start("m");
+            let port = master.port.to_string();
+            let replicas = [
+                Valkey::start_with("r1", &["--replicaof", "127.0.0.1", &port]),
+                Valkey::start_with("r2", &["--replicaof", "127.0.0.1", &port]),
+            ];
+            let sentinels: Vec<Sentinel> = (0..3)
+                .map(|_| Sentinel::monitoring("bench", master.port, 2, down_after_ms))
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for s in &sentinels {
+                loop {
+                    let mut conn = s
+                        .client()
+                        .get_multiplexed_async_connection()
+                        .await
+                        .expect("sentinel");
+                    let info: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
+                        .arg("MASTER")
+                        .arg("bench")
+                        .query_async(&mut conn)
+                        .await
+                        .expect("SENTINEL MASTER");
+                    if info.get("num-slaves").map(String::as_str) == Some("2")
+                        && info.get("num-other-sentinels").map(String::as_str) == Some("2")
+                    {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "sentinels did not discover each other"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "sentinels did not discover each other"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                sentinel_knows_replicas(s.port, "bench", 2).await;
             }
+            let first_sentinel = sentinels[0].port;
+            let target = Target {
+                discovery: Discovery::Sentinel(
+                    sentinels.iter().map(|s| s.port).collect(),
+                    "bench".into(),
+                ),
+                password: PASSWORD.into(),
+                nodes: std::iter::once(master.addr())
+                    .chain(replicas.iter().map(Valkey::addr))
+                    .collect(),
+                master_addr: master.addr(),
+                master_pid: master.proc().pid().as_raw() as u32,
+                switchover: Box::new(move || {
+                    Box::pin(async move {
+                        let client =
+                            redis::Client::open(format!("redis://127.0.0.1:{first_sentinel}/"))
+                                .expect("client");
+                        let mut conn = client
+                            .get_multiplexed_async_connection()
+                            .await
+                            .expect("sentinel");
+                        let _: String = redis::cmd("SENTINEL")
+                            .arg("FAILOVER")
+                            .arg("bench")
+                            .query_async(&mut conn)
+                            .await
+                            .expect("SENTINEL FAILOVER");
+                    })
+                }),
+            };
+            samples.push(measure(setup, scenario, target).await);
+            drop(sentinels);
+            drop(replicas);
         }
-        let pid = master.proc().pid().as_raw() as u32;
-        let sample = measure(
-            Discovery::Sentinel(sentinels.iter().map(|s| s.port).collect(), "bench".into()),
-            PASSWORD,
-            &master.addr(),
-            pid,
-        )
-        .await;
-        eprintln!("sentinel {down_after_ms} run {run}: {:?}", sample.failover);
-        samples.push(sample);
-        drop(replicas);
     }
     samples
 }
@@ -357,19 +581,121 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn row(name: &str, samples: &[Sample]) -> String {
-    let mut times: Vec<Duration> = samples.iter().map(|s| s.failover).collect();
-    times.sort();
-    let ms = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1000.0);
-    format!(
-        "| {name} | {} | {} | {} | {} | {} | {} |",
-        samples.len(),
-        ms(percentile(&times, 0.5)),
-        ms(percentile(&times, 0.9)),
-        ms(*times.last().expect("samples")),
-        samples.iter().map(|s| s.lost_plain).sum::<usize>(),
-        samples.iter().map(|s| s.lost_waited).sum::<usize>(),
-    )
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+fn table(samples: &[Sample], setups: &[&'static str]) -> String {
+    let mut out = String::from(
+        "| scenario | setup | runs | median ms | p90 ms | max ms | lost SET acks | lost WAIT 1 acks | two-master rounds |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for scenario in SCENARIOS {
+        for setup in setups {
+            let of: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.scenario == scenario && s.setup == *setup)
+                .collect();
+            if of.is_empty() {
+                continue;
+            }
+            let mut times: Vec<Duration> = of.iter().map(|s| s.time).collect();
+            times.sort();
+            out.push_str(&format!(
+                "| {} | {setup} | {} | {} | {} | {} | {} | {} | {} |\n",
+                scenario.name(),
+                of.len(),
+                ms(percentile(&times, 0.5)),
+                ms(percentile(&times, 0.9)),
+                ms(*times.last().expect("samples")),
+                of.iter().map(|s| s.lost_plain).sum::<usize>(),
+                of.iter().map(|s| s.lost_waited).sum::<usize>(),
+                of.iter().map(|s| s.double_master_rounds).sum::<u64>(),
+            ));
+        }
+    }
+    out
+}
+
+/// Three panels (one per scenario), each setup's runs as points on a log time axis.
+fn chart(
+    samples: &[Sample],
+    setups: &[&'static str],
+    path: &std::path::Path,
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .map_err(|e| format!("DejaVuSans.ttf (apt-get install fonts-dejavu-core): {e}"))?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| "registering the font".to_owned())?;
+    let root = BitMapBackend::new(path, (1500, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let panels = root.split_evenly((1, SCENARIOS.len()));
+    let colors = [RED, MAGENTA, BLUE, GREEN, CYAN];
+    for (panel, scenario) in panels.iter().zip(SCENARIOS) {
+        let title = match scenario {
+            Scenario::Switchover => "planned switchover: longest write gap (ms)".to_owned(),
+            _ => format!("{}: to first write on the new master (ms)", scenario.name()),
+        };
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(110)
+            .y_label_area_size(55)
+            .build_cartesian_2d(
+                -0.5f64..(setups.len() as f64 - 0.5),
+                (1f64..100_000f64).log_scale(),
+            )
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_labels(setups.len())
+            .x_label_formatter(&|x| {
+                let i = x.round() as usize;
+                setups
+                    .get(i)
+                    .map(|s| {
+                        s.replace("plain Sentinel, down-after ", "Sentinel ")
+                            .replace("ours, policy ", "ours ")
+                            .replace(", down-after ", " ")
+                    })
+                    .unwrap_or_default()
+            })
+            .x_label_style(
+                ("sans-serif", 11)
+                    .into_font()
+                    .transform(FontTransform::Rotate90),
+            )
+            .y_label_style(("sans-serif", 12))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, setup) in setups.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let times: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.scenario == scenario && s.setup == *setup)
+                .map(|s| (s.time.as_secs_f64() * 1000.0).max(1.0))
+                .collect();
+            let n = times.len().max(1) as f64;
+            chart
+                .draw_series(times.iter().enumerate().map(|(j, t)| {
+                    let x = i as f64 - 0.25 + 0.5 * (j as f64 + 0.5) / n;
+                    Circle::new((x, *t), 4, color.filled())
+                }))
+                .map_err(|e| e.to_string())?;
+            let mut sorted = times.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            if let Some(median) = sorted.get(sorted.len() / 2) {
+                chart
+                    .draw_series(LineSeries::new(
+                        [(i as f64 - 0.35, *median), (i as f64 + 0.35, *median)],
+                        BLACK.stroke_width(2),
+                    ))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    root.present().map_err(|e| e.to_string())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -378,48 +704,57 @@ async fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let ours = ours(runs).await;
-    let ours_sentinel = ours_sentinel(runs).await;
-    let sentinel_1000 = sentinel(runs, 1000).await;
-    println!(
-        "kill -9 of the master -> first acknowledged write on the new master ({runs} runs each)\n"
+    let seed = include_str!("../../../deploy/examples/failover.yaml");
+    let seed_5000 = seed.replace(
+        "down-after-milliseconds: \"30000\"",
+        "down-after-milliseconds: \"5000\"",
     );
-    println!("| setup | runs | median ms | p90 ms | max ms | lost SET acks | lost WAIT 1 acks |");
-    println!("|---|---|---|---|---|---|---|");
-    println!("{}", row("ours, policy manual (local runtime)", &ours));
-    println!(
-        "{}",
-        row(
-            "ours, policy sentinel, down-after-milliseconds 30000 (seed example)",
-            &ours_sentinel
-        )
+    assert_ne!(
+        seed, seed_5000,
+        "the seed example sets down-after-milliseconds"
     );
-    println!(
-        "{}",
-        row(
-            "plain Sentinel, down-after-milliseconds 1000",
-            &sentinel_1000
-        )
-    );
-    let csv: String = ours
+    let manual = "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata:\n  name: bench\n  namespace: bench\nspec:\n  replicas: 3\n";
+    let setups = [
+        "plain Sentinel, down-after 5000",
+        "plain Sentinel, down-after 1000",
+        "ours, policy manual",
+        "ours, policy sentinel, down-after 30000",
+        "ours, policy sentinel, down-after 5000",
+    ];
+    let mut samples = Vec::new();
+    samples.extend(plain_sentinel(setups[0], 5000, runs).await);
+    samples.extend(plain_sentinel(setups[1], 1000, runs).await);
+    samples.extend(ours(setups[2], manual, false, runs).await);
+    samples.extend(ours(setups[3], seed, true, runs).await);
+    samples.extend(ours(setups[4], &seed_5000, true, runs).await);
+
+    println!("{}", table(&samples, &setups));
+    let csv: String = samples
         .iter()
-        .map(|s| ("ours-manual", s))
-        .chain(ours_sentinel.iter().map(|s| ("ours-sentinel-30000", s)))
-        .chain(sentinel_1000.iter().map(|s| ("sentinel-1000", s)))
-        .map(|(name, s)| {
+        .map(|s| {
             format!(
-                "{name},{:.1},{},{}\n",
-                s.failover.as_secs_f64() * 1000.0,
+                "\"{}\",{},{:.1},{},{},{}\n",
+                s.setup,
+                s.scenario.key(),
+                s.time.as_secs_f64() * 1000.0,
                 s.lost_plain,
-                s.lost_waited
+                s.lost_waited,
+                s.double_master_rounds
             )
         })
         .collect();
-    let path = std::path::Path::new("failover-bench.csv");
     std::fs::write(
-        path,
-        format!("setup,failover_ms,lost_set_acks,lost_wait1_acks\n{csv}"),
+        "failover-bench.csv",
+        format!("setup,scenario,ms,lost_set_acks,lost_wait1_acks,two_master_rounds\n{csv}"),
     )
     .expect("write csv");
-    println!("\nper-run figures: {}", path.display());
+    match chart(
+        &samples,
+        &setups,
+        std::path::Path::new("failover-bench.png"),
+    ) {
+        Ok(()) => println!("chart: failover-bench.png"),
+        Err(err) => eprintln!("no chart: {err}"),
+    }
+    println!("per-run figures: failover-bench.csv");
 }
