@@ -101,7 +101,9 @@ pub enum HubEvent {
 
 #[derive(Debug)]
 struct Inner {
-    nodes: Mutex<HashMap<(InstanceKey, String), Node>>,
+    /// Ordered by instance, so that one instance's nodes are a range (observing one is cheap
+    /// however many instances the hub serves).
+    nodes: Mutex<std::collections::BTreeMap<(InstanceKey, String), Node>>,
     pending: Mutex<HashMap<String, oneshot::Sender<CommandResult>>>,
     changed: watch::Sender<u64>,
     instances: tokio::sync::broadcast::Sender<InstanceKey>,
@@ -206,8 +208,9 @@ impl Hub {
             .lock()
             .map(|nodes| {
                 nodes
-                    .iter()
-                    .filter(|((key, _), node)| key == instance && node.hello.kind() == kind)
+                    .range((instance.clone(), String::new())..)
+                    .take_while(|((key, _), _)| key == instance)
+                    .filter(|(_, node)| node.hello.kind() == kind)
                     .map(|((_, pod), node)| {
                         let obs = NodeObs {
                             connected: node.tx.is_some(),

@@ -140,8 +140,12 @@ pub fn start_manual(
             }
             Err(err) => warn!(error = %err, "switchover command not answered"),
         }
-        // Give the target's agent a moment to report its new role before the core looks.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Let the core look once the target's agent reports its new role (or after 2 s, when
+        // the core drops the intent if the target did not take over).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && !reports_master(&hub, &key, &to) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         engine.switchover.store(false, Ordering::SeqCst);
     });
     format!(
@@ -281,14 +285,7 @@ pub fn start_sentinel(
             .await?;
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
-                let observed = hub.observe(&key);
-                let done = observed.nodes.get(&to).is_some_and(|o| {
-                    o.report
-                        .as_ref()
-                        .and_then(|r| r.data.as_ref())
-                        .is_some_and(|d| d.role() == valkey_proto::v1::Role::Master)
-                });
-                if done {
+                if reports_master(&hub, &key, &to) {
                     // Demote the old master before its pause ends, rather than waiting for
                     // Sentinel to convert it (which can take seconds, taking writes meanwhile).
                     send(
@@ -322,4 +319,13 @@ pub fn start_sentinel(
         engine.switchover.store(false, Ordering::SeqCst);
     });
     Ok(message)
+}
+
+fn reports_master(hub: &Hub, key: &InstanceKey, pod: &str) -> bool {
+    hub.observe(key).nodes.get(pod).is_some_and(|o| {
+        o.report
+            .as_ref()
+            .and_then(|r| r.data.as_ref())
+            .is_some_and(|d| d.role() == valkey_proto::v1::Role::Master)
+    })
 }

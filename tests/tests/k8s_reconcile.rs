@@ -229,6 +229,24 @@ fn start_nodes(cluster: &FakeCluster) -> Nodes {
     }
 }
 
+/// Failover `demo` (with a password Secret the Valkeys use), its three pods, and three real
+/// Valkeys with agents reporting to the cluster's hub.
+async fn three_running_nodes() -> (FakeCluster, Nodes) {
+    let cluster = FakeCluster::start().await;
+    cluster
+        .api::<Secret>(NS)
+        .create(
+            &PostParams::default(),
+            &password_secret("demo-password", PASSWORD),
+        )
+        .await
+        .expect("secret");
+    cluster.create(&failover("demo", three())).await;
+    cluster.create_pods(NS, "demo", 3).await;
+    let nodes = start_nodes(&cluster);
+    (cluster, nodes)
+}
+
 fn ready(f: &Failover) -> bool {
     f.status.as_ref().is_some_and(|s| s.phase == Phase::Ready)
 }
@@ -250,18 +268,7 @@ async fn role_labels(cluster: &FakeCluster) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn status_and_routing_follow_the_agents_through_a_failover() {
-    let cluster = FakeCluster::start().await;
-    cluster
-        .api::<Secret>(NS)
-        .create(
-            &PostParams::default(),
-            &password_secret("demo-password", PASSWORD),
-        )
-        .await
-        .expect("secret");
-    cluster.create(&failover("demo", three())).await;
-    cluster.create_pods(NS, "demo", 3).await;
-    let nodes = start_nodes(&cluster);
+    let (cluster, nodes) = three_running_nodes().await;
 
     let up = cluster
         .reconcile_until(NS, "demo", "phase Ready", T, ready)
@@ -651,18 +658,7 @@ async fn config_get(valkey: &Valkey, key: &str) -> String {
 
 #[tokio::test]
 async fn live_settings_apply_at_once_and_a_new_template_rolls_replicas_first_master_last() {
-    let cluster = FakeCluster::start().await;
-    cluster
-        .api::<Secret>(NS)
-        .create(
-            &PostParams::default(),
-            &password_secret("demo-password", PASSWORD),
-        )
-        .await
-        .expect("secret");
-    cluster.create(&failover("demo", three())).await;
-    cluster.create_pods(NS, "demo", 3).await;
-    let nodes = start_nodes(&cluster);
+    let (cluster, nodes) = three_running_nodes().await;
     cluster
         .reconcile_until(NS, "demo", "phase Ready", T, ready)
         .await;

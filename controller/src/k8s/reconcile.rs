@@ -248,18 +248,7 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         let mut finalizers = failover.finalizers().to_vec();
         finalizers.push(FINALIZER.into());
         let patch = serde_json::json!({ "metadata": { "finalizers": finalizers } });
-        failovers
-            .patch(
-                &names.instance,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(|source| Error::Apply {
-                kind: "Failover",
-                name: names.instance.clone(),
-                source,
-            })?;
+        merge_failover(&failovers, &names.instance, &patch).await?;
     }
 
     // Validate: nothing is applied from an invalid spec.
@@ -367,18 +356,7 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
                 let patch = serde_json::json!({
                     "metadata": { "annotations": { ANNOTATION_SWITCHOVER: null } }
                 });
-                failovers
-                    .patch(
-                        &names.instance,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                    .map_err(|source| Error::Apply {
-                        kind: "Failover",
-                        name: names.instance.clone(),
-                        source,
-                    })?;
+                merge_failover(&failovers, &names.instance, &patch).await?;
             } else if let Err(why) = started {
                 tracing::debug!(failover = %names.instance, "switchover not started yet: {why}");
             }
@@ -519,6 +497,23 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
     Ok(Action::requeue(Duration::from_secs(
         if next.phase == Phase::Ready { 30 } else { 2 },
     )))
+}
+
+/// A merge patch of the Failover's metadata (finalizers, a handled annotation).
+async fn merge_failover(
+    failovers: &Api<Failover>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), Error> {
+    failovers
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Apply {
+            kind: "Failover",
+            name: name.to_owned(),
+            source,
+        })
 }
 
 /// Server-side apply, forced: this controller owns these objects' fields.
