@@ -615,35 +615,27 @@ async fn deleted(retain: bool) -> FakeCluster {
 
 #[tokio::test]
 async fn deletion_goes_through_the_finalizer_and_honours_retain_after_deleted() {
-    let cluster = deleted(false).await;
-    cluster.reconcile(NS, "demo").await.expect("cleanup");
-    assert!(
-        cluster
+    for (retain, left) in [
+        (false, vec!["data-other-0"]),
+        (true, vec!["data-demo-0", "data-demo-1", "data-other-0"]),
+    ] {
+        let cluster = deleted(retain).await;
+        cluster.reconcile(NS, "demo").await.expect("cleanup");
+        let gone = cluster
             .api::<Failover>(NS)
             .get_opt("demo")
             .await
-            .expect("get")
-            .is_none()
-    );
-    assert_eq!(
-        names(&cluster.api::<PersistentVolumeClaim>(NS)).await,
-        ["data-other-0"]
-    );
-
-    let cluster = deleted(true).await;
-    cluster.reconcile(NS, "demo").await.expect("cleanup");
-    assert!(
-        cluster
-            .api::<Failover>(NS)
-            .get_opt("demo")
-            .await
-            .expect("get")
-            .is_none()
-    );
-    assert_eq!(
-        names(&cluster.api::<PersistentVolumeClaim>(NS)).await,
-        ["data-demo-0", "data-demo-1", "data-other-0"]
-    );
+            .expect("get");
+        assert!(
+            gone.is_none(),
+            "retain {retain}: the Failover is still there"
+        );
+        assert_eq!(
+            names(&cluster.api::<PersistentVolumeClaim>(NS)).await,
+            left,
+            "retain {retain}"
+        );
+    }
 }
 
 async fn config_get(valkey: &Valkey, key: &str) -> String {

@@ -175,6 +175,10 @@ fn key_of(names: &Names) -> InstanceKey {
 pub async fn reconcile(failover: Arc<Failover>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&failover, &ctx).await;
+    if let Err(err) = &result {
+        let note = err.to_string();
+        publish(&ctx, &failover, EventType::Warning, err.reason(), &note).await;
+    }
     ctx.metrics
         .reconciled(started.elapsed(), result.as_ref().err().map(Error::reason));
     match result {
@@ -186,31 +190,13 @@ pub async fn reconcile(failover: Arc<Failover>, ctx: Arc<Context>) -> Result<Act
             status.message = err.to_string();
             status.observed_generation = failover.metadata.generation;
             write_status(&ctx.client, &failover, &status).await?;
-            publish(
-                &ctx,
-                &failover,
-                EventType::Warning,
-                err.reason(),
-                &err.to_string(),
-            )
-            .await;
             Ok(match err {
                 // A spec change wakes us; a Secret or a Service elsewhere may not.
                 Error::InvalidSpec(_) => Action::await_change(),
                 _ => Action::requeue(Duration::from_secs(30)),
             })
         }
-        Err(err) => {
-            publish(
-                &ctx,
-                &failover,
-                EventType::Warning,
-                err.reason(),
-                &err.to_string(),
-            )
-            .await;
-            Err(err)
-        }
+        Err(err) => Err(err),
     }
 }
 
@@ -295,8 +281,8 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
     let engine = ctx.engine(&key);
     let mut durable = status::durable_from(failover.status.as_ref());
     let sentinel = sentinel_desired(failover, &names, &password);
+    let desired = desired(failover, &names, &ctx.hub, ctx.hang_timeout);
     if !paused {
-        let desired = desired(failover, &names, &ctx.hub, ctx.hang_timeout);
         let decided = Instant::now();
         let plan = engine.plan(
             &ctx.hub,
@@ -410,11 +396,11 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         generation: failover.metadata.generation,
         paused,
         durable: &durable,
-        master_addr: durable.master.as_ref().and_then(|m| {
-            desired(failover, &names, &ctx.hub, ctx.hang_timeout)
-                .node(m)
-                .map(|n| format!("{}:{}", n.host, n.port))
-        }),
+        master_addr: durable
+            .master
+            .as_ref()
+            .and_then(|m| desired.node(m))
+            .map(|n| format!("{}:{}", n.host, n.port)),
         observed: &observed,
         pods: &data_pods,
         sentinel: sentinel.as_ref().map(|sd| status::SentinelInputs {
@@ -461,7 +447,6 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
             publish(ctx, failover, EventType::Normal, "RollingRestart", &note).await;
         }
         roll::Step::SwitchoverFirst(master) => {
-            let desired = desired(failover, &names, &ctx.hub, ctx.hang_timeout);
             let engine = ctx.engine(&key);
             let started = start_switchover(
                 ctx,
