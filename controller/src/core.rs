@@ -90,6 +90,9 @@ pub struct Plan {
     pub commands: Vec<(String, Action)>,
     /// A planned switchover the runtime should carry out (to this node, or the best one).
     pub switchover: Option<String>,
+    /// Nodes the runtime should restart (their Valkey refuses the password in force; see
+    /// [`crate::credentials`]).
+    pub restarts: Vec<String>,
     /// Things worth an Event / a log line.
     pub notes: Vec<String>,
 }

@@ -17,12 +17,17 @@ use valkey_proto::v1::{Command, NodeKind, Outcome, command::Action};
 
 use crate::{
     core::{self, Desired, Durable, Plan},
+    credentials,
     hub::{Hub, InstanceKey},
     sentinel::SentinelDesired,
 };
 
 /// How long a sentinel is left alone after a SENTINEL RESET, to learn its peers and replicas.
 const RESET_QUIET: Duration = Duration::from_secs(30);
+
+/// How long a node restarted for refused credentials is left to come back before it may be
+/// restarted again.
+const RESTART_QUIET: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Engine {
@@ -32,7 +37,8 @@ pub struct Engine {
     ids: AtomicU64,
     /// Pods with a command in flight.
     busy: Mutex<HashSet<String>>,
-    resets: Mutex<HashMap<String, Instant>>,
+    /// When each (action, pod) that must not be repeated soon was last done.
+    quiet: Mutex<HashMap<(&'static str, String), Instant>>,
     /// A planned switchover is being carried out right now: the core waits for it.
     pub switchover: AtomicBool,
 }
@@ -44,7 +50,7 @@ impl Default for Engine {
             session: format!("{:08x}", rand::rng().random::<u32>()),
             ids: AtomicU64::new(0),
             busy: Mutex::default(),
-            resets: Mutex::default(),
+            quiet: Mutex::default(),
             switchover: AtomicBool::new(false),
         }
     }
@@ -71,7 +77,7 @@ impl Engine {
     ) -> Plan {
         let mut observed = hub.observe(key);
         observed.switchover_in_flight = self.switchover.load(Ordering::SeqCst);
-        match sentinel {
+        let mut plan = match sentinel {
             None => core::decide(desired, durable, &observed, now_ms),
             // A Sentinel switchover runs its own steps; the core waits for them.
             Some(_) if observed.switchover_in_flight => Plan::default(),
@@ -79,7 +85,26 @@ impl Engine {
                 let sentinels = hub.observe_kind(key, NodeKind::Sentinel);
                 crate::sentinel::decide(desired, sd, durable, &observed, &sentinels, now_ms)
             }
+        };
+        let repairs = credentials::repairs(desired, durable, &observed);
+        plan.notes.extend(repairs.notes);
+        plan.restarts = repairs
+            .restart
+            .into_iter()
+            .filter(|pod| self.not_done_lately("restart", pod, RESTART_QUIET))
+            .collect();
+        plan
+    }
+
+    /// True, and remembered, unless `what` was done to `pod` less than `quiet` ago.
+    fn not_done_lately(&self, what: &'static str, pod: &str, quiet: Duration) -> bool {
+        let mut done = self.quiet.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (what, pod.to_owned());
+        if done.get(&key).is_some_and(|t| t.elapsed() < quiet) {
+            return false;
         }
+        done.insert(key, Instant::now());
+        true
     }
 
     /// Sends each command under `epoch` without waiting; a pod with a command in flight is
@@ -92,12 +117,10 @@ impl Engine {
         commands: Vec<(String, Action)>,
     ) {
         for (pod, action) in commands {
-            if matches!(action, Action::SentinelReset(_)) {
-                let mut resets = self.resets.lock().unwrap_or_else(|e| e.into_inner());
-                if resets.get(&pod).is_some_and(|t| t.elapsed() < RESET_QUIET) {
-                    continue;
-                }
-                resets.insert(pod.clone(), Instant::now());
+            if matches!(action, Action::SentinelReset(_))
+                && !self.not_done_lately("reset", &pod, RESET_QUIET)
+            {
+                continue;
             }
             let claimed = self
                 .busy

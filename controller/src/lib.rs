@@ -3,6 +3,7 @@
 
 pub mod core;
 pub mod crd;
+pub mod credentials;
 pub mod engine;
 pub mod hub;
 pub mod k8s;

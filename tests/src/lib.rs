@@ -8,7 +8,9 @@
 pub mod hub;
 pub mod k8s;
 pub mod local;
+pub mod monitor;
 pub mod procs;
+pub mod soak;
 
 use std::{future::Future, net::TcpListener, time::Duration};
 

@@ -262,6 +262,14 @@ impl Drop for LocalInstance {
             }
         }
         // The controller's own log is printed by Proc's drop; its children die with it.
+        if std::thread::panicking() && std::env::var_os("VALKEY_E2E_KEEP").is_some() {
+            // Keep the working dir (every log whole) for a look after the failure.
+            let kept = std::mem::replace(&mut self._tmp, TempDir::new().expect("temp dir")).keep();
+            eprintln!(
+                "VALKEY_E2E_KEEP: the working dir is kept at {}",
+                kept.display()
+            );
+        }
     }
 }
 
@@ -293,13 +301,23 @@ pub fn alive(pid: u32) -> bool {
 
 /// The written keys (w<n>) missing on the node at `addr`.
 pub async fn missing_on(instance: &LocalInstance, addr: &str, keys: &BTreeSet<u64>) -> Vec<u64> {
+    missing_with_prefix(instance, addr, "w", keys).await
+}
+
+/// The written keys (`<prefix><n>`) missing on the node at `addr`.
+pub async fn missing_with_prefix(
+    instance: &LocalInstance,
+    addr: &str,
+    prefix: &str,
+    keys: &BTreeSet<u64>,
+) -> Vec<u64> {
     let mut conn = instance.conn(addr).await;
     let keys: Vec<u64> = keys.iter().copied().collect();
     let mut missing = Vec::new();
     for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
         for k in chunk {
-            pipe.exists(format!("w{k}"));
+            pipe.exists(format!("{prefix}{k}"));
         }
         let exists: Vec<bool> = pipe.query_async(&mut conn).await.expect("EXISTS");
         missing.extend(
@@ -361,7 +379,20 @@ pub struct Writer {
 
 impl Writer {
     /// `wait_replicas`: 0 counts a plain SET reply as the acknowledgement; 1 requires WAIT 1.
-    pub fn start(dir: PathBuf, password: String, wait_replicas: i64) -> Self {
+    /// Keys are `w<n>`.
+    pub fn start(dir: PathBuf, wait_replicas: i64) -> Self {
+        Self::start_paced(dir, "w", wait_replicas, Duration::ZERO)
+    }
+
+    /// Keys are `<prefix><n>`, one write at most every `pace`. The password is read from the
+    /// working dir at every (re)connect, so the writer follows a rotation as a client that
+    /// reads its Secret would.
+    pub fn start_paced(
+        dir: PathBuf,
+        prefix: &'static str,
+        wait_replicas: i64,
+        pace: Duration,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(BTreeSet::new()));
         let acked_count = Arc::new(AtomicU64::new(0));
@@ -379,6 +410,10 @@ impl Writer {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                         continue;
                     };
+                    let password = std::fs::read_to_string(dir.join("password"))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned();
                     let client = redis::Client::open(format!("redis://:{password}@{addr}/"))
                         .expect("client");
                     let config = redis::AsyncConnectionConfig::new()
@@ -399,7 +434,7 @@ impl Writer {
                     continue;
                 };
                 i += 1;
-                let set: redis::RedisResult<()> = c.set(format!("w{i}"), i).await;
+                let set: redis::RedisResult<()> = c.set(format!("{prefix}{i}"), i).await;
                 let acknowledged = match set {
                     Err(_) => false,
                     Ok(()) if wait_replicas == 0 => true,
@@ -419,6 +454,9 @@ impl Writer {
                     // Error or not acknowledged: look the master up again.
                     conn = None;
                 }
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
             }
         });
         Self {
@@ -427,6 +465,11 @@ impl Writer {
             acked_count,
             task,
         }
+    }
+
+    /// The keys acknowledged so far.
+    pub fn acked(&self) -> BTreeSet<u64> {
+        self.acked.lock().unwrap().clone()
     }
 
     pub fn count(&self) -> u64 {

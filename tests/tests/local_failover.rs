@@ -51,7 +51,7 @@ async fn kill9_of_the_master_fails_over_and_loses_no_write_acknowledged_by_a_rep
     let instance = LocalInstance::up(&manifest(3));
     let before = instance.wait_healthy(3, T).await;
     let (old, _, pid) = master_of(&before);
-    let writer = Writer::start(instance.dir.clone(), instance.password(), 1);
+    let writer = Writer::start(instance.dir.clone(), 1);
     writer.wait_more(200).await;
 
     signal(pid, Signal::SIGKILL);
@@ -85,7 +85,7 @@ async fn a_planned_switchover_under_a_continuous_writer_loses_no_acknowledged_wr
     let before = instance.wait_healthy(3, T).await;
     let (old, _, _) = master_of(&before);
     // Plain SET replies count: a planned switchover must not lose even those.
-    let writer = Writer::start(instance.dir.clone(), instance.password(), 0);
+    let writer = Writer::start(instance.dir.clone(), 0);
     writer.wait_more(500).await;
 
     switchover_when_ready(&instance, "demo-2").await;

@@ -142,7 +142,7 @@ async fn a_planned_switchover_through_sentinel_loses_no_acknowledged_write() {
         .pod
         .clone();
     // Plain SET replies count as acknowledgements.
-    let writer = Writer::start(instance.dir.clone(), instance.password(), 0);
+    let writer = Writer::start(instance.dir.clone(), 0);
     writer.wait_more(300).await;
     switchover_when_ready(&instance, &target).await;
     instance
@@ -511,4 +511,172 @@ async fn a_changed_sentinel_secret_is_rolled_out_without_cutting_anyone_off() {
         sentinel_query(addr, Some("s3ntinel-pw"), &["MASTERS"]).await;
     assert!(old.is_err(), "the old password works again after a restart");
     assert_eq!(back.master, before.master, "no failover");
+}
+
+/// Polls every node but `skip` for its key count every 10 ms, and remembers the lowest count
+/// each showed: a node that held the data and then shows fewer keys synced from an empty one.
+fn lowest_key_counts(
+    instance: &LocalInstance,
+    status: &Status,
+    skip: &str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<HashMap<String, u64>>,
+) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let nodes: Vec<(String, redis::Client)> = status
+        .nodes
+        .iter()
+        .filter(|n| n.pod != skip)
+        .map(|n| (n.pod.clone(), instance.client(&n.addr)))
+        .collect();
+    let task = tokio::spawn(async move {
+        let mut lowest: HashMap<String, u64> = HashMap::new();
+        let mut conns = HashMap::new();
+        while !*stopped.borrow() {
+            for (pod, client) in &nodes {
+                if !conns.contains_key(pod)
+                    && let Ok(conn) = client.get_multiplexed_async_connection().await
+                {
+                    conns.insert(pod.clone(), conn);
+                }
+                let Some(conn) = conns.get_mut(pod) else {
+                    continue;
+                };
+                // LOADING (a sync being loaded) and a restarting node answer with errors.
+                match redis::cmd("DBSIZE").query_async::<u64>(conn).await {
+                    Ok(keys) => {
+                        let low = lowest.entry(pod.clone()).or_insert(keys);
+                        *low = (*low).min(keys);
+                    }
+                    Err(_) => {
+                        conns.remove(pod);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        lowest
+    });
+    (stop, task)
+}
+
+#[tokio::test]
+async fn a_master_wiped_and_killed_three_times_loses_no_acknowledged_key() {
+    let (instance, status) = up_and_ready().await;
+    let (_, addr, _) = master_of(&status);
+    let keys = write_n(&instance, &addr, 2000, 2).await;
+    for round in 1..=3 {
+        let status = instance.wait_healthy(3, T).await;
+        let status = instance
+            .wait_status("every sentinel to name the master", T, |s| {
+                sentinels_agree(s) && s.master == status.master
+            })
+            .await;
+        sentinels_know_both_replicas(&status).await;
+        let (old, _, pid) = master_of(&status);
+        let (stop, watch) = lowest_key_counts(&instance, &status, &old);
+
+        // The whole pod dies and its data is gone: it restarts from its config, empty. After
+        // round 1 that config is one Sentinel rewrote when it promoted this node.
+        signal(
+            node(&status, &old).agent_pid.expect("agent pid"),
+            Signal::SIGKILL,
+        );
+        signal(pid, Signal::SIGKILL);
+        std::fs::remove_dir_all(instance.node_dir(&old).join("appendonlydir")).expect("wipe");
+
+        instance
+            .wait_status("Sentinel to name a new master", T, |s| {
+                s.master.as_ref().is_some_and(|m| *m != old)
+            })
+            .await;
+        let healed = instance.wait_healthy(3, T).await;
+        assert_eq!(
+            node(&healed, &old).role,
+            "replica",
+            "round {round}: the wiped node must come back as a replica"
+        );
+        let _ = stop.send(true);
+        let lowest = watch.await.expect("watcher");
+        for (pod, low) in &lowest {
+            assert!(
+                *low >= keys.len() as u64,
+                "round {round}: {pod} went down to {low} keys: it synced from an empty node"
+            );
+        }
+        for n in &healed.nodes {
+            assert_eq!(
+                missing_on(&instance, &n.addr, &keys).await,
+                Vec::<u64>::new(),
+                "round {round}: {} lost WAIT-acknowledged keys",
+                n.pod
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_a_switchover_and_a_rotation_a_killed_replica_relinks_on_the_new_password() {
+    let (instance, status) = up_and_ready().await;
+    sentinels_know_both_replicas(&status).await;
+    let (old, _, _) = master_of(&status);
+    let target = status
+        .nodes
+        .iter()
+        .find(|n| n.pod != old)
+        .expect("a replica")
+        .pod
+        .clone();
+    // Sentinel's switchover rewrites every node's config (CONFIG REWRITE after REPLICAOF).
+    switchover_when_ready(&instance, &target).await;
+    instance
+        .wait_status("the switchover to finish", T, |s| {
+            s.master.as_deref() == Some(target.as_str()) && sentinels_agree(s)
+        })
+        .await;
+    let old_password = instance.password();
+    instance.rotate_password().await;
+    assert_ne!(instance.password(), old_password);
+
+    let status = instance.wait_healthy(3, T).await;
+    let replica = status
+        .nodes
+        .iter()
+        .find(|n| n.role == "replica")
+        .expect("a replica")
+        .clone();
+    signal(replica.valkey_pid.expect("pid"), Signal::SIGKILL);
+    let healed = instance
+        .wait_status("the replica back and linked", T, |s| {
+            let n = node(s, &replica.pod);
+            n.valkey_pid.is_some()
+                && n.valkey_pid != replica.valkey_pid
+                && n.process == "up"
+                && n.role == "replica"
+                && n.link == "up"
+        })
+        .await;
+    // It takes the new password, and the master counts both replicas again.
+    let mut conn = instance.conn(&node(&healed, &replica.pod).addr).await;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    let (_, master_addr, _) = master_of(&healed);
+    let mut conn = instance.conn(&master_addr).await;
+    let _: () = redis::cmd("SET")
+        .arg("after-rotation")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let acks: i64 = redis::cmd("WAIT")
+        .arg(2)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .expect("WAIT");
+    assert_eq!(acks, 2, "WAIT 2 after the replica came back");
 }

@@ -312,6 +312,26 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         }
         engine.dispatch(&ctx.hub, &key, durable.epoch, plan.commands);
         report_notes(ctx, failover, &key, plan.notes).await;
+        // A pod's start script generates its config with the password in force.
+        for pod in &plan.restarts {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
+            pods.delete(pod, &DeleteParams::default())
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Pod",
+                    name: pod.clone(),
+                    source,
+                })?;
+            let note = format!("{pod} refused the instance password; its pod was restarted");
+            publish(
+                ctx,
+                failover,
+                EventType::Warning,
+                "CredentialsRefused",
+                &note,
+            )
+            .await;
+        }
         apply_live_settings(ctx, &engine, &key, failover, durable.epoch).await;
         let asked = failover.annotations().get(ANNOTATION_SWITCHOVER).cloned();
         let terminating = ctx.terminating_master(&key, durable.master.as_deref());

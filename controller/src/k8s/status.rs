@@ -231,6 +231,14 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
             Phase::Creating,
             format!("waiting for the agents of {waiting}"),
         )
+    } else if let Some(refusing) = refusing_password(inputs) {
+        (
+            Phase::Creating,
+            format!(
+                "{refusing}: up, but refusing the instance password \
+                 (a replica is restarted, the master is not; see Events)"
+            ),
+        )
     } else if inputs.durable.master.is_none() {
         (Phase::Creating, "choosing a master".into())
     } else {
@@ -300,6 +308,23 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
 
 /// Keeps a condition's transition time when its status did not change, so that a status
 /// written every pass does not churn.
+/// The connected nodes whose Valkey refuses the password their agent holds, if any.
+fn refusing_password(inputs: &Inputs<'_>) -> Option<String> {
+    let refusing: Vec<&str> = inputs
+        .observed
+        .nodes
+        .iter()
+        .filter(|(_, o)| {
+            o.connected
+                && o.report
+                    .as_ref()
+                    .is_some_and(|r| r.process() == valkey_proto::v1::ProcessState::AuthFailed)
+        })
+        .map(|(pod, _)| pod.as_str())
+        .collect();
+    (!refusing.is_empty()).then(|| refusing.join(", "))
+}
+
 pub fn keep_transition_times(new: &mut FailoverStatus, old: Option<&FailoverStatus>) {
     let Some(old) = old else { return };
     for condition in &mut new.conditions {
@@ -351,6 +376,41 @@ mod tests {
             sentinel: None,
             now: Timestamp::UNIX_EPOCH,
         }
+    }
+
+    #[test]
+    fn a_node_refusing_the_password_is_named_in_the_message() {
+        let names = Names {
+            instance: "demo".into(),
+            namespace: "prod".into(),
+        };
+        let durable = Durable {
+            epoch: 3,
+            master: Some("demo-0".into()),
+            ..Durable::default()
+        };
+        let mut observed = Observed::default();
+        observed
+            .nodes
+            .insert("demo-0".into(), obs(Role::Master, false, 100));
+        observed
+            .nodes
+            .insert("demo-1".into(), obs(Role::Replica, true, 100));
+        let mut refusing = obs(Role::Replica, false, 0);
+        if let Some(r) = refusing.report.as_mut() {
+            r.process = valkey_proto::v1::ProcessState::AuthFailed.into();
+        }
+        observed.nodes.insert("demo-2".into(), refusing);
+        let status = build(&inputs(&names, &durable, &observed));
+        assert_eq!(status.phase, Phase::Creating);
+        assert!(
+            status
+                .message
+                .starts_with("demo-2: up, but refusing the instance password"),
+            "{}",
+            status.message
+        );
+        assert_eq!(status.nodes[2].role, NodeRole::None);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! and the agent hub in-process and stands in for the kubelet, with every node's data, logs
 //! and the controller's durable state in one working directory.
 
+pub mod conf;
 pub mod control;
+mod rotation;
 pub mod supervisor;
 
 use std::{
@@ -20,7 +22,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
-use valkey_proto::v1::{AclSetUser, ConfigSet, NodeKind, command::Action};
+use valkey_proto::v1::NodeKind;
 
 use crate::{
     core::{Desired, Durable, NodeSpec, PendingSwitchover},
@@ -30,6 +32,8 @@ use crate::{
     sentinel::SentinelDesired,
     switchover,
 };
+use conf::{Passwords, old_password_path};
+use rotation::{maybe_rotate_sentinel_password, start_rotation};
 use supervisor::{Supervised, free_ports, log_path, port_in_use, sibling_or_path, which};
 
 /// Everything that can stop `local up` before or while it runs; each names what to fix.
@@ -237,99 +241,72 @@ impl Runtime {
         self.dir.join("nodes").join(pod)
     }
 
+    /// A data node's valkey.conf, generated afresh before every start (see [`conf`]).
     fn write_config(&self, pod: &str, ports: NodePorts) -> Result<PathBuf, LocalError> {
         let node_dir = self.node_dir(pod);
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
-        let password = std::fs::read_to_string(&self.password_file)
-            .map_err(io("reading", &self.password_file))?;
-        let password = password.trim();
-        // Every node starts as a replica of nobody (port 1 refuses at once): a node that comes
-        // back, empty or not, serves no writes and no sync until the controller promotes it.
-        let mut conf = format!(
-            "# Written by valkey-controller local up; edits are overwritten.\n\
-             port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
-             requirepass {password}\nmasterauth {password}\n\
-             appendonly yes\nappendfsync everysec\nsave \"\"\n\
-             repl-ping-replica-period 1\nrepl-diskless-sync yes\nrepl-diskless-sync-delay 0\n\
-             replicaof 127.0.0.1 1\n\
-             replica-announce-ip 127.0.0.1\nlogfile {log}\n",
-            port = ports.valkey,
-            dir = node_dir.display(),
-            log = log_path(&self.dir, &format!("{pod}.valkey")).display(),
-        );
-        for (key, value) in &self.manifest.spec.custom_configs {
-            conf.push_str(&format!("{key} {value}\n"));
+        let passwords =
+            Passwords::read(&self.password_file).map_err(io("reading", &self.password_file))?;
+        let conf = conf::ValkeyConf {
+            port: ports.valkey,
+            dir: &node_dir,
+            log: &log_path(&self.dir, &format!("{pod}.valkey")),
+            passwords: &passwords,
+            custom: &self.manifest.spec.custom_configs,
         }
+        .render();
         let path = node_dir.join("valkey.conf");
         write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
         Ok(path)
     }
 
-    /// sentinel.conf, written once: Sentinel rewrites it with what it learns, so that its
-    /// state survives a restart.
+    /// A sentinel's sentinel.conf before every start: what Sentinel learned is kept (its
+    /// state must survive a restart), its port and password lines are regenerated.
     fn write_sentinel_config(&self, pod: &str, ports: NodePorts) -> Result<PathBuf, LocalError> {
         let node_dir = self.node_dir(pod);
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let path = node_dir.join("sentinel.conf");
-        if let Ok(existing) = std::fs::read_to_string(&path) {
-            // Keep what Sentinel learned; only its port and password follow the stored ones
-            // (both passwords while a rotation is under way).
-            let auth = self.sentinel_auth_lines()?;
-            let mut conf: String = existing
-                .lines()
-                .filter_map(|line| {
-                    let mut words = line.split_whitespace();
-                    match (words.next(), words.next()) {
-                        (Some("port"), _) => Some(format!("port {}\n", ports.valkey)),
-                        (Some("requirepass" | "masterauth"), _)
-                        | (Some("user"), Some("default"))
-                        | (Some("sentinel"), Some("sentinel-pass")) => None,
-                        _ => Some(format!("{line}\n")),
-                    }
-                })
-                .collect();
-            conf.push_str(&auth);
-            if conf != existing {
-                write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
-            }
-            return Ok(path);
-        }
-        let mut conf = format!(
-            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
-             sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n{auth}",
-            port = ports.valkey,
-            dir = node_dir.display(),
-            log = log_path(&self.dir, &format!("{pod}.sentinel")).display(),
-            auth = self.sentinel_auth_lines()?,
-        );
-        if let Some(settings) = &self.manifest.spec.sentinel {
-            for (key, value) in &settings.custom_configs {
-                conf.push_str(&format!("{key} {value}\n"));
-            }
-        }
-        write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
-        Ok(path)
-    }
-
-    /// The password lines of an embedded sentinel's config: the password in force, and the old
-    /// one too while a rotation is under way (`sentinel-password.old`).
-    fn sentinel_auth_lines(&self) -> Result<String, LocalError> {
-        let Some(file) = self
+        let passwords = match self
             .sentinel_secret
             .as_ref()
             .and(self.sentinel_password_file.as_ref())
-        else {
-            return Ok(String::new());
+        {
+            Some(file) => Some(Passwords::read(file).map_err(io("reading", file))?),
+            None => None,
         };
-        let password = std::fs::read_to_string(file).map_err(io("reading", file))?;
-        let password = password.trim();
-        let mut hashes = format!("#{}", sha256_hex(password));
-        if let Ok(old) = std::fs::read_to_string(old_password_path(file)) {
-            hashes.push_str(&format!(" #{}", sha256_hex(old.trim())));
+        let existing = std::fs::read_to_string(&path).ok();
+        let empty = BTreeMap::new();
+        let conf = conf::SentinelConf {
+            port: ports.valkey,
+            dir: &node_dir,
+            log: &log_path(&self.dir, &format!("{pod}.sentinel")),
+            passwords: passwords.as_ref(),
+            custom: self
+                .manifest
+                .spec
+                .sentinel
+                .as_ref()
+                .map_or(&empty, |s| &s.custom_configs),
         }
-        Ok(format!(
-            "user default on {hashes} ~* &* +@all\nsentinel sentinel-pass {password}\n"
-        ))
+        .render(existing.as_deref());
+        if existing.as_deref() != Some(conf.as_str()) {
+            write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
+        }
+        Ok(path)
+    }
+
+    /// Writes the config of `pod` for its next start.
+    fn write_any_config(
+        &self,
+        pod: &str,
+        ports: NodePorts,
+        sentinel: bool,
+    ) -> Result<PathBuf, LocalError> {
+        if sentinel && self.sentinel_bin.is_some() {
+            self.write_sentinel_config(pod, ports)
+        } else {
+            self.write_config(pod, ports)
+        }
     }
 
     fn procs_for(
@@ -339,17 +316,10 @@ impl Runtime {
         sentinel: bool,
     ) -> Result<NodeProcs, LocalError> {
         let (what, program, conf) = match (&self.sentinel_bin, sentinel) {
-            (Some(bin), true) => (
-                "valkey-sentinel",
-                bin.clone(),
-                self.write_sentinel_config(pod, ports)?,
-            ),
-            _ => (
-                "valkey-server",
-                self.valkey_bin.clone(),
-                self.write_config(pod, ports)?,
-            ),
+            (Some(bin), true) => ("valkey-sentinel", bin.clone(), "sentinel.conf"),
+            _ => ("valkey-server", self.valkey_bin.clone(), "valkey.conf"),
         };
+        let conf = self.node_dir(pod).join(conf);
         let valkey = Supervised::new(
             format!("{pod} {what}"),
             program,
@@ -427,6 +397,7 @@ impl Runtime {
                 continue;
             }
             let mut procs = self.procs_for(&pod, ports, sentinel)?;
+            self.write_any_config(&pod, ports, sentinel)?;
             procs.valkey.start()?;
             self.procs.insert(pod.clone(), procs);
             started.push((pod, ports));
@@ -442,6 +413,35 @@ impl Runtime {
             info!(pod = %pod, valkey = ports.valkey, agent = ports.agent, "node started");
         }
         Ok(())
+    }
+
+    /// Stands in for the kubelet's restarts: a process that died is started again after
+    /// [`supervisor::RESTART_DELAY`], a Valkey or Sentinel with its config generated anew.
+    fn tend(&mut self) {
+        for (pod, ports, sentinel) in self.wanted_pods() {
+            let Some(procs) = self.procs.get_mut(&pod) else {
+                continue;
+            };
+            procs.agent.reap();
+            if procs.agent.due() {
+                procs.agent.restart();
+            }
+            procs.valkey.reap();
+            if !procs.valkey.due() {
+                continue;
+            }
+            let written = self.write_any_config(&pod, ports, sentinel);
+            let Some(procs) = self.procs.get_mut(&pod) else {
+                continue;
+            };
+            match written {
+                Ok(_) => procs.valkey.restart(),
+                Err(err) => {
+                    warn!(pod = %pod, error = %err, "cannot write the config; restart postponed");
+                    procs.valkey.postpone();
+                }
+            }
+        }
     }
 
     /// Stops retiring nodes once the master is not one of them (scale down).
@@ -848,12 +848,7 @@ pub async fn up(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = changed.changed() => {}
-            _ = tick.tick() => {
-                for procs in runtime.procs.values_mut() {
-                    procs.valkey.tend();
-                    procs.agent.tend();
-                }
-            }
+            _ = tick.tick() => runtime.tend(),
             Some(event) = hub_events.recv() => match event {
                 HubEvent::SwitchoverRequested { pod, .. } => {
                     if runtime.state.durable.master.as_deref() == Some(pod.as_str()) {
@@ -935,6 +930,14 @@ fn reconcile(runtime: &mut Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<(
         runtime.state.durable.epoch,
         plan.commands,
     );
+    // SIGTERM (the AOF is flushed); the restart generates its config with the password in
+    // force.
+    for pod in &plan.restarts {
+        if let Some(procs) = runtime.procs.get(pod) {
+            warn!(pod = %pod, "its Valkey refuses the instance password; restarting it");
+            procs.valkey.signal(Signal::SIGTERM);
+        }
+    }
     if let Some(target) = plan.switchover
         && let Err(message) = start_switchover(runtime, hub, flight, Some(target))
     {
@@ -1053,261 +1056,4 @@ fn start_external_agents(
         })
         .collect();
     (stop, tasks)
-}
-
-fn old_password_path(password_file: &Path) -> PathBuf {
-    password_file.with_extension("old")
-}
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
-}
-
-/// Replaces `requirepass` and `masterauth` in a written valkey.conf, so that a restarted node
-/// uses the new password.
-fn rewrite_passwords(conf: &Path, password: &str) -> std::io::Result<()> {
-    let text = std::fs::read_to_string(conf)?;
-    let updated: String = text
-        .lines()
-        .map(|line| match line.split_whitespace().next() {
-            Some(key @ ("requirepass" | "masterauth")) => format!("{key} {password}\n"),
-            _ => format!("{line}\n"),
-        })
-        .collect();
-    write_atomic(conf, updated.as_bytes())
-}
-
-/// One password rotation, in the order that never cuts anyone off: the old password is kept
-/// beside the one in force (`<file>.old`, shown as `status.monitor.oldPasswordSecret`), every
-/// target accepts both, the clients switch (`switches`), the config files and the password file
-/// (which the agents re-read when refused) take the new one, and only then do the targets
-/// drop the old one.
-struct Rotation {
-    what: &'static str,
-    old: String,
-    new: String,
-    in_force: PathBuf,
-    targets: Vec<String>,
-    switches: Vec<(String, Action)>,
-    confs: Vec<PathBuf>,
-}
-
-impl Rotation {
-    async fn run(
-        self,
-        hub: Hub,
-        key: InstanceKey,
-        flight: Arc<Flight>,
-        epoch: u64,
-    ) -> Result<(), String> {
-        let send = |pod: String, action: Action| {
-            let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
-            async move {
-                run_command(
-                    &hub,
-                    &key,
-                    &flight,
-                    epoch,
-                    &pod,
-                    action,
-                    Duration::from_millis(5000),
-                )
-                .await
-            }
-        };
-        let accept = |hashes: Vec<String>| {
-            Action::AclSetUser(AclSetUser {
-                username: "default".into(),
-                enabled: true,
-                password_sha256: hashes,
-                rules: vec!["~*".into(), "&*".into(), "+@all".into()],
-            })
-        };
-        let old_file = old_password_path(&self.in_force);
-        write_atomic(&old_file, self.old.as_bytes())
-            .map_err(|e| format!("{}: {e}", old_file.display()))?;
-        for pod in &self.targets {
-            send(
-                pod.clone(),
-                accept(vec![sha256_hex(&self.old), sha256_hex(&self.new)]),
-            )
-            .await?;
-        }
-        for (pod, action) in self.switches {
-            send(pod, action).await?;
-        }
-        for conf in &self.confs {
-            rewrite_passwords(conf, &self.new).map_err(|e| format!("{}: {e}", conf.display()))?;
-        }
-        write_atomic(&self.in_force, self.new.as_bytes())
-            .map_err(|e| format!("{}: {e}", self.in_force.display()))?;
-        for pod in &self.targets {
-            send(pod.clone(), accept(vec![sha256_hex(&self.new)])).await?;
-        }
-        let _ = std::fs::remove_file(&old_file);
-        info!(what = self.what, "password rotated");
-        Ok(())
-    }
-}
-
-/// Rotates the instance's password (`local rotate-password`) to a new random one: the data
-/// nodes accept both, replicas (`masterauth`) and Sentinel (`auth-pass`) switch, then the old
-/// one is dropped.
-fn start_rotation(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) -> Result<String, String> {
-    if flight.rotating.swap(true, Ordering::SeqCst) {
-        return Err("a password rotation is already under way".into());
-    }
-    let old = match std::fs::read_to_string(&runtime.password_file) {
-        Ok(old) => old.trim().to_owned(),
-        Err(e) => {
-            flight.rotating.store(false, Ordering::SeqCst);
-            return Err(format!("reading {}: {e}", runtime.password_file.display()));
-        }
-    };
-    let new = random_secret();
-    let connected = hub.observe(&runtime.key);
-    let targets: Vec<String> = runtime
-        .desired
-        .nodes
-        .iter()
-        .filter(|n| connected.nodes.get(&n.name).is_some_and(|o| o.connected))
-        .map(|n| n.name.clone())
-        .collect();
-    let mut switches: Vec<(String, Action)> = targets
-        .iter()
-        .map(|pod| {
-            let masterauth = Action::ConfigSet(ConfigSet {
-                params: [("masterauth".to_owned(), new.clone())].into(),
-                rewrite: false,
-            });
-            (pod.clone(), masterauth)
-        })
-        .collect();
-    if let Some(sd) = &runtime.sentinel {
-        for pod in connected_sentinels(runtime, hub) {
-            let auth = Action::SentinelSet(valkey_proto::v1::SentinelSet {
-                name: sd.name.clone(),
-                params: [("auth-pass".to_owned(), new.clone())].into(),
-            });
-            switches.push((pod, auth));
-        }
-    }
-    let rotation = Rotation {
-        what: "instance",
-        confs: runtime
-            .desired
-            .nodes
-            .iter()
-            .map(|n| runtime.node_dir(&n.name).join("valkey.conf"))
-            .collect(),
-        old,
-        new,
-        in_force: runtime.password_file.clone(),
-        targets,
-        switches,
-    };
-    spawn_rotation(rotation, runtime, hub, flight, |f| &f.rotating);
-    Ok("password rotation started".into())
-}
-
-fn connected_sentinels(runtime: &Runtime, hub: &Hub) -> Vec<String> {
-    hub.observe_kind(&runtime.key, NodeKind::Sentinel)
-        .into_iter()
-        .filter(|(_, o)| o.connected)
-        .map(|(pod, _)| pod)
-        .collect()
-}
-
-fn spawn_rotation(
-    rotation: Rotation,
-    runtime: &Runtime,
-    hub: &Hub,
-    flight: &Arc<Flight>,
-    running: fn(&Flight) -> &AtomicBool,
-) {
-    let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
-    let epoch = runtime.state.durable.epoch;
-    tokio::spawn(async move {
-        let what = rotation.what;
-        if let Err(err) = rotation.run(hub, key, flight.clone(), epoch).await {
-            // The old password stays accepted (`.old` kept): nothing is cut off; retried later.
-            warn!(what, error = %err, "password rotation stopped; both passwords still work");
-            if let Ok(mut failed) = flight.rotation_failed.lock() {
-                *failed = Some(Instant::now());
-            }
-        }
-        running(&flight).store(false, Ordering::SeqCst);
-    });
-}
-
-/// The sentinels' own password follows its Secret: when the Secret's content differs from the
-/// password in force (`sentinel-password`), every embedded sentinel accepts both, presents the
-/// new one to its peers (`SENTINEL CONFIG SET sentinel-pass`), and then drops the old one. A
-/// rotation waits until every sentinel is connected, and retries 5 s after a failure.
-fn maybe_rotate_sentinel_password(runtime: &Runtime, hub: &Hub, flight: &Arc<Flight>) {
-    let (Some((_, secret)), Some(in_force)) =
-        (&runtime.sentinel_secret, &runtime.sentinel_password_file)
-    else {
-        return;
-    };
-    if runtime.state.sentinels.is_empty() || flight.sentinel_rotating.load(Ordering::SeqCst) {
-        return;
-    }
-    let read = |path: &Path| {
-        std::fs::read_to_string(path)
-            .ok()
-            .map(|p| p.trim().to_owned())
-    };
-    let (Some(wanted), Some(current)) = (read(secret), read(in_force)) else {
-        return;
-    };
-    if wanted.is_empty() || wanted == current {
-        return;
-    }
-    let recently_failed = flight
-        .rotation_failed
-        .lock()
-        .map(|t| t.is_some_and(|t| t.elapsed() < Duration::from_secs(5)))
-        .unwrap_or(false);
-    let targets = connected_sentinels(runtime, hub);
-    if recently_failed || targets.len() < runtime.state.sentinels.len() {
-        return;
-    }
-    flight.sentinel_rotating.store(true, Ordering::SeqCst);
-    let switches = targets
-        .iter()
-        .map(|pod| {
-            let pass = valkey_proto::v1::SentinelConfigSet {
-                params: [("sentinel-pass".to_owned(), wanted.clone())].into(),
-            };
-            (pod.clone(), Action::SentinelConfigSet(pass))
-        })
-        .collect();
-    let rotation = Rotation {
-        what: "sentinel",
-        old: current,
-        new: wanted,
-        in_force: in_force.clone(),
-        targets,
-        switches,
-        confs: Vec::new(),
-    };
-    spawn_rotation(rotation, runtime, hub, flight, |f| &f.sentinel_rotating);
-}
-
-/// Sends one command under `epoch` and waits until it is done (see [`Engine::run_command`]).
-async fn run_command(
-    hub: &Hub,
-    key: &InstanceKey,
-    flight: &Flight,
-    epoch: u64,
-    pod: &str,
-    action: Action,
-    deadline: Duration,
-) -> Result<(), String> {
-    flight
-        .engine
-        .run_command(hub, key, epoch, pod, action, deadline)
-        .await
 }

@@ -1,6 +1,7 @@
 //! Stands in for the kubelet: runs one valkey-server and one valkey-agent per node on
-//! loopback, restarts them when they die (after a short delay, as a kubelet would), and kills
-//! them with the runtime (also when the runtime itself is killed hard).
+//! loopback, notices when they die so that the runtime restarts them (after a short delay, as
+//! a kubelet would, with their config generated anew), and kills them with the runtime (also
+//! when the runtime itself is killed hard).
 
 use std::{
     os::unix::process::CommandExt,
@@ -98,8 +99,8 @@ impl Supervised {
         Ok(())
     }
 
-    /// Notices a death, and restarts after the delay. Returns true when it (re)started now.
-    pub fn tend(&mut self) -> bool {
+    /// Notices a death; the process is due for a restart [`RESTART_DELAY`] later.
+    pub fn reap(&mut self) {
         if let Some(child) = &mut self.child
             && let Ok(Some(status)) = child.try_wait()
         {
@@ -107,20 +108,38 @@ impl Supervised {
             self.child = None;
             self.died_at = Some(Instant::now());
         }
-        if self.child.is_none() && self.died_at.is_some_and(|t| t.elapsed() >= RESTART_DELAY) {
-            self.restarts += 1;
-            match self.start() {
-                Ok(()) => {
-                    info!(what = %self.what, pid = ?self.pid(), "restarted");
-                    return true;
-                }
-                Err(err) => {
-                    warn!(what = %self.what, error = %err, "restart failed");
-                    self.died_at = Some(Instant::now());
-                }
+    }
+
+    /// Dead for [`RESTART_DELAY`]: start it again now. The caller prepares what the start
+    /// reads first (a config file generated anew), as a kubelet's start script would.
+    pub fn due(&self) -> bool {
+        self.child.is_none() && self.died_at.is_some_and(|t| t.elapsed() >= RESTART_DELAY)
+    }
+
+    /// Tries again after another [`RESTART_DELAY`].
+    pub fn postpone(&mut self) {
+        self.died_at = Some(Instant::now());
+    }
+
+    /// Starts a process that is due; a failed start is tried again later.
+    pub fn restart(&mut self) {
+        self.restarts += 1;
+        match self.start() {
+            Ok(()) => info!(what = %self.what, pid = ?self.pid(), "restarted"),
+            Err(err) => {
+                warn!(what = %self.what, error = %err, "restart failed");
+                self.postpone();
             }
         }
-        false
+    }
+
+    /// Sends a signal without waiting: a process that exits on it is restarted like any
+    /// other that died.
+    pub fn signal(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
     }
 
     /// Sends a signal and waits up to `grace` for the exit, then kills.

@@ -26,7 +26,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -36,6 +36,7 @@ use redis::AsyncCommands;
 use valkey_controller::local::control::{self, Request};
 use valkey_e2e::{
     local::LocalInstance,
+    monitor::Monitor,
     procs::{PASSWORD, Sentinel, Valkey},
 };
 
@@ -211,82 +212,6 @@ impl Writer {
     }
 }
 
-/// Counts rounds (every 20 ms) in which two nodes claim master and both accept a write.
-struct Monitor {
-    stop: Arc<AtomicBool>,
-    double: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Monitor {
-    fn start(nodes: Vec<String>, password: String) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let double = Arc::new(AtomicU64::new(0));
-        let (stop_flag, double_ref) = (stop.clone(), double.clone());
-        let task = tokio::spawn(async move {
-            let clients: Vec<redis::Client> = nodes
-                .iter()
-                .map(|a| redis::Client::open(format!("redis://:{password}@{a}/")).expect("client"))
-                .collect();
-            let mut conns: Vec<Option<redis::aio::MultiplexedConnection>> =
-                vec![None; clients.len()];
-            while !stop_flag.load(Ordering::Relaxed) {
-                let round = Instant::now();
-                let mut writable = 0;
-                let probes =
-                    clients
-                        .iter()
-                        .zip(conns.iter_mut())
-                        .map(|(client, conn)| async move {
-                            if conn.is_none() {
-                                let config = redis::AsyncConnectionConfig::new()
-                                    .set_connection_timeout(Some(Duration::from_millis(50)))
-                                    .set_response_timeout(Some(Duration::from_millis(100)));
-                                *conn = client
-                                    .get_multiplexed_async_connection_with_config(&config)
-                                    .await
-                                    .ok();
-                            }
-                            let Some(c) = conn.as_mut() else { return false };
-                            let role: redis::RedisResult<redis::Value> =
-                                redis::cmd("ROLE").query_async(c).await;
-                            let master = match role {
-                                Ok(redis::Value::Array(items)) => matches!(
-                                    items.first(),
-                                    Some(redis::Value::BulkString(b)) if b.as_slice() == b"master"
-                                ),
-                                Ok(_) => false,
-                                Err(_) => {
-                                    *conn = None;
-                                    return false;
-                                }
-                            };
-                            if !master {
-                                return false;
-                            }
-                            let probe: redis::RedisResult<()> = c.set("__bench_probe", 1).await;
-                            probe.is_ok()
-                        });
-                for accepted in futures::future::join_all(probes).await {
-                    writable += usize::from(accepted);
-                }
-                if writable >= 2 {
-                    double_ref.fetch_add(1, Ordering::Relaxed);
-                }
-                let left = Duration::from_millis(20).saturating_sub(round.elapsed());
-                tokio::time::sleep(left).await;
-            }
-        });
-        Self { stop, double, task }
-    }
-
-    async fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        self.double.load(Ordering::Relaxed)
-    }
-}
-
 #[derive(Clone, Debug)]
 struct Sample {
     setup: &'static str,
@@ -338,7 +263,8 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
         false,
     );
     let waited = Writer::start(target.discovery.clone(), target.password.clone(), "w", true);
-    let monitor = Monitor::start(target.nodes.clone(), target.password.clone());
+    let password = target.password.clone();
+    let monitor = Monitor::start(target.nodes.clone(), move || password.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let pid = Pid::from_raw(target.master_pid as i32);

@@ -1,0 +1,138 @@
+//! The data pod's start script, run for real: the script the StatefulSet carries, under `sh`,
+//! with its mounts (ConfigMap, Secret, the memory-backed run dir) in a temp dir and a real
+//! valkey-server. Sentinel follows each REPLICAOF with CONFIG REWRITE, which rewrites the
+//! config file Valkey runs from; a container restarted in the same pod keeps that run dir, so
+//! the script must regenerate the file at every start.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{path::Path, process::Command, time::Duration};
+
+use valkey_controller::{
+    crd::Failover,
+    k8s::{Settings, build},
+};
+use valkey_e2e::{free_port, procs::Proc, wait_for};
+
+const T: Duration = Duration::from_secs(20);
+
+/// The valkey container's start script, with its mount paths moved under `root` and the
+/// server told to listen on loopback at `port` with its data in `root/data`.
+fn localized_script(failover: &Failover, root: &Path, port: u16) -> String {
+    let set = build::statefulset(failover, &Settings::default(), false);
+    let container = set
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers.into_iter().find(|c| c.name == "valkey"))
+        .expect("valkey container");
+    let script = container.command.expect("command")[2].clone();
+    let at = |dir: &str| root.join(dir).display().to_string();
+    // The Secret's mount first: the ConfigMap's path is a prefix of it.
+    let script = script
+        .replace("/etc/valkey-secret", &at("secret"))
+        .replace("/etc/valkey", &at("config"))
+        .replace("/run/valkey", &at("run"));
+    let exec = format!("exec valkey-server {}/valkey.conf", at("run"));
+    assert!(script.contains(&exec), "{script}");
+    script.replace(&exec, &format!("{exec} --port {port} --bind 127.0.0.1"))
+}
+
+fn start(script: &str, root: &Path, run: usize) -> Proc {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .env("POD_NAME", "example-failover-0");
+    Proc::spawn("valkey pod", &mut cmd, &root.join(format!("pod.{run}.log")))
+}
+
+async fn conn(port: u16, password: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    redis::Client::open(format!("redis://:{password}@127.0.0.1:{port}/"))?
+        .get_multiplexed_async_connection()
+        .await
+}
+
+/// ROLE's first three fields: role, master host, master port.
+async fn role(port: u16, password: &str) -> (String, String, i64) {
+    let mut conn = wait_for("the pod's Valkey to answer", T, || async {
+        conn(port, password).await.ok()
+    })
+    .await;
+    let role: redis::Value = redis::cmd("ROLE")
+        .query_async(&mut conn)
+        .await
+        .expect("ROLE");
+    let redis::Value::Array(items) = role else {
+        panic!("ROLE: {role:?}")
+    };
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        other => format!("{other:?}"),
+    };
+    let port = match items.get(2) {
+        Some(redis::Value::Int(p)) => *p,
+        _ => -1,
+    };
+    (
+        text(&items[0]),
+        items.get(1).map(text).unwrap_or_default(),
+        port,
+    )
+}
+
+#[tokio::test]
+async fn a_data_pod_restarts_from_the_configmap_and_secret_whatever_sentinel_rewrote() {
+    let failover: Failover =
+        serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
+    let root = tempfile::tempdir().expect("temp dir");
+    for dir in ["secret", "config", "run", "data"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+    }
+    // The data volume's mount, like the others, moves under the temp dir.
+    let conf = build::config_map(&failover).data.expect("data")["valkey.conf"].replace(
+        "\ndir /data\n",
+        &format!("\ndir {}\n", root.path().join("data").display()),
+    );
+    std::fs::write(root.path().join("config/valkey.conf"), conf).expect("ConfigMap");
+    std::fs::write(root.path().join("secret/password"), "first-pw").expect("Secret");
+    let port = free_port();
+    let script = localized_script(&failover, root.path(), port);
+
+    let mut pod = start(&script, root.path(), 0);
+    assert_eq!(
+        role(port, "first-pw").await,
+        ("slave".into(), "127.0.0.1".into(), 1),
+        "a pod starts as a replica of nobody"
+    );
+    // What Sentinel does when it promotes this node: REPLICAOF NO ONE, then CONFIG REWRITE.
+    let mut c = conn(port, "first-pw").await.expect("connect");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut c)
+        .await
+        .expect("REPLICAOF NO ONE");
+    let _: () = redis::cmd("CONFIG")
+        .arg("REWRITE")
+        .query_async(&mut c)
+        .await
+        .expect("CONFIG REWRITE");
+    let rewritten =
+        std::fs::read_to_string(root.path().join("run/valkey.conf")).expect("run config");
+    assert!(
+        !rewritten.contains("replicaof 127.0.0.1 1"),
+        "the rewrite removes the start-as-replica line:\n{rewritten}"
+    );
+
+    // The container dies; the Secret changed meanwhile; the run dir (an emptyDir) stays.
+    pod.kill9();
+    std::fs::write(root.path().join("secret/password"), "second-pw").expect("Secret");
+    let _pod = start(&script, root.path(), 1);
+    assert_eq!(
+        role(port, "second-pw").await,
+        ("slave".into(), "127.0.0.1".into(), 1),
+        "a restarted pod must not come back as the master Sentinel's rewrite left"
+    );
+    assert!(
+        conn(port, "first-pw").await.is_err(),
+        "the password of the rewritten file still works"
+    );
+}
