@@ -236,6 +236,24 @@ fn replicas_lost_master(desired: &Desired, observed: &Observed, master: &NodeSpe
         })
 }
 
+/// How long the failover of a master whose process is gone waits for the replicas that
+/// followed it to report their link down, before choosing among the offsets it has.
+pub const OFFSETS_SETTLE_MS: u64 = 1_000;
+
+/// Every reachable replica that followed `master` has reported losing it: their reported
+/// offsets are final, so the highest is the replica with the most data. Until then a replica's
+/// offset may be a heartbeat old, and the one that acknowledged the last writes (WAIT) could
+/// look behind one that merely reported later.
+fn offsets_final(desired: &Desired, observed: &Observed, master: &NodeSpec) -> bool {
+    desired
+        .nodes
+        .iter()
+        .filter(|n| n.name != master.name)
+        .filter_map(|n| observed.nodes.get(&n.name))
+        .filter(|obs| is_up(obs) && follows(obs, master))
+        .all(|obs| data(obs).is_some_and(|d| !d.master_link_up))
+}
+
 /// Decides what to do now. Pure: the same input always gives the same plan.
 pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms: i64) -> Plan {
     let mut plan = Plan::default();
@@ -351,6 +369,15 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
     };
 
     if let Some(reason) = reason {
+        let down_for_ms = master_obs.report.as_ref().map_or(0, |r| r.down_for_ms);
+        if definitely_down(&master_obs)
+            && down_for_ms < OFFSETS_SETTLE_MS
+            && !offsets_final(desired, observed, master)
+        {
+            plan.notes
+                .push(format!("{reason}; waiting for its replicas' final offsets"));
+            return plan;
+        }
         match best_candidate(desired, observed, Some(&master.name)) {
             Some(candidate) => {
                 next.epoch += 1;

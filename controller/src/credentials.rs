@@ -62,23 +62,10 @@ mod tests {
     use valkey_proto::v1::StateReport;
 
     use super::*;
-    use crate::core::{NodeObs, NodeSpec};
+    use crate::core::NodeObs;
 
     fn desired() -> Desired {
-        Desired {
-            nodes: (0..3)
-                .map(|i| NodeSpec {
-                    name: format!("n{i}"),
-                    ordinal: i,
-                    host: "127.0.0.1".into(),
-                    port: 7000 + i as u16,
-                    retiring: false,
-                })
-                .collect(),
-            hang_timeout_ms: 3000,
-            replica_silence_s: 3,
-            live_config: Default::default(),
-        }
+        crate::core::tests::desired(3)
     }
 
     fn obs(process: ProcessState, connected: bool, unhealthy_ms: u64) -> NodeObs {

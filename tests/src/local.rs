@@ -241,6 +241,18 @@ impl LocalInstance {
         self.dir.join("nodes").join(pod)
     }
 
+    /// The whole pod dies (kill -9 of its agent and its Valkey) and its data is gone, before
+    /// the runtime restarts it (1 s later): it comes back empty.
+    pub fn kill_and_wipe(&self, node: &control::NodeStatus) {
+        for pid in [node.agent_pid, node.valkey_pid].into_iter().flatten() {
+            if alive(pid) {
+                signal(pid, Signal::SIGKILL);
+            }
+        }
+        let data = self.node_dir(&node.pod).join("appendonlydir");
+        std::fs::remove_dir_all(&data).unwrap_or_else(|e| panic!("wiping {}: {e}", data.display()));
+    }
+
     pub fn proc_mut(&mut self) -> Option<&mut Proc> {
         self.proc.as_mut()
     }

@@ -2,10 +2,11 @@
 //! drawn from a seed (kill -9 of the master, a replica, an agent or the controller; SIGSTOP of
 //! the master; the master's data wiped before its restart; a planned switchover; a password
 //! rotation; a sentinel killed), one at a time, each followed by a wait for the instance to
-//! heal, while two writers (plain SET, and SET + WAIT 1) record every acknowledgement and a
-//! monitor looks for two writable masters. At the end: one master, every replica linked and
-//! equal in key count, every WAIT-acknowledged key on every node, no round with two writable
-//! masters. The test suite runs it for about 2 minutes per policy, `fault-soak` for longer.
+//! heal, while two writers (plain SET, and SET + WAIT, see [`wait_for`]) record every
+//! acknowledgement and a monitor looks for two writable masters. After every fault the master
+//! must hold every WAIT-acknowledged key; at the end: one master, every replica linked and equal
+//! in key count, every WAIT-acknowledged key on every node, no round with two writable masters.
+//! The test suite runs it for about 2 minutes per policy, `fault-soak` for longer.
 
 use std::{
     fmt,
@@ -110,6 +111,14 @@ pub fn manifest(sentinel: bool) -> String {
     format!(
         "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata:\n  name: soak\n  namespace: e2e\nspec:\n  replicas: 3\n{sentinel}"
     )
+}
+
+/// How many replicas a write must reach before it counts as acknowledged (WAIT n). Under policy
+/// manual the controller promotes the replica with the highest final offset, so one is enough.
+/// Under policy sentinel, Sentinel picks the replica from its own INFO, which can be seconds
+/// old: only a write every replica has is safe from its choice (docs/failover.md).
+pub fn wait_for(sentinel: bool) -> i64 {
+    if sentinel { 2 } else { 1 }
 }
 
 /// The seed from `FAULT_SEED`, or a fresh one.
@@ -285,12 +294,7 @@ impl Run {
                 }
             }
             Fault::WipeMaster => {
-                kill(master_node.agent_pid, Signal::SIGKILL);
-                kill(master_node.valkey_pid, Signal::SIGKILL);
-                // Before the supervisor's restart (1 s later): it comes back empty.
-                let data = self.instance.node_dir(&master).join("appendonlydir");
-                std::fs::remove_dir_all(&data)
-                    .map_err(|e| format!("wiping {}: {e}", data.display()))?;
+                self.instance.kill_and_wipe(master_node);
                 self.restarted(&master, master_node.valkey_pid, valkey_of(master.clone()))
                     .await?;
             }
@@ -400,7 +404,7 @@ pub async fn run(soak: Soak) -> (Outcome, LocalInstance) {
     let nodes = status.nodes.iter().map(|n| n.addr.clone()).collect();
     let monitor = Monitor::start(nodes, read_password);
     let pace = Duration::from_millis(2);
-    let waited = Writer::start_paced(dir.clone(), "a", 1, pace);
+    let waited = Writer::start_paced(dir.clone(), "a", wait_for(soak.sentinel), pace);
     let plain = Writer::start_paced(dir.clone(), "p", 0, pace);
     let menu = Fault::menu(soak.sentinel);
     let started = Instant::now();

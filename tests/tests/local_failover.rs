@@ -129,16 +129,10 @@ async fn a_planned_switchover_under_a_continuous_writer_loses_no_acknowledged_wr
 async fn a_master_restarted_empty_never_becomes_the_sync_source() {
     let instance = LocalInstance::up(&manifest(3));
     let before = instance.wait_healthy(3, T).await;
-    let (old, addr, valkey_pid) = master_of(&before);
+    let (old, addr, _) = master_of(&before);
     let keys = write_n(&instance, &addr, 50, 2).await;
 
-    // The whole pod dies (agent and Valkey), and its data is gone: it comes back empty.
-    signal(
-        node(&before, &old).agent_pid.expect("agent pid"),
-        Signal::SIGKILL,
-    );
-    signal(valkey_pid, Signal::SIGKILL);
-    std::fs::remove_dir_all(instance.node_dir(&old).join("appendonlydir")).expect("wipe data");
+    instance.kill_and_wipe(node(&before, &old));
 
     let after = instance
         .wait_status("a new master", T, |s| {

@@ -574,17 +574,12 @@ async fn a_master_wiped_and_killed_three_times_loses_no_acknowledged_key() {
             })
             .await;
         sentinels_know_both_replicas(&status).await;
-        let (old, _, pid) = master_of(&status);
+        let (old, _, _) = master_of(&status);
         let (stop, watch) = lowest_key_counts(&instance, &status, &old);
 
         // The whole pod dies and its data is gone: it restarts from its config, empty. After
         // round 1 that config is one Sentinel rewrote when it promoted this node.
-        signal(
-            node(&status, &old).agent_pid.expect("agent pid"),
-            Signal::SIGKILL,
-        );
-        signal(pid, Signal::SIGKILL);
-        std::fs::remove_dir_all(instance.node_dir(&old).join("appendonlydir")).expect("wipe");
+        instance.kill_and_wipe(node(&status, &old));
 
         instance
             .wait_status("Sentinel to name a new master", T, |s| {

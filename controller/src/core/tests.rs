@@ -70,12 +70,24 @@ fn data_mut(obs: &mut NodeObs) -> &mut DataState {
         .expect("data")
 }
 
+/// Its agent says its Valkey has been gone for a while (long enough that the failover does
+/// not wait for the replicas' final offsets).
 fn down(obs: NodeObs) -> NodeObs {
     with(obs, |o| {
         if let Some(r) = o.report.as_mut() {
             r.set_process(ProcessState::Down);
+            r.down_for_ms = OFFSETS_SETTLE_MS;
         }
         o.unhealthy_ms = 100;
+    })
+}
+
+/// Its agent says its Valkey is gone this very moment.
+fn just_down(obs: NodeObs) -> NodeObs {
+    with(down(obs), |o| {
+        if let Some(r) = o.report.as_mut() {
+            r.down_for_ms = 0;
+        }
     })
 }
 
@@ -198,13 +210,18 @@ fn wrong_master_and_returning_old_master_are_repointed() {
     assert!(promotes(&plan).is_empty());
 }
 
+/// A replica that has reported losing its master: its offset is final.
+fn lost_master(obs: NodeObs) -> NodeObs {
+    with(obs, |o| data_mut(o).master_link_up = false)
+}
+
 #[test]
 fn a_crashed_master_fails_over_at_once_to_the_highest_offset() {
     let d = desired(3);
     let obs = observed(&[
         ("n0", down(master(5, 100))),
-        ("n1", replica(7000, 90)),
-        ("n2", replica(7000, 95)),
+        ("n1", lost_master(replica(7000, 90))),
+        ("n2", lost_master(replica(7000, 95))),
     ]);
     let plan = decide(&d, &at("n0", 4), &obs, 1234);
     let durable = plan.durable.clone().expect("durable");
@@ -217,6 +234,40 @@ fn a_crashed_master_fails_over_at_once_to_the_highest_offset() {
     assert!(record.reason.contains("gone"));
     assert_eq!(promotes(&plan), ["n2"]);
     assert_eq!(replicaofs(&plan), [("n1", 7002)]);
+}
+
+#[test]
+fn a_crashed_master_waits_for_its_replicas_final_offsets_for_a_while() {
+    let d = desired(3);
+    // n2 still reports its link up: its offset may be a heartbeat old, though it may hold the
+    // last acknowledged writes.
+    let waiting = observed(&[
+        ("n0", just_down(master(5, 100))),
+        ("n1", lost_master(replica(7000, 95))),
+        ("n2", replica(7000, 90)),
+    ]);
+    let plan = decide(&d, &at("n0", 4), &waiting, 0);
+    assert_eq!(plan.durable, None, "{plan:?}");
+    assert!(promotes(&plan).is_empty());
+    assert!(
+        plan.notes.iter().any(|n| n.contains("final offsets")),
+        "{plan:?}"
+    );
+
+    // n2 reports losing it, with its final offset, the highest: it is the one promoted.
+    let settled = observed(&[
+        ("n0", just_down(master(5, 100))),
+        ("n1", lost_master(replica(7000, 95))),
+        ("n2", lost_master(replica(7000, 99))),
+    ]);
+    assert_eq!(promotes(&decide(&d, &at("n0", 4), &settled, 0)), ["n2"]);
+
+    // A replica that never reports does not hold the failover up for long.
+    let mut late = waiting.clone();
+    if let Some(r) = late.nodes.get_mut("n0").and_then(|o| o.report.as_mut()) {
+        r.down_for_ms = OFFSETS_SETTLE_MS;
+    }
+    assert_eq!(promotes(&decide(&d, &at("n0", 4), &late, 0)), ["n1"]);
 }
 
 #[test]

@@ -314,14 +314,7 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         report_notes(ctx, failover, &key, plan.notes).await;
         // A pod's start script generates its config with the password in force.
         for pod in &plan.restarts {
-            let pods: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
-            pods.delete(pod, &DeleteParams::default())
-                .await
-                .map_err(|source| Error::Apply {
-                    kind: "Pod",
-                    name: pod.clone(),
-                    source,
-                })?;
+            restart_pod(client, &names.namespace, pod).await?;
             let note = format!("{pod} refused the instance password; its pod was restarted");
             publish(
                 ctx,
@@ -456,13 +449,7 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
         roll::Step::Nothing => {}
         roll::Step::Restart(pod) => {
             info!(failover = %names.instance, pod = %pod, "restarting for the new pod template");
-            pods.delete(&pod, &DeleteParams::default())
-                .await
-                .map_err(|source| Error::Apply {
-                    kind: "Pod",
-                    name: pod.clone(),
-                    source,
-                })?;
+            restart_pod(client, &names.namespace, &pod).await?;
             let note = format!("restarting {pod} for the new pod template");
             publish(ctx, failover, EventType::Normal, "RollingRestart", &note).await;
         }
@@ -505,6 +492,20 @@ async fn reconcile_inner(failover: &Failover, ctx: &Context) -> Result<Action, E
 }
 
 /// A merge patch of the Failover's metadata (finalizers, a handled annotation).
+/// Deletes a pod so that its StatefulSet starts it again (its start script regenerating its
+/// config).
+async fn restart_pod(client: &Client, namespace: &str, pod: &str) -> Result<(), Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    pods.delete(pod, &DeleteParams::default())
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Apply {
+            kind: "Pod",
+            name: pod.to_owned(),
+            source,
+        })
+}
+
 async fn merge_failover(
     failovers: &Api<Failover>,
     name: &str,

@@ -363,6 +363,20 @@ mod tests {
         }
     }
 
+    /// Instance `demo` in `prod`, demo-0 master in epoch 3.
+    fn demo_with_master() -> (Names, Durable) {
+        let names = Names {
+            instance: "demo".into(),
+            namespace: "prod".into(),
+        };
+        let durable = Durable {
+            epoch: 3,
+            master: Some("demo-0".into()),
+            ..Durable::default()
+        };
+        (names, durable)
+    }
+
     fn inputs<'a>(names: &'a Names, durable: &'a Durable, observed: &'a Observed) -> Inputs<'a> {
         Inputs {
             names,
@@ -380,15 +394,7 @@ mod tests {
 
     #[test]
     fn a_node_refusing_the_password_is_named_in_the_message() {
-        let names = Names {
-            instance: "demo".into(),
-            namespace: "prod".into(),
-        };
-        let durable = Durable {
-            epoch: 3,
-            master: Some("demo-0".into()),
-            ..Durable::default()
-        };
+        let (names, durable) = demo_with_master();
         let mut observed = Observed::default();
         observed
             .nodes
@@ -415,15 +421,7 @@ mod tests {
 
     #[test]
     fn ready_only_with_one_master_and_every_replica_linked() {
-        let names = Names {
-            instance: "demo".into(),
-            namespace: "prod".into(),
-        };
-        let durable = Durable {
-            epoch: 3,
-            master: Some("demo-0".into()),
-            ..Durable::default()
-        };
+        let (names, durable) = demo_with_master();
         let mut observed = Observed::default();
         observed
             .nodes

@@ -242,7 +242,7 @@ impl Runtime {
     }
 
     /// A data node's valkey.conf, generated afresh before every start (see [`conf`]).
-    fn write_config(&self, pod: &str, ports: NodePorts) -> Result<PathBuf, LocalError> {
+    fn write_config(&self, pod: &str, ports: NodePorts) -> Result<(), LocalError> {
         let node_dir = self.node_dir(pod);
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let passwords =
@@ -256,13 +256,12 @@ impl Runtime {
         }
         .render();
         let path = node_dir.join("valkey.conf");
-        write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
-        Ok(path)
+        write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))
     }
 
     /// A sentinel's sentinel.conf before every start: what Sentinel learned is kept (its
     /// state must survive a restart), its port and password lines are regenerated.
-    fn write_sentinel_config(&self, pod: &str, ports: NodePorts) -> Result<PathBuf, LocalError> {
+    fn write_sentinel_config(&self, pod: &str, ports: NodePorts) -> Result<(), LocalError> {
         let node_dir = self.node_dir(pod);
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let path = node_dir.join("sentinel.conf");
@@ -292,7 +291,7 @@ impl Runtime {
         if existing.as_deref() != Some(conf.as_str()) {
             write_atomic(&path, conf.as_bytes()).map_err(io("writing", &path))?;
         }
-        Ok(path)
+        Ok(())
     }
 
     /// Writes the config of `pod` for its next start.
@@ -301,7 +300,7 @@ impl Runtime {
         pod: &str,
         ports: NodePorts,
         sentinel: bool,
-    ) -> Result<PathBuf, LocalError> {
+    ) -> Result<(), LocalError> {
         if sentinel && self.sentinel_bin.is_some() {
             self.write_sentinel_config(pod, ports)
         } else {
@@ -309,12 +308,7 @@ impl Runtime {
         }
     }
 
-    fn procs_for(
-        &self,
-        pod: &str,
-        ports: NodePorts,
-        sentinel: bool,
-    ) -> Result<NodeProcs, LocalError> {
+    fn procs_for(&self, pod: &str, ports: NodePorts, sentinel: bool) -> NodeProcs {
         let (what, program, conf) = match (&self.sentinel_bin, sentinel) {
             (Some(bin), true) => ("valkey-sentinel", bin.clone(), "sentinel.conf"),
             _ => ("valkey-server", self.valkey_bin.clone(), "valkey.conf"),
@@ -368,7 +362,7 @@ impl Runtime {
             agent_args,
             log_path(&self.dir, &format!("{pod}.agent")),
         );
-        Ok(NodeProcs { valkey, agent })
+        NodeProcs { valkey, agent }
     }
 
     /// The processes to run: the desired nodes, those still retiring, and the sentinels; each
@@ -396,7 +390,7 @@ impl Runtime {
             if self.procs.contains_key(&pod) {
                 continue;
             }
-            let mut procs = self.procs_for(&pod, ports, sentinel)?;
+            let mut procs = self.procs_for(&pod, ports, sentinel);
             self.write_any_config(&pod, ports, sentinel)?;
             procs.valkey.start()?;
             self.procs.insert(pod.clone(), procs);
@@ -435,7 +429,7 @@ impl Runtime {
                 continue;
             };
             match written {
-                Ok(_) => procs.valkey.restart(),
+                Ok(()) => procs.valkey.restart(),
                 Err(err) => {
                     warn!(pod = %pod, error = %err, "cannot write the config; restart postponed");
                     procs.valkey.postpone();
