@@ -25,6 +25,9 @@ use crate::{
 /// How long a sentinel is left alone after a SENTINEL RESET, to learn its peers and replicas.
 const RESET_QUIET: Duration = Duration::from_secs(30);
 
+/// How often a sentinel may be asked to fail over the same master.
+const FAILOVER_RETRY: Duration = Duration::from_secs(1);
+
 /// How long a node restarted for refused credentials is left to come back before it may be
 /// restarted again.
 const RESTART_QUIET: Duration = Duration::from_secs(30);
@@ -119,6 +122,12 @@ impl Engine {
         for (pod, action) in commands {
             if matches!(action, Action::SentinelReset(_))
                 && !self.not_done_lately("reset", &pod, RESET_QUIET)
+            {
+                continue;
+            }
+            // Refused while Sentinel has no good replica yet: asked again once a second.
+            if matches!(action, Action::SentinelFailover(_))
+                && !self.not_done_lately("failover", &pod, FAILOVER_RETRY)
             {
                 continue;
             }

@@ -72,6 +72,14 @@ pub fn sentinel_master<'a>(views: &[SentinelView<'a>]) -> Option<(&'a str, u32, 
         .map(|((epoch, host, port), _)| (host, port, epoch))
 }
 
+/// Some sentinel holds the master objectively down: the quorum agreed it is gone.
+fn objectively_down(views: &[SentinelView]) -> bool {
+    views
+        .iter()
+        .filter_map(|v| v.master)
+        .any(|m| m.flags.iter().any(|f| f == "o_down"))
+}
+
 fn failover_in_progress(views: &[SentinelView]) -> bool {
     views.iter().filter_map(|v| v.master).any(|m| {
         m.flags.iter().any(|f| f.starts_with("failover"))
@@ -236,16 +244,22 @@ pub fn decide(
                         || (d.key_count == 0 && others_hold_keys(desired, observed, &master.name))))
         });
     // Acceleration: the master's own agent says its Valkey is gone (or it came back empty):
-    // ask a sentinel to fail over now rather than after down-after-milliseconds.
-    if (definitely_down(&master_obs) || master_empty) && !in_progress {
+    // ask a sentinel to fail over now rather than after down-after-milliseconds. Also when the
+    // sentinels hold the master objectively down but no failover runs: Sentinel aborted one
+    // (no replica it counted as good: its INFO of them more than 5 s old, as after a restart)
+    // and would not try again for twice failover-timeout. Sentinel still picks the replica.
+    let stuck = objectively_down(&views) && !is_up(&master_obs);
+    if (definitely_down(&master_obs) || master_empty || stuck) && !in_progress {
         if let Some(view) = views.iter().find(|v| v.master.is_some()) {
             plan.notes.push(format!(
                 "master {} {}: asking Sentinel to fail over now",
                 master.name,
                 if master_empty {
                     "came back empty"
-                } else {
+                } else if definitely_down(&master_obs) {
                     "is gone"
+                } else {
+                    "is objectively down and no failover runs"
                 }
             ));
             plan.commands.push((
@@ -451,6 +465,44 @@ mod tests {
             plan.durable, None,
             "Sentinel, not the controller, picks the new master"
         );
+    }
+
+    #[test]
+    fn an_objectively_down_master_with_no_failover_running_is_failed_over_again() {
+        let mut obs = healthy();
+        obs.nodes
+            .insert("n0".into(), node(Role::Master, 0, 5, ProcessState::Hung));
+        let mut s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
+        let failovers = |s: &BTreeMap<String, NodeObs>, obs: &Observed| {
+            decide(&desired(), &sd(), &at("n0"), obs, s, 0)
+                .commands
+                .iter()
+                .filter(|(_, a)| matches!(a, Action::SentinelFailover(_)))
+                .count()
+        };
+        // Hung, and no sentinel says more than that yet: left to Sentinel's timing.
+        assert_eq!(failovers(&s, &obs), 0);
+        let flags = |s: &mut BTreeMap<String, NodeObs>, flags: &[&str], state: &str| {
+            if let Some(m) = s
+                .get_mut("s1")
+                .and_then(|o| o.report.as_mut()?.sentinel.as_mut()?.masters.first_mut())
+            {
+                m.flags = flags.iter().map(|f| (*f).to_owned()).collect();
+                m.failover_state = state.into();
+            }
+        };
+        // Objectively down and failing over: Sentinel is at it.
+        flags(
+            &mut s,
+            &["master", "s_down", "o_down", "failover_in_progress"],
+            "select_slave",
+        );
+        assert_eq!(failovers(&s, &obs), 0);
+        // Objectively down and no failover runs (Sentinel aborted one): asked again.
+        flags(&mut s, &["master", "s_down", "o_down"], "none");
+        assert_eq!(failovers(&s, &obs), 1);
+        // Not if the master answers after all.
+        assert_eq!(failovers(&s, &healthy()), 0);
     }
 
     #[test]
