@@ -237,6 +237,22 @@ impl LocalInstance {
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
     }
 
+    /// Waits until `before`'s Valkey has been restarted (a new pid) and is back as a replica
+    /// with its link up.
+    pub async fn wait_replica_back(&self, before: &control::NodeStatus, what: &str) -> Status {
+        self.wait_status(what, T, |s| {
+            s.nodes.iter().any(|n| {
+                n.pod == before.pod
+                    && n.valkey_pid.is_some()
+                    && n.valkey_pid != before.valkey_pid
+                    && n.process == "up"
+                    && n.role == "replica"
+                    && n.link == "up"
+            })
+        })
+        .await
+    }
+
     pub fn node_dir(&self, pod: &str) -> PathBuf {
         self.dir.join("nodes").join(pod)
     }
@@ -309,6 +325,23 @@ pub fn signal(pid: u32, signal: Signal) {
 
 pub fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Asserts that every node of `status` holds every key of `keys` (w<n>); `context` says when.
+pub async fn assert_every_node_holds(
+    instance: &LocalInstance,
+    status: &Status,
+    keys: &BTreeSet<u64>,
+    context: &str,
+) {
+    for n in &status.nodes {
+        assert_eq!(
+            missing_on(instance, &n.addr, keys).await,
+            Vec::<u64>::new(),
+            "{context}: {} lost acknowledged keys",
+            n.pod
+        );
+    }
 }
 
 /// The written keys (w<n>) missing on the node at `addr`.

@@ -9,8 +9,8 @@ use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 use valkey_e2e::{
     local::{
-        LocalInstance, Writer, alive, manifest, master_of, missing_on, node, signal,
-        switchover_when_ready, write_n,
+        LocalInstance, Writer, alive, assert_every_node_holds, manifest, master_of, missing_on,
+        node, signal, switchover_when_ready, write_n,
     },
     wait_for,
 };
@@ -143,14 +143,7 @@ async fn a_master_restarted_empty_never_becomes_the_sync_source() {
     assert!(reason.contains(&old), "{reason}");
     let healed = instance.wait_healthy(3, T).await;
     assert_ne!(healed.master.as_deref(), Some(old.as_str()));
-    for n in &healed.nodes {
-        assert_eq!(
-            missing_on(&instance, &n.addr, &keys).await,
-            Vec::<u64>::new(),
-            "{} lost data",
-            n.pod
-        );
-    }
+    assert_every_node_holds(&instance, &healed, &keys, "after the empty restart").await;
 }
 
 #[tokio::test]
@@ -273,14 +266,7 @@ async fn scaling_3_to_5_to_2_moves_the_master_first() {
         .await;
     assert!(two.nodes.iter().all(|n| !n.retiring));
     let two = instance.wait_healthy(2, T).await;
-    for n in &two.nodes {
-        assert_eq!(
-            missing_on(&instance, &n.addr, &keys).await,
-            Vec::<u64>::new(),
-            "{}",
-            n.pod
-        );
-    }
+    assert_every_node_holds(&instance, &two, &keys, "after scaling to 2").await;
 }
 
 #[tokio::test]
@@ -340,21 +326,53 @@ async fn a_password_rotation_keeps_replication_and_restarted_nodes_working() {
         .clone();
     signal(replica.valkey_pid.expect("pid"), Signal::SIGKILL);
     let healed = instance
-        .wait_status("the replica back and in sync", T, |s| {
-            let n = node(s, &replica.pod);
-            n.valkey_pid != replica.valkey_pid
-                && n.process == "up"
-                && n.role == "replica"
-                && n.link == "up"
-        })
+        .wait_replica_back(&replica, "the replica back and in sync")
         .await;
     assert_eq!(healed.master, before.master);
-    for n in &instance.wait_healthy(3, T).await.nodes {
-        assert_eq!(
-            missing_on(&instance, &n.addr, &keys).await,
-            Vec::<u64>::new(),
-            "{}",
-            n.pod
-        );
-    }
+    let healthy = instance.wait_healthy(3, T).await;
+    assert_every_node_holds(&instance, &healthy, &keys, "after the rotation").await;
+}
+
+#[tokio::test]
+async fn a_replica_refusing_the_instance_password_is_restarted_with_it() {
+    let instance = LocalInstance::up(&manifest(3));
+    let status = instance.wait_healthy(3, T).await;
+    let replica = status
+        .nodes
+        .iter()
+        .find(|n| n.role == "replica")
+        .expect("a replica")
+        .clone();
+    // Someone changes the password of this one node by hand, and its clients (the agent among
+    // them) must log in again.
+    let mut conn = instance.conn(&replica.addr).await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("resetpass")
+        .arg(">not-the-instance-password")
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut conn)
+        .await;
+
+    instance
+        .wait_status("the node to be reported refusing the password", T, |s| {
+            node(s, &replica.pod).process == "auth-failed"
+        })
+        .await;
+    let healed = instance
+        .wait_replica_back(&replica, "the node restarted on the instance password")
+        .await;
+    assert_eq!(healed.master, status.master, "no failover for a replica");
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut instance.conn(&replica.addr).await)
+        .await
+        .expect("PING with the instance password");
+    assert_eq!(pong, "PONG");
 }

@@ -12,7 +12,8 @@ use nix::sys::signal::Signal;
 use valkey_controller::local::control::Status;
 use valkey_e2e::{
     local::{
-        LocalInstance, Writer, master_of, missing_on, node, signal, switchover_when_ready, write_n,
+        LocalInstance, Writer, assert_every_node_holds, master_of, missing_on, node, signal,
+        switchover_when_ready, write_n,
     },
     wait_for,
 };
@@ -600,14 +601,7 @@ async fn a_master_wiped_and_killed_three_times_loses_no_acknowledged_key() {
                 "round {round}: {pod} went down to {low} keys: it synced from an empty node"
             );
         }
-        for n in &healed.nodes {
-            assert_eq!(
-                missing_on(&instance, &n.addr, &keys).await,
-                Vec::<u64>::new(),
-                "round {round}: {} lost WAIT-acknowledged keys",
-                n.pod
-            );
-        }
+        assert_every_node_holds(&instance, &healed, &keys, &format!("round {round}")).await;
     }
 }
 
@@ -643,14 +637,7 @@ async fn after_a_switchover_and_a_rotation_a_killed_replica_relinks_on_the_new_p
         .clone();
     signal(replica.valkey_pid.expect("pid"), Signal::SIGKILL);
     let healed = instance
-        .wait_status("the replica back and linked", T, |s| {
-            let n = node(s, &replica.pod);
-            n.valkey_pid.is_some()
-                && n.valkey_pid != replica.valkey_pid
-                && n.process == "up"
-                && n.role == "replica"
-                && n.link == "up"
-        })
+        .wait_replica_back(&replica, "the replica back and linked")
         .await;
     // It takes the new password, and the master counts both replicas again.
     let mut conn = instance.conn(&node(&healed, &replica.pod).addr).await;

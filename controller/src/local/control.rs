@@ -106,6 +106,9 @@ pub struct SentinelNodeStatus {
     /// The master this sentinel names, and its config epoch.
     pub master: Option<String>,
     pub config_epoch: Option<u64>,
+    /// The replicas it knows: it can promote no other (it learns them from the master's INFO).
+    #[serde(default)]
+    pub replicas: Option<u32>,
     pub flags: Vec<String>,
     pub sentinel_pid: Option<u32>,
 }
@@ -254,12 +257,15 @@ pub fn render(status: &Status) -> String {
         ));
         for s in &status.monitor.nodes {
             out.push_str(&format!(
-                "  {:<24} {:<16} {:<9} master {} (config epoch {})\n",
+                "  {:<24} {:<16} {:<9} master {} (config epoch {}, {} replicas known)\n",
                 s.pod,
                 s.addr,
                 if s.connected { "connected" } else { "no-agent" },
                 s.master.as_deref().unwrap_or("-"),
                 s.config_epoch
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                s.replicas
                     .map(|e| e.to_string())
                     .unwrap_or_else(|| "-".into())
             ));

@@ -526,6 +526,7 @@ impl Runtime {
                             connected: obs.is_some_and(|o| o.connected),
                             master: master.map(|m| format!("{}:{}", m.host, m.port)),
                             config_epoch: master.map(|m| m.config_epoch),
+                            replicas: master.map(|m| m.num_replicas),
                             flags: master.map(|m| m.flags.clone()).unwrap_or_default(),
                         }
                     })
