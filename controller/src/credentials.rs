@@ -5,7 +5,7 @@
 
 use valkey_proto::v1::ProcessState;
 
-use crate::core::{Desired, Durable, Observed};
+use crate::core::{Desired, Durable, NodeObs, Observed};
 
 /// How long a node must refuse the password before it is repaired: longer than any moment of
 /// a rotation in which an agent may hold the password just replaced.
@@ -20,6 +20,16 @@ pub struct Repairs {
     pub notes: Vec<String>,
 }
 
+/// The node's agent is connected and says its Valkey refuses the password it holds (re-read
+/// from its file and refused again).
+pub fn refuses_password(obs: &NodeObs) -> bool {
+    obs.connected
+        && obs
+            .report
+            .as_ref()
+            .is_some_and(|r| r.process() == ProcessState::AuthFailed)
+}
+
 /// Every node whose agent has reported its Valkey refusing the password for at least
 /// [`REPAIR_AFTER_MS`]. A node other than the recorded master is restarted: it serves
 /// nobody as it is, and a restart loses nothing (its data is on disk, and it comes back as a
@@ -31,13 +41,7 @@ pub fn repairs(desired: &Desired, durable: &Durable, observed: &Observed) -> Rep
         let Some(obs) = observed.nodes.get(&node.name) else {
             continue;
         };
-        let refused = obs.connected
-            && obs
-                .report
-                .as_ref()
-                .is_some_and(|r| r.process() == ProcessState::AuthFailed)
-            && obs.unhealthy_ms >= REPAIR_AFTER_MS;
-        if !refused {
+        if !(refuses_password(obs) && obs.unhealthy_ms >= REPAIR_AFTER_MS) {
             continue;
         }
         if durable.master.as_deref() == Some(node.name.as_str()) {
@@ -62,7 +66,6 @@ mod tests {
     use valkey_proto::v1::StateReport;
 
     use super::*;
-    use crate::core::NodeObs;
 
     fn desired() -> Desired {
         crate::core::tests::desired(3)

@@ -314,12 +314,7 @@ fn refusing_password(inputs: &Inputs<'_>) -> Option<String> {
         .observed
         .nodes
         .iter()
-        .filter(|(_, o)| {
-            o.connected
-                && o.report
-                    .as_ref()
-                    .is_some_and(|r| r.process() == valkey_proto::v1::ProcessState::AuthFailed)
-        })
+        .filter(|(_, o)| crate::credentials::refuses_password(o))
         .map(|(pod, _)| pod.as_str())
         .collect();
     (!refusing.is_empty()).then(|| refusing.join(", "))
