@@ -121,6 +121,16 @@ pub struct Args {
     )]
     pub command_deadline_ms: u64,
 
+    /// After this node stops being master, how long clients that still send it writes are
+    /// disconnected (they arrived through a route that has not caught up yet), in
+    /// milliseconds. 0: only the clients connected at the moment of the demotion.
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_STALE_CLIENT_WINDOW_MS",
+        default_value_t = 10_000
+    )]
+    pub stale_client_window_ms: u64,
+
     /// On SIGTERM, how long a master waits for the controller to move its role away.
     #[arg(
         long,
@@ -229,6 +239,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub command_deadline: Duration,
     pub shutdown_switchover_timeout: Duration,
+    pub stale_client_window: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -352,6 +363,7 @@ impl Args {
             heartbeat_interval: at_least("heartbeat-interval-ms", self.heartbeat_interval_ms, 50)?,
             command_deadline: at_least("command-deadline-ms", self.command_deadline_ms, 100)?,
             shutdown_switchover_timeout: Duration::from_millis(self.shutdown_switchover_timeout_ms),
+            stale_client_window: Duration::from_millis(self.stale_client_window_ms),
         })
     }
 }

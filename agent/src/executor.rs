@@ -10,15 +10,17 @@ use std::{
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use valkey_proto::v1::{
-    AclSetUser, Command, CommandResult, ConfigSet, Failover, Outcome, ReplicaOf, SentinelMonitor,
-    command::Action,
-};
+use valkey_proto::v1::{Command, CommandResult, Failover, Outcome, ReplicaOf, command::Action};
 
 use crate::{
+    actions::{
+        Acted, Done, POLL, Refusal, acl_set_user, catch_up, check_host_port, check_word,
+        config_set, failed, follows, invalid, is_master, offset_of, replication, reply_is_invalid,
+        sentinel_monitor, sorted, wait_replica,
+    },
+    clients,
     config::{Config, Mode},
     fence::{Admit, Fence},
-    info::parse_info,
     local::{Local, LocalError},
     metrics::{CommandLabel, Metrics},
     watcher::{Shared, now_ms},
@@ -26,67 +28,6 @@ use crate::{
 
 /// How many answered command ids are remembered for idempotent re-delivery.
 const REMEMBERED_RESULTS: usize = 512;
-/// How often long commands (FAILOVER, WaitReplica) look at the server.
-const POLL: Duration = Duration::from_millis(10);
-
-/// The outcome of acting, before the bookkeeping fields are filled in.
-type Acted = Result<Done, Refusal>;
-
-#[derive(Debug, Default)]
-struct Done {
-    already: bool,
-    message: String,
-    offset: i64,
-    master: Option<(String, u32)>,
-}
-
-impl Done {
-    fn ok(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            ..Self::default()
-        }
-    }
-    fn already(message: impl Into<String>) -> Self {
-        Self {
-            already: true,
-            message: message.into(),
-            ..Self::default()
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Refusal {
-    outcome: Outcome,
-    message: String,
-}
-
-fn invalid(message: impl Into<String>) -> Refusal {
-    Refusal {
-        outcome: Outcome::Invalid,
-        message: message.into(),
-    }
-}
-
-fn failed(message: impl Into<String>) -> Refusal {
-    Refusal {
-        outcome: Outcome::Failed,
-        message: message.into(),
-    }
-}
-
-impl From<LocalError> for Refusal {
-    fn from(err: LocalError) -> Self {
-        match err {
-            LocalError::Hung(_) => Refusal {
-                outcome: Outcome::Timeout,
-                message: err.to_string(),
-            },
-            other => failed(other.to_string()),
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 struct Remembered {
@@ -143,6 +84,7 @@ pub fn action_name(action: Option<&Action>) -> &'static str {
         Some(Action::PauseWrites(_)) => "pause_writes",
         Some(Action::UnpauseWrites(_)) => "unpause_writes",
         Some(Action::WaitReplica(_)) => "wait_replica",
+        Some(Action::CatchUp(_)) => "catch_up",
         Some(Action::ConfigSet(_)) => "config_set",
         Some(Action::AclSetUser(_)) => "acl_set_user",
         Some(Action::SentinelMonitor(_)) => "sentinel_monitor",
@@ -151,7 +93,6 @@ pub fn action_name(action: Option<&Action>) -> &'static str {
         Some(Action::SentinelReset(_)) => "sentinel_reset",
         Some(Action::SentinelFailover(_)) => "sentinel_failover",
         Some(Action::SentinelGetMasterAddr(_)) => "sentinel_get_master_addr",
-        Some(Action::Shutdown(_)) => "shutdown",
         Some(Action::SentinelConfigSet(_)) => "sentinel_config_set",
     }
 }
@@ -165,6 +106,7 @@ fn action_mode(action: &Action) -> Option<Mode> {
         | Action::PauseWrites(_)
         | Action::UnpauseWrites(_)
         | Action::WaitReplica(_)
+        | Action::CatchUp(_)
         | Action::ConfigSet(_) => Some(Mode::Data),
         Action::SentinelMonitor(_)
         | Action::SentinelRemove(_)
@@ -174,7 +116,7 @@ fn action_mode(action: &Action) -> Option<Mode> {
         | Action::SentinelGetMasterAddr(_)
         | Action::SentinelConfigSet(_) => Some(Mode::Sentinel),
         // Sentinel has ACLs too: its own password rotates the same way.
-        Action::AclSetUser(_) | Action::Shutdown(_) => None,
+        Action::AclSetUser(_) => None,
     }
 }
 
@@ -196,29 +138,6 @@ fn outcome_label(outcome: Outcome) -> &'static str {
         Outcome::Failed => "failed",
         Outcome::Timeout => "timeout",
     }
-}
-
-fn check_host_port(field: &str, host: &str, port: u32) -> Result<(), Refusal> {
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(invalid(format!(
-            "{field}.host {host:?} is not a host name or address"
-        )));
-    }
-    if port == 0 || port > u32::from(u16::MAX) {
-        return Err(invalid(format!(
-            "{field}.port {port} is out of range 1..=65535"
-        )));
-    }
-    Ok(())
-}
-
-fn check_word(field: &str, value: &str) -> Result<(), Refusal> {
-    if value.is_empty() || value.contains(char::is_whitespace) {
-        return Err(invalid(format!(
-            "{field} {value:?} must be one non-empty word"
-        )));
-    }
-    Ok(())
 }
 
 impl Executor {
@@ -355,23 +274,29 @@ impl Executor {
                 {
                     return Err(invalid("replica_of names this node itself"));
                 }
+                let was_master = is_master(local).await?;
                 let reply: String = local
                     .query(redis::cmd("REPLICAOF").arg(host).arg(*port))
                     .await?;
-                Ok(if reply.contains("Already connected") {
-                    Done::already(format!("already a replica of {host}:{port}"))
+                if reply.contains("Already connected") {
+                    return Ok(Done::already(format!("already a replica of {host}:{port}")));
+                }
+                let moved = if was_master {
+                    self.move_clients(local).await
                 } else {
-                    Done::ok(format!("now a replica of {host}:{port}"))
-                })
+                    String::new()
+                };
+                Ok(Done::ok(format!("now a replica of {host}:{port}{moved}")))
             }
             Action::Promote(_) => {
-                let info = replication(local).await?;
-                if info.get("role").map(String::as_str) == Some("master") {
+                if is_master(local).await? {
                     return Ok(Done::already("already a master"));
                 }
                 let _: String = local
                     .query(redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
                     .await?;
+                // Master again (an undone switchover): its writers are no longer stale.
+                self.shared.demotions.promoted();
                 Ok(Done::ok("promoted to master"))
             }
             Action::Failover(failover) => self.failover(local, failover).await,
@@ -390,7 +315,13 @@ impl Executor {
                 self.shared
                     .paused_until_ms
                     .store(now_ms() + i64::from(pause.pause_ms), Ordering::Relaxed);
-                Ok(Done::ok(format!("writes paused for {} ms", pause.pause_ms)))
+                // Every write this master took is in its stream up to here.
+                let offset = offset_of(&replication(local).await?);
+                Ok(Done {
+                    message: format!("writes paused for {} ms at offset {offset}", pause.pause_ms),
+                    offset,
+                    ..Done::default()
+                })
             }
             Action::UnpauseWrites(_) => {
                 let _: String = local.query(redis::cmd("CLIENT").arg("UNPAUSE")).await?;
@@ -400,6 +331,10 @@ impl Executor {
             Action::WaitReplica(wait) => {
                 check_host_port("wait_replica", &wait.host, wait.port)?;
                 wait_replica(local, &wait.host, wait.port, deadline).await
+            }
+            Action::CatchUp(catch_up) => {
+                check_host_port("catch_up", &catch_up.host, catch_up.port)?;
+                self::catch_up(local, catch_up, deadline).await
             }
             Action::ConfigSet(config) => config_set(local, config).await,
             Action::AclSetUser(acl) => acl_set_user(local, acl).await,
@@ -491,26 +426,23 @@ impl Executor {
                     ..Done::default()
                 })
             }
-            Action::Shutdown(shutdown) => {
-                if let Err(LocalError::Down(_)) = local.query::<String>(&redis::cmd("PING")).await {
-                    return Ok(Done::already("already down"));
-                }
-                let mode = if shutdown.save { "SAVE" } else { "NOSAVE" };
-                match local
-                    .query::<String>(redis::cmd("SHUTDOWN").arg(mode))
-                    .await
-                {
-                    Ok(_) | Err(LocalError::Down(_)) => {
-                        local.reset();
-                        Ok(Done::ok(format!("shut down ({mode})")))
-                    }
-                    Err(err) => Err(err.into()),
-                }
-            }
         }
     }
 
     /// FAILOVER TO host port TIMEOUT ms [FORCE], then wait until this node follows the target.
+    /// This node just stopped being master: its clients move (see [`crate::clients`]). A
+    /// note for the command's answer.
+    async fn move_clients(&self, local: &mut Local) -> String {
+        self.shared.demotions.demoted();
+        match clients::disconnect_all(local).await {
+            Ok(n) => format!("; {n} clients disconnected"),
+            Err(err) => {
+                warn!(error = %err, "could not disconnect the clients of the demoted node");
+                format!("; clients not disconnected: {err}")
+            }
+        }
+    }
+
     async fn failover(&self, local: &mut Local, failover: &Failover) -> Acted {
         let Failover {
             host,
@@ -523,11 +455,7 @@ impl Executor {
             return Err(invalid("failover.force needs failover.timeout_ms above 0"));
         }
         let info = replication(local).await?;
-        let follows_target = |info: &HashMap<String, String>| {
-            info.get("role").map(String::as_str) == Some("slave")
-                && info.get("master_host") == Some(host)
-                && info.get("master_port").and_then(|p| p.parse::<u32>().ok()) == Some(*port)
-        };
+        let follows_target = |info: &HashMap<String, String>| follows(info, host, *port);
         if follows_target(&info) {
             return Ok(Done::already(format!("already a replica of {host}:{port}")));
         }
@@ -553,12 +481,10 @@ impl Executor {
         loop {
             let info = replication(local).await?;
             if follows_target(&info) {
-                let offset = info
-                    .get("master_repl_offset")
-                    .and_then(|o| o.parse().ok())
-                    .unwrap_or_default();
+                let offset = offset_of(&info);
+                let moved = self.move_clients(local).await;
                 return Ok(Done {
-                    message: format!("handed over to {host}:{port}"),
+                    message: format!("handed over to {host}:{port}{moved}"),
                     offset,
                     ..Done::default()
                 });
@@ -574,230 +500,4 @@ impl Executor {
             tokio::time::sleep(POLL).await;
         }
     }
-}
-
-/// INFO replication as a map.
-async fn replication(local: &mut Local) -> Result<HashMap<String, String>, LocalError> {
-    let text: String = local.query(redis::cmd("INFO").arg("replication")).await?;
-    Ok(parse_info(&text)
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
-        .collect())
-}
-
-/// A server's refusal of a malformed request is the requester's fault, not a failure.
-fn reply_is_invalid(err: LocalError) -> Refusal {
-    match err {
-        LocalError::Reply(message) => invalid(message),
-        other => other.into(),
-    }
-}
-
-fn sorted(map: &HashMap<String, String>) -> Vec<(&String, &String)> {
-    let mut pairs: Vec<_> = map.iter().collect();
-    pairs.sort();
-    pairs
-}
-
-/// Waits until the replica at host:port has acknowledged the master offset seen at the start.
-async fn wait_replica(local: &mut Local, host: &str, port: u32, deadline: Duration) -> Acted {
-    let info = replication(local).await?;
-    if info.get("role").map(String::as_str) != Some("master") {
-        return Err(invalid(
-            "wait_replica must run on the master; this node is a replica",
-        ));
-    }
-    let target: i64 = info
-        .get("master_repl_offset")
-        .and_then(|o| o.parse().ok())
-        .unwrap_or_default();
-    let started = Instant::now();
-    // Give up a little before the command's own deadline, so the answer says how far it got.
-    let deadline = deadline.saturating_sub(Duration::from_millis(100));
-    let mut seen = None;
-    loop {
-        let info = replication(local).await?;
-        let connected: u32 = info
-            .get("connected_slaves")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_default();
-        let replica = (0..connected).find_map(|i| {
-            let line = info.get(&format!("slave{i}"))?;
-            let fields: HashMap<_, _> = line.split(',').filter_map(|f| f.split_once('=')).collect();
-            let matches = fields.get("ip") == Some(&host)
-                && fields.get("port").and_then(|p| p.parse::<u32>().ok()) == Some(port);
-            matches.then(|| {
-                fields
-                    .get("offset")
-                    .and_then(|o| o.parse::<i64>().ok())
-                    .unwrap_or(-1)
-            })
-        });
-        seen = replica.or(seen);
-        if replica.is_some_and(|offset| offset >= target) {
-            return Ok(Done {
-                message: format!("{host}:{port} has offset {target}"),
-                offset: target,
-                ..Done::default()
-            });
-        }
-        if started.elapsed() + POLL >= deadline {
-            return Err(Refusal {
-                outcome: Outcome::Timeout,
-                message: match seen {
-                    None => format!("{host}:{port} is not a connected replica"),
-                    Some(offset) => format!("{host}:{port} reached offset {offset} of {target}"),
-                },
-            });
-        }
-        // WAIT makes the master ask its replicas for an ack now rather than within a second.
-        if connected > 0 {
-            let _ = local
-                .query_within::<i64>(
-                    redis::cmd("WAIT").arg(connected).arg(50),
-                    Some(Duration::from_millis(500)),
-                )
-                .await;
-        } else {
-            tokio::time::sleep(POLL).await;
-        }
-    }
-}
-
-async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
-    if config.params.is_empty() {
-        return Err(invalid("config_set.params is empty"));
-    }
-    let params = sorted(&config.params);
-    let mut get = redis::cmd("CONFIG");
-    get.arg("GET");
-    for (key, _) in &params {
-        check_word("config_set.params key", key)?;
-        get.arg(key.as_str());
-    }
-    let current: HashMap<String, String> = local.query(&get).await?;
-    let unchanged = params
-        .iter()
-        .all(|(key, value)| current.get(key.as_str()) == Some(*value));
-    if !unchanged {
-        let mut set = redis::cmd("CONFIG");
-        set.arg("SET");
-        for (key, value) in &params {
-            set.arg(key.as_str()).arg(value.as_str());
-        }
-        let _: String = local.query(&set).await.map_err(reply_is_invalid)?;
-    }
-    let mut note = String::new();
-    if config.rewrite && !unchanged {
-        match local
-            .query::<String>(redis::cmd("CONFIG").arg("REWRITE"))
-            .await
-        {
-            Ok(_) => note.push_str("; config file rewritten"),
-            Err(LocalError::Reply(msg)) if msg.contains("without a config file") => {
-                note.push_str("; no config file to rewrite");
-            }
-            Err(err) => return Err(failed(format!("CONFIG REWRITE: {err}"))),
-        }
-    }
-    let keys = params
-        .iter()
-        .map(|(k, _)| k.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
-    Ok(if unchanged {
-        Done::already(format!("{keys} already set"))
-    } else {
-        Done::ok(format!("set {keys}{note}"))
-    })
-}
-
-async fn acl_set_user(local: &mut Local, acl: &AclSetUser) -> Acted {
-    check_word("acl_set_user.username", &acl.username)?;
-    let mut cmd = redis::cmd("ACL");
-    cmd.arg("SETUSER").arg(&acl.username).arg("reset");
-    cmd.arg(if acl.enabled { "on" } else { "off" });
-    for hash in &acl.password_sha256 {
-        if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(invalid(
-                "acl_set_user.password_sha256 holds a value that is not 64 hex digits",
-            ));
-        }
-        cmd.arg(format!("#{}", hash.to_ascii_lowercase()));
-    }
-    for rule in &acl.rules {
-        check_word("acl_set_user.rules entry", rule)?;
-        if rule.starts_with(['>', '<', '#', '!']) {
-            return Err(invalid(
-                "acl_set_user.rules may not carry passwords; use password_sha256",
-            ));
-        }
-        cmd.arg(rule);
-    }
-    let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
-    Ok(Done::ok(format!(
-        "user {} set ({} password(s), {} rule(s))",
-        acl.username,
-        acl.password_sha256.len(),
-        acl.rules.len()
-    )))
-}
-
-async fn sentinel_monitor(local: &mut Local, monitor: &SentinelMonitor) -> Acted {
-    check_word("sentinel_monitor.name", &monitor.name)?;
-    check_host_port("sentinel_monitor", &monitor.host, monitor.port)?;
-    if monitor.quorum == 0 {
-        return Err(invalid("sentinel_monitor.quorum must be at least 1"));
-    }
-    let existing = match local
-        .query::<HashMap<String, String>>(redis::cmd("SENTINEL").arg("MASTER").arg(&monitor.name))
-        .await
-    {
-        Ok(map) => Some(map),
-        Err(LocalError::Reply(msg)) if msg.contains("No such master") => None,
-        Err(err) => return Err(err.into()),
-    };
-    let same = existing.as_ref().is_some_and(|m| {
-        m.get("ip") == Some(&monitor.host)
-            && m.get("port").and_then(|p| p.parse::<u32>().ok()) == Some(monitor.port)
-            && m.get("quorum").and_then(|q| q.parse::<u32>().ok()) == Some(monitor.quorum)
-    });
-    if !same {
-        if existing.is_some() {
-            let _: String = local
-                .query(redis::cmd("SENTINEL").arg("REMOVE").arg(&monitor.name))
-                .await?;
-        }
-        let _: String = local
-            .query(
-                redis::cmd("SENTINEL")
-                    .arg("MONITOR")
-                    .arg(&monitor.name)
-                    .arg(&monitor.host)
-                    .arg(monitor.port)
-                    .arg(monitor.quorum),
-            )
-            .await
-            .map_err(reply_is_invalid)?;
-    }
-    if !monitor.auth_pass.is_empty() {
-        let mut set = redis::cmd("SENTINEL");
-        set.arg("SET")
-            .arg(&monitor.name)
-            .arg("auth-pass")
-            .arg(&monitor.auth_pass);
-        if !monitor.auth_user.is_empty() {
-            set.arg("auth-user").arg(&monitor.auth_user);
-        }
-        let _: String = local.query(&set).await.map_err(reply_is_invalid)?;
-    }
-    let what = format!(
-        "{} at {}:{} quorum {}",
-        monitor.name, monitor.host, monitor.port, monitor.quorum
-    );
-    Ok(if same {
-        Done::already(format!("already monitoring {what}"))
-    } else {
-        Done::ok(format!("monitoring {what}"))
-    })
 }

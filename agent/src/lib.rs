@@ -2,6 +2,8 @@
 //! reports role and health to the controller over one gRPC stream, carries out the controller's
 //! commands behind an epoch fence, and serves grpc.health.v1 for kubelet probes.
 
+pub mod actions;
+pub mod clients;
 pub mod config;
 pub mod executor;
 pub mod fence;
@@ -76,6 +78,7 @@ pub async fn run(
     // One probe before anything reports, so the first report says something.
     watcher.probe_once().await;
     let watcher_task = tokio::spawn(watcher.run());
+    let clients_task = tokio::spawn(clients::run(config.clone(), shared.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -134,6 +137,7 @@ pub async fn run(
     let _ = server_stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
     watcher_task.abort();
+    clients_task.abort();
     health_task.abort();
     if let Some(task) = metrics_task {
         task.abort();

@@ -273,7 +273,7 @@ impl Link {
                             heartbeat = tokio::time::interval(heartbeat_every);
                             heartbeat.reset();
                         }
-                        debug!(epoch = welcome.epoch, ?heartbeat_every, "welcomed by the controller");
+                        debug!(?heartbeat_every, "welcomed by the controller");
                     }
                     Ok(Some(ControllerMessage { msg: None })) => {
                         warn!("ignoring an empty or unknown message from the controller");

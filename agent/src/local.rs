@@ -13,6 +13,10 @@ use valkey_proto::v1::ProcessState;
 
 use crate::config::Config;
 
+/// The library name the agent's own connections announce in their handshake (`CLIENT
+/// SETINFO LIB-NAME`, pipelined with AUTH): `lib-name` in CLIENT LIST.
+pub const AGENT_LIB_NAME: &str = "valkey-agent";
+
 /// Why a call to the local process failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LocalError {
@@ -89,7 +93,8 @@ fn client(
     username: Option<&str>,
     password: Option<&str>,
 ) -> Result<Client, LocalError> {
-    let mut redis = RedisConnectionInfo::default().set_skip_set_lib_name();
+    let mut redis =
+        RedisConnectionInfo::default().set_lib_name(AGENT_LIB_NAME, env!("CARGO_PKG_VERSION"));
     if let Some(user) = username {
         redis = redis.set_username(user);
     }

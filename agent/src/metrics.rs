@@ -40,6 +40,9 @@ pub struct Metrics {
     pub messages_sent: Family<KindLabel, Counter>,
     pub commands: Family<CommandLabel, Counter>,
     pub controller_connected: Gauge,
+    /// The local Valkey's replication offset (the controller's status carries it only every
+    /// 30 s).
+    pub repl_offset: Gauge,
 }
 
 /// Roles the role gauge knows, so exactly one of them reads 1.
@@ -60,6 +63,12 @@ impl Metrics {
         let messages_sent = Family::<KindLabel, Counter>::default();
         let commands = Family::<CommandLabel, Counter>::default();
         let controller_connected = Gauge::default();
+        let repl_offset = Gauge::default();
+        registry.register(
+            "repl_offset",
+            "The local Valkey's replication offset, as last observed",
+            repl_offset.clone(),
+        );
         registry.register(
             "probe_latency_seconds",
             "Round trip of probes of the local Valkey or Sentinel",
@@ -98,6 +107,7 @@ impl Metrics {
             messages_sent,
             commands,
             controller_connected,
+            repl_offset,
         }
     }
 

@@ -41,6 +41,8 @@ pub struct Shared {
     pub paused_until_ms: AtomicI64,
     /// Asks for a probe right away (after a command changed something).
     pub probe_now: Notify,
+    /// When this node stopped being master: its clients are moved off.
+    pub demotions: crate::clients::Demotions,
 }
 
 impl Shared {
@@ -323,6 +325,9 @@ impl Watcher {
             }
             self.last_process = process;
         }
+        if let Some(data) = report.data.as_ref() {
+            self.metrics.repl_offset.set(data.repl_offset);
+        }
         let role = match (process, self.config.mode, report.data.as_ref()) {
             (ProcessState::Down | ProcessState::Hung, _, _) => "down",
             (_, Mode::Sentinel, _) => "sentinel",
@@ -336,6 +341,15 @@ impl Watcher {
             .unwrap_or(0) as i32;
         if role_code != self.last_role {
             info!(role, "local role");
+            let previous = usize::try_from(self.last_role)
+                .ok()
+                .and_then(|i| crate::metrics::ROLES.get(i));
+            if role == "master" {
+                self.shared.demotions.promoted();
+            } else if previous == Some(&"master") && role == "replica" {
+                // Demoted by someone else (Valkey's FAILOVER, Sentinel): start the window.
+                self.shared.demotions.demoted();
+            }
             self.metrics.set_role(role);
             self.last_role = role_code;
         }

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::driver::Cause;
 use valkey_proto::v1::{
     ConfigSet, ProcessState, Promote, ReplicaOf, Role, StateReport, command::Action,
 };
@@ -60,6 +62,9 @@ pub struct FailoverRecord {
     pub from: Option<String>,
     pub to: String,
     pub reason: String,
+    /// The reason as a closed set (metric labels, Event reasons).
+    #[serde(default)]
+    pub cause: crate::driver::Cause,
 }
 
 /// A planned switchover under way: intent written before the FAILOVER command is sent.
@@ -277,6 +282,7 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                 from: Some(pending.from.clone()),
                 to: pending.to.clone(),
                 reason: "planned switchover".into(),
+                cause: crate::driver::Cause::Switchover,
             });
             plan.notes.push(format!(
                 "switchover {} -> {} done",
@@ -350,25 +356,31 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
         });
 
     let reason = if definitely_down(&master_obs) {
-        Some(format!("master {} process is gone", master.name))
+        Some((
+            Cause::ProcessGone,
+            format!("master {} process is gone", master.name),
+        ))
     } else if master_empty {
-        Some(format!(
-            "master {} restarted with an empty dataset",
-            master.name
+        Some((
+            Cause::RestartedEmpty,
+            format!("master {} restarted with an empty dataset", master.name),
         ))
     } else if !master_up
         && master_obs.unhealthy_ms >= desired.hang_timeout_ms
         && replicas_lost_master(desired, observed, master)
     {
-        Some(format!(
-            "master {} unresponsive for {} ms and its replicas lost it",
-            master.name, master_obs.unhealthy_ms
+        Some((
+            Cause::Unresponsive,
+            format!(
+                "master {} unresponsive for {} ms and its replicas lost it",
+                master.name, master_obs.unhealthy_ms
+            ),
         ))
     } else {
         None
     };
 
-    if let Some(reason) = reason {
+    if let Some((cause, reason)) = reason {
         let down_for_ms = master_obs.report.as_ref().map_or(0, |r| r.down_for_ms);
         if definitely_down(&master_obs)
             && down_for_ms < OFFSETS_SETTLE_MS
@@ -387,6 +399,7 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                     from: Some(master.name.clone()),
                     to: candidate.name.clone(),
                     reason: reason.clone(),
+                    cause,
                 });
                 plan.notes.push(format!(
                     "failover {} -> {} (epoch {}): {reason}",

@@ -13,7 +13,7 @@ use std::{
 };
 
 use tracing::warn;
-use valkey_proto::v1::{Command, NodeKind, Outcome, command::Action};
+use valkey_proto::v1::{Command, CommandResult, NodeKind, Outcome, command::Action};
 
 use crate::{
     core::{self, Desired, Durable, Plan},
@@ -155,7 +155,8 @@ impl Engine {
     }
 
     /// Sends one command under `epoch` and waits until it is done (OK or ALREADY), within
-    /// `deadline` (and a second more for the answer to arrive).
+    /// `deadline` (and a second more for the answer to arrive); the agent's answer (an offset,
+    /// say).
     pub async fn run_command(
         &self,
         hub: &Hub,
@@ -164,7 +165,7 @@ impl Engine {
         pod: &str,
         action: Action,
         deadline: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<CommandResult, String> {
         let command = Command {
             id: self.next_id(epoch),
             epoch,
@@ -175,7 +176,7 @@ impl Engine {
             .command(key, pod, command, deadline + Duration::from_secs(1))
             .await
         {
-            Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(()),
+            Ok(r) if matches!(r.outcome(), Outcome::Ok | Outcome::Already) => Ok(r),
             Ok(r) => Err(format!("{pod}: {:?}: {}", r.outcome(), r.message)),
             Err(e) => Err(e.to_string()),
         }

@@ -364,7 +364,6 @@ impl AgentHub for Hub {
         let (tx, rx) = mpsc::channel(64);
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
-                epoch: 0,
                 heartbeat_interval_ms: self.inner.heartbeat.as_millis() as u32,
             })),
         };

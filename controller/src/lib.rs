@@ -4,6 +4,7 @@
 pub mod core;
 pub mod crd;
 pub mod credentials;
+pub mod driver;
 pub mod engine;
 pub mod hub;
 pub mod k8s;

@@ -162,6 +162,7 @@ pub fn decide(
                 from: durable.master.clone(),
                 to: master.name.clone(),
                 reason: format!("Sentinel switched master (config epoch {config_epoch})"),
+                cause: crate::driver::Cause::Sentinel,
             });
         }
         next.master = Some(master.name.clone());

@@ -1,12 +1,23 @@
 //! A Kubernetes stand-in for reconciler tests: kube-fake-client's in-memory API server behind
-//! `kube::Api`, the controller's real agent hub on loopback (static token), and helpers to run
-//! reconcile passes and read back objects and Events. Pods are created by the test, standing
-//! in for the StatefulSet controller and the kubelet.
+//! `kube::Api`, with a latency and faults that a test can inject per request ([`ApiFaults`]),
+//! the controller's real agent hub on loopback (static token), and helpers to run reconcile
+//! passes and read back objects and Events. Pods are created by the test, standing in for the
+//! StatefulSet controller and the kubelet; a poller stands in for the pod watch (the fake has
+//! no watches). The controller's client counts its requests; the test's own do not count.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
 
+use crate::procs::{Agent, AgentOpts, PASSWORD, Valkey};
 use k8s_openapi::{
-    api::{core::v1::Pod, events::v1::Event},
+    ByteString,
+    api::{
+        core::v1::{Pod, Secret},
+        events::v1::Event,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -20,29 +31,127 @@ use kube::{
 use kube_fake_client::ClientBuilder;
 use tokio_stream::wrappers::TcpListenerStream;
 use valkey_controller::{
-    crd::Failover,
+    crd::{Failover, FailoverSpec, Phase},
     hub::{Hub, StaticToken},
     k8s::{
         LABEL_COMPONENT, LABEL_INSTANCE, Settings,
-        reconcile::{Context, Error, reconcile},
+        context::Context,
+        hot,
+        reconcile::{Error, reconcile},
+        requests,
     },
 };
 
 pub const TOKEN: &str = "t0ken";
 
+/// Faults injected into the API server's answers: a latency on every request, and a 500 for
+/// requests that match.
+#[derive(Debug, Default)]
+pub struct ApiFaults {
+    delay: Mutex<Duration>,
+    /// (method, a part of the path): answered with 500.
+    failing: Mutex<Vec<(String, String)>>,
+}
+
+impl ApiFaults {
+    pub fn set_delay(&self, delay: Duration) {
+        if let Ok(mut d) = self.delay.lock() {
+            *d = delay;
+        }
+    }
+
+    /// Answers `method` requests whose path contains `path_part` with a 500 from now on.
+    pub fn fail(&self, method: &str, path_part: &str) {
+        if let Ok(mut f) = self.failing.lock() {
+            f.push((method.to_owned(), path_part.to_owned()));
+        }
+    }
+
+    pub fn heal(&self) {
+        if let Ok(mut f) = self.failing.lock() {
+            f.clear();
+        }
+    }
+
+    fn fails(&self, method: &str, path: &str) -> bool {
+        self.failing
+            .lock()
+            .map(|f| {
+                f.iter()
+                    .any(|(m, p)| m == method && path.contains(p.as_str()))
+            })
+            .unwrap_or(false)
+    }
+}
+
+/// The in-memory API server behind the faults.
+#[derive(Clone)]
+struct Interposed {
+    client: Client,
+    faults: Arc<ApiFaults>,
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for Interposed {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let (client, faults) = (self.client.clone(), self.faults.clone());
+        Box::pin(async move {
+            let delay = faults.delay.lock().map(|d| *d).unwrap_or_default();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if faults.fails(request.method().as_str(), request.uri().path()) {
+                let body = serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "injected fault", "reason": "InternalError", "code": 500,
+                });
+                let mut response = http::Response::new(kube::client::Body::from(
+                    serde_json::to_vec(&body).unwrap_or_default(),
+                ));
+                *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(response);
+            }
+            client.send(request).await
+        })
+    }
+}
+
+/// A client of `fake` through `faults`.
+pub fn interposed(fake: Client, faults: Arc<ApiFaults>) -> Client {
+    Client::new(
+        Interposed {
+            client: fake,
+            faults,
+        },
+        "default",
+    )
+}
+
 #[allow(missing_debug_implementations)]
 pub struct FakeCluster {
+    /// The test's own client (its requests are not counted, and see no faults).
     pub client: Client,
+    /// Faults for the controller's requests.
+    pub faults: Arc<ApiFaults>,
     pub hub: Hub,
     /// Where agents reach the hub.
     pub hub_url: String,
     pub ctx: Arc<Context>,
     server: tokio::task::JoinHandle<()>,
+    pod_sync: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for FakeCluster {
     fn drop(&mut self) {
         self.server.abort();
+        self.pod_sync.abort();
     }
 }
 
@@ -77,15 +186,19 @@ impl FakeCluster {
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await;
         });
+        let faults = Arc::new(ApiFaults::default());
+        let metrics = Arc::new(valkey_controller::k8s::metrics::Metrics::default());
+        let controller_client =
+            requests::counting(interposed(client.clone(), faults.clone()), metrics.clone());
         let recorder = Recorder::new(
-            client.clone(),
+            controller_client.clone(),
             Reporter {
                 controller: "valkey-operator".into(),
                 instance: None,
             },
         );
         let mut ctx = Context::new(
-            client.clone(),
+            controller_client,
             hub.clone(),
             Settings {
                 controller_addr: hub_url.clone(),
@@ -94,12 +207,29 @@ impl FakeCluster {
             recorder,
         );
         ctx.hang_timeout = Duration::from_secs(2);
+        ctx.metrics = metrics;
+        let ctx = Arc::new(ctx);
+        // The pod watch's stand-in.
+        let pod_sync = {
+            let (client, cache) = (client.clone(), ctx.pods.clone());
+            tokio::spawn(async move {
+                let pods: Api<Pod> = Api::all(client);
+                loop {
+                    if let Ok(list) = pods.list(&ListParams::default()).await {
+                        cache.replace(list.items);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
         FakeCluster {
             client,
+            faults,
             hub,
             hub_url,
-            ctx: Arc::new(ctx),
+            ctx,
             server,
+            pod_sync,
         }
     }
 
@@ -132,6 +262,37 @@ impl FakeCluster {
         reconcile(Arc::new(failover), self.ctx.clone()).await
     }
 
+    /// One hot (failover) pass, as the hub's reports run it.
+    pub async fn hot_pass(&self, namespace: &str, name: &str) -> Result<(), hot::HotError> {
+        let key = valkey_controller::hub::InstanceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        match self.ctx.known(&key) {
+            Some(instance) => hot::pass(&self.ctx, &instance).await,
+            None => Ok(()),
+        }
+    }
+
+    /// API requests the controller made so far, by verb and resource.
+    pub fn requests(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        self.ctx
+            .metrics
+            .requests()
+            .into_iter()
+            .map(|(label, n)| ((label.verb.to_owned(), label.resource), n))
+            .collect()
+    }
+
+    /// Writes (anything but get, list, watch) the controller made so far.
+    pub fn writes(&self) -> u64 {
+        self.requests()
+            .iter()
+            .filter(|((verb, _), _)| !matches!(verb.as_str(), "get" | "list" | "watch"))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// Reconcile passes (as the controller runs them on every report) until `check` holds.
     pub async fn reconcile_until(
         &self,
@@ -145,6 +306,9 @@ impl FakeCluster {
         loop {
             if let Err(err) = self.reconcile(namespace, name).await {
                 panic!("reconcile failed while waiting for {what}: {err}");
+            }
+            if let Err(err) = self.hot_pass(namespace, name).await {
+                panic!("failover pass failed while waiting for {what}: {err}");
             }
             let failover = self.failover(namespace, name).await;
             if check(&failover) {
@@ -192,6 +356,23 @@ impl FakeCluster {
             .expect("create a pod");
     }
 
+    /// Waits for an Event of this type and reason (the failover path records them without
+    /// waiting); returns its note.
+    pub async fn event(&self, namespace: &str, type_: &str, reason: &str) -> String {
+        crate::wait_for(
+            &format!("a {type_} Event {reason}"),
+            Duration::from_secs(10),
+            || async {
+                self.events(namespace)
+                    .await
+                    .into_iter()
+                    .find(|(t, r, _)| t == type_ && r == reason)
+                    .map(|(_, _, note)| note)
+            },
+        )
+        .await
+    }
+
     /// Events recorded in a namespace: (type, reason, note).
     pub async fn events(&self, namespace: &str) -> Vec<(String, String, String)> {
         self.api::<Event>(namespace)
@@ -209,4 +390,118 @@ impl FakeCluster {
             })
             .collect()
     }
+}
+
+// ---------------------------------------------------------------- shared fixtures
+
+pub const NS: &str = "default";
+
+pub fn failover(name: &str, spec: FailoverSpec) -> Failover {
+    let mut failover = Failover::new(name, spec);
+    failover.metadata.namespace = Some(NS.into());
+    failover
+}
+
+pub fn three() -> FailoverSpec {
+    FailoverSpec {
+        replicas: 3,
+        ..FailoverSpec::default()
+    }
+}
+
+pub fn password_secret(name: &str, password: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            [(
+                "password".to_owned(),
+                ByteString(password.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Secret::default()
+    }
+}
+
+/// Three real Valkeys with agents reporting to the cluster's hub as pods demo-0..2.
+#[derive(Debug)]
+pub struct Nodes {
+    pub valkeys: Vec<Valkey>,
+    pub agents: Vec<Agent>,
+}
+
+impl Nodes {
+    /// `n` writes on the master pod (`demo-<i>`) that both replicas acknowledged: they are in
+    /// sync and can take over.
+    pub async fn acked_writes(&self, master: &str, n: usize) {
+        let index: usize = master
+            .rsplit('-')
+            .next()
+            .and_then(|i| i.parse().ok())
+            .expect("ordinal");
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
+        let mut conn = self.valkeys[index]
+            .client()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .expect("connect");
+        for i in 0..n {
+            let _: () = redis::cmd("SET")
+                .arg(format!("k{i}"))
+                .arg(i)
+                .query_async(&mut conn)
+                .await
+                .expect("SET");
+        }
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(2)
+            .arg(5000)
+            .query_async(&mut conn)
+            .await
+            .expect("WAIT");
+        assert_eq!(acked, 2);
+    }
+}
+
+pub fn start_nodes(cluster: &FakeCluster) -> Nodes {
+    let valkeys: Vec<Valkey> = (0..3)
+        .map(|i| Valkey::start(&format!("demo-{i}")))
+        .collect();
+    let agents = valkeys
+        .iter()
+        .map(|v| {
+            let mut opts = AgentOpts::for_valkey(v, Some(cluster.hub_url.clone()));
+            std::fs::write(opts.token_file.as_ref().expect("token file"), TOKEN).expect("token");
+            opts.failover = "demo".into();
+            Agent::start(opts)
+        })
+        .collect();
+    Nodes { valkeys, agents }
+}
+
+/// Failover `demo` (with a password Secret the Valkeys use), its three pods, and three real
+/// Valkeys with agents reporting to the cluster's hub.
+pub async fn three_running_nodes() -> (FakeCluster, Nodes) {
+    let cluster = FakeCluster::start().await;
+    cluster
+        .api::<Secret>(NS)
+        .create(
+            &PostParams::default(),
+            &password_secret("demo-password", PASSWORD),
+        )
+        .await
+        .expect("secret");
+    cluster.create(&failover("demo", three())).await;
+    cluster.create_pods(NS, "demo", 3).await;
+    let nodes = start_nodes(&cluster);
+    (cluster, nodes)
+}
+
+pub fn ready(f: &Failover) -> bool {
+    f.status.as_ref().is_some_and(|s| s.phase == Phase::Ready)
 }

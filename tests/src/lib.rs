@@ -10,6 +10,7 @@ pub mod k8s;
 pub mod local;
 pub mod monitor;
 pub mod procs;
+pub mod proxy;
 pub mod soak;
 
 use std::{future::Future, net::TcpListener, time::Duration};

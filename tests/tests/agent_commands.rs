@@ -159,6 +159,10 @@ async fn stale_epoch_commands_are_refused_also_after_the_agent_restarts() {
             .contains(r#"valkey_agent_commands_total{command="promote",outcome="stale_epoch"} 1"#),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("valkey_agent_repl_offset "),
+        "the replication offset is exported: {metrics}"
+    );
 
     let from = hub.events().len();
     agent.restart();

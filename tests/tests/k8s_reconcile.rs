@@ -8,7 +8,6 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
-    ByteString,
     api::{
         apps::v1::StatefulSet,
         core::v1::{
@@ -25,50 +24,16 @@ use kube::{
 };
 use nix::sys::signal::Signal;
 use valkey_controller::{
-    crd::{
-        Failover, FailoverSpec, NodeRole, Phase, SentinelInstanceAccess, SentinelSettings, Storage,
-    },
+    crd::{Failover, NodeRole, Phase, SentinelInstanceAccess, SentinelSettings, Storage},
     k8s::{ANNOTATION_PAUSED, ANNOTATION_SWITCHOVER, FINALIZER, LABEL_INSTANCE, LABEL_ROLE},
 };
 use valkey_e2e::{
-    k8s::{FakeCluster, TOKEN},
-    procs::{Agent, AgentOpts, PASSWORD, Valkey},
+    k8s::{FakeCluster, NS, failover, password_secret, ready, three, three_running_nodes},
+    procs::Valkey,
     wait_for,
 };
 
 const T: Duration = Duration::from_secs(30);
-const NS: &str = "default";
-
-fn failover(name: &str, spec: FailoverSpec) -> Failover {
-    let mut failover = Failover::new(name, spec);
-    failover.metadata.namespace = Some(NS.into());
-    failover
-}
-
-fn three() -> FailoverSpec {
-    FailoverSpec {
-        replicas: 3,
-        ..FailoverSpec::default()
-    }
-}
-
-fn password_secret(name: &str, password: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            ..ObjectMeta::default()
-        },
-        data: Some(
-            [(
-                "password".to_owned(),
-                ByteString(password.as_bytes().to_vec()),
-            )]
-            .into(),
-        ),
-        ..Secret::default()
-    }
-}
 
 async fn names<K>(api: &Api<K>) -> Vec<String>
 where
@@ -204,53 +169,6 @@ async fn the_seed_example_gets_its_sentinels() {
     assert_eq!(status.monitor.nodes.len(), 3);
 }
 
-/// Three real Valkeys with agents reporting to the cluster's hub as pods demo-0..2.
-struct Nodes {
-    valkeys: Vec<Valkey>,
-    _agents: Vec<Agent>,
-}
-
-fn start_nodes(cluster: &FakeCluster) -> Nodes {
-    let valkeys: Vec<Valkey> = (0..3)
-        .map(|i| Valkey::start(&format!("demo-{i}")))
-        .collect();
-    let agents = valkeys
-        .iter()
-        .map(|v| {
-            let mut opts = AgentOpts::for_valkey(v, Some(cluster.hub_url.clone()));
-            std::fs::write(opts.token_file.as_ref().expect("token file"), TOKEN).expect("token");
-            opts.failover = "demo".into();
-            Agent::start(opts)
-        })
-        .collect();
-    Nodes {
-        valkeys,
-        _agents: agents,
-    }
-}
-
-/// Failover `demo` (with a password Secret the Valkeys use), its three pods, and three real
-/// Valkeys with agents reporting to the cluster's hub.
-async fn three_running_nodes() -> (FakeCluster, Nodes) {
-    let cluster = FakeCluster::start().await;
-    cluster
-        .api::<Secret>(NS)
-        .create(
-            &PostParams::default(),
-            &password_secret("demo-password", PASSWORD),
-        )
-        .await
-        .expect("secret");
-    cluster.create(&failover("demo", three())).await;
-    cluster.create_pods(NS, "demo", 3).await;
-    let nodes = start_nodes(&cluster);
-    (cluster, nodes)
-}
-
-fn ready(f: &Failover) -> bool {
-    f.status.as_ref().is_some_and(|s| s.phase == Phase::Ready)
-}
-
 async fn role_labels(cluster: &FakeCluster) -> BTreeMap<String, String> {
     cluster
         .api::<Pod>(NS)
@@ -294,15 +212,7 @@ async fn status_and_routing_follow_the_agents_through_a_failover() {
             "{labels:?}"
         );
     }
-    assert!(
-        cluster
-            .events(NS)
-            .await
-            .iter()
-            .any(|(t, r, _)| t == "Normal" && r == "Ready"),
-        "{:?}",
-        cluster.events(NS).await
-    );
+    cluster.event(NS, "Normal", "Ready").await;
 
     // A planned switchover through the annotation: another node takes over, the annotation
     // is removed and the result recorded.
@@ -327,45 +237,19 @@ async fn status_and_routing_follow_the_agents_through_a_failover() {
         })
         .await;
     assert!(!switched.annotations().contains_key(ANNOTATION_SWITCHOVER));
-    let events = cluster.events(NS).await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, _)| t == "Normal" && r == "Switchover"),
-        "{events:?}"
-    );
+    cluster.event(NS, "Normal", "Switchover").await;
     let status = switched.status.expect("status");
     assert_eq!(status.epoch, 2, "{status:#?}");
     let master = status.master.expect("master");
 
     // Writes acknowledged by a replica, then kill -9 of the master: a replica is promoted
     // with them, and status and the role label follow.
+    nodes.acked_writes(&master, 20).await;
     let index: usize = master
         .rsplit('-')
         .next()
         .and_then(|i| i.parse().ok())
         .expect("ordinal");
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(T));
-    let mut conn = nodes.valkeys[index]
-        .client()
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .expect("connect");
-    for i in 0..20 {
-        let _: () = redis::cmd("SET")
-            .arg(format!("k{i}"))
-            .arg(i)
-            .query_async(&mut conn)
-            .await
-            .expect("SET");
-    }
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(2)
-        .arg(5000)
-        .query_async(&mut conn)
-        .await
-        .expect("WAIT");
-    assert_eq!(acked, 2);
     nodes.valkeys[index].proc().signal(Signal::SIGKILL);
     let after = cluster
         .reconcile_until(NS, "demo", "a new master", T, |f| {
@@ -677,8 +561,9 @@ async fn live_settings_apply_at_once_and_a_new_template_rolls_replicas_first_mas
     })
     .await;
 
-    // The StatefulSet now has a new template revision: the pods roll one by one.
-    cluster
+    // The StatefulSet now has a new template revision (the StatefulSet watch tells the
+    // controller): the pods roll one by one.
+    let set = cluster
         .api::<StatefulSet>(NS)
         .patch_status(
             "demo",
@@ -687,6 +572,10 @@ async fn live_settings_apply_at_once_and_a_new_template_rolls_replicas_first_mas
         )
         .await
         .expect("new revision");
+    let woken = cluster
+        .ctx
+        .owned_changed("StatefulSet", &set.metadata, Some("v2".into()));
+    assert_eq!(woken.map(|k| k.name).as_deref(), Some("demo"));
     let master = cluster
         .failover(NS, "demo")
         .await

@@ -24,7 +24,6 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
-use kube::ResourceExt;
 
 use super::{
     AGENT_METRICS_PORT, AGENT_PORT, ANNOTATION_RESTART_HASH, EXPORTER_PORT, Names, Settings,
@@ -628,11 +627,6 @@ pub fn pdb(failover: &Failover, component: &str, name: String) -> PodDisruptionB
         }),
         ..PodDisruptionBudget::default()
     }
-}
-
-/// The Failover's name, for log fields.
-pub fn instance_name(failover: &Failover) -> String {
-    failover.name_any()
 }
 
 #[cfg(test)]

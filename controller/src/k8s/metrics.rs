@@ -1,6 +1,6 @@
 //! The controller's Prometheus metrics: reconciles and errors by reason, failovers by cause,
 //! decision latency (a pass that sends commands: from observing to dispatching), connected
-//! agents and refused agents; served as OpenMetrics text on `/metrics`.
+//! agents and refused agents, and requests to the Kubernetes API by verb and resource; served as OpenMetrics text on `/metrics`.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -22,7 +22,15 @@ pub struct ResultLabel {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabel {
-    pub cause: String,
+    pub cause: &'static str,
+}
+
+/// A Kubernetes API request: its verb (get, list, watch, create, patch, update, delete) and
+/// the resource (`pods`, `failovers/status`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct RequestLabel {
+    pub verb: &'static str,
+    pub resource: String,
 }
 
 #[derive(Debug)]
@@ -31,6 +39,10 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_seconds: Histogram,
     pub failovers: Family<CauseLabel, Counter>,
+    pub switchovers: Counter,
+    pub api_requests: Family<RequestLabel, Counter>,
+    /// The same counts, readable in process (benchmarks, tests).
+    counted: Mutex<std::collections::BTreeMap<RequestLabel, u64>>,
     pub decision_seconds: Histogram,
     pub connected_agents: Gauge,
     pub refused_agents: Counter,
@@ -44,6 +56,9 @@ impl Default for Metrics {
             reconciles: Family::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             failovers: Family::default(),
+            switchovers: Counter::default(),
+            api_requests: Family::default(),
+            counted: Mutex::default(),
             decision_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
             connected_agents: Gauge::default(),
             refused_agents: Counter::default(),
@@ -62,6 +77,16 @@ impl Default for Metrics {
             "failovers",
             "Promotions of a new master, by cause",
             metrics.failovers.clone(),
+        );
+        registry.register(
+            "switchovers",
+            "Planned switchovers that moved the master",
+            metrics.switchovers.clone(),
+        );
+        registry.register(
+            "kube_api_requests",
+            "Requests to the Kubernetes API server, by verb and resource",
+            metrics.api_requests.clone(),
         );
         registry.register(
             "decision_latency_seconds",
@@ -95,10 +120,40 @@ impl Metrics {
             .inc();
     }
 
-    pub fn failover(&self, cause: &str) {
-        // Causes are short fixed phrases from the core; keep the label set bounded.
-        let cause: String = cause.chars().take(40).collect();
-        self.failovers.get_or_create(&CauseLabel { cause }).inc();
+    /// The master moved: a switchover, or a failover by its cause (a closed set of labels).
+    pub fn master_changed(&self, cause: crate::driver::Cause) {
+        if cause == crate::driver::Cause::Switchover {
+            self.switchovers.inc();
+        } else {
+            self.failovers
+                .get_or_create(&CauseLabel {
+                    cause: cause.label(),
+                })
+                .inc();
+        }
+    }
+
+    /// One request to the API server.
+    pub fn api_request(&self, verb: &'static str, resource: String) {
+        let label = RequestLabel { verb, resource };
+        self.api_requests.get_or_create(&label).inc();
+        if let Ok(mut counted) = self.counted.lock() {
+            *counted.entry(label).or_default() += 1;
+        }
+    }
+
+    /// API requests counted so far, by verb and resource.
+    pub fn requests(&self) -> std::collections::BTreeMap<RequestLabel, u64> {
+        self.counted.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// API requests counted so far, by verb (summed over resources).
+    pub fn requests_by_verb(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let mut by_verb = std::collections::BTreeMap::new();
+        for (label, n) in self.requests() {
+            *by_verb.entry(label.verb).or_default() += n;
+        }
+        by_verb
     }
 
     pub fn decided(&self, took: Duration) {

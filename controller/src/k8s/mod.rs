@@ -2,11 +2,15 @@
 //! `sentinel_objects`), the status it reports (`status`), and the reconciler that applies them
 //! (`reconcile`), around the same failover core the local runtime uses.
 
+pub mod apply;
 pub mod auth;
 pub mod build;
+pub mod context;
+pub mod hot;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod requests;
 pub mod roll;
 pub mod run;
 pub mod sentinel_objects;

@@ -1,6 +1,7 @@
 //! Wires the Kubernetes controller: the agent hub (TokenReview auth) on its gRPC port, metrics
-//! and health on HTTP, Lease leader election, and kube-runtime's Controller for Failover,
-//! woken by changes to what it owns, to its pods, and by the agents' reports.
+//! and health on HTTP, Lease leader election, the cold path (kube-runtime's Controller for
+//! Failover, woken by spec changes, by changes to what it owns that it did not make, and by
+//! pods) and the hot path (a failover loop per instance, woken by its agents' reports).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,21 +16,22 @@ use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         events::{Recorder, Reporter},
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef},
         watcher,
     },
 };
-use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 use super::{
     LABEL_INSTANCE, Settings,
     auth::TokenReviewAuth,
+    context::{Context, PodCache},
     leader::Elector,
     metrics::Metrics,
-    reconcile::{Context, error_policy, reconcile},
+    reconcile::{cold_trigger, error_policy, reconcile},
 };
 use crate::{
     crd::Failover,
@@ -71,8 +73,11 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
-    let client = Client::try_default().await.map_err(RunError::Client)?;
     let metrics = Arc::new(Metrics::default());
+    let client = super::requests::counting(
+        Client::try_default().await.map_err(RunError::Client)?,
+        metrics.clone(),
+    );
     let (hub, mut hub_events) = Hub::new(
         TokenReviewAuth::new(client.clone(), metrics.clone()),
         Duration::from_millis(500),
@@ -155,8 +160,7 @@ pub async fn run(
     context.hang_timeout = options.hang_timeout;
     let context = Arc::new(context);
 
-    // A terminating master's agent asks for its role to move: note it, and wake its Failover.
-    let (wake, woken) = tokio::sync::mpsc::unbounded_channel::<InstanceKey>();
+    // A terminating master's agent asks for its role to move: its instance's driver does it.
     {
         let context = context.clone();
         tokio::spawn(async move {
@@ -164,49 +168,26 @@ pub async fn run(
                 match event {
                     HubEvent::SwitchoverRequested { instance, pod } => {
                         info!(failover = %instance.name, pod = %pod, "the master is terminating: switching over");
-                        context.request_switchover(instance.clone(), pod);
-                        let _ = wake.send(instance);
+                        if let Some(known) = context.known(&instance) {
+                            if let Some(driver) = known.driver.lock().await.as_mut() {
+                                driver.move_master_off(pod);
+                            }
+                            known.wake();
+                        }
                     }
                 }
             }
         });
     }
-    let reported =
-        BroadcastStream::new(hub.subscribe_instances()).filter_map(|key| async move { key.ok() });
-    let reports = futures::stream::select(
-        reported,
-        tokio_stream::wrappers::UnboundedReceiverStream::new(woken),
-    )
-    .map(|key| ObjectRef::<Failover>::new(&key.name).within(&key.namespace));
-    let by_instance_label = |pod: Pod| {
-        let namespace = pod.namespace();
-        pod.labels().get(LABEL_INSTANCE).map(|name| {
-            ObjectRef::<Failover>::new(name).within(namespace.as_deref().unwrap_or("default"))
-        })
-    };
-    let config = watcher::Config::default().labels("app.kubernetes.io/managed-by=valkey-operator");
-    let controller = Controller::new(
-        Api::<Failover>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
-    .owns(Api::<Service>::all(client.clone()), config.clone())
-    .owns(Api::<ConfigMap>::all(client.clone()), config.clone())
-    .owns(Api::<Secret>::all(client.clone()), config.clone())
-    .owns(Api::<PodDisruptionBudget>::all(client.clone()), config)
-    .watches(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels(LABEL_INSTANCE),
-        by_instance_label,
-    )
-    .reconcile_on(reports)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, context)
-    .for_each(|result| async move {
-        if let Err(err) = result {
-            warn!(error = %err, "reconcile");
-        }
-    });
+    super::hot::wake_on_reports(context.clone());
+    let controller = cold_controller(&client, &context)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(error = %err, "reconcile");
+            }
+        });
 
     // Renew the lease while the controller runs; losing it ends the process.
     let renew = async {
@@ -243,5 +224,109 @@ async fn set_leader_label(client: &Client, options: &RunOptions, leading: bool) 
         .await
     {
         warn!(error = %err, "could not label this pod as leader={value}");
+    }
+}
+
+/// The cold path's Controller: Failovers whose spec, annotations, finalizers or deletion
+/// changed (not their status), owned objects changed by someone else, and pods (which also
+/// feed the pod cache the hot path reads).
+fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failover> {
+    let (reader, writer) = reflector::store();
+    let failovers = watcher(
+        Api::<Failover>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(cold_trigger, Default::default());
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=valkey-operator");
+    let to_ref = |key: InstanceKey| ObjectRef::<Failover>::new(&key.name).within(&key.namespace);
+    let mut controller = Controller::for_stream(failovers, reader);
+    macro_rules! watch_owned {
+        ($kind:ty, $revision:expr) => {{
+            let context = context.clone();
+            controller = controller.watches(
+                Api::<$kind>::all(client.clone()),
+                owned.clone(),
+                move |object: $kind| {
+                    let revision: Option<String> = $revision(&object);
+                    context
+                        .owned_changed(
+                            <$kind as kube::Resource>::kind(&()).as_ref(),
+                            &object.metadata,
+                            revision,
+                        )
+                        .map(to_ref)
+                },
+            );
+        }};
+    }
+    watch_owned!(StatefulSet, |s: &StatefulSet| s
+        .status
+        .as_ref()
+        .and_then(|s| s.update_revision.clone()));
+    watch_owned!(Service, |_: &Service| None);
+    watch_owned!(ConfigMap, |_: &ConfigMap| None);
+    watch_owned!(Secret, |_: &Secret| None);
+    watch_owned!(PodDisruptionBudget, |_: &PodDisruptionBudget| None);
+    let pods = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_INSTANCE),
+    )
+    .default_backoff()
+    .map(cache_pods(context.pods.clone(), context.clone()))
+    .touched_objects();
+    controller.watches_stream(pods, |pod: Pod| {
+        let namespace = pod.namespace();
+        pod.labels().get(LABEL_INSTANCE).map(|name| {
+            ObjectRef::<Failover>::new(name).within(namespace.as_deref().unwrap_or("default"))
+        })
+    })
+}
+
+/// Keeps the pod cache in step with the pod watch, and wakes the hot pass of a pod's instance
+/// (its address or readiness may be in the status).
+fn cache_pods(
+    cache: PodCache,
+    context: Arc<Context>,
+) -> impl FnMut(Result<watcher::Event<Pod>, watcher::Error>) -> Result<watcher::Event<Pod>, watcher::Error>
+{
+    let mut listing: Vec<Pod> = Vec::new();
+    move |event| {
+        if let Ok(event) = &event {
+            let touched = match event {
+                watcher::Event::Apply(pod) => {
+                    cache.apply(pod.clone());
+                    Some(pod)
+                }
+                watcher::Event::Delete(pod) => {
+                    cache.delete(&pod.namespace().unwrap_or_default(), &pod.name_any());
+                    Some(pod)
+                }
+                watcher::Event::Init => {
+                    listing.clear();
+                    None
+                }
+                watcher::Event::InitApply(pod) => {
+                    listing.push(pod.clone());
+                    None
+                }
+                watcher::Event::InitDone => {
+                    cache.replace(std::mem::take(&mut listing));
+                    None
+                }
+            };
+            if let Some(key) = touched.and_then(|pod| {
+                Some(InstanceKey {
+                    namespace: pod.namespace()?,
+                    name: pod.labels().get(LABEL_INSTANCE)?.clone(),
+                })
+            }) && let Some(instance) = context.known(&key)
+            {
+                instance.wake();
+            }
+        }
+        event
     }
 }

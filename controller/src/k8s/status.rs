@@ -40,6 +40,7 @@ pub fn durable_from(status: Option<&FailoverStatus>) -> Durable {
                 from: status.last_failover_from.clone(),
                 to,
                 reason,
+                cause: crate::driver::Cause::Unknown,
             }),
         switchover: status
             .pending_switchover
@@ -306,8 +307,17 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
     status
 }
 
-/// Keeps a condition's transition time when its status did not change, so that a status
-/// written every pass does not churn.
+/// The status without its volatile fields (replication offsets and lag, which move with every
+/// write): what must be written at once when it changes.
+pub fn settled(status: &FailoverStatus) -> FailoverStatus {
+    let mut settled = status.clone();
+    for node in &mut settled.nodes {
+        node.repl_offset = 0;
+        node.lag = 0;
+    }
+    settled
+}
+
 /// The connected nodes whose Valkey refuses the password their agent holds, if any.
 fn refusing_password(inputs: &Inputs<'_>) -> Option<String> {
     let refusing: Vec<&str> = inputs
@@ -320,6 +330,8 @@ fn refusing_password(inputs: &Inputs<'_>) -> Option<String> {
     (!refusing.is_empty()).then(|| refusing.join(", "))
 }
 
+/// Keeps a condition's transition time when its status did not change, so that a status
+/// written every pass does not churn.
 pub fn keep_transition_times(new: &mut FailoverStatus, old: Option<&FailoverStatus>) {
     let Some(old) = old else { return };
     for condition in &mut new.conditions {
@@ -485,6 +497,7 @@ mod tests {
                 from: Some("demo-0".into()),
                 to: "demo-2".into(),
                 reason: "master down".into(),
+                cause: crate::driver::Cause::Unknown,
             }),
             switchover: Some(PendingSwitchover {
                 from: "demo-2".into(),

@@ -257,4 +257,5 @@ async fn run_step(
     )
     .notify(|err, after| warn!(pod, error = %err, ?after, "rotation step not done; retrying"))
     .await
+    .map(|_| ())
 }

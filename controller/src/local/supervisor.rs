@@ -143,7 +143,7 @@ impl Supervised {
     }
 
     /// Sends a signal and waits up to `grace` for the exit, then kills.
-    pub fn stop(&mut self, signal: Signal, grace: Duration) {
+    pub async fn stop(&mut self, signal: Signal, grace: Duration) {
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -154,7 +154,7 @@ impl Supervised {
             if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -182,69 +182,6 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// Whether something already listens on 127.0.0.1:port.
 pub fn port_in_use(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
-}
-
-/// Where node ports are picked: below Linux's ephemeral range (32768-60999), so that no port
-/// the kernel hands out for an outgoing connection or a `:0` listener (the hub's, say) can
-/// take a node's stored port.
-const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
-
-/// Distinct ports free right now (all held open together while they are picked), and not
-/// just handed to another `local up` that has not bound them yet: picks are recorded, under a
-/// file lock, in a registry in the temp dir, with the picking process's pid.
-pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
-    use rand::RngExt;
-    use std::io::{Read, Seek, Write};
-    let registry_path = std::env::temp_dir().join("valkey-local-ports");
-    let mut registry = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&registry_path)?;
-    registry.lock()?;
-    let mut text = String::new();
-    registry.read_to_string(&mut text)?;
-    // Entries of processes that are gone are dropped.
-    let mut taken: Vec<(u16, u32)> = text
-        .lines()
-        .filter_map(|line| {
-            let (port, pid) = line.split_once(' ')?;
-            Some((port.parse().ok()?, pid.parse().ok()?))
-        })
-        .filter(|(_, pid)| std::path::Path::new(&format!("/proc/{pid}")).exists())
-        .collect();
-    let mut rng = rand::rng();
-    let mut listeners = Vec::with_capacity(N);
-    let mut ports = [0; N];
-    let mut tries = 0;
-    while listeners.len() < N {
-        tries += 1;
-        if tries > 10_000 {
-            return Err(std::io::Error::other(format!(
-                "no free port in {}..{}",
-                PORT_RANGE.start, PORT_RANGE.end
-            )));
-        }
-        let port = rng.random_range(PORT_RANGE);
-        if taken.iter().any(|(p, _)| *p == port) {
-            continue;
-        }
-        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            ports[listeners.len()] = port;
-            listeners.push(listener);
-        }
-    }
-    taken.extend(ports.iter().map(|p| (*p, std::process::id())));
-    let updated: String = taken
-        .iter()
-        .map(|(port, pid)| format!("{port} {pid}\n"))
-        .collect();
-    registry.set_len(0)?;
-    registry.rewind()?;
-    registry.write_all(updated.as_bytes())?;
-    registry.unlock()?;
-    Ok(ports)
 }
 
 pub fn log_path(dir: &Path, what: &str) -> PathBuf {

@@ -4,18 +4,26 @@
 //! They carry out the controller's commands on a simulated node (promote, replica-of,
 //! config) and answer them.
 //!
-//! The controller side runs in a child process (`controller-scale serve`), so that its RSS and
-//! CPU are its own. It is the hub, plus the same engine and core that the controllers use,
-//! woken per instance by the hub as the Kubernetes controller is. The Kubernetes API calls are
-//! left out; that is what this measures.
+//! The controller side runs in a child process, so that its RSS and CPU are its own:
+//! - `controller-scale serve`: the hub and the shared failover driver alone, woken per
+//!   instance by the hub, with the durable state in memory (no Kubernetes API);
+//! - `controller-scale --k8s`: the real Kubernetes path. The cold path (`reconcile`) runs once
+//!   per instance, as the Controller's first list does, then again every resync; the hot path
+//!   (a failover loop per instance) is woken by the hub. Both talk to the in-memory API server
+//!   (kube-fake-client, served over HTTP from a process of its own, `controller-scale
+//!   apiserver`) with 10 ms added to every request, through the controller's own request
+//!   counter.
 //!
 //! For each N it reports:
 //! - the controller's RSS and CPU in steady state (after every instance has a master);
-//! - decision latency, from a master's "Valkey is down" report leaving its simulated agent to
-//!   the Promote command arriving at a replica, over 200 failovers spread over 10 s (p50, p99).
+//! - with `--k8s`, API requests per second in steady state, by verb, in all and per instance;
+//! - decision latency, from a master's "Valkey is down" report (its replicas report their link
+//!   down at the same moment, as after a kill -9) leaving the simulated agents to the Promote
+//!   command arriving at a replica, over a storm of 200 failovers spread over 10 s (p50, p99,
+//!   max; with `--k8s` it includes the durable status write).
 //!
-//! Run: `cargo build --release --workspace --bins && target/release/controller-scale [N ...]`
-//! (default 300 1500 3000; needs `ulimit -n` above 2 N).
+//! Run: `cargo build --release --workspace --bins && target/release/controller-scale [--k8s]
+//! [N ...]` (N agents; default 300 1500 3000; needs `ulimit -n` above 2 N).
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{
@@ -38,6 +46,11 @@ use valkey_proto::v1::{
 };
 
 const TOKEN: &str = "scale";
+/// Whether the simulated nodes take writes (their offsets move with every report).
+static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+const NAMESPACE: &str = "scale";
+/// Latency added to every Kubernetes API request in `--k8s` mode.
+const API_LATENCY: Duration = Duration::from_millis(10);
 
 // ---------------------------------------------------------------- controller side (child)
 
@@ -47,14 +60,7 @@ async fn serve() {
         .await
         .expect("bind");
     println!("{}", listener.local_addr().expect("addr").port());
-    let service = hub.server();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("serve");
-    });
+    serve_hub(&hub, listener);
     // One durable state and engine per instance, kept in memory (a status in Kubernetes).
     let mut instances: HashMap<InstanceKey, (Arc<Engine>, Durable)> = HashMap::new();
     let mut changed = hub.subscribe_instances();
@@ -105,6 +111,205 @@ async fn serve() {
     }
 }
 
+/// The in-memory API server (kube-fake-client) over HTTP, in a process of its own so that
+/// neither its CPU nor its memory counts as the controller's, with `API_LATENCY` added to
+/// every answer. Prints its port.
+async fn apiserver() {
+    use valkey_controller::crd::Failover;
+    // Gone with the controller side that started it.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).expect("pdeathsig");
+    let fake = kube_fake_client::ClientBuilder::new()
+        .with_resource::<Failover>()
+        .with_status_subresource::<Failover>()
+        .with_status_subresource::<k8s_openapi::api::apps::v1::StatefulSet>()
+        .build()
+        .await
+        .expect("fake API server");
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let fake = fake.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let bytes = axum::body::to_bytes(body, 64 << 20)
+                .await
+                .unwrap_or_default();
+            let request = http::Request::from_parts(parts, kube::client::Body::from(bytes));
+            tokio::time::sleep(API_LATENCY).await;
+            match fake.send(request).await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    let bytes = http_body_util::BodyExt::collect(body)
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    http::Response::from_parts(parts, axum::body::Body::from(bytes))
+                }
+                Err(err) => {
+                    let mut response = http::Response::new(axum::body::Body::from(err.to_string()));
+                    *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                    response
+                }
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("{}", listener.local_addr().expect("addr").port());
+    axum::serve(listener, app).await.expect("serve");
+}
+
+/// The real Kubernetes path against the in-memory API server; prints the hub's port, then
+/// once a second the API requests counted so far (`requests verb=n ...`).
+async fn serve_k8s(instances: usize) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::{
+        Api,
+        api::PostParams,
+        runtime::events::{Recorder, Reporter},
+    };
+    use valkey_controller::{
+        crd::{Failover, FailoverSpec},
+        k8s::{
+            LABEL_COMPONENT, LABEL_INSTANCE, Settings,
+            context::Context,
+            metrics::Metrics,
+            reconcile::{RESYNC, reconcile},
+            requests,
+        },
+    };
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The API server, in a process of its own.
+    let exe = std::env::current_exe().expect("exe");
+    let mut server = tokio::process::Command::new(exe)
+        .arg("apiserver")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the API server");
+    let mut out = tokio::io::BufReader::new(server.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .expect("API server port");
+    let url: http::Uri = format!("http://127.0.0.1:{}", line.trim())
+        .parse()
+        .expect("url");
+    let config = kube::Config::new(url);
+    let fake = kube::Client::try_from(config).expect("client");
+    // The objects a cluster would hold before the controller starts: the Failovers, and the
+    // pods the StatefulSet controller makes (written directly: not the controller's requests).
+    let failovers: Api<Failover> = Api::namespaced(fake.clone(), NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(fake.clone(), NAMESPACE);
+    for i in 0..instances {
+        let name = format!("i{i}");
+        let mut failover = Failover::new(
+            &name,
+            FailoverSpec {
+                replicas: 3,
+                ..FailoverSpec::default()
+            },
+        );
+        failover.metadata.namespace = Some(NAMESPACE.into());
+        failovers
+            .create(&PostParams::default(), &failover)
+            .await
+            .expect("Failover");
+        for ordinal in 0..3 {
+            let mut pod = Pod::default();
+            pod.metadata.name = Some(format!("{name}-{ordinal}"));
+            pod.metadata.namespace = Some(NAMESPACE.into());
+            pod.metadata.labels = Some(
+                [
+                    (LABEL_INSTANCE.to_owned(), name.clone()),
+                    (LABEL_COMPONENT.to_owned(), "data".to_owned()),
+                ]
+                .into(),
+            );
+            pods.create(&PostParams::default(), &pod)
+                .await
+                .expect("pod");
+        }
+    }
+    let metrics = Arc::new(Metrics::default());
+    let client = requests::counting(fake.clone(), metrics.clone());
+
+    let (hub, _events) = Hub::new(StaticToken(TOKEN.into()), Duration::from_millis(500));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    serve_hub(&hub, listener);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "valkey-operator".into(),
+            instance: None,
+        },
+    );
+    let mut ctx = Context::new(client, hub.clone(), Settings::default(), recorder);
+    ctx.metrics = metrics.clone();
+    let ctx = Arc::new(ctx);
+    for pod in pods.list(&Default::default()).await.expect("pods").items {
+        ctx.pods.apply(pod);
+    }
+    // The cold path's first pass over every Failover (the Controller's initial list), a few
+    // at a time; then one resync per instance every RESYNC, spread out.
+    let all: Vec<Failover> = failovers
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items;
+    futures::StreamExt::for_each_concurrent(
+        futures::stream::iter(all.iter().cloned()),
+        16,
+        |failover| {
+            let ctx = ctx.clone();
+            let failovers = failovers.clone();
+            async move {
+                let name = failover.metadata.name.clone().unwrap_or_default();
+                reconcile(Arc::new(failover), ctx.clone())
+                    .await
+                    .expect("first reconcile");
+                // The watch then delivers the object with its finalizer: a second pass, as in
+                // a cluster (the in-memory API also bumps the generation on that patch).
+                let current = failovers.get(&name).await.expect("get");
+                reconcile(Arc::new(current), ctx)
+                    .await
+                    .expect("second reconcile");
+            }
+        },
+    )
+    .await;
+    for (i, failover) in all.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let failovers = failovers.clone();
+        let offset = RESYNC.mul_f64(i as f64 / instances as f64);
+        tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let name = failover.metadata.name.clone().unwrap_or_default();
+            loop {
+                if let Ok(current) = failovers.get(&name).await {
+                    let _ = reconcile(Arc::new(current), ctx.clone()).await;
+                }
+                tokio::time::sleep(RESYNC).await;
+            }
+        });
+    }
+    valkey_controller::k8s::hot::wake_on_reports(ctx.clone());
+    println!("{port}");
+    let _server = server;
+    loop {
+        let counts: Vec<String> = metrics
+            .requests()
+            .into_iter()
+            .map(|(label, n)| format!("{}:{}={n}", label.verb, label.resource))
+            .collect();
+        println!("requests {}", counts.join(" "));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 // ---------------------------------------------------------------- simulated agents (parent)
 
 /// A simulated Valkey node.
@@ -113,6 +318,8 @@ struct Node {
     role: Role,
     master: Option<(String, u32)>,
     down: bool,
+    /// Its link to the master is down (the master died).
+    link_down: bool,
     offset: i64,
     min_replicas: u32,
 }
@@ -152,7 +359,7 @@ fn report(node: &Node, seq: u64) -> StateReport {
                 .map(|m| m.0.clone())
                 .unwrap_or("127.0.0.1".into()),
             master_port: node.master.as_ref().map_or(1, |m| m.1),
-            master_link_up: node.master.is_some(),
+            master_link_up: node.master.is_some() && !node.link_down,
             min_replicas_to_write: node.min_replicas,
             min_replicas_max_lag: if node.min_replicas > 0 { 5 } else { 0 },
             replica_priority: 100,
@@ -162,21 +369,26 @@ fn report(node: &Node, seq: u64) -> StateReport {
     }
 }
 
-async fn run_agent(
-    addr: String,
-    agent: SimAgent,
-    mut nudged: mpsc::Receiver<()>,
-    promotions: Promotions,
-) {
-    let channel = tonic::transport::Endpoint::from_shared(addr)
-        .expect("endpoint")
+/// One connection to the hub: hello, then the stream of controller messages.
+async fn attach(
+    addr: &str,
+    agent: &SimAgent,
+) -> Result<
+    (
+        mpsc::Sender<AgentMessage>,
+        tonic::Streaming<valkey_proto::v1::ControllerMessage>,
+    ),
+    String,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| e.to_string())?
         .connect()
         .await
-        .expect("connect to the hub (is `ulimit -n` high enough?)");
+        .map_err(|e| format!("connect (is `ulimit -n` high enough?): {e}"))?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     let hello = Hello {
         protocol_version: 1,
-        namespace: "scale".into(),
+        namespace: NAMESPACE.into(),
         failover: agent.instance.clone(),
         pod_name: agent.pod.clone(),
         kind: NodeKind::Data as i32,
@@ -190,12 +402,37 @@ async fn run_agent(
         msg: Some(Msg::Hello(hello)),
     })
     .await
-    .expect("hello");
-    let mut inbound = AgentHubClient::new(channel)
+    .map_err(|e| e.to_string())?;
+    let inbound = AgentHubClient::new(channel)
         .attach(ReceiverStream::new(rx))
         .await
-        .expect("attach")
+        .map_err(|e| format!("attach: {e}"))?
         .into_inner();
+    Ok((tx, inbound))
+}
+
+async fn run_agent(
+    addr: String,
+    agent: SimAgent,
+    mut nudged: mpsc::Receiver<()>,
+    promotions: Promotions,
+) {
+    // Like a real agent, it retries (a hub swamped by thousands of connections at once may
+    // reset some of them).
+    let mut attempt = 0;
+    let (tx, mut inbound) = loop {
+        attempt += 1;
+        match attach(&addr, &agent).await {
+            Ok(attached) => break attached,
+            Err(err) if attempt < 50 => {
+                if attempt == 1 {
+                    eprintln!("{}: {err}; retrying", agent.pod);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("{}: cannot attach after {attempt} tries: {err}", agent.pod),
+        }
+    };
     let mut seq = 0u64;
     let first = report(&agent.node.lock().unwrap(), seq);
     tx.send(AgentMessage {
@@ -209,7 +446,11 @@ async fn run_agent(
         tokio::select! {
             _ = full.tick() => {
                 seq += 1;
-                let r = { let mut n = agent.node.lock().unwrap(); n.offset += 100; report(&n, seq) };
+                let r = {
+                    let mut n = agent.node.lock().unwrap();
+                    if WRITING.load(std::sync::atomic::Ordering::Relaxed) { n.offset += 100; }
+                    report(&n, seq)
+                };
                 if tx.send(AgentMessage { msg: Some(Msg::Report(r)) }).await.is_err() { return; }
             }
             _ = beat.tick() => {
@@ -230,10 +471,12 @@ async fn run_agent(
                             promotions.lock().unwrap().entry(agent.instance.clone()).or_insert_with(Instant::now);
                             node.role = Role::Master;
                             node.master = None;
+                            node.link_down = false;
                         }
                         Some(Action::ReplicaOf(r)) => {
                             node.role = Role::Replica;
                             node.master = Some((r.host.clone(), r.port));
+                            node.link_down = false;
                         }
                         Some(Action::ConfigSet(c)) => {
                             if let Some(v) = c.params.get("min-replicas-to-write") {
@@ -284,6 +527,11 @@ fn proc_stats(pid: u32) -> (u64, u64) {
 
 struct Measured {
     agents: usize,
+    /// API requests per second in steady state, by `verb:resource` (`--k8s`): under write
+    /// load, and idle.
+    requests: Vec<(String, f64)>,
+    idle_requests: Vec<(String, f64)>,
+    within_2s: usize,
     rss_mib: f64,
     cpu_percent: f64,
     p50_ms: f64,
@@ -292,10 +540,15 @@ struct Measured {
     failovers: usize,
 }
 
-async fn measure(agents: usize) -> Measured {
+async fn measure(agents: usize, k8s: bool) -> Measured {
     let exe = std::env::current_exe().expect("exe");
-    let mut child = tokio::process::Command::new(exe)
-        .arg("serve")
+    let mut command = tokio::process::Command::new(exe);
+    if k8s {
+        command.arg("serve-k8s").arg((agents / 3).to_string());
+    } else {
+        command.arg("serve");
+    }
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -307,6 +560,27 @@ async fn measure(agents: usize) -> Measured {
         .await
         .expect("port");
     let addr = format!("http://127.0.0.1:{}", line.trim());
+    // The child's request counts, as it last printed them.
+    let counts: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    {
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::AsyncBufReadExt::lines(stdout);
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Some(rest) = line.strip_prefix("requests ") else {
+                    continue;
+                };
+                let parsed = rest
+                    .split_whitespace()
+                    .filter_map(|kv| {
+                        let (k, v) = kv.split_once('=')?;
+                        Some((k.to_owned(), v.parse().ok()?))
+                    })
+                    .collect();
+                *counts.lock().unwrap() = parsed;
+            }
+        });
+    }
 
     let instances = agents / 3;
     let promotions: Promotions = Arc::default();
@@ -319,6 +593,7 @@ async fn measure(agents: usize) -> Measured {
                 role: Role::Replica,
                 master: None,
                 down: false,
+                link_down: false,
                 offset: 1000,
                 min_replicas: 0,
             }));
@@ -363,15 +638,49 @@ async fn measure(agents: usize) -> Measured {
     }
     promotions.lock().unwrap().clear();
 
-    // Steady state: 20 s of reports and heartbeats.
+    // Steady state: reports and heartbeats. With the Kubernetes path, over 65 s under write
+    // load (two periods of the status's volatile fields), then 65 s idle (once the last
+    // offsets are written).
+    let steady = Duration::from_secs(if k8s { 65 } else { 20 });
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let rate = |before: &HashMap<String, u64>, after: &HashMap<String, u64>, secs: f64| {
+        let mut rates: Vec<(String, f64)> = after
+            .iter()
+            .map(|(key, n)| {
+                (
+                    key.clone(),
+                    (n - before.get(key).copied().unwrap_or(0)) as f64 / secs,
+                )
+            })
+            .filter(|(_, r)| *r > 0.0)
+            .collect();
+        rates.sort_by(|a, b| a.0.cmp(&b.0));
+        rates
+    };
     let (_, ticks0) = proc_stats(pid);
+    let counts0 = counts.lock().unwrap().clone();
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    tokio::time::sleep(steady).await;
     let (rss_kib, ticks1) = proc_stats(pid);
+    let counts1 = counts.lock().unwrap().clone();
+    let window = t0.elapsed().as_secs_f64();
+    let requests = rate(&counts0, &counts1, window);
     // USER_HZ: 100 on Linux.
     let ticks_per_s = 100.0;
-    let cpu_percent = (ticks1 - ticks0) as f64 / ticks_per_s / t0.elapsed().as_secs_f64() * 100.0;
+    let cpu_percent = (ticks1 - ticks0) as f64 / ticks_per_s / window * 100.0;
+    let mut idle_requests = Vec::new();
+    if k8s {
+        WRITING.store(false, std::sync::atomic::Ordering::Relaxed);
+        // Every offset is still from the next report on; the last ones moved are written
+        // with the volatile fields at most 30 s later. Count from there.
+        tokio::time::sleep(Duration::from_secs(33)).await;
+        let idle0 = counts.lock().unwrap().clone();
+        let t1 = Instant::now();
+        tokio::time::sleep(steady).await;
+        let idle1 = counts.lock().unwrap().clone();
+        idle_requests = rate(&idle0, &idle1, t1.elapsed().as_secs_f64());
+        WRITING.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 
     // Failovers: a master reports its Valkey gone; time until a replica is told to promote.
     let failovers = 200.min(instances);
@@ -385,9 +694,19 @@ async fn measure(agents: usize) -> Measured {
             .iter()
             .position(|n| n.lock().unwrap().role == Role::Master)
             .expect("master");
-        ns[master].lock().unwrap().down = true;
+        // As after a kill -9: the process is gone and its replicas' links drop at once.
+        for (i, node) in ns.iter().enumerate() {
+            let mut node = node.lock().unwrap();
+            if i == master {
+                node.down = true;
+            } else {
+                node.link_down = true;
+            }
+        }
         sent.insert(instance.clone(), Instant::now());
-        let _ = nudges[instance][master].try_send(());
+        for nudge in &nudges[instance] {
+            let _ = nudge.try_send(());
+        }
         tokio::time::sleep(Duration::from_millis(10_000 / failovers as u64)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -404,6 +723,9 @@ async fn measure(agents: usize) -> Measured {
     let _ = child.kill().await;
     Measured {
         agents,
+        requests,
+        idle_requests,
+        within_2s: latencies.iter().filter(|l| **l <= 2000.0).count(),
         rss_mib: rss_kib as f64 / 1024.0,
         cpu_percent,
         p50_ms: pct(0.5),
@@ -413,16 +735,37 @@ async fn measure(agents: usize) -> Measured {
     }
 }
 
+/// Serves the hub's gRPC service on `listener`, in the background.
+fn serve_hub(hub: &Hub, listener: tokio::net::TcpListener) {
+    let service = hub.server();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("serve");
+    });
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("serve") {
-        runtime.block_on(serve());
-        return;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => return runtime.block_on(serve()),
+        Some("apiserver") => return runtime.block_on(apiserver()),
+        Some("serve-k8s") => {
+            let instances = args.get(1).and_then(|n| n.parse().ok()).expect("instances");
+            return runtime.block_on(serve_k8s(instances));
+        }
+        _ => {}
+    }
+    let k8s = args.first().map(String::as_str) == Some("--k8s");
+    if k8s {
+        args.remove(0);
     }
     let sizes: Vec<usize> = if args.is_empty() {
         vec![300, 1500, 3000]
@@ -433,7 +776,7 @@ fn main() {
     };
     let mut rows = Vec::new();
     for agents in sizes {
-        let result = runtime.block_on(measure(agents));
+        let result = runtime.block_on(measure(agents, k8s));
         eprintln!(
             "{} agents: RSS {:.1} MiB, CPU {:.1}%, decision p50 {:.2} ms p99 {:.2} ms",
             result.agents, result.rss_mib, result.cpu_percent, result.p50_ms, result.p99_ms
@@ -441,20 +784,73 @@ fn main() {
         rows.push(result);
     }
     println!(
-        "| agents | instances | controller RSS MiB | controller CPU % of a core | failovers | decision p50 ms | p99 ms | max ms |"
+        "| agents | instances | controller RSS MiB | controller CPU % of a core | failovers | within 2 s | decision p50 ms | p99 ms | max ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.2} | {:.2} | {:.2} |",
             r.agents,
             r.agents / 3,
             r.rss_mib,
             r.cpu_percent,
             r.failovers,
+            r.within_2s,
             r.p50_ms,
             r.p99_ms,
             r.max_ms
+        );
+    }
+    if k8s {
+        println!();
+        println!(
+            "| instances | steady state | API requests/s by verb and resource | total/s | per instance/s | writes/s |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for r in &rows {
+            for (state, requests) in [("write load", &r.requests), ("idle", &r.idle_requests)] {
+                let total: f64 = requests.iter().map(|(_, n)| n).sum();
+                let writes: f64 = requests
+                    .iter()
+                    .filter(|(key, _)| {
+                        !key.starts_with("get:")
+                            && !key.starts_with("list:")
+                            && !key.starts_with("watch:")
+                    })
+                    .map(|(_, n)| n)
+                    .sum::<f64>()
+                    + 0.0; // not -0.0 when there is none
+                let by_kind: Vec<String> = requests
+                    .iter()
+                    .map(|(key, n)| format!("{key} {n:.3}"))
+                    .collect();
+                println!(
+                    "| {} | {state} | {} | {:.3} | {:.5} | {:.3} |",
+                    r.agents / 3,
+                    if by_kind.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        by_kind.join(", ")
+                    },
+                    total,
+                    total / (r.agents / 3) as f64,
+                    writes
+                );
+            }
+        }
+    }
+    if let Some(last) = rows.last() {
+        let total: f64 = last.requests.iter().map(|(_, n)| n).sum();
+        println!(
+            "{} instances{}: steady state {:.5} API requests per instance per second; decision p99 {:.2} ms",
+            last.agents / 3,
+            if k8s {
+                " (Kubernetes path, 10 ms API latency)"
+            } else {
+                " (no Kubernetes API)"
+            },
+            total / (last.agents / 3) as f64,
+            last.p99_ms
         );
     }
 }

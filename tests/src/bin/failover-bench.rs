@@ -9,8 +9,13 @@
 //! Setups: plain Sentinel at down-after-milliseconds 5000 and 1000; ours under policy manual;
 //! ours under policy sentinel at down-after-milliseconds 30000 and 5000.
 //!
-//! Clients find the master as real ones do: through Sentinel (`GET-MASTER-ADDR-BY-NAME`) or the
-//! controller's status. Two writers run together: one plain `SET` (acknowledged = replied OK),
+//! Clients find the master as real ones do: through Sentinel (`GET-MASTER-ADDR-BY-NAME`, asked
+//! again after any error, as Sentinel-aware clients do), or under policy manual through the
+//! read-write route: a pooled client (the redis crate's connection manager, never recreated)
+//! behind a role-following proxy, as behind the read-write Service; like redis-py's and
+//! Jedis's pools it replaces a connection that stopped answering for 1 s. For each run the bench
+//! also counts how long writes kept failing after the event, and whether they still failed
+//! 5 s after the new master took its first write. Two writers run together: one plain `SET` (acknowledged = replied OK),
 //! one `SET` + `WAIT 1 100` (acknowledged = a replica confirmed). After each run, acknowledged
 //! keys missing on the new master are counted as lost. A monitor asks every node for its role
 //! every 20 ms and writes a probe key to each node that claims master; a round in which two
@@ -32,12 +37,12 @@ use std::{
 };
 
 use nix::{sys::signal::Signal, unistd::Pid};
-use redis::AsyncCommands;
 use valkey_controller::local::control::{self, Request};
 use valkey_e2e::{
     local::LocalInstance,
     monitor::Monitor,
     procs::{PASSWORD, Sentinel, Valkey},
+    proxy::RoleProxy,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,7 +72,10 @@ impl Scenario {
 /// How the client finds the master.
 #[derive(Clone)]
 enum Discovery {
-    Controller(std::path::PathBuf),
+    /// Through the read-write route: a role-following proxy (the Service), with a pooled
+    /// client that reconnects on its own and never asks where the master is; the controller's
+    /// status is only used to check the data afterwards.
+    Routed(std::path::PathBuf, String),
     /// Sentinel ports, the monitor name, and the sentinels' password if any.
     Sentinel(Vec<u16>, String),
 }
@@ -75,7 +83,7 @@ enum Discovery {
 impl Discovery {
     async fn master(&self) -> Option<String> {
         match self {
-            Discovery::Controller(dir) => {
+            Discovery::Routed(dir, _) => {
                 control::request(dir, &Request::Status)
                     .await
                     .ok()?
@@ -110,13 +118,34 @@ impl Discovery {
     }
 }
 
-/// Acknowledged writes: key number -> (node that acknowledged it, when).
-type Acks = Arc<Mutex<BTreeMap<u64, (String, Instant)>>>;
+/// Acknowledged writes: key number -> (node that acknowledged it, when it was sent, when it
+/// was acknowledged). Behind the proxy the node is not known: "routed".
+type Acks = Arc<Mutex<BTreeMap<u64, (String, Instant, Instant)>>>;
 
 struct Writer {
     stop: Arc<AtomicBool>,
     acks: Acks,
+    /// When writes failed (an error, not a slow reply).
+    failures: Arc<Mutex<Vec<Instant>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// One write, and WAIT 1 when asked: Some(true) acknowledged, Some(false) done but not
+/// confirmed by a replica, None failed.
+async fn write_one<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    key: String,
+    i: u64,
+    wait: bool,
+) -> Option<bool> {
+    let set: redis::RedisResult<()> = redis::cmd("SET").arg(key).arg(i).query_async(conn).await;
+    set.ok()?;
+    if !wait {
+        return Some(true);
+    }
+    let replicas: redis::RedisResult<i64> =
+        redis::cmd("WAIT").arg(1).arg(100).query_async(conn).await;
+    Some(replicas.is_ok_and(|n| n >= 1))
 }
 
 fn conn_config() -> redis::AsyncConnectionConfig {
@@ -126,14 +155,63 @@ fn conn_config() -> redis::AsyncConnectionConfig {
 }
 
 impl Writer {
-    /// Writes `<prefix><n>` in a loop to the master it discovers; `wait` adds `WAIT 1 100` and
+    /// Writes `<prefix><n>` in a loop to the master it finds; `wait` adds `WAIT 1 100` and
     /// counts a write as acknowledged only when a replica confirmed it.
     fn start(discovery: Discovery, password: String, prefix: &'static str, wait: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acks: Acks = Arc::default();
-        let (stop_flag, acks_ref) = (stop.clone(), acks.clone());
+        let failures: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let (stop_flag, acks_ref, failed) = (stop.clone(), acks.clone(), failures.clone());
         let task = tokio::spawn(async move {
+            let record = |i: u64, addr: &str, sent: Instant, acked: Option<bool>| match acked {
+                Some(true) => {
+                    acks_ref
+                        .lock()
+                        .unwrap()
+                        .insert(i, (addr.to_owned(), sent, Instant::now()));
+                }
+                Some(false) => {}
+                None => failed.lock().unwrap().push(Instant::now()),
+            };
             let mut i = 0u64;
+            if let Discovery::Routed(_, proxy) = &discovery {
+                let client =
+                    redis::Client::open(format!("redis://:{password}@{proxy}/")).expect("client");
+                // Reconnects within milliseconds: 2 ms doubling to 10 ms between attempts (the
+                // default waits 100 ms at least).
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_millis(200)))
+                    .set_response_timeout(Some(Duration::from_millis(1000)))
+                    .set_min_delay(Duration::from_millis(2))
+                    .set_max_delay(Duration::from_millis(10));
+                let pool = || {
+                    redis::aio::ConnectionManager::new_with_config(client.clone(), config.clone())
+                };
+                let mut conn = pool().await.expect("pooled client");
+                let mut answered = Instant::now();
+                while !stop_flag.load(Ordering::Relaxed) {
+                    i += 1;
+                    let sent = Instant::now();
+                    let acked = write_one(&mut conn, format!("{prefix}{i}"), i, wait).await;
+                    record(i, "routed", sent, acked);
+                    if acked.is_some() {
+                        answered = Instant::now();
+                        continue;
+                    }
+                    // A connection that stopped answering (a hung master: a timeout, then
+                    // errors while the manager waits on it) is replaced, as pools such as
+                    // redis-py's and Jedis's discard it; other errors are the manager's to
+                    // recover from.
+                    if answered.elapsed() >= Duration::from_millis(1000) {
+                        if let Ok(fresh) = pool().await {
+                            conn = fresh;
+                        }
+                        answered = Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                return;
+            }
             let mut conn: Option<(String, redis::aio::MultiplexedConnection)> = None;
             while !stop_flag.load(Ordering::Relaxed) {
                 if conn.is_none() {
@@ -149,6 +227,7 @@ impl Writer {
                     {
                         Ok(c) => conn = Some((addr, c)),
                         Err(_) => {
+                            failed.lock().unwrap().push(Instant::now());
                             tokio::time::sleep(Duration::from_millis(1)).await;
                             continue;
                         }
@@ -158,34 +237,40 @@ impl Writer {
                     continue;
                 };
                 i += 1;
-                let set: redis::RedisResult<()> = c.set(format!("{prefix}{i}"), i).await;
-                if set.is_err() {
+                let sent = Instant::now();
+                let acked = write_one(c, format!("{prefix}{i}"), i, wait).await;
+                record(i, addr, sent, acked);
+                if acked.is_none() {
+                    // As Sentinel-aware clients do: ask again where the master is.
                     conn = None;
-                    continue;
-                }
-                let acked = if wait {
-                    let replicas: redis::RedisResult<i64> =
-                        redis::cmd("WAIT").arg(1).arg(100).query_async(c).await;
-                    replicas.is_ok_and(|n| n >= 1)
-                } else {
-                    true
-                };
-                if acked {
-                    acks_ref
-                        .lock()
-                        .unwrap()
-                        .insert(i, (addr.clone(), Instant::now()));
                 }
             }
         });
-        Self { stop, acks, task }
+        Self {
+            stop,
+            acks,
+            failures,
+            task,
+        }
     }
 
+    /// How long after `since` writes still failed (zero if none did).
+    fn failing_for(&self, since: Instant) -> Duration {
+        self.failures
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| **t > since)
+            .max()
+            .map_or(Duration::ZERO, |t| *t - since)
+    }
+
+    /// The first write sent after `since` and acknowledged by another node than `old`.
     fn first_elsewhere(&self, since: Instant, old: &str) -> Option<Instant> {
         let acks = self.acks.lock().unwrap();
         acks.values()
-            .filter(|(a, t)| a != old && *t > since)
-            .map(|(_, t)| *t)
+            .filter(|(a, sent, _)| a != old && *sent > since)
+            .map(|(_, _, t)| *t)
             .min()
     }
 
@@ -194,7 +279,7 @@ impl Writer {
         let acks = self.acks.lock().unwrap();
         let mut times: Vec<Instant> = acks
             .values()
-            .map(|(_, t)| *t)
+            .map(|(_, _, t)| *t)
             .filter(|t| *t > since)
             .collect();
         times.sort();
@@ -205,7 +290,7 @@ impl Writer {
             .unwrap_or_default()
     }
 
-    async fn finish(self) -> BTreeMap<u64, (String, Instant)> {
+    async fn finish(self) -> BTreeMap<u64, (String, Instant, Instant)> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         self.acks.lock().unwrap().clone()
@@ -223,6 +308,10 @@ struct Sample {
     double_master_rounds: u64,
     /// No new master within 90 s.
     failed: bool,
+    /// From the event to the last failed write.
+    failing: Duration,
+    /// Writes still failed more than 5 s after the new master took its first one.
+    stuck: bool,
 }
 
 async fn missing_on(addr: &str, password: &str, prefix: &str, keys: &BTreeSet<u64>) -> usize {
@@ -252,7 +341,8 @@ struct Target {
     nodes: Vec<String>,
     master_addr: String,
     master_pid: u32,
-    switchover: Box<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+    /// Asks for a planned switchover; when the request that was accepted was sent.
+    switchover: Box<dyn Fn() -> futures::future::BoxFuture<'static, Instant> + Send + Sync>,
 }
 
 async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sample {
@@ -266,13 +356,20 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
     let password = target.password.clone();
     let monitor = Monitor::start(target.nodes.clone(), move || password.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let started = Instant::now();
     let pid = Pid::from_raw(target.master_pid as i32);
-    match scenario {
-        Scenario::Kill => nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill"),
-        Scenario::Hang => nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop"),
+    // The event: the signal, or the switchover request that was accepted (ours is refused
+    // while Sentinel has not seen the replicas' priorities yet, up to 10 s after the last).
+    let started = match scenario {
+        Scenario::Kill => {
+            nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill");
+            Instant::now()
+        }
+        Scenario::Hang => {
+            nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop");
+            Instant::now()
+        }
         Scenario::Switchover => (target.switchover)().await,
-    }
+    };
     let deadline = started + Duration::from_secs(90);
     let moved = loop {
         if let Some(t) = plain.first_elsewhere(started, &target.master_addr) {
@@ -287,8 +384,16 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
     if scenario == Scenario::Hang {
         nix::sys::signal::kill(pid, Signal::SIGCONT).expect("cont");
     }
-    // Keep writing and watching a while: a resumed old master must not take writes.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Keep writing and watching a while: a resumed old master must not take writes, and a
+    // client must not still be failing 5 s after the event.
+    let watch_until =
+        (moved.unwrap_or(started) + Duration::from_secs(2)).max(started + Duration::from_secs(6));
+    tokio::time::sleep(watch_until.saturating_duration_since(Instant::now())).await;
+    let failing = plain.failing_for(started).max(waited.failing_for(started));
+    let settled = moved.unwrap_or(started).max(started);
+    let stuck = moved.is_none()
+        || plain.failing_for(settled) > Duration::from_secs(5)
+        || waited.failing_for(settled) > Duration::from_secs(5);
     let gap = plain.longest_gap(started - Duration::from_millis(500));
     let double_master_rounds = monitor.finish().await;
     let plain_acks = plain.finish().await;
@@ -297,8 +402,9 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
         Some(master) => master,
         None => target.master_addr.clone(),
     };
-    let keys =
-        |acks: &BTreeMap<u64, (String, Instant)>| acks.keys().copied().collect::<BTreeSet<u64>>();
+    let keys = |acks: &BTreeMap<u64, (String, Instant, Instant)>| {
+        acks.keys().copied().collect::<BTreeSet<u64>>()
+    };
     let lost_plain = missing_on(&new_master, &target.password, "p", &keys(&plain_acks)).await;
     let lost_waited = missing_on(&new_master, &target.password, "w", &keys(&waited_acks)).await;
     let time = match (scenario, moved) {
@@ -314,6 +420,8 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
         lost_waited,
         double_master_rounds,
         failed: moved.is_none(),
+        failing,
+        stuck,
     };
     eprintln!("{setup} / {}: {sample:?}", scenario.name());
     sample
@@ -324,6 +432,7 @@ const SCENARIOS: [Scenario; 3] = [Scenario::Kill, Scenario::Hang, Scenario::Swit
 /// Ours in the local runtime: one instance for every run, healed between runs.
 async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) -> Vec<Sample> {
     let instance = Arc::new(LocalInstance::up(manifest));
+    let proxy = RoleProxy::for_local(instance.dir.clone()).await;
     let mut samples = Vec::new();
     for scenario in SCENARIOS {
         for _ in 0..runs {
@@ -373,7 +482,7 @@ async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) 
                 }
                 Discovery::Sentinel(ports, status.monitor.name.clone().expect("monitor"))
             } else {
-                Discovery::Controller(instance.dir.clone())
+                Discovery::Routed(instance.dir.clone(), proxy.addr())
             };
             let for_switchover = instance.clone();
             let target = Target {
@@ -387,8 +496,9 @@ async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) 
                     Box::pin(async move {
                         // Retried while the controller says the replicas are not ready yet.
                         for _ in 0..200 {
+                            let sent = Instant::now();
                             if instance.switchover(None).await.ok {
-                                return;
+                                return sent;
                             }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
@@ -485,6 +595,7 @@ async fn plain_sentinel(setup: &'static str, down_after_ms: u64, runs: usize) ->
                 master_pid: master.proc().pid().as_raw() as u32,
                 switchover: Box::new(move || {
                     Box::pin(async move {
+                        let sent = Instant::now();
                         let client =
                             redis::Client::open(format!("redis://127.0.0.1:{first_sentinel}/"))
                                 .expect("client");
@@ -498,6 +609,7 @@ async fn plain_sentinel(setup: &'static str, down_after_ms: u64, runs: usize) ->
                             .query_async(&mut conn)
                             .await
                             .expect("SENTINEL FAILOVER");
+                        sent
                     })
                 }),
             };
@@ -520,7 +632,7 @@ fn ms(d: Duration) -> String {
 
 fn table(samples: &[Sample], setups: &[&'static str]) -> String {
     let mut out = String::from(
-        "| scenario | setup | runs | median ms | p90 ms | max ms | lost SET acks | lost WAIT 1 acks | two-master rounds | no failover |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | setup | runs | median ms | p90 ms | max ms | writes failing median ms | max ms | lost SET acks | lost WAIT 1 acks | two-master rounds | no failover | still failing 5 s on |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for scenario in SCENARIOS {
         for setup in setups {
@@ -533,17 +645,22 @@ fn table(samples: &[Sample], setups: &[&'static str]) -> String {
             }
             let mut times: Vec<Duration> = of.iter().map(|s| s.time).collect();
             times.sort();
+            let mut failing: Vec<Duration> = of.iter().map(|s| s.failing).collect();
+            failing.sort();
             out.push_str(&format!(
-                "| {} | {setup} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {setup} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 scenario.name(),
                 of.len(),
                 ms(percentile(&times, 0.5)),
                 ms(percentile(&times, 0.9)),
                 ms(*times.last().expect("samples")),
+                ms(percentile(&failing, 0.5)),
+                ms(*failing.last().expect("samples")),
                 of.iter().map(|s| s.lost_plain).sum::<usize>(),
                 of.iter().map(|s| s.lost_waited).sum::<usize>(),
                 of.iter().map(|s| s.double_master_rounds).sum::<u64>(),
                 of.iter().filter(|s| s.failed).count(),
+                of.iter().filter(|s| s.stuck).count(),
             ));
         }
     }
@@ -682,20 +799,24 @@ async fn main() {
         .iter()
         .map(|s| {
             format!(
-                "\"{}\",{},{:.1},{},{},{},{}\n",
+                "\"{}\",{},{:.1},{},{},{},{},{:.1},{}\n",
                 s.setup,
                 s.scenario.key(),
                 s.time.as_secs_f64() * 1000.0,
                 s.lost_plain,
                 s.lost_waited,
                 s.double_master_rounds,
-                s.failed
+                s.failed,
+                s.failing.as_secs_f64() * 1000.0,
+                s.stuck
             )
         })
         .collect();
     std::fs::write(
         "failover-bench.csv",
-        format!("setup,scenario,ms,lost_set_acks,lost_wait1_acks,two_master_rounds,failed\n{csv}"),
+        format!(
+            "setup,scenario,ms,lost_set_acks,lost_wait1_acks,two_master_rounds,failed,failing_ms,stuck\n{csv}"
+        ),
     )
     .expect("write csv");
     match chart(

@@ -1,0 +1,378 @@
+//! The actions behind the controller's commands, one function each, on the local process:
+//! what a command does once the executor has admitted it (fence, deadline, idempotence), and
+//! the typed answer it gives.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use valkey_proto::v1::{AclSetUser, CatchUp, ConfigSet, Outcome, SentinelMonitor};
+
+use crate::{
+    info::parse_info,
+    local::{Local, LocalError},
+};
+
+/// How often long commands (FAILOVER, WaitReplica) look at the server.
+pub(crate) const POLL: Duration = Duration::from_millis(10);
+
+/// How often a catching-up replica looks at its offset: writes are paused meanwhile.
+pub(crate) const CATCH_UP_POLL: Duration = Duration::from_millis(1);
+
+/// The outcome of acting, before the bookkeeping fields are filled in.
+pub(crate) type Acted = Result<Done, Refusal>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Done {
+    pub(crate) already: bool,
+    pub(crate) message: String,
+    pub(crate) offset: i64,
+    pub(crate) master: Option<(String, u32)>,
+}
+
+impl Done {
+    pub(crate) fn ok(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            ..Self::default()
+        }
+    }
+    pub(crate) fn already(message: impl Into<String>) -> Self {
+        Self {
+            already: true,
+            message: message.into(),
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) outcome: Outcome,
+    pub(crate) message: String,
+}
+
+pub(crate) fn invalid(message: impl Into<String>) -> Refusal {
+    Refusal {
+        outcome: Outcome::Invalid,
+        message: message.into(),
+    }
+}
+
+pub(crate) fn failed(message: impl Into<String>) -> Refusal {
+    Refusal {
+        outcome: Outcome::Failed,
+        message: message.into(),
+    }
+}
+
+impl From<LocalError> for Refusal {
+    fn from(err: LocalError) -> Self {
+        match err {
+            LocalError::Hung(_) => Refusal {
+                outcome: Outcome::Timeout,
+                message: err.to_string(),
+            },
+            other => failed(other.to_string()),
+        }
+    }
+}
+
+pub(crate) fn check_host_port(field: &str, host: &str, port: u32) -> Result<(), Refusal> {
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(invalid(format!(
+            "{field}.host {host:?} is not a host name or address"
+        )));
+    }
+    if port == 0 || port > u32::from(u16::MAX) {
+        return Err(invalid(format!(
+            "{field}.port {port} is out of range 1..=65535"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_word(field: &str, value: &str) -> Result<(), Refusal> {
+    if value.is_empty() || value.contains(char::is_whitespace) {
+        return Err(invalid(format!(
+            "{field} {value:?} must be one non-empty word"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether INFO replication says this node is a replica of host:port.
+pub(crate) fn follows(info: &HashMap<String, String>, host: &str, port: u32) -> bool {
+    info.get("role").map(String::as_str) == Some("slave")
+        && info.get("master_host").map(String::as_str) == Some(host)
+        && info.get("master_port").and_then(|p| p.parse::<u32>().ok()) == Some(port)
+}
+
+pub(crate) async fn is_master(local: &mut Local) -> Result<bool, LocalError> {
+    Ok(replication(local).await?.get("role").map(String::as_str) == Some("master"))
+}
+
+/// INFO replication as a map.
+pub(crate) async fn replication(local: &mut Local) -> Result<HashMap<String, String>, LocalError> {
+    let text: String = local.query(redis::cmd("INFO").arg("replication")).await?;
+    Ok(parse_info(&text)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect())
+}
+
+/// A server's refusal of a malformed request is the requester's fault, not a failure.
+pub(crate) fn reply_is_invalid(err: LocalError) -> Refusal {
+    match err {
+        LocalError::Reply(message) => invalid(message),
+        other => other.into(),
+    }
+}
+
+pub(crate) fn sorted(map: &HashMap<String, String>) -> Vec<(&String, &String)> {
+    let mut pairs: Vec<_> = map.iter().collect();
+    pairs.sort();
+    pairs
+}
+
+pub(crate) fn offset_of(info: &HashMap<String, String>) -> i64 {
+    info.get("master_repl_offset")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or_default()
+}
+
+/// On a replica: waits until it follows host:port and has processed up to the offset.
+pub(crate) async fn catch_up(local: &mut Local, catch_up: &CatchUp, deadline: Duration) -> Acted {
+    let CatchUp { host, port, offset } = catch_up;
+    let started = Instant::now();
+    let deadline = deadline.saturating_sub(Duration::from_millis(100));
+    loop {
+        let info = replication(local).await?;
+        if !follows(&info, host, *port) {
+            return Err(invalid(format!(
+                "catch_up: this node is not a replica of {host}:{port}"
+            )));
+        }
+        let reached = offset_of(&info);
+        if reached >= *offset {
+            return Ok(Done {
+                message: format!("caught up with {host}:{port} at offset {reached}"),
+                offset: reached,
+                ..Done::default()
+            });
+        }
+        if started.elapsed() + CATCH_UP_POLL >= deadline {
+            return Err(Refusal {
+                outcome: Outcome::Timeout,
+                message: format!("reached offset {reached} of {offset} from {host}:{port}"),
+            });
+        }
+        tokio::time::sleep(CATCH_UP_POLL).await;
+    }
+}
+
+/// Waits until the replica at host:port has acknowledged the master offset seen at the start.
+pub(crate) async fn wait_replica(
+    local: &mut Local,
+    host: &str,
+    port: u32,
+    deadline: Duration,
+) -> Acted {
+    let info = replication(local).await?;
+    if info.get("role").map(String::as_str) != Some("master") {
+        return Err(invalid(
+            "wait_replica must run on the master; this node is a replica",
+        ));
+    }
+    let target = offset_of(&info);
+    let started = Instant::now();
+    // Give up a little before the command's own deadline, so the answer says how far it got.
+    let deadline = deadline.saturating_sub(Duration::from_millis(100));
+    let mut seen = None;
+    loop {
+        let info = replication(local).await?;
+        let connected: u32 = info
+            .get("connected_slaves")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_default();
+        let replica = (0..connected).find_map(|i| {
+            let line = info.get(&format!("slave{i}"))?;
+            let fields: HashMap<_, _> = line.split(',').filter_map(|f| f.split_once('=')).collect();
+            let matches = fields.get("ip") == Some(&host)
+                && fields.get("port").and_then(|p| p.parse::<u32>().ok()) == Some(port);
+            matches.then(|| {
+                fields
+                    .get("offset")
+                    .and_then(|o| o.parse::<i64>().ok())
+                    .unwrap_or(-1)
+            })
+        });
+        seen = replica.or(seen);
+        if replica.is_some_and(|offset| offset >= target) {
+            return Ok(Done {
+                message: format!("{host}:{port} has offset {target}"),
+                offset: target,
+                ..Done::default()
+            });
+        }
+        if started.elapsed() + POLL >= deadline {
+            return Err(Refusal {
+                outcome: Outcome::Timeout,
+                message: match seen {
+                    None => format!("{host}:{port} is not a connected replica"),
+                    Some(offset) => format!("{host}:{port} reached offset {offset} of {target}"),
+                },
+            });
+        }
+        // WAIT makes the master ask its replicas for an ack now rather than within a second.
+        if connected > 0 {
+            let _ = local
+                .query_within::<i64>(
+                    redis::cmd("WAIT").arg(connected).arg(50),
+                    Some(Duration::from_millis(500)),
+                )
+                .await;
+        } else {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+pub(crate) async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
+    if config.params.is_empty() {
+        return Err(invalid("config_set.params is empty"));
+    }
+    let params = sorted(&config.params);
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET");
+    for (key, _) in &params {
+        check_word("config_set.params key", key)?;
+        get.arg(key.as_str());
+    }
+    let current: HashMap<String, String> = local.query(&get).await?;
+    let unchanged = params
+        .iter()
+        .all(|(key, value)| current.get(key.as_str()) == Some(*value));
+    if !unchanged {
+        let mut set = redis::cmd("CONFIG");
+        set.arg("SET");
+        for (key, value) in &params {
+            set.arg(key.as_str()).arg(value.as_str());
+        }
+        let _: String = local.query(&set).await.map_err(reply_is_invalid)?;
+    }
+    let mut note = String::new();
+    if config.rewrite && !unchanged {
+        match local
+            .query::<String>(redis::cmd("CONFIG").arg("REWRITE"))
+            .await
+        {
+            Ok(_) => note.push_str("; config file rewritten"),
+            Err(LocalError::Reply(msg)) if msg.contains("without a config file") => {
+                note.push_str("; no config file to rewrite");
+            }
+            Err(err) => return Err(failed(format!("CONFIG REWRITE: {err}"))),
+        }
+    }
+    let keys = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(if unchanged {
+        Done::already(format!("{keys} already set"))
+    } else {
+        Done::ok(format!("set {keys}{note}"))
+    })
+}
+
+pub(crate) async fn acl_set_user(local: &mut Local, acl: &AclSetUser) -> Acted {
+    check_word("acl_set_user.username", &acl.username)?;
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER").arg(&acl.username).arg("reset");
+    cmd.arg(if acl.enabled { "on" } else { "off" });
+    for hash in &acl.password_sha256 {
+        if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid(
+                "acl_set_user.password_sha256 holds a value that is not 64 hex digits",
+            ));
+        }
+        cmd.arg(format!("#{}", hash.to_ascii_lowercase()));
+    }
+    for rule in &acl.rules {
+        check_word("acl_set_user.rules entry", rule)?;
+        if rule.starts_with(['>', '<', '#', '!']) {
+            return Err(invalid(
+                "acl_set_user.rules may not carry passwords; use password_sha256",
+            ));
+        }
+        cmd.arg(rule);
+    }
+    let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
+    Ok(Done::ok(format!(
+        "user {} set ({} password(s), {} rule(s))",
+        acl.username,
+        acl.password_sha256.len(),
+        acl.rules.len()
+    )))
+}
+
+pub(crate) async fn sentinel_monitor(local: &mut Local, monitor: &SentinelMonitor) -> Acted {
+    check_word("sentinel_monitor.name", &monitor.name)?;
+    check_host_port("sentinel_monitor", &monitor.host, monitor.port)?;
+    if monitor.quorum == 0 {
+        return Err(invalid("sentinel_monitor.quorum must be at least 1"));
+    }
+    let existing = match local
+        .query::<HashMap<String, String>>(redis::cmd("SENTINEL").arg("MASTER").arg(&monitor.name))
+        .await
+    {
+        Ok(map) => Some(map),
+        Err(LocalError::Reply(msg)) if msg.contains("No such master") => None,
+        Err(err) => return Err(err.into()),
+    };
+    let same = existing.as_ref().is_some_and(|m| {
+        m.get("ip") == Some(&monitor.host)
+            && m.get("port").and_then(|p| p.parse::<u32>().ok()) == Some(monitor.port)
+            && m.get("quorum").and_then(|q| q.parse::<u32>().ok()) == Some(monitor.quorum)
+    });
+    if !same {
+        if existing.is_some() {
+            let _: String = local
+                .query(redis::cmd("SENTINEL").arg("REMOVE").arg(&monitor.name))
+                .await?;
+        }
+        let _: String = local
+            .query(
+                redis::cmd("SENTINEL")
+                    .arg("MONITOR")
+                    .arg(&monitor.name)
+                    .arg(&monitor.host)
+                    .arg(monitor.port)
+                    .arg(monitor.quorum),
+            )
+            .await
+            .map_err(reply_is_invalid)?;
+    }
+    if !monitor.auth_pass.is_empty() {
+        let mut set = redis::cmd("SENTINEL");
+        set.arg("SET")
+            .arg(&monitor.name)
+            .arg("auth-pass")
+            .arg(&monitor.auth_pass);
+        if !monitor.auth_user.is_empty() {
+            set.arg("auth-user").arg(&monitor.auth_user);
+        }
+        let _: String = local.query(&set).await.map_err(reply_is_invalid)?;
+    }
+    let what = format!(
+        "{} at {}:{} quorum {}",
+        monitor.name, monitor.host, monitor.port, monitor.quorum
+    );
+    Ok(if same {
+        Done::already(format!("already monitoring {what}"))
+    } else {
+        Done::ok(format!("monitoring {what}"))
+    })
+}

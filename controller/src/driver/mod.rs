@@ -1,0 +1,236 @@
+//! The hot path, shared by both runtimes: one failover pass per instance, woken by the hub.
+//! Observe (the hub) -> decide (`core` or `sentinel`) -> persist the durable state, only when
+//! it changed (a [`DurableStore`]) -> dispatch commands -> start a planned switchover when one
+//! is asked for or needed. Nothing here waits for Kubernetes objects; only the durable write
+//! may hold a failover back, and that is the epoch's safety.
+
+mod cause;
+mod store;
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info};
+
+pub use cause::Cause;
+pub use store::{DurableStore, StoreError};
+
+use crate::{
+    core::{Desired, Durable, PendingSwitchover},
+    engine::Engine,
+    hub::{Hub, InstanceKey},
+    sentinel::SentinelDesired,
+    switchover::{self, Refused},
+};
+
+/// Who wanted the switchover this pass tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchoverSource {
+    /// The user (an annotation, a control request).
+    Asked,
+    /// The core (a scale-down), a terminating master or a roll.
+    Needed,
+}
+
+/// What a pass did that the runtime reports or acts on.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Decision notes not said before (each is said once while it holds).
+    pub new_notes: Vec<String>,
+    /// Nodes to restart: their Valkey refuses the instance password.
+    pub restarts: Vec<String>,
+    /// The master changed this pass, and why.
+    pub master_changed: Option<Cause>,
+    /// The durable state was written.
+    pub persisted: bool,
+    /// Commands were sent: how long from observing to sending.
+    pub decided: Option<Duration>,
+    /// A switchover tried this pass.
+    pub switchover: Option<(SwitchoverSource, Result<String, Refused>)>,
+}
+
+/// What one pass works towards, given by the runtime.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub desired: &'a Desired,
+    pub sentinel: Option<&'a SentinelDesired>,
+}
+
+/// One instance's hot path: its durable state, its command engine, what it already said.
+#[derive(Debug)]
+pub struct Driver {
+    key: InstanceKey,
+    engine: Arc<Engine>,
+    durable: Durable,
+    notes: Vec<String>,
+    /// Move the master off this pod (it is terminating, or rolled last): kept until the master
+    /// is elsewhere, so that a switchover that cannot start yet is tried again.
+    move_off: Option<String>,
+}
+
+impl Driver {
+    /// The driver of `key`, from the durable state its store holds.
+    pub fn new(key: InstanceKey, durable: Durable) -> Self {
+        Driver {
+            key,
+            engine: Arc::default(),
+            durable,
+            notes: Vec::new(),
+            move_off: None,
+        }
+    }
+
+    pub fn key(&self) -> &InstanceKey {
+        &self.key
+    }
+
+    pub fn durable(&self) -> &Durable {
+        &self.durable
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Moves the master off `pod` (when it is the master) as soon as a replica can take over.
+    pub fn move_master_off(&mut self, pod: String) {
+        self.move_off = Some(pod);
+    }
+
+    /// One pass. `asked`: a switchover the user asked for (a pod, or `any`). An error means
+    /// the durable state could not be written and nothing was sent.
+    pub async fn pass<S: DurableStore>(
+        &mut self,
+        hub: &Hub,
+        store: &S,
+        target: Target<'_>,
+        asked: Option<&str>,
+    ) -> Result<Outcome, StoreError> {
+        let observed_at = Instant::now();
+        let plan = self.engine.plan(
+            hub,
+            &self.key,
+            target.desired,
+            target.sentinel,
+            &self.durable,
+            crate::now_ms(),
+        );
+        let mut outcome = Outcome::default();
+        if let Some(next) = plan.durable {
+            // Durable first: if this write fails, nothing is sent.
+            store.save(&next).await?;
+            outcome.persisted = true;
+            outcome.master_changed = master_change(&self.durable, &next);
+            self.durable = next;
+        }
+        if !plan.commands.is_empty() {
+            outcome.decided = Some(observed_at.elapsed());
+            debug!(epoch = self.durable.epoch, commands = ?plan.commands, "dispatching");
+        }
+        self.engine
+            .dispatch(hub, &self.key, self.durable.epoch, plan.commands);
+        outcome.new_notes = plan
+            .notes
+            .iter()
+            .filter(|n| !self.notes.contains(n))
+            .cloned()
+            .collect();
+        self.notes = plan.notes;
+        outcome.restarts = plan.restarts;
+
+        if self.move_off.as_ref() != self.durable.master.as_ref() {
+            self.move_off = None;
+        }
+        let moving = self.move_off.is_some();
+        let wanted = match asked {
+            Some(to) => Some((SwitchoverSource::Asked, to.to_owned())),
+            None => plan
+                .switchover
+                .or(moving.then(|| "any".to_owned()))
+                .map(|to| (SwitchoverSource::Needed, to)),
+        };
+        if let Some((source, to)) = wanted {
+            let started = self.start_switchover(hub, store, target, Some(to)).await?;
+            outcome.switchover = Some((source, started));
+        }
+        Ok(outcome)
+    }
+
+    /// Starts a planned, lossless switchover (see [`crate::switchover`]) unless one is under
+    /// way. Under policy manual the intent is persisted first (the outer error: it could not
+    /// be); the inner result says whether it started.
+    pub async fn start_switchover<S: DurableStore>(
+        &mut self,
+        hub: &Hub,
+        store: &S,
+        target: Target<'_>,
+        to: Option<String>,
+    ) -> Result<Result<String, Refused>, StoreError> {
+        if self.engine.switchover.load(Ordering::SeqCst) || self.durable.switchover.is_some() {
+            // The one under way finishes first; a request is looked at again afterwards.
+            return Ok(Err(Refused::InProgress));
+        }
+        let observed = hub.observe(&self.key);
+        let (from, node) = match switchover::choose(target.desired, &self.durable, &observed, to) {
+            Ok(chosen) => chosen,
+            Err(why) => return Ok(Err(why)),
+        };
+        if let Some(sd) = target.sentinel {
+            return Ok(switchover::start_sentinel(
+                &self.engine,
+                hub,
+                &self.key,
+                target.desired,
+                self.durable.epoch,
+                sd.name.clone(),
+                from,
+                node,
+            ));
+        }
+        let Some(from) = target.desired.node(&from).cloned() else {
+            return Ok(Err(Refused::NotANode(from)));
+        };
+        let epoch = self.durable.epoch + 1;
+        let mut next = self.durable.clone();
+        next.switchover = Some(PendingSwitchover {
+            from: from.name.clone(),
+            to: node.name.clone(),
+            epoch,
+        });
+        store.save(&next).await?;
+        self.durable = next;
+        info!(from = %from.name, to = %node.name, epoch, "switchover intent persisted");
+        Ok(Ok(switchover::start_manual(
+            &self.engine,
+            hub,
+            &self.key,
+            target.desired,
+            from,
+            node,
+            epoch,
+        )))
+    }
+}
+
+/// Why the master changed from `before` to `after`, if it did. An epoch bumped by a
+/// switchover that did not happen is not a change.
+fn master_change(before: &Durable, after: &Durable) -> Option<Cause> {
+    if before.master == after.master || after.master.is_none() {
+        return None;
+    }
+    if before.master.is_none() {
+        return Some(Cause::Bootstrap);
+    }
+    Some(
+        after
+            .last_failover
+            .as_ref()
+            .filter(|_| after.last_failover != before.last_failover)
+            .map_or(Cause::Unknown, |record| record.cause),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,180 @@
+//! The Kubernetes writes both paths make, each a thin wrapper over one API call: server-side
+//! apply of an owned object only when it differs from what was last applied, merge patches of
+//! the Failover and its status, pod restarts, and Events.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use sha2::{Digest, Sha256};
+use tracing::warn;
+
+use super::{Names, context::Applied};
+use crate::crd::{Failover, FailoverStatus};
+
+/// The field manager of everything this controller applies.
+pub const MANAGER: &str = "valkey-operator";
+
+/// The hash of an object as it would be applied.
+pub fn hash_of<K: Serialize>(object: &K) -> String {
+    let bytes = serde_json::to_vec(object).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))
+}
+
+/// Whether `object` differs from what was last applied as `last`.
+pub fn differs<K: Serialize>(object: &K, last: Option<&Applied>) -> bool {
+    last.is_none_or(|last| last.hash != hash_of(object))
+}
+
+/// A namespaced object this controller applies (every k8s-openapi kind is one).
+pub trait Object:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Object for K where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
+/// Server-side apply, forced: this controller owns these objects' fields.
+pub async fn apply<K: Object>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+) -> Result<K, kube::Error> {
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+/// A merge patch of the Failover's metadata (a handled annotation); returns the new object.
+pub async fn merge_failover(
+    client: &Client,
+    names: &Names,
+    patch: &serde_json::Value,
+) -> Result<Failover, kube::Error> {
+    let api: Api<Failover> = Api::namespaced(client.clone(), &names.namespace);
+    api.patch(
+        &names.instance,
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await
+}
+
+/// A merge patch of the status with the fields of `next` that differ from `previous`; a field
+/// that is gone is sent as null so that it is removed.
+pub async fn patch_status(
+    client: &Client,
+    names: &Names,
+    previous: Option<&FailoverStatus>,
+    next: &FailoverStatus,
+) -> Result<(), kube::Error> {
+    let value = serde_json::to_value(next).map_err(kube::Error::SerdeError)?;
+    let previous = previous
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or_default();
+    let mut fields = serde_json::Map::new();
+    if let Some(next) = value.as_object() {
+        for (key, value) in next {
+            if previous.get(key) != Some(value) {
+                fields.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    if let Some(previous) = previous.as_object() {
+        for key in previous.keys() {
+            if value.get(key).is_none_or(serde_json::Value::is_null) {
+                fields.insert(key.clone(), serde_json::Value::Null);
+            }
+        }
+    }
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let api: Api<Failover> = Api::namespaced(client.clone(), &names.namespace);
+    let patch = serde_json::json!({ "status": fields });
+    api.patch_status(
+        &names.instance,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Deletes a pod so that its StatefulSet starts it again (its start script regenerating its
+/// config).
+/// A pod already gone counts as restarted.
+pub async fn restart_pod(
+    client: &Client,
+    cache: &super::context::PodCache,
+    namespace: &str,
+    pod: &str,
+) -> Result<(), kube::Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let deleted = match pods.delete(pod, &DeleteParams::default()).await {
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    };
+    if deleted.is_ok() {
+        // Not running that pod any more, whenever the pod watch says so.
+        cache.delete(namespace, pod);
+    }
+    deleted
+}
+
+/// Records an Event on the Failover; a failure is logged, never fatal.
+pub async fn publish(
+    recorder: &Recorder,
+    failover: &Failover,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = recorder.publish(&event, &failover.object_ref(&())).await {
+        warn!(failover = %failover.name_any(), error = %err, reason, "could not record an Event");
+    }
+}
+
+/// Writes `next` as the instance's status unless it is what was last written; remembers it.
+/// Returns whether anything was written.
+pub async fn replace_status(
+    client: &Client,
+    names: &Names,
+    instance: &super::context::Instance,
+    next: FailoverStatus,
+) -> Result<bool, kube::Error> {
+    let _writing = instance.status_lock.lock().await;
+    let previous = instance.status();
+    if previous.as_ref() == Some(&next) {
+        return Ok(false);
+    }
+    patch_status(client, names, previous.as_ref(), &next).await?;
+    instance.remember_status(next);
+    Ok(true)
+}

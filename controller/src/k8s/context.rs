@@ -1,0 +1,337 @@
+//! What the cold path (objects) and the hot path (failover) of the Kubernetes controller
+//! share: the client, the hub, and per instance the last Failover the cold path accepted, the
+//! hot path's driver, and what each last wrote, so that neither writes what has not changed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Client, ResourceExt, runtime::events::Recorder};
+use tokio::sync::Notify;
+
+use super::{Names, Settings, metrics::Metrics, status};
+use crate::{
+    crd::{Failover, FailoverStatus},
+    driver::Driver,
+    hub::{Hub, InstanceKey},
+};
+
+/// Everything both paths need; one per controller process.
+pub struct Context {
+    pub client: Client,
+    pub hub: Hub,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub hang_timeout: Duration,
+    /// Volatile status fields (offsets, lag) are written at most this often per instance.
+    pub volatile_every: Duration,
+    /// Pods of every instance, as the pod watch (or a test) last saw them.
+    pub pods: PodCache,
+    /// Each instance gets a hot loop of its own (off in tests that drive passes by hand).
+    pub hot_loops: bool,
+    instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(client: Client, hub: Hub, settings: Settings, recorder: Recorder) -> Self {
+        Context {
+            client,
+            hub,
+            settings,
+            recorder,
+            metrics: Arc::default(),
+            hang_timeout: Duration::from_secs(5),
+            volatile_every: Duration::from_secs(30),
+            pods: PodCache::default(),
+            hot_loops: true,
+            instances: Mutex::default(),
+        }
+    }
+
+    /// The instance's shared state, made on first use.
+    pub fn instance(&self, key: &InstanceKey) -> Arc<Instance> {
+        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Instance::new(key.clone())))
+            .clone()
+    }
+
+    /// The instance, if the cold path has seen it.
+    pub fn known(&self, key: &InstanceKey) -> Option<Arc<Instance>> {
+        let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances.get(key).cloned()
+    }
+
+    /// Starts the instance's hot loop ([`super::hot::run`]) unless it runs.
+    pub fn start_hot(self: &Arc<Self>, instance: &Arc<Instance>) {
+        if !self.hot_loops || instance.hot_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tokio::spawn(super::hot::run(self.clone(), instance.clone()));
+    }
+
+    /// Whether `instance` is still the one this context serves under its key.
+    pub fn serves(&self, instance: &Arc<Instance>) -> bool {
+        self.known(&instance.key)
+            .is_some_and(|known| Arc::ptr_eq(&known, instance))
+    }
+
+    /// An owned object changed (a watch event): the Failover to reconcile, unless it is the
+    /// object as this controller last applied it (then nothing changed). A record whose object
+    /// someone else changed is forgotten, so that the next pass applies it again.
+    pub fn owned_changed(
+        &self,
+        kind: &str,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        update_revision: Option<String>,
+    ) -> Option<InstanceKey> {
+        let key = InstanceKey {
+            namespace: meta.namespace.clone()?,
+            name: meta.labels.as_ref()?.get(super::LABEL_INSTANCE)?.clone(),
+        };
+        let Some(instance) = self.known(&key) else {
+            return Some(key);
+        };
+        let mut cold = instance.cold.lock().ok()?;
+        let mut changed = false;
+        if update_revision.is_some() && cold.update_revision != update_revision {
+            cold.update_revision = update_revision;
+            changed = true;
+        }
+        let record = format!("{kind}/{}", meta.name.as_deref().unwrap_or_default());
+        if cold
+            .applied
+            .get(&record)
+            .is_none_or(|a| a.resource_version != meta.resource_version)
+        {
+            cold.applied.remove(&record);
+            changed = true;
+        }
+        changed.then_some(key)
+    }
+
+    pub fn forget(&self, key: &InstanceKey) {
+        if let Ok(mut instances) = self.instances.lock() {
+            instances.remove(key);
+        }
+    }
+}
+
+/// One applied object: the hash of what was applied and the resourceVersion it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub hash: String,
+    pub resource_version: Option<String>,
+}
+
+/// What the cold path last did for an instance.
+#[derive(Debug, Default)]
+pub struct Cold {
+    /// By `kind/name`.
+    pub applied: BTreeMap<String, Applied>,
+    /// The generation whose NodePorts were checked against every Service.
+    pub node_ports_checked: Option<i64>,
+    /// The data StatefulSet's update revision, as last applied or watched.
+    pub update_revision: Option<String>,
+}
+
+/// What the hot path last wrote for an instance.
+#[derive(Debug, Default)]
+pub struct Hot {
+    /// The status as last written (or read back at start).
+    pub status: Option<FailoverStatus>,
+    /// When volatile fields were last written.
+    pub volatile_written: Option<Instant>,
+    /// customConfigs last applied with CONFIG SET.
+    pub live: Option<BTreeMap<String, String>>,
+    /// The spec's latest version was refused (the message names the field): the status says
+    /// so while the hot path keeps the running instance failing over on the last good one.
+    pub rejected: Option<String>,
+}
+
+/// One instance, shared by its cold and hot paths.
+#[derive(Debug)]
+pub struct Instance {
+    pub key: InstanceKey,
+    /// The last valid, not deleted Failover the cold path accepted; the hot path works from it.
+    failover: RwLock<Option<Arc<Failover>>>,
+    /// The instance's password (the cold path reads it from its Secret).
+    password: RwLock<Option<String>>,
+    /// The hot path: one pass at a time.
+    pub driver: tokio::sync::Mutex<Option<Driver>>,
+    pub hot: Mutex<Hot>,
+    pub cold: Mutex<Cold>,
+    /// Wakes the instance's hot pass.
+    woken: Notify,
+    /// A decision pass ended: report (role labels, status).
+    reports: Notify,
+    /// Held while the status is written (the durable write and the reporting's).
+    pub status_lock: tokio::sync::Mutex<()>,
+    /// Its hot loop runs.
+    hot_started: AtomicBool,
+}
+
+impl Instance {
+    fn new(key: InstanceKey) -> Self {
+        Instance {
+            key,
+            failover: RwLock::default(),
+            password: RwLock::default(),
+            driver: tokio::sync::Mutex::default(),
+            hot: Mutex::default(),
+            cold: Mutex::default(),
+            woken: Notify::new(),
+            reports: Notify::new(),
+            status_lock: tokio::sync::Mutex::new(()),
+            hot_started: AtomicBool::new(false),
+        }
+    }
+
+    /// Asks for a hot pass now (a report, an accepted change).
+    pub fn wake(&self) {
+        self.woken.notify_one();
+    }
+
+    /// Waits for a wake, or `most` at the longest; then a pass begins.
+    pub async fn woken(&self, most: Duration) {
+        let _ = tokio::time::timeout(most, self.woken.notified()).await;
+    }
+
+    /// A decision pass ended.
+    pub fn request_report(&self) {
+        self.reports.notify_one();
+    }
+
+    /// Waits until a report is asked for, or `most` at the longest.
+    pub async fn report_due(&self, most: Duration) {
+        let _ = tokio::time::timeout(most, self.reports.notified()).await;
+    }
+
+    pub fn failover(&self) -> Option<Arc<Failover>> {
+        self.failover.read().ok()?.clone()
+    }
+
+    /// Hands the hot path a (new) accepted Failover; the first one also seeds the driver's
+    /// durable state and the status the hot path compares against.
+    pub fn accept(&self, failover: Arc<Failover>, password: String) {
+        if let Ok(mut hot) = self.hot.lock()
+            && hot.status.is_none()
+        {
+            hot.status = Some(failover.status.clone().unwrap_or_default());
+        }
+        if let Ok(mut slot) = self.password.write() {
+            *slot = Some(password);
+        }
+        if let Ok(mut slot) = self.failover.write() {
+            *slot = Some(failover);
+        }
+        self.wake();
+    }
+
+    /// The hot path no longer works from a Failover (invalid, paused, deleted).
+    pub fn withdraw(&self) {
+        if let Ok(mut slot) = self.failover.write() {
+            *slot = None;
+        }
+    }
+
+    pub fn password(&self) -> Option<String> {
+        self.password.read().ok()?.clone()
+    }
+
+    /// The status the hot path last wrote (or read back).
+    pub fn status(&self) -> Option<FailoverStatus> {
+        self.hot.lock().ok()?.status.clone()
+    }
+
+    pub fn remember_status(&self, status: FailoverStatus) {
+        if let Ok(mut hot) = self.hot.lock() {
+            hot.status = Some(status);
+        }
+    }
+
+    /// A driver for this instance, seeded from the status, on first use.
+    pub fn seeded_driver(&self, slot: &mut Option<Driver>) {
+        if slot.is_none() {
+            let durable = status::durable_from(self.status().as_ref());
+            *slot = Some(Driver::new(self.key.clone(), durable));
+        }
+    }
+}
+
+/// Pods by namespace, instance and name, fed by a watch: the hot path reads role labels and
+/// addresses here instead of listing pods on every pass.
+#[derive(Debug, Default, Clone)]
+pub struct PodCache {
+    pods: Arc<RwLock<PodsByInstance>>,
+}
+
+/// (namespace, instance label, pod name) -> pod.
+type PodsByInstance = BTreeMap<(String, String, String), Arc<Pod>>;
+
+fn cache_key(pod: &Pod) -> (String, String, String) {
+    (
+        pod.namespace().unwrap_or_default(),
+        pod.labels()
+            .get(super::LABEL_INSTANCE)
+            .cloned()
+            .unwrap_or_default(),
+        pod.name_any(),
+    )
+}
+
+impl PodCache {
+    pub fn apply(&self, pod: Pod) {
+        let key = cache_key(&pod);
+        if let Ok(mut pods) = self.pods.write() {
+            pods.insert(key, Arc::new(pod));
+        }
+    }
+
+    pub fn delete(&self, namespace: &str, name: &str) {
+        if let Ok(mut pods) = self.pods.write() {
+            pods.retain(|(ns, _, pod), _| !(ns == namespace && pod == name));
+        }
+    }
+
+    /// Replaces everything (a watch restarted with a fresh list).
+    pub fn replace(&self, all: Vec<Pod>) {
+        if let Ok(mut pods) = self.pods.write() {
+            *pods = all
+                .into_iter()
+                .map(|pod| (cache_key(&pod), Arc::new(pod)))
+                .collect();
+        }
+    }
+
+    /// The data pods of one instance.
+    pub fn data_pods(&self, names: &Names) -> Vec<Pod> {
+        let Ok(pods) = self.pods.read() else {
+            return Vec::new();
+        };
+        let instance = (names.namespace.clone(), names.instance.clone());
+        pods.range((instance.0.clone(), instance.1.clone(), String::new())..)
+            .take_while(|((ns, name, _), _)| *ns == instance.0 && *name == instance.1)
+            .map(|(_, pod)| pod)
+            .filter(|pod| {
+                pod.labels().get(super::LABEL_COMPONENT).map(String::as_str)
+                    == Some(super::build::COMPONENT_DATA)
+            })
+            .map(|pod| (**pod).clone())
+            .collect()
+    }
+}

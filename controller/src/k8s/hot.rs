@@ -1,0 +1,551 @@
+//! The Kubernetes side of the hot path: one failover pass of the shared [`Driver`], woken by
+//! the hub for one instance, with the durable state persisted as one status patch. Around it
+//! only what failover needs in a cluster: Events for its decisions, role labels (patched only
+//! when a role changes), live settings, and the status, whose volatile fields (offsets, lag)
+//! are written at most every [`Context::volatile_every`]. Nothing here applies objects or
+//! waits for them: that is the cold path's job ([`super::reconcile`]).
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::events::EventType,
+};
+use tracing::{Instrument, debug, info, info_span, warn};
+use valkey_proto::v1::{ConfigSet, Role, command::Action as AgentAction};
+
+use super::{
+    ANNOTATION_SWITCHOVER, LABEL_ROLE, Names, SENTINEL_PORT, VALKEY_PORT,
+    apply::{self, patch_status, publish, restart_pod},
+    context::{Context, Instance},
+    is_paused, status,
+};
+use crate::{
+    core::{Desired, Durable, NodeSpec},
+    crd::Failover,
+    driver::{DurableStore, Outcome, StoreError, SwitchoverSource, Target},
+    engine::{Engine, live_config},
+    hub::{Hub, InstanceKey},
+    sentinel::SentinelDesired,
+    switchover::Refused,
+    validate::RESTART_KEYS,
+};
+
+/// Why a hot pass stopped early. Only the durable write stops a failover.
+#[derive(Debug, thiserror::Error)]
+pub enum HotError {
+    #[error(transparent)]
+    Durable(#[from] StoreError),
+    #[error("writing the status: {0}")]
+    Status(#[source] kube::Error),
+    #[error("patching {what}: {source}")]
+    Patch {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl HotError {
+    /// The Event reason: the variant's name.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HotError::Durable(_) => "Durable",
+            HotError::Status(_) => "Status",
+            HotError::Patch { .. } => "Patch",
+        }
+    }
+}
+
+/// The durable state's home in a cluster: the Failover's status, one merge patch.
+struct StatusStore<'a> {
+    ctx: &'a Context,
+    names: &'a Names,
+    instance: &'a Instance,
+}
+
+impl DurableStore for StatusStore<'_> {
+    async fn save(&self, durable: &Durable) -> Result<(), StoreError> {
+        let _writing = self.instance.status_lock.lock().await;
+        let previous = self.instance.status();
+        let mut next = previous.clone().unwrap_or_default();
+        status::durable_into(durable, &mut next);
+        patch_status(&self.ctx.client, self.names, previous.as_ref(), &next)
+            .await
+            .map_err(StoreError::new)?;
+        if let Ok(mut hot) = self.instance.hot.lock() {
+            hot.status = Some(next);
+        }
+        Ok(())
+    }
+}
+
+/// Runs the instance's two loops for as long as the controller runs: decisions, on every
+/// wake (a report from one of its agents, a change the cold path accepted) and at least once a
+/// second (failure detection runs on time as well as on reports); and reporting (role labels,
+/// status, live settings) after each decision pass, apart, so that no API call but the durable
+/// write stands between a report and the command it calls for.
+pub async fn run(ctx: Arc<Context>, instance: Arc<Instance>) {
+    let reporting = {
+        let (ctx, instance) = (ctx.clone(), instance.clone());
+        async move {
+            while ctx.serves(&instance) {
+                instance.report_due(std::time::Duration::from_secs(5)).await;
+                if let Err(err) = publish_state(&ctx, &instance).await {
+                    warn!(failover = %instance.key.name, error = %err, "reporting; retrying");
+                }
+            }
+        }
+    };
+    let deciding = async {
+        while ctx.serves(&instance) {
+            instance.woken(std::time::Duration::from_secs(1)).await;
+            if let Err(err) = decide(&ctx, &instance).await {
+                warn!(failover = %instance.key.name, error = %err, "failover pass; retrying");
+            }
+            instance.request_report();
+        }
+    };
+    tokio::join!(reporting, deciding);
+}
+
+/// Wakes an instance's decision loop on every report, connect and disconnect of its agents
+/// (never the cold path); runs until the hub goes.
+pub fn wake_on_reports(ctx: Arc<Context>) {
+    let mut reported = ctx.hub.subscribe_instances();
+    tokio::spawn(async move {
+        loop {
+            match reported.recv().await {
+                Ok(key) => {
+                    if let Some(instance) = ctx.known(&key) {
+                        instance.wake();
+                    }
+                }
+                // Missed some: every decision loop also runs once a second.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+/// A decision pass and then a reporting pass, one after the other (what the loops of [`run`]
+/// do; tests drive it by hand).
+pub async fn pass(ctx: &Context, instance: &Instance) -> Result<(), HotError> {
+    decide(ctx, instance).await?;
+    publish_state(ctx, instance).await
+}
+
+/// The instance's accepted Failover, unless paused.
+fn working(instance: &Instance) -> Option<Arc<Failover>> {
+    instance.failover().filter(|f| !is_paused(f))
+}
+
+/// One decision pass: the shared driver's (observe, decide, persist, dispatch, switchover),
+/// then what it calls for at once (Events, restarts, the end of an asked-for switchover).
+pub async fn decide(ctx: &Context, instance: &Instance) -> Result<(), HotError> {
+    let Some(failover) = working(instance) else {
+        return Ok(());
+    };
+    let span = info_span!("failover_pass", namespace = %instance.key.namespace, failover = %instance.key.name);
+    decide_on(ctx, instance, &failover).instrument(span).await
+}
+
+async fn decide_on(
+    ctx: &Context,
+    instance: &Instance,
+    failover: &Failover,
+) -> Result<(), HotError> {
+    let names = Names::of(failover);
+    let Some(password) = instance.password() else {
+        return Ok(());
+    };
+    let desired = desired(failover, &names, &ctx.hub, ctx.hang_timeout);
+    let sentinel = sentinel_desired(failover, &names, &password);
+    let target = Target {
+        desired: &desired,
+        sentinel: sentinel.as_ref(),
+    };
+    let asked = failover.annotations().get(ANNOTATION_SWITCHOVER).cloned();
+    let mut slot = instance.driver.lock().await;
+    instance.seeded_driver(&mut slot);
+    let Some(driver) = slot.as_mut() else {
+        return Ok(());
+    };
+    let store = StatusStore {
+        ctx,
+        names: &names,
+        instance,
+    };
+    let outcome = driver
+        .pass(&ctx.hub, &store, target, asked.as_deref())
+        .await?;
+    drop(slot);
+    report(ctx, instance, failover, &names, outcome).await
+}
+
+/// One reporting pass: live settings, role labels and the status, from what the agents
+/// report and the durable state.
+pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), HotError> {
+    let Some(failover) = working(instance) else {
+        return Ok(());
+    };
+    let names = Names::of(&failover);
+    let Some(password) = instance.password() else {
+        return Ok(());
+    };
+    let span = info_span!("report", namespace = %names.namespace, failover = %names.instance);
+    async {
+        let (engine, durable) = {
+            let slot = instance.driver.lock().await;
+            match slot.as_ref() {
+                Some(driver) => (driver.engine().clone(), driver.durable().clone()),
+                None => return Ok(()),
+            }
+        };
+        apply_live_settings(ctx, instance, &engine, &failover, durable.epoch).await;
+        let pods = ctx.pods.data_pods(&names);
+        label_roles(ctx, &names, &durable, &pods).await?;
+        let desired = desired(&failover, &names, &ctx.hub, ctx.hang_timeout);
+        let sentinel = sentinel_desired(&failover, &names, &password);
+        write_status(
+            ctx,
+            instance,
+            &failover,
+            &names,
+            &desired,
+            sentinel.as_ref(),
+            &pods,
+        )
+        .await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Records an Event without holding up the pass (Events are for people, not for failover).
+fn announce(ctx: &Context, failover: &Failover, type_: EventType, reason: &str, note: &str) {
+    let (recorder, failover) = (ctx.recorder.clone(), failover.clone());
+    let (reason, note) = (reason.to_owned(), note.to_owned());
+    tokio::spawn(async move { publish(&recorder, &failover, type_, &reason, &note).await });
+}
+
+/// Events and metrics for what the pass did; restarts of pods refusing the password; the end
+/// of an asked-for switchover (its annotation is removed).
+async fn report(
+    ctx: &Context,
+    instance: &Instance,
+    failover: &Failover,
+    names: &Names,
+    outcome: Outcome,
+) -> Result<(), HotError> {
+    if let Some(cause) = outcome.master_changed {
+        ctx.metrics.master_changed(cause);
+    }
+    if let Some(took) = outcome.decided {
+        ctx.metrics.decided(took);
+    }
+    for note in &outcome.new_notes {
+        info!("{note}");
+        announce(ctx, failover, EventType::Normal, "Decision", note);
+    }
+    for pod in &outcome.restarts {
+        restart_pod(&ctx.client, &ctx.pods, &names.namespace, pod)
+            .await
+            .map_err(|source| HotError::Patch {
+                what: format!("Pod {pod} (restart)"),
+                source,
+            })?;
+        let note = format!("{pod} refused the instance password; its pod was restarted");
+        announce(
+            ctx,
+            failover,
+            EventType::Warning,
+            "CredentialsRefused",
+            &note,
+        );
+    }
+    match outcome.switchover {
+        Some((SwitchoverSource::Asked, started)) if !is_retried(&started) => {
+            let (type_, reason, note) = match &started {
+                Ok(message) => (EventType::Normal, "Switchover", message.clone()),
+                Err(why) => (EventType::Warning, "SwitchoverRefused", why.to_string()),
+            };
+            announce(ctx, failover, type_, reason, &note);
+            let patch = serde_json::json!({
+                "metadata": { "annotations": { ANNOTATION_SWITCHOVER: null } }
+            });
+            let patched = apply::merge_failover(&ctx.client, names, &patch)
+                .await
+                .map_err(|source| HotError::Patch {
+                    what: format!("Failover {} (annotation)", names.instance),
+                    source,
+                })?;
+            // Work from the Failover without the request, or the next pass would ask again.
+            if let Some(password) = instance.password() {
+                instance.accept(Arc::new(patched), password);
+            }
+        }
+        Some((_, Err(why))) => debug!("switchover not started yet: {why}"),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn is_retried(started: &Result<String, Refused>) -> bool {
+    started.as_ref().err().is_some_and(Refused::is_transient)
+}
+
+/// The role label each data pod should carry: the Services route by it.
+fn wanted_role(hub: &Hub, key: &InstanceKey, durable: &Durable, pod: &str) -> &'static str {
+    let reported = hub
+        .observe(key)
+        .nodes
+        .get(pod)
+        .filter(|o| o.connected)
+        .and_then(|o| o.report.as_ref()?.data.as_ref())
+        .map(|d| d.role());
+    match reported {
+        Some(Role::Master) if durable.master.as_deref() == Some(pod) => "master",
+        Some(Role::Replica) => "replica",
+        _ => "none",
+    }
+}
+
+/// Patches a pod's role label when it differs from its role (one patch per role change).
+async fn label_roles(
+    ctx: &Context,
+    names: &Names,
+    durable: &Durable,
+    pods: &[Pod],
+) -> Result<(), HotError> {
+    let key = key_of(names);
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    for pod in pods {
+        let name = pod.name_any();
+        let wanted = wanted_role(&ctx.hub, &key, durable, &name);
+        if pod.labels().get(LABEL_ROLE).map(String::as_str) == Some(wanted) {
+            continue;
+        }
+        let patch = serde_json::json!({ "metadata": { "labels": { LABEL_ROLE: wanted } } });
+        let patched = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| HotError::Patch {
+                what: format!("Pod {name} (role label)"),
+                source,
+            })?;
+        ctx.pods.apply(patched);
+    }
+    Ok(())
+}
+
+/// The status from what the agents report: written at once when anything but the volatile
+/// fields changed, and with them at most every `volatile_every`.
+#[allow(clippy::too_many_arguments)]
+async fn write_status(
+    ctx: &Context,
+    instance: &Instance,
+    failover: &Failover,
+    names: &Names,
+    desired: &Desired,
+    sentinel: Option<&SentinelDesired>,
+    pods: &[Pod],
+) -> Result<(), HotError> {
+    // One status write at a time: the durable state is read back from the last one.
+    let _writing = instance.status_lock.lock().await;
+    let durable = &status::durable_from(instance.status().as_ref());
+    let observed = ctx.hub.observe(&instance.key);
+    let mut next = status::build(&status::Inputs {
+        names,
+        replicas: failover.spec.replicas,
+        generation: failover.metadata.generation,
+        paused: false,
+        durable,
+        master_addr: durable
+            .master
+            .as_ref()
+            .and_then(|m| desired.node(m))
+            .map(|n| format!("{}:{}", n.host, n.port)),
+        observed: &observed,
+        pods,
+        sentinel: sentinel.map(|sd| status::SentinelInputs {
+            monitor: sd.name.clone(),
+            password_secret: failover
+                .spec
+                .sentinel
+                .as_ref()
+                .and_then(|s| s.password_secret())
+                .map(|(_, name)| name),
+            nodes: sd
+                .sentinel_addrs
+                .iter()
+                .map(|(h, p)| (h.clone(), *p as i32))
+                .collect(),
+        }),
+        now: Timestamp::now(),
+    });
+    let (previous, volatile_due) = {
+        let hot = instance.hot.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            hot.status.clone(),
+            hot.volatile_written
+                .is_none_or(|t| t.elapsed() >= ctx.volatile_every),
+        )
+    };
+    status::keep_transition_times(&mut next, previous.as_ref());
+    if previous.as_ref() == Some(&next) {
+        return Ok(());
+    }
+    let settled_changed = previous.as_ref().map(status::settled) != Some(status::settled(&next));
+    if !settled_changed && !volatile_due {
+        return Ok(());
+    }
+    patch_status(&ctx.client, names, previous.as_ref(), &next)
+        .await
+        .map_err(HotError::Status)?;
+    let phase_changed = previous.as_ref().map(|s| s.phase) != Some(next.phase);
+    if phase_changed {
+        announce(
+            ctx,
+            failover,
+            EventType::Normal,
+            &format!("{:?}", next.phase),
+            &next.message,
+        );
+    }
+    if let Ok(mut hot) = instance.hot.lock() {
+        hot.status = Some(next);
+        hot.volatile_written = Some(Instant::now());
+    }
+    Ok(())
+}
+
+/// customConfigs that apply live go out with CONFIG SET to every connected node once they
+/// change; keys that need a restart wait for the roll.
+async fn apply_live_settings(
+    ctx: &Context,
+    instance: &Instance,
+    engine: &Engine,
+    failover: &Failover,
+    epoch: u64,
+) {
+    let wanted: BTreeMap<String, String> = failover
+        .spec
+        .custom_configs
+        .iter()
+        .filter(|(k, _)| !RESTART_KEYS.contains(&k.to_ascii_lowercase().as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let last = instance.hot.lock().ok().and_then(|hot| hot.live.clone());
+    if last.as_ref() == Some(&wanted) {
+        return;
+    }
+    let observed = ctx.hub.observe(&instance.key);
+    let connected: Vec<&String> = observed
+        .nodes
+        .iter()
+        .filter(|(_, o)| o.connected)
+        .map(|(pod, _)| pod)
+        .collect();
+    if !wanted.is_empty() {
+        if connected.len() < failover.spec.replicas as usize {
+            return;
+        }
+        for pod in connected {
+            let action = AgentAction::ConfigSet(ConfigSet {
+                params: wanted.clone().into_iter().collect(),
+                rewrite: false,
+            });
+            let sent = engine
+                .run_command(
+                    &ctx.hub,
+                    &instance.key,
+                    epoch,
+                    pod,
+                    action,
+                    std::time::Duration::from_secs(5),
+                )
+                .await;
+            if let Err(err) = sent {
+                warn!(pod = %pod, error = %err, "live settings not applied; retrying next pass");
+                return;
+            }
+        }
+    }
+    if let Ok(mut hot) = instance.hot.lock() {
+        hot.live = Some(wanted);
+    }
+}
+
+pub fn key_of(names: &Names) -> InstanceKey {
+    InstanceKey {
+        namespace: names.namespace.clone(),
+        name: names.instance.clone(),
+    }
+}
+
+/// What the failover core works towards: the data pods, at the address each agent announces
+/// (in a cluster its pod's stable DNS name, which is also the default before it has spoken).
+pub fn desired(
+    failover: &Failover,
+    names: &Names,
+    hub: &Hub,
+    hang_timeout: std::time::Duration,
+) -> Desired {
+    let key = key_of(names);
+    Desired {
+        nodes: (0..failover.spec.replicas)
+            .map(|ordinal| {
+                let pod = names.pod(ordinal);
+                let (host, port) = hub
+                    .hello(&key, &pod)
+                    .filter(|h| !h.announce_host.is_empty() && h.announce_port > 0)
+                    .map_or((names.pod_host(&pod), VALKEY_PORT as u16), |h| {
+                        (h.announce_host, h.announce_port as u16)
+                    });
+                NodeSpec {
+                    host,
+                    name: pod,
+                    ordinal: ordinal as u32,
+                    port,
+                    retiring: false,
+                }
+            })
+            .collect(),
+        hang_timeout_ms: hang_timeout.as_millis() as u64,
+        replica_silence_s: (hang_timeout.as_secs() as i64).max(2),
+        live_config: live_config(&failover.spec),
+    }
+}
+
+/// How Sentinel watches the instance (policy sentinel).
+pub fn sentinel_desired(
+    failover: &Failover,
+    names: &Names,
+    password: &str,
+) -> Option<SentinelDesired> {
+    let settings = failover.spec.sentinel.as_ref()?;
+    let sentinel_addrs = match &settings.sentinel_reference {
+        Some(reference) => reference
+            .nodes
+            .iter()
+            .map(|n| (n.ip.clone(), n.port as u32))
+            .collect(),
+        None => (0..settings.count())
+            .map(|i| {
+                let pod = format!("{}-{i}", names.sentinel());
+                (names.sentinel_host(&pod), SENTINEL_PORT as u32)
+            })
+            .collect(),
+    };
+    Some(SentinelDesired {
+        name: names.monitor(),
+        quorum: settings.quorum_or_default(),
+        monitor_config: settings.monitor_config_or_default(),
+        auth_pass: password.to_owned(),
+        sentinel_addrs,
+    })
+}
