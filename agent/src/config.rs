@@ -47,7 +47,37 @@ pub struct Args {
     #[arg(long, env = "VALKEY_AGENT_VALKEY_PASSWORD_FILE")]
     pub valkey_password_file: Option<PathBuf>,
 
-    /// The controller's agent hub, e.g. http://valkey-controller:9090. Absent: run without a
+    /// CA bundle (PEM) to verify the local Valkey or Sentinel against: set, the agent speaks
+    /// TLS to it. Re-read before every new connection.
+    #[arg(long, env = "VALKEY_AGENT_VALKEY_TLS_CA_FILE")]
+    pub valkey_tls_ca_file: Option<PathBuf>,
+
+    /// The certificate the local process serves. Watched: when it (or its key) changes, the
+    /// agent has the process re-read its TLS files, without a restart. Needs
+    /// --valkey-tls-key-file and --valkey-tls-ca-file.
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_VALKEY_TLS_CERT_FILE",
+        requires = "valkey_tls_key_file"
+    )]
+    pub valkey_tls_cert_file: Option<PathBuf>,
+
+    /// The key of --valkey-tls-cert-file.
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_VALKEY_TLS_KEY_FILE",
+        requires = "valkey_tls_cert_file"
+    )]
+    pub valkey_tls_key_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) the controller's certificate must chain to; required with an https://
+    /// --controller-addr. Re-read at every connection attempt.
+    #[arg(long, env = "VALKEY_AGENT_CONTROLLER_CA_FILE")]
+    pub controller_ca_file: Option<PathBuf>,
+
+    /// The controller's agent hub, e.g. https://valkey-controller:9090. Plain http:// is
+    /// accepted only for a loopback address, so the token never crosses a network in the
+    /// clear. Absent: run without a
     /// controller (watch, health and metrics only).
     #[arg(long, env = "VALKEY_AGENT_CONTROLLER_ADDR")]
     pub controller_addr: Option<String>,
@@ -160,6 +190,15 @@ pub enum ConfigError {
     ValkeyAddr(String),
     #[error("--controller-addr {0:?}: expected an http:// or https:// URL")]
     ControllerAddr(String),
+    #[error(
+        "--controller-addr {0:?}: plain http:// is only for a loopback controller (the token \
+         would cross the network in the clear); use https:// with --controller-ca-file"
+    )]
+    PlaintextController(String),
+    #[error("--controller-ca-file is required with an https:// --controller-addr")]
+    MissingControllerCa,
+    #[error("--valkey-tls-cert-file needs --valkey-tls-ca-file")]
+    TlsCertWithoutCa,
     #[error("--metrics-listen {0:?}: expected host:port or \"off\"")]
     MetricsListen(String),
     #[error("--{flag} must be at least {min}, got {value}")]
@@ -213,6 +252,17 @@ pub struct ControllerConfig {
     pub addr: String,
     pub token: TokenSource,
     pub reconnect_max: Duration,
+    /// With https://: the CA bundle the controller's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to the local process.
+#[derive(Debug, Clone)]
+pub struct ValkeyTls {
+    /// What the process's certificate is verified against.
+    pub ca_file: PathBuf,
+    /// The files the process serves, watched for renewal.
+    pub served: Option<(PathBuf, PathBuf)>,
 }
 
 /// The validated configuration the agent runs with.
@@ -225,6 +275,7 @@ pub struct Config {
     pub valkey_password: Option<String>,
     /// Where the password came from: re-read when Valkey refuses it (a rotation).
     pub valkey_password_file: Option<PathBuf>,
+    pub valkey_tls: Option<ValkeyTls>,
     pub controller: Option<ControllerConfig>,
     pub namespace: String,
     pub failover: String,
@@ -255,6 +306,7 @@ impl std::fmt::Debug for Config {
                 "valkey_password",
                 &self.valkey_password.as_ref().map(|_| "<redacted>"),
             )
+            .field("valkey_tls", &self.valkey_tls)
             .field("controller", &self.controller)
             .field("namespace", &self.namespace)
             .field("failover", &self.failover)
@@ -276,6 +328,23 @@ pub fn split_host_port(addr: &str) -> Option<(String, u16)> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port: u16 = port.parse().ok()?;
     (!host.is_empty() && port != 0).then(|| (host.to_owned(), port))
+}
+
+/// Whether the authority of an http:// URL (`host:port/...`) is a loopback host.
+fn is_loopback(rest: &str) -> bool {
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = split_host_port(authority)
+        .map(|(host, _)| host)
+        .unwrap_or_else(|| {
+            authority
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        });
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn at_least(flag: &'static str, value: u64, min: u64) -> Result<Duration, ConfigError> {
@@ -316,6 +385,17 @@ impl Args {
                 if !valid {
                     return Err(ConfigError::ControllerAddr(addr));
                 }
+                let ca_file = match addr.strip_prefix("http://") {
+                    Some(rest) if !is_loopback(rest) => {
+                        return Err(ConfigError::PlaintextController(addr));
+                    }
+                    Some(_) => None,
+                    None => Some(
+                        self.controller_ca_file
+                            .clone()
+                            .ok_or(ConfigError::MissingControllerCa)?,
+                    ),
+                };
                 if self.failover.is_empty() {
                     return Err(ConfigError::MissingFailover);
                 }
@@ -328,8 +408,15 @@ impl Args {
                     addr,
                     token,
                     reconnect_max: at_least("reconnect-max-ms", self.reconnect_max_ms, 100)?,
+                    ca_file,
                 })
             }
+        };
+        let served = self.valkey_tls_cert_file.zip(self.valkey_tls_key_file);
+        let valkey_tls = match (self.valkey_tls_ca_file, served) {
+            (None, Some(_)) => return Err(ConfigError::TlsCertWithoutCa),
+            (None, None) => None,
+            (Some(ca_file), served) => Some(ValkeyTls { ca_file, served }),
         };
         let metrics_listen = match self.metrics_listen.trim() {
             "off" | "" => None,
@@ -351,6 +438,7 @@ impl Args {
             valkey_username: self.valkey_username,
             valkey_password,
             valkey_password_file: self.valkey_password_file,
+            valkey_tls,
             controller,
             namespace: self.namespace,
             failover: self.failover,
@@ -412,12 +500,43 @@ mod tests {
                 "--controller-addr",
             ),
             (
-                &["--controller-addr", "http://x:1", "--token", "t"],
+                &["--controller-addr", "http://127.0.0.1:1", "--token", "t"],
                 "--failover",
             ),
             (
-                &["--controller-addr", "http://x:1", "--failover", "f"],
+                &["--controller-addr", "http://127.0.0.1:1", "--failover", "f"],
                 "--token",
+            ),
+            (
+                &[
+                    "--controller-addr",
+                    "http://controller.ns.svc:9090",
+                    "--failover",
+                    "f",
+                    "--token",
+                    "t",
+                ],
+                "use https:// with --controller-ca-file",
+            ),
+            (
+                &[
+                    "--controller-addr",
+                    "https://controller.ns.svc:9090",
+                    "--failover",
+                    "f",
+                    "--token",
+                    "t",
+                ],
+                "--controller-ca-file",
+            ),
+            (
+                &[
+                    "--valkey-tls-cert-file",
+                    "/tls/tls.crt",
+                    "--valkey-tls-key-file",
+                    "/tls/tls.key",
+                ],
+                "--valkey-tls-ca-file",
             ),
             (&["--probe-interval-ms", "1"], "--probe-interval-ms"),
             (&["--metrics-listen", "garbage"], "--metrics-listen"),
@@ -432,6 +551,33 @@ mod tests {
                 Err(err) => assert!(err.contains(flag), "{args:?}: {err}"),
             }
         }
+    }
+
+    #[test]
+    fn plaintext_is_accepted_for_a_loopback_controller_only() -> Result<(), String> {
+        for addr in [
+            "http://127.0.0.1:7070",
+            "http://localhost:7070",
+            "http://[::1]:7070",
+        ] {
+            let config = parse(&["--controller-addr", addr, "--failover", "f", "--token", "t"])?;
+            assert!(config.controller.is_some_and(|c| c.ca_file.is_none()));
+        }
+        let config = parse(&[
+            "--controller-addr",
+            "https://controller.ns.svc:7070",
+            "--controller-ca-file",
+            "/etc/ca.crt",
+            "--failover",
+            "f",
+            "--token",
+            "t",
+        ])?;
+        assert_eq!(
+            config.controller.and_then(|c| c.ca_file),
+            Some(PathBuf::from("/etc/ca.crt"))
+        );
+        Ok(())
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod link;
 pub mod local;
 pub mod metrics;
 pub mod state;
+pub mod tls;
 pub mod watcher;
 
 use std::{
@@ -79,6 +80,7 @@ pub async fn run(
     watcher.probe_once().await;
     let watcher_task = tokio::spawn(watcher.run());
     let clients_task = tokio::spawn(clients::run(config.clone(), shared.clone()));
+    let tls_task = tokio::spawn(tls::watch(config.clone(), metrics.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -138,6 +140,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
     watcher_task.abort();
     clients_task.abort();
+    tls_task.abort();
     health_task.abort();
     if let Some(task) = metrics_task {
         task.abort();

@@ -16,7 +16,7 @@ use std::{
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 use valkey_proto::v1::{
     AgentMessage, CommandResult, ControllerMessage, Heartbeat, Hello, NodeKind, ProcessState, Role,
@@ -182,10 +182,29 @@ impl Link {
                 return End::Lost { established: false };
             }
         };
+        let endpoint = match &self.controller.ca_file {
+            None => endpoint,
+            Some(ca_file) => match controller_tls(ca_file).and_then(|tls| {
+                endpoint
+                    .tls_config(tls)
+                    .map_err(|e| format!("TLS settings: {e}"))
+            }) {
+                Ok(endpoint) => endpoint,
+                Err(why) => {
+                    warn!(error = %why, "cannot set up TLS to the controller; retrying");
+                    return End::Lost { established: false };
+                }
+            },
+        };
         let channel = match endpoint.connect().await {
             Ok(channel) => channel,
             Err(err) => {
-                debug!(addr = %self.controller.addr, error = %err, "controller unreachable");
+                let why = error_chain(&err);
+                if is_tls_failure(&err) {
+                    warn!(addr = %self.controller.addr, error = %why, "the controller's TLS certificate is not accepted (checked against --controller-ca-file); not connecting");
+                } else {
+                    debug!(addr = %self.controller.addr, error = %why, "controller unreachable");
+                }
                 return End::Lost { established: false };
             }
         };
@@ -349,4 +368,44 @@ impl Link {
         }
         end
     }
+}
+
+/// TLS to the controller, verified against the CA bundle in `ca_file` (read anew each time).
+fn controller_tls(ca_file: &std::path::Path) -> Result<ClientTlsConfig, String> {
+    crate::tls::read_certificates(ca_file).map_err(|e| format!("--controller-ca-file {e}"))?;
+    let pem = std::fs::read(ca_file)
+        .map_err(|e| format!("--controller-ca-file {}: {e}", ca_file.display()))?;
+    Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+}
+
+/// An error and its causes, on one line.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether a connect failed in the TLS handshake (an untrusted or wrong certificate), rather
+/// than on the network.
+fn is_tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if cause.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }

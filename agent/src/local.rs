@@ -86,12 +86,15 @@ pub struct Local {
     username: Option<String>,
     password: Option<String>,
     password_file: Option<std::path::PathBuf>,
+    /// With TLS: the CA file the server is verified against, and the bundle last read from it.
+    tls: Option<(std::path::PathBuf, Vec<u8>)>,
 }
 
 fn client(
     addr: &(String, u16),
     username: Option<&str>,
     password: Option<&str>,
+    ca: Option<&[u8]>,
 ) -> Result<Client, LocalError> {
     let mut redis =
         RedisConnectionInfo::default().set_lib_name(AGENT_LIB_NAME, env!("CARGO_PKG_VERSION"));
@@ -101,11 +104,39 @@ fn client(
     if let Some(password) = password {
         redis = redis.set_password(password);
     }
-    let info: ConnectionInfo = ConnectionAddr::Tcp(addr.0.clone(), addr.1)
+    let conn_addr = match ca {
+        None => ConnectionAddr::Tcp(addr.0.clone(), addr.1),
+        Some(_) => ConnectionAddr::TcpTls {
+            host: addr.0.clone(),
+            port: addr.1,
+            insecure: false,
+            tls_params: None,
+        },
+    };
+    let info: ConnectionInfo = conn_addr
         .into_connection_info()
         .map_err(|e| LocalError::Reply(e.to_string()))?
         .set_redis_settings(redis);
-    Client::open(info).map_err(|e| LocalError::Reply(e.to_string()))
+    match ca {
+        None => Client::open(info),
+        Some(ca) => Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        ),
+    }
+    .map_err(|e| LocalError::Reply(e.to_string()))
+}
+
+/// The CA bundle of `path`, or why it cannot be used (the process then counts as down: the
+/// agent cannot reach it).
+fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, LocalError> {
+    crate::tls::read_certificates(path)
+        .map_err(|e| LocalError::Down(format!("--valkey-tls-ca-file {e}")))?;
+    std::fs::read(path)
+        .map_err(|e| LocalError::Down(format!("--valkey-tls-ca-file {}: {e}", path.display())))
 }
 
 impl std::fmt::Debug for Local {
@@ -120,10 +151,16 @@ impl std::fmt::Debug for Local {
 impl Local {
     pub fn new(config: &Config, timeout: Duration) -> Result<Self, LocalError> {
         let addr = (config.valkey_host.clone(), config.valkey_port);
+        // A CA file that cannot be read yet leaves an empty bundle: every connect re-reads it.
+        let tls = config
+            .valkey_tls
+            .as_ref()
+            .map(|t| (t.ca_file.clone(), read_ca(&t.ca_file).unwrap_or_default()));
         let client = client(
             &addr,
             config.valkey_username.as_deref(),
             config.valkey_password.as_deref(),
+            tls.as_ref().map(|(_, ca)| ca.as_slice()),
         )?;
         Ok(Self {
             client,
@@ -133,6 +170,7 @@ impl Local {
             username: config.valkey_username.clone(),
             password: config.valkey_password.clone(),
             password_file: config.valkey_password_file.clone(),
+            tls,
         })
     }
 
@@ -149,7 +187,12 @@ impl Local {
         if password.is_empty() || Some(&password) == self.password.as_ref() {
             return false;
         }
-        match client(&self.addr, self.username.as_deref(), Some(&password)) {
+        match client(
+            &self.addr,
+            self.username.as_deref(),
+            Some(&password),
+            self.tls.as_ref().map(|(_, ca)| ca.as_slice()),
+        ) {
             Ok(client) => {
                 tracing::info!("the Valkey password file changed; using the new password");
                 self.client = client;
@@ -176,10 +219,30 @@ impl Local {
         }
     }
 
+    /// With TLS, before each new connection: a CA bundle that changed (a renewed CA) is used
+    /// from now on.
+    fn reload_ca(&mut self) -> Result<(), LocalError> {
+        let Some((path, current)) = &self.tls else {
+            return Ok(());
+        };
+        let ca = read_ca(path)?;
+        if &ca != current {
+            self.client = client(
+                &self.addr,
+                self.username.as_deref(),
+                self.password.as_deref(),
+                Some(&ca),
+            )?;
+            self.tls = Some((path.clone(), ca));
+        }
+        Ok(())
+    }
+
     async fn connect(&mut self) -> Result<MultiplexedConnection, LocalError> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
+        self.reload_ca()?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(None);

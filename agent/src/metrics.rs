@@ -43,6 +43,10 @@ pub struct Metrics {
     /// The local Valkey's replication offset (the controller's status carries it only every
     /// 30 s).
     pub repl_offset: Gauge,
+    /// When the certificate the local process serves expires (Unix seconds; 0 without TLS).
+    pub tls_cert_expiry: Gauge,
+    /// Certificate reloads handed to the local process.
+    pub tls_reloads: Counter,
 }
 
 /// Roles the role gauge knows, so exactly one of them reads 1.
@@ -64,6 +68,18 @@ impl Metrics {
         let commands = Family::<CommandLabel, Counter>::default();
         let controller_connected = Gauge::default();
         let repl_offset = Gauge::default();
+        let tls_cert_expiry = Gauge::default();
+        let tls_reloads = Counter::default();
+        registry.register(
+            "tls_cert_expiry_timestamp_seconds",
+            "When the certificate the local Valkey or Sentinel serves expires, in Unix seconds",
+            tls_cert_expiry.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Renewed certificates handed to the local Valkey or Sentinel without a restart",
+            tls_reloads.clone(),
+        );
         registry.register(
             "repl_offset",
             "The local Valkey's replication offset, as last observed",
@@ -108,6 +124,8 @@ impl Metrics {
             commands,
             controller_connected,
             repl_offset,
+            tls_cert_expiry,
+            tls_reloads,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod local;
 pub mod manifest;
 pub mod sentinel;
 pub mod switchover;
+pub mod tls;
 pub mod validate;
 
 /// Unix time in milliseconds.

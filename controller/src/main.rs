@@ -54,11 +54,12 @@ struct RunArgs {
         default_value = "0.0.0.0:8080"
     )]
     http_listen: std::net::SocketAddr,
-    /// The address agents dial to reach the hub (the controller's Service).
+    /// The address agents dial to reach the hub (the controller's Service), https://: the hub
+    /// serves TLS only, with a certificate from the controller's CA.
     #[arg(
         long,
         env = "VALKEY_CONTROLLER_AGENT_ADDR",
-        default_value = "http://valkey-controller.valkey-system.svc:7070"
+        default_value = "https://valkey-controller.valkey-system.svc:7070"
     )]
     agent_controller_addr: String,
     /// Image of the agent sidecar (it holds valkey-agent).
@@ -111,6 +112,11 @@ enum LocalCommand {
         /// How often each agent probes its Valkey, in milliseconds.
         #[arg(long, env = "VALKEY_LOCAL_PROBE_INTERVAL_MS", default_value_t = 50)]
         probe_interval_ms: u64,
+        /// Lifetime of the certificates issued from the working dir's CA, in seconds (renewed
+        /// at two thirds of it); at least 10.
+        #[arg(long, env = "VALKEY_LOCAL_CERT_LIFETIME_SECS", default_value_t = 90 * 24 * 3600,
+              value_parser = clap::value_parser!(u64).range(10..))]
+        cert_lifetime_secs: u64,
     },
     /// Show the status of a running `local up`.
     Status {
@@ -225,6 +231,8 @@ fn main() -> ExitCode {
                         agent_image: args.agent_image.unwrap_or(defaults.agent_image),
                         exporter_image: args.exporter_image,
                         controller_addr: args.agent_controller_addr,
+                        // Filled in from the controller's CA once it is loaded.
+                        controller_ca: String::new(),
                     },
                     pod_name: args.pod_name,
                     pod_namespace: args.pod_namespace,
@@ -240,12 +248,14 @@ fn main() -> ExitCode {
                     dir,
                     hang_timeout_ms,
                     probe_interval_ms,
+                    cert_lifetime_secs,
                 } => local::up(
                     UpOptions {
                         manifest: file,
                         dir,
                         hang_timeout: Duration::from_millis(hang_timeout_ms),
                         probe_interval_ms,
+                        cert_lifetime: Duration::from_secs(cert_lifetime_secs),
                     },
                     valkey_agent::termination(),
                 )

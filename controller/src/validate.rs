@@ -152,6 +152,19 @@ pub fn validate(name: &str, spec: &FailoverSpec) -> Result<(), Invalid> {
     }
     if let Some(sentinel) = &spec.sentinel {
         validate_sentinel(sentinel)?;
+        // Sentinel opens its links to the data nodes and to its peers with one setting
+        // (tls-replication): its TLS follows the data nodes'.
+        let sentinel_tls = sentinel
+            .access
+            .as_ref()
+            .is_some_and(|a| a.access.enable_tls);
+        if sentinel_tls && !spec.access.enable_tls && sentinel.sentinel_reference.is_none() {
+            return Err(invalid(
+                "spec.sentinel.access.enableTLS",
+                "needs spec.access.enableTLS: embedded sentinels reach the data nodes and each \
+                 other with one TLS setting (with spec.access.enableTLS they use TLS anyway)",
+            ));
+        }
     }
     Ok(())
 }
@@ -510,6 +523,14 @@ mod tests {
             ..Default::default()
         });
         cases.push((s, "spec.sentinel.sentinelReference.nodes"));
+        let mut s = spec();
+        let mut sentinel_access = crate::crd::SentinelInstanceAccess::default();
+        sentinel_access.access.enable_tls = true;
+        s.sentinel = Some(SentinelSettings {
+            access: Some(sentinel_access),
+            ..Default::default()
+        });
+        cases.push((s, "spec.sentinel.access.enableTLS"));
         for (spec, field) in cases {
             assert_eq!(field_of(&spec), field, "{spec:?}");
         }

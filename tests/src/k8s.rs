@@ -29,7 +29,6 @@ use kube::{
     },
 };
 use kube_fake_client::ClientBuilder;
-use tokio_stream::wrappers::TcpListenerStream;
 use valkey_controller::{
     crd::{Failover, FailoverSpec, Phase},
     hub::{Hub, StaticToken},
@@ -40,6 +39,7 @@ use valkey_controller::{
         reconcile::{Error, reconcile},
         requests,
     },
+    tls::{CA_LIFETIME, Ca, serve::ServerCert},
 };
 
 pub const TOKEN: &str = "t0ken";
@@ -141,8 +141,10 @@ pub struct FakeCluster {
     /// Faults for the controller's requests.
     pub faults: Arc<ApiFaults>,
     pub hub: Hub,
-    /// Where agents reach the hub.
+    /// Where agents reach the hub (https://: it serves TLS, as in a cluster).
     pub hub_url: String,
+    /// The controller's CA: it signed the hub's certificate.
+    pub ca: valkey_controller::tls::Ca,
     pub ctx: Arc<Context>,
     server: tokio::task::JoinHandle<()>,
     pod_sync: tokio::task::JoinHandle<()>,
@@ -178,12 +180,17 @@ impl FakeCluster {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("hub listener");
-        let hub_url = format!("http://{}", listener.local_addr().expect("addr"));
+        let hub_url = format!("https://{}", listener.local_addr().expect("addr"));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = Ca::generate("test controller CA", CA_LIFETIME).expect("CA");
+        let hub_cert =
+            ServerCert::new(&ca.issue(&["127.0.0.1".into()], CA_LIFETIME).expect("issue"))
+                .expect("hub certificate");
         let service = hub.server();
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(valkey_controller::tls::serve::incoming(listener, hub_cert))
                 .await;
         });
         let faults = Arc::new(ApiFaults::default());
@@ -202,10 +209,12 @@ impl FakeCluster {
             hub.clone(),
             Settings {
                 controller_addr: hub_url.clone(),
+                controller_ca: ca.0.cert_pem.clone(),
                 ..Settings::default()
             },
             recorder,
         );
+        ctx.ca = Some(Arc::new(ca.clone()));
         ctx.hang_timeout = Duration::from_secs(2);
         ctx.metrics = metrics;
         let ctx = Arc::new(ctx);
@@ -227,6 +236,7 @@ impl FakeCluster {
             faults,
             hub,
             hub_url,
+            ca,
             ctx,
             server,
             pod_sync,
@@ -477,6 +487,9 @@ pub fn start_nodes(cluster: &FakeCluster) -> Nodes {
         .map(|v| {
             let mut opts = AgentOpts::for_valkey(v, Some(cluster.hub_url.clone()));
             std::fs::write(opts.token_file.as_ref().expect("token file"), TOKEN).expect("token");
+            let ca_file = v.dir.join("controller-ca.crt");
+            std::fs::write(&ca_file, &cluster.ca.0.cert_pem).expect("controller CA");
+            opts.extra = vec!["--controller-ca-file".into(), ca_file.display().to_string()];
             opts.failover = "demo".into();
             Agent::start(opts)
         })

@@ -224,7 +224,7 @@ impl LocalInstance {
     }
 
     pub fn client(&self, addr: &str) -> redis::Client {
-        redis::Client::open(format!("redis://:{}@{addr}/", self.password())).expect("client")
+        valkey_client(&self.dir, addr, &self.password())
     }
 
     /// A connection that waits up to 10 s for a reply (WAIT can take a while).
@@ -299,6 +299,33 @@ impl Drop for LocalInstance {
             );
         }
     }
+}
+
+/// A client of a node of the instance in `dir`: over TLS, verified against `<dir>/tls/ca.crt`,
+/// when the instance serves TLS (its certificate is in `<dir>/tls/tls.crt`).
+pub fn valkey_client(dir: &Path, addr: &str, password: &str) -> redis::Client {
+    if !dir.join("tls").join("tls.crt").exists() {
+        return redis::Client::open(format!("redis://:{password}@{addr}/")).expect("client");
+    }
+    tls_client(&dir.join("tls").join("ca.crt"), addr, Some(password))
+}
+
+/// A TLS client of `addr` that trusts the CA bundle in `ca_file` only.
+pub fn tls_client(ca_file: &Path, addr: &str, password: Option<&str>) -> redis::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = std::fs::read(ca_file).expect("read the CA bundle");
+    let url = match password {
+        Some(password) => format!("rediss://:{password}@{addr}/"),
+        None => format!("rediss://{addr}/"),
+    };
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        },
+    )
+    .expect("TLS client")
 }
 
 pub fn master_of(status: &Status) -> (String, String, u32) {
@@ -459,8 +486,7 @@ impl Writer {
                         .unwrap_or_default()
                         .trim()
                         .to_owned();
-                    let client = redis::Client::open(format!("redis://:{password}@{addr}/"))
-                        .expect("client");
+                    let client = valkey_client(&dir, &addr, &password);
                     let config = redis::AsyncConnectionConfig::new()
                         .set_connection_timeout(Some(Duration::from_millis(500)))
                         .set_response_timeout(Some(Duration::from_millis(3000)));

@@ -21,11 +21,11 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Watches `nodes` (host:port), logging in with whatever `password` returns at each
-    /// (re)connect.
+    /// Watches `nodes` (host:port), with a client from `client` (given the address) made at
+    /// each (re)connect, so that it follows a password rotation.
     pub fn start(
         nodes: Vec<String>,
-        password: impl Fn() -> String + Send + Sync + 'static,
+        client: impl Fn(&str) -> redis::Client + Send + Sync + 'static,
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let double = Arc::new(AtomicU64::new(0));
@@ -35,14 +35,10 @@ impl Monitor {
             while !stop_flag.load(Ordering::Relaxed) {
                 let round = Instant::now();
                 let mut writable = 0;
-                let password = password();
                 let probes = nodes.iter().zip(conns.iter_mut()).map(|(addr, conn)| {
-                    let password = password.clone();
+                    let client = conn.is_none().then(|| client(addr));
                     async move {
-                        if conn.is_none() {
-                            let client =
-                                redis::Client::open(format!("redis://:{password}@{addr}/"))
-                                    .expect("client");
+                        if let Some(client) = client {
                             let config = redis::AsyncConnectionConfig::new()
                                 .set_connection_timeout(Some(Duration::from_millis(50)))
                                 .set_response_timeout(Some(Duration::from_millis(100)));

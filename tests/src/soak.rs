@@ -133,7 +133,7 @@ pub fn seed_from_env() -> u64 {
 /// and every process up; under policy sentinel every sentinel connected, naming it, and knowing
 /// both replicas (Sentinel learns them from the master's INFO, every 10 s, and can promote no
 /// replica it does not know).
-fn healthy(status: &Status, sentinel: bool) -> bool {
+pub fn healthy(status: &Status, sentinel: bool) -> bool {
     let Some(master) = status.master.as_deref() else {
         return false;
     };
@@ -397,15 +397,13 @@ pub async fn run(soak: Soak) -> (Outcome, LocalInstance) {
         }
     };
     let dir = run.instance.dir.clone();
-    let password_file = dir.join("password");
-    let read_password = move || {
-        std::fs::read_to_string(&password_file)
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
+    let monitor_dir = dir.clone();
+    let client_for = move |addr: &str| {
+        let password = std::fs::read_to_string(monitor_dir.join("password")).unwrap_or_default();
+        crate::local::valkey_client(&monitor_dir, addr, password.trim())
     };
     let nodes = status.nodes.iter().map(|n| n.addr.clone()).collect();
-    let monitor = Monitor::start(nodes, read_password);
+    let monitor = Monitor::start(nodes, client_for);
     let pace = Duration::from_millis(2);
     let waited = Writer::start_paced(dir.clone(), "a", wait_for(soak.sentinel), pace);
     let plain = Writer::start_paced(dir.clone(), "p", 0, pace);

@@ -154,27 +154,42 @@ async fn a_switchover_whose_target_hangs_midway_is_undone_and_loses_no_write() {
     let writer = Writer::start(instance.dir.clone(), 1);
     writer.wait_more(50).await;
     let target = status.nodes.iter().find(|n| n.pod != old).unwrap().clone();
-    // The master counts the target online (after a full sync it waits for its first ack):
-    // otherwise the switchover would be refused rather than started.
+    // The target stops answering just as the switchover starts: its catch-up cannot finish.
+    // When its agent reports the hang before the request arrives (a loaded machine), the
+    // request is refused instead; then the target resumes and it is tried again.
     let master = instance.conn(&old_addr).await;
     let port = target.addr.rsplit_once(':').unwrap().1.to_owned();
-    wait_for("the master to count the target online", T, || {
-        let (mut master, port) = (master.clone(), &port);
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut master)
-                .await
-                .ok()?;
-            info.contains(&format!("port={port},state=online"))
-                .then_some(())
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        // The master counts the target online (after a full sync it waits for its first
+        // ack): otherwise the switchover would be refused rather than started.
+        wait_for("the master to count the target online", T, || {
+            let (mut master, port) = (master.clone(), &port);
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut master)
+                    .await
+                    .ok()?;
+                info.contains(&format!("port={port},state=online"))
+                    .then_some(())
+            }
+        })
+        .await;
+        signal(target.valkey_pid.unwrap(), Signal::SIGSTOP);
+        let reply = instance.switchover(Some(&target.pod)).await;
+        if reply.ok {
+            break;
         }
-    })
-    .await;
-    // The target stops answering just as the switchover starts: its catch-up cannot finish.
-    signal(target.valkey_pid.unwrap(), Signal::SIGSTOP);
-    let reply = instance.switchover(Some(&target.pod)).await;
-    assert!(reply.ok, "{}", reply.message);
+        assert!(
+            attempts < 10 && reply.message.contains("not an in-sync replica"),
+            "{}",
+            reply.message
+        );
+        signal(target.valkey_pid.unwrap(), Signal::SIGCONT);
+        instance.wait_healthy(3, T).await;
+    }
     let status = instance
         .wait_status("the switchover to be dropped", T, |s| {
             s.switchover.is_none() && s.epoch > status.epoch

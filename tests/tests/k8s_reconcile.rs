@@ -64,7 +64,21 @@ async fn creating_a_failover_creates_its_objects_and_a_password_that_is_never_ov
     let created = cluster.failover(NS, "demo").await;
     assert!(created.finalizers().contains(&FINALIZER.to_owned()));
     assert_eq!(names(&cluster.api::<StatefulSet>(NS)).await, ["demo"]);
-    assert_eq!(names(&cluster.api::<ConfigMap>(NS)).await, ["demo-config"]);
+    assert_eq!(
+        names(&cluster.api::<ConfigMap>(NS)).await,
+        ["demo-config", "demo-controller-ca"]
+    );
+    // Agents verify the hub with the controller's CA, handed to them in a ConfigMap.
+    let bundle = cluster
+        .api::<ConfigMap>(NS)
+        .get("demo-controller-ca")
+        .await
+        .unwrap();
+    assert_eq!(
+        bundle.data.unwrap()["ca.crt"],
+        cluster.ca.0.cert_pem,
+        "the agents' CA bundle is not the controller's CA"
+    );
     assert_eq!(
         names(&cluster.api::<PodDisruptionBudget>(NS)).await,
         ["demo"]
@@ -625,4 +639,46 @@ async fn live_settings_apply_at_once_and_a_new_template_rolls_replicas_first_mas
         events.iter().any(|(_, r, _)| r == "RollingRestart"),
         "{events:?}"
     );
+}
+
+#[tokio::test]
+async fn a_tls_failover_gets_a_certificate_from_the_controllers_ca_issued_once() {
+    let cluster = FakeCluster::start().await;
+    let mut spec = three();
+    spec.access.enable_tls = true;
+    cluster.create(&failover("demo", spec)).await;
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+
+    let secrets = cluster.api::<Secret>(NS);
+    let secret = secrets.get("demo-tls").await.expect("the issued Secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.clone().expect("data");
+    assert_eq!(data["ca.crt"].0, cluster.ca.0.cert_pem.as_bytes());
+    assert!(data.contains_key("tls.key"));
+    // The pods mount it, and Valkey serves TLS only.
+    let set = cluster
+        .api::<StatefulSet>(NS)
+        .get("demo")
+        .await
+        .expect("StatefulSet");
+    let volumes = set.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+    assert!(volumes.iter().any(|v| {
+        v.secret
+            .as_ref()
+            .is_some_and(|s| s.secret_name.as_deref() == Some("demo-tls"))
+    }));
+    let conf = cluster
+        .api::<ConfigMap>(NS)
+        .get("demo-config")
+        .await
+        .unwrap()
+        .data
+        .unwrap()["valkey.conf"]
+        .clone();
+    assert!(conf.contains("port 0\ntls-port 6379\n"), "{conf}");
+
+    // Another pass keeps the certificate: it is not due, its names and CA are the same.
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+    let again = secrets.get("demo-tls").await.expect("Secret");
+    assert_eq!(again.data.expect("data")["tls.crt"], data["tls.crt"]);
 }

@@ -16,7 +16,8 @@ use valkey_controller::{
         Exporter, Failover, FailoverSpec, IpFamily, SentinelInstanceAccess, SentinelSettings,
         ServiceType, Storage, ValkeyModule,
     },
-    k8s::{Settings, build, render},
+    k8s::{Settings, build, render, tls_objects},
+    tls::{CA_LIFETIME, Ca},
 };
 
 const KUBERNETES: &str = "1.33.0";
@@ -113,6 +114,8 @@ fn everything() -> Failover {
     spec.access.ports = Some("31000-31002".into());
     spec.access.ip_family_prefer = Some(IpFamily::IPv6);
     spec.access.annotations = [("lb".to_owned(), "internal".to_owned())].into();
+    spec.access.enable_tls = true;
+    spec.access.cert_issuer = Some("letsencrypt".into());
     spec.custom_configs
         .insert("maxmemory-policy".into(), "allkeys-lru".into());
     let mut failover = Failover::new("everything", spec);
@@ -136,6 +139,21 @@ fn every_generated_object_validates_against_the_kubernetes_schema() {
         objects.push(
             serde_json::to_value(build::password_secret(&failover, "generated")).expect("json"),
         );
+        if failover.spec.access.enable_tls {
+            // The Secret the controller issues when no certIssuer is named.
+            let ca = Ca::generate("schema test CA", CA_LIFETIME).expect("CA");
+            let issued = ca.issue(&["localhost".into()], CA_LIFETIME).expect("issue");
+            objects.push(
+                serde_json::to_value(tls_objects::issued_secret(
+                    &failover,
+                    &issued,
+                    &ca.0.cert_pem,
+                ))
+                .expect("json"),
+            );
+        }
+        // cert-manager's Certificate is not a Kubernetes kind: tls_objects' tests check it.
+        objects.retain(|o| o["kind"] != "Certificate");
         let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
         assert!(
             kinds.contains(&"StatefulSet") && kinds.contains(&"Service"),
@@ -152,8 +170,13 @@ fn every_generated_object_validates_against_the_kubernetes_schema() {
 fn a_broken_object_fails_the_check() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut objects = render(&everything(), &Settings::default()).expect("valid");
-    objects[1]["spec"]["ports"][0]["port"] = serde_json::json!("not a number");
-    objects[1]["spec"]["unknownField"] = serde_json::json!(true);
+    let service = objects
+        .iter()
+        .position(|o| o["kind"] == "Service")
+        .expect("a Service");
+    objects[service]["spec"]["ports"][0]["port"] = serde_json::json!("not a number");
+    objects[service]["spec"]["unknownField"] = serde_json::json!(true);
+    objects.retain(|o| o["kind"] != "Certificate");
     let file = write_yaml(dir.path(), "broken.yaml", &objects);
     let report = kubernetes_validate(&file).expect_err("a broken Service must fail");
     assert!(

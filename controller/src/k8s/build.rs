@@ -27,7 +27,7 @@ use k8s_openapi::{
 
 use super::{
     AGENT_METRICS_PORT, AGENT_PORT, ANNOTATION_RESTART_HASH, EXPORTER_PORT, Names, Settings,
-    TOKEN_AUDIENCE, VALKEY_PORT, owned_meta, selector,
+    TOKEN_AUDIENCE, VALKEY_PORT, owned_meta, selector, tls_objects,
 };
 use crate::{
     crd::{AccessMode, Failover, FailoverSpec, PullPolicy},
@@ -68,9 +68,14 @@ pub fn repl_backlog_size(maxmemory: Option<u64>) -> u64 {
 /// so a pod that comes back, empty or not, takes no writes and serves no sync until the
 /// controller (or Sentinel) makes it master.
 pub fn valkey_conf(spec: &FailoverSpec) -> String {
+    let ports = if spec.access.enable_tls {
+        crate::tls::TlsFiles::in_dir(tls_objects::TLS_DIR).config_lines(VALKEY_PORT as u16)
+    } else {
+        format!("port {VALKEY_PORT}\n")
+    };
     let mut conf = format!(
         "# Written by the valkey operator; edit spec.customConfigs instead.\n\
-         port {VALKEY_PORT}\nbind * -::*\nprotected-mode no\ndir /data\n\
+         {ports}bind * -::*\nprotected-mode no\ndir /data\n\
          appendonly yes\nappendfsync everysec\n\
          repl-ping-replica-period 1\nrepl-diskless-sync yes\nrepl-diskless-sync-delay 0\n\
          replicaof 127.0.0.1 1\n"
@@ -117,6 +122,10 @@ pub fn valkey_conf(spec: &FailoverSpec) -> String {
 pub fn restart_hash(spec: &FailoverSpec) -> String {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
+    // Turning TLS on or off changes the port Valkey listens on: only a restart does that.
+    if spec.access.enable_tls {
+        hasher.update("tls\n");
+    }
     for (key, value) in &spec.custom_configs {
         if RESTART_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
             hasher.update(format!("{key}={value}\n"));
@@ -283,6 +292,7 @@ pub fn agent_container(
     local_port: i32,
     announce_host: &str,
     password_file: Option<&str>,
+    tls: bool,
 ) -> Container {
     let mut env = vec![
         env("VALKEY_AGENT_MODE", mode),
@@ -307,11 +317,20 @@ pub fn agent_container(
             format!("0.0.0.0:{AGENT_METRICS_PORT}"),
         ),
         env("VALKEY_AGENT_LOG_FORMAT", "json"),
+        env(
+            "VALKEY_AGENT_CONTROLLER_CA_FILE",
+            format!("{}/ca.crt", tls_objects::CONTROLLER_CA_DIR),
+        ),
     ];
     let mut mounts = vec![
         mount("data", "/data", false),
         mount("agent-token", TOKEN_DIR, true),
+        mount("controller-ca", tls_objects::CONTROLLER_CA_DIR, true),
     ];
+    if tls {
+        env.extend(tls_objects::agent_tls_env());
+        mounts.push(tls_objects::tls_mount());
+    }
     if let Some(file) = password_file {
         env.push(self::env("VALKEY_AGENT_VALKEY_PASSWORD_FILE", file));
         mounts.push(mount("password", SECRET_DIR, true));
@@ -412,11 +431,12 @@ fn valkey_start_script(names: &Names) -> String {
 
 /// preStop on the Valkey container: a terminating master holds until the controller has moved
 /// its role away (the agent asks for that on SIGTERM), for at most SWITCHOVER_WAIT_S.
-fn valkey_pre_stop() -> String {
+fn valkey_pre_stop(tls: bool) -> String {
+    let tls = tls_objects::cli_flags(tls);
     format!(
         "export REDISCLI_AUTH=\"$(cat {SECRET_DIR}/password)\" VALKEYCLI_AUTH=\"$(cat {SECRET_DIR}/password)\"\n\
          i=0\nwhile [ $i -lt {steps} ]; do\n  \
-         valkey-cli -p {VALKEY_PORT} role 2>/dev/null | head -n1 | grep -q '^master$' || exit 0\n  \
+         valkey-cli {tls}-p {VALKEY_PORT} role 2>/dev/null | head -n1 | grep -q '^master$' || exit 0\n  \
          sleep 0.1; i=$((i+1))\ndone\n",
         steps = SWITCHOVER_WAIT_S * 10
     )
@@ -427,6 +447,7 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
     let spec = &failover.spec;
     let select = selector(&names, COMPONENT_DATA);
     let image = spec.image.clone().unwrap_or(settings.valkey_image.clone());
+    let tls_secret = tls_objects::data_secret(failover);
     let mut annotations = spec.pod_annotations.clone();
     annotations.insert(ANNOTATION_RESTART_HASH.into(), restart_hash(spec));
     let announce = format!(
@@ -450,18 +471,27 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 exec: Some(ExecAction {
-                    command: Some(vec!["sh".into(), "-c".into(), valkey_pre_stop()]),
+                    command: Some(vec![
+                        "sh".into(),
+                        "-c".into(),
+                        valkey_pre_stop(tls_secret.is_some()),
+                    ]),
                 }),
                 ..LifecycleHandler::default()
             }),
             ..Lifecycle::default()
         }),
-        volume_mounts: Some(vec![
-            mount("data", "/data", false),
-            mount("config", CONFIG_DIR, true),
-            mount("password", SECRET_DIR, true),
-            mount("run", RUN_DIR, false),
-        ]),
+        volume_mounts: Some(
+            [
+                mount("data", "/data", false),
+                mount("config", CONFIG_DIR, true),
+                mount("password", SECRET_DIR, true),
+                mount("run", RUN_DIR, false),
+            ]
+            .into_iter()
+            .chain(tls_secret.as_ref().map(|_| tls_objects::tls_mount()))
+            .collect(),
+        ),
         security_context: Some(container_security()),
         ..Container::default()
     };
@@ -472,6 +502,7 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
         VALKEY_PORT,
         &announce,
         Some(&format!("{SECRET_DIR}/password")),
+        tls_secret.is_some(),
     );
     let mut containers = vec![valkey, agent];
     if let Some(exporter) = &spec.exporter {
@@ -484,21 +515,8 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
                     .unwrap_or(settings.exporter_image.clone()),
             ),
             image_pull_policy: Some(pull_policy(exporter.image_pull_policy)),
-            env: Some(vec![
-                env("REDIS_ADDR", format!("redis://127.0.0.1:{VALKEY_PORT}")),
-                EnvVar {
-                    name: "REDIS_PASSWORD".into(),
-                    value_from: Some(EnvVarSource {
-                        secret_key_ref: Some(SecretKeySelector {
-                            name: names.password(),
-                            key: "password".into(),
-                            optional: Some(false),
-                        }),
-                        ..EnvVarSource::default()
-                    }),
-                    ..EnvVar::default()
-                },
-            ]),
+            env: Some(exporter_env(&names, tls_secret.is_some())),
+            volume_mounts: tls_secret.as_ref().map(|_| vec![tls_objects::tls_mount()]),
             ports: Some(vec![port("metrics", EXPORTER_PORT)]),
             resources: exporter.resources.clone(),
             security_context: Some(
@@ -522,7 +540,11 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
         secret_volume(&names.password()),
         memory_volume("run"),
         token_volume(),
+        tls_objects::controller_ca_volume(&names),
     ];
+    if let Some(secret) = &tls_secret {
+        volumes.push(tls_objects::tls_volume(secret));
+    }
     let claims = match &spec.storage {
         Some(storage) => {
             let capacity = storage.capacity.clone().unwrap_or_else(|| {
@@ -610,6 +632,34 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
         }),
         ..StatefulSet::default()
     }
+}
+
+/// The exporter's settings: the local Valkey (over TLS, verified against the instance's CA,
+/// when it serves TLS) and the password.
+fn exporter_env(names: &Names, tls: bool) -> Vec<EnvVar> {
+    let scheme = if tls { "rediss" } else { "redis" };
+    let mut vars = vec![
+        env("REDIS_ADDR", format!("{scheme}://127.0.0.1:{VALKEY_PORT}")),
+        EnvVar {
+            name: "REDIS_PASSWORD".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: names.password(),
+                    key: "password".into(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+    ];
+    if tls {
+        vars.push(env(
+            "REDIS_EXPORTER_TLS_CA_CERT_FILE",
+            format!("{}/ca.crt", tls_objects::TLS_DIR),
+        ));
+    }
+    vars
 }
 
 /// One pod down at a time, voluntarily.

@@ -36,6 +36,9 @@ pub struct Context {
     pub pods: PodCache,
     /// Each instance gets a hot loop of its own (off in tests that drive passes by hand).
     pub hot_loops: bool,
+    /// The controller's CA: it issues the instances' certificates when no cert-manager issuer
+    /// is named.
+    pub ca: Option<Arc<crate::tls::Ca>>,
     instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
 }
 
@@ -57,6 +60,7 @@ impl Context {
             volatile_every: Duration::from_secs(30),
             pods: PodCache::default(),
             hot_loops: true,
+            ca: None,
             instances: Mutex::default(),
         }
     }

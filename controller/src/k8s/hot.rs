@@ -379,12 +379,14 @@ async fn write_status(
                 .as_ref()
                 .and_then(|s| s.password_secret())
                 .map(|(_, name)| name),
+            tls_secret: super::tls_objects::sentinel_secret(failover),
             nodes: sd
                 .sentinel_addrs
                 .iter()
                 .map(|(h, p)| (h.clone(), *p as i32))
                 .collect(),
         }),
+        tls_secret: super::tls_objects::data_secret(failover),
         now: Timestamp::now(),
     });
     let (previous, volatile_due) = {

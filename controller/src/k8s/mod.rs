@@ -7,6 +7,7 @@ pub mod auth;
 pub mod build;
 pub mod context;
 pub mod hot;
+pub mod hub_tls;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
@@ -16,6 +17,8 @@ pub mod run;
 pub mod sentinel_objects;
 pub mod services;
 pub mod status;
+pub mod tls_objects;
+pub mod tls_secret;
 
 use std::collections::BTreeMap;
 
@@ -53,8 +56,10 @@ pub struct Settings {
     pub valkey_image: String,
     pub agent_image: String,
     pub exporter_image: String,
-    /// e.g. `http://valkey-controller.valkey-system.svc:7070`
+    /// e.g. `https://valkey-controller.valkey-system.svc:7070`
     pub controller_addr: String,
+    /// The CA bundle (PEM) the hub's certificate chains to, handed to every agent.
+    pub controller_ca: String,
 }
 
 impl Default for Settings {
@@ -63,7 +68,8 @@ impl Default for Settings {
             valkey_image: "valkey/valkey:8.0".into(),
             agent_image: format!("ghcr.io/buf-red/valkey-agent:{}", env!("CARGO_PKG_VERSION")),
             exporter_image: "oliver006/redis_exporter:v1.67.0".into(),
-            controller_addr: "http://valkey-controller.valkey-system.svc:7070".into(),
+            controller_addr: "https://valkey-controller.valkey-system.svc:7070".into(),
+            controller_ca: String::new(),
         }
     }
 }
@@ -96,6 +102,13 @@ impl Names {
     }
     pub fn password(&self) -> String {
         format!("{}-password", self.instance)
+    }
+    pub fn controller_ca(&self) -> String {
+        format!("{}-controller-ca", self.instance)
+    }
+    /// The TLS Secret (issued, or written by cert-manager) and the Certificate.
+    pub fn tls(&self) -> String {
+        format!("{}-tls", self.instance)
     }
     pub fn metrics(&self) -> String {
         format!("{}-metrics", self.instance)
@@ -182,6 +195,13 @@ pub fn render(
         }
     };
     push(serde_json::to_value(build::config_map(failover)));
+    push(serde_json::to_value(tls_objects::controller_ca_config_map(
+        failover,
+        &settings.controller_ca,
+    )));
+    if let Some(certificate) = tls_objects::certificate(failover) {
+        push(serde_json::to_value(certificate));
+    }
     for service in services::data_services(failover)? {
         push(serde_json::to_value(service));
     }

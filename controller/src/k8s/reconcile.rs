@@ -27,7 +27,7 @@ use super::{
     build,
     context::{Applied, Context, Instance},
     hot::key_of,
-    is_paused, roll, sentinel_objects, services, status,
+    is_paused, roll, sentinel_objects, services, status, tls_objects,
 };
 use crate::{
     core::{Durable, Observed},
@@ -70,6 +70,8 @@ pub enum Error {
     Finalizer(#[source] kube::Error),
     #[error("cleaning up: {0}")]
     Cleanup(#[source] kube::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {
@@ -84,6 +86,7 @@ impl Error {
             Error::Status(_) => "Status",
             Error::Finalizer(_) => "Finalizer",
             Error::Cleanup(_) => "Cleanup",
+            Error::Tls(_) => "Tls",
         }
     }
 
@@ -222,6 +225,7 @@ fn paused_status(
         observed: &Observed::default(),
         pods: &ctx.pods.data_pods(names),
         sentinel: None,
+        tls_secret: tls_objects::data_secret(failover),
         now: Timestamp::now(),
     });
     status::keep_transition_times(&mut next, previous.as_ref());
@@ -297,6 +301,14 @@ async fn apply_objects(
     let mut results = vec![done(
         apply_changed(ctx, instance, ns, &build::config_map(failover)).await,
     )];
+    let controller_ca =
+        tls_objects::controller_ca_config_map(failover, &ctx.settings.controller_ca);
+    results.push(done(apply_changed(ctx, instance, ns, &controller_ca).await));
+    if let Some(certificate) = tls_objects::certificate(failover) {
+        results.push(done(apply_changed(ctx, instance, ns, &certificate).await));
+    } else if tls_objects::enabled(failover) {
+        results.push(super::tls_secret::ensure(ctx, failover).await.err());
+    }
     for service in services::data_services(failover).map_err(Error::InvalidSpec)? {
         results.push(done(apply_changed(ctx, instance, ns, &service).await));
     }

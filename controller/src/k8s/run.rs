@@ -22,7 +22,6 @@ use kube::{
         watcher,
     },
 };
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 use super::{
@@ -67,6 +66,8 @@ pub enum RunError {
     Lease(#[source] kube::Error),
     #[error("leadership lost; exiting so that a fresh start competes again")]
     LostLease,
+    #[error("the hub's TLS: {0}")]
+    Tls(#[from] super::hub_tls::HubTlsError),
 }
 
 pub async fn run(
@@ -135,11 +136,15 @@ pub async fn run(
             addr: options.hub_listen,
             source,
         })?;
+    // The hub speaks TLS only, with a certificate from the controller's CA; agents get the
+    // CA's certificate through a ConfigMap of their instance.
+    let ca = Arc::new(super::hub_tls::load_or_create_ca(&client, &options.pod_namespace).await?);
+    let hub_cert = super::hub_tls::serve_cert(ca.clone(), &options.settings.controller_addr)?;
     let server = hub.server();
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(server)
-            .serve_with_incoming(TcpListenerStream::new(hub_listener))
+            .serve_with_incoming(crate::tls::serve::incoming(hub_listener, hub_cert))
             .await;
         if let Err(err) = served {
             error!(error = %err, "the agent hub stopped");
@@ -150,12 +155,15 @@ pub async fn run(
         controller: "valkey-operator".into(),
         instance: Some(options.pod_name.clone()),
     };
+    let mut settings = options.settings.clone();
+    settings.controller_ca = ca.0.cert_pem.clone();
     let mut context = Context::new(
         client.clone(),
         hub.clone(),
-        options.settings.clone(),
+        settings,
         Recorder::new(client.clone(), reporter),
     );
+    context.ca = Some(ca);
     context.metrics = metrics;
     context.hang_timeout = options.hang_timeout;
     let context = Arc::new(context);

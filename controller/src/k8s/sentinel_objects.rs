@@ -21,6 +21,7 @@ use super::{
     },
     owned_meta, selector,
     services::{client_service, headless},
+    tls_objects,
 };
 use crate::crd::{Failover, SentinelSettings};
 
@@ -39,18 +40,27 @@ pub fn embedded(failover: &Failover) -> Option<&SentinelSettings> {
 /// sentinel.conf as first written. Sentinel rewrites its file with what it learns; the pod
 /// copies this template only when the file is absent. The controller then issues MONITOR.
 pub fn sentinel_conf(settings: &SentinelSettings) -> String {
-    let mut conf = format!(
-        "# Written by the valkey operator; edit spec.sentinel.customConfigs instead.\n\
-         port {SENTINEL_PORT}\nprotected-mode no\ndir /data\n\
-         sentinel resolve-hostnames yes\nsentinel announce-hostnames yes\n"
-    );
+    // The port lines (plaintext or TLS only) are written by the start script at every start.
+    let mut conf = "# Written by the valkey operator; edit spec.sentinel.customConfigs instead.\n\
+                    protected-mode no\ndir /data\n\
+                    sentinel resolve-hostnames yes\nsentinel announce-hostnames yes\n"
+        .to_owned();
     for (key, value) in &settings.custom_configs {
         conf.push_str(&format!("{key} {value}\n"));
     }
     conf
 }
 
-fn start_script(names: &Names, with_password: bool) -> String {
+/// The port lines of a sentinel: plaintext, or TLS only with every link it opens over TLS.
+fn port_lines(tls: bool) -> String {
+    if tls {
+        crate::tls::TlsFiles::in_dir(tls_objects::TLS_DIR).config_lines(SENTINEL_PORT as u16)
+    } else {
+        format!("port {SENTINEL_PORT}\n")
+    }
+}
+
+fn start_script(names: &Names, with_password: bool, tls: bool) -> String {
     let password = if with_password {
         format!(
             "P=\"$(cat {SECRET_DIR}/password)\"\n\
@@ -62,14 +72,18 @@ fn start_script(names: &Names, with_password: bool) -> String {
     format!(
         "set -eu\numask 077\n\
          [ -f /data/sentinel.conf ] || cp /etc/sentinel/sentinel.conf /data/sentinel.conf\n\
-         # The password and the announced name always follow the Secret and the pod.\n\
-         grep -v -e '^requirepass' -e '^user default' -e '^sentinel sentinel-pass' \
-         -e '^sentinel announce-ip' /data/sentinel.conf > /data/sentinel.conf.new || true\n\
+         # The ports, the password and the announced name always follow the spec, the Secret\n\
+         # and the pod.\n\
+         grep -v -e '^port ' -e '^tls-' -e '^requirepass' -e '^user default' \
+         -e '^sentinel sentinel-pass' -e '^sentinel announce-ip' /data/sentinel.conf \
+         > /data/sentinel.conf.new || true\n\
          mv /data/sentinel.conf.new /data/sentinel.conf\n\
+         printf '%s' '{ports}' >> /data/sentinel.conf\n\
          printf 'sentinel announce-ip %s\\n' \"$POD_NAME.{headless}.{namespace}.svc\" >> /data/sentinel.conf\n\
          {password}exec valkey-sentinel /data/sentinel.conf\n",
         headless = names.sentinel_headless(),
         namespace = names.namespace,
+        ports = port_lines(tls),
     )
 }
 
@@ -89,6 +103,7 @@ pub fn objects(
     };
     let names = Names::of(failover);
     let select = selector(&names, COMPONENT_SENTINEL);
+    let tls_secret = tls_objects::sentinel_secret(failover);
     let config_name = format!("{}-config", names.sentinel());
     let config = ConfigMap {
         metadata: owned_meta(failover, config_name.clone(), COMPONENT_SENTINEL),
@@ -133,7 +148,12 @@ pub fn objects(
         },
         token_volume(),
         memory_volume("run"),
+        tls_objects::controller_ca_volume(&names),
     ];
+    if let Some(secret) = &tls_secret {
+        volumes.push(tls_objects::tls_volume(secret));
+        mounts.push(tls_objects::tls_mount());
+    }
     if let Some(secret) = &password_secret {
         mounts.push(VolumeMount {
             name: "password".into(),
@@ -154,7 +174,7 @@ pub fn objects(
         command: Some(vec![
             "sh".into(),
             "-c".into(),
-            start_script(&names, password_secret.is_some()),
+            start_script(&names, password_secret.is_some(), tls_secret.is_some()),
         ]),
         env: Some(vec![EnvVar {
             name: "POD_NAME".into(),
@@ -201,6 +221,7 @@ pub fn objects(
             .as_ref()
             .map(|_| format!("{SECRET_DIR}/password"))
             .as_deref(),
+        tls_secret.is_some(),
     );
     let mut template_labels = select.clone();
     template_labels.extend(super::labels(&names, COMPONENT_SENTINEL));

@@ -87,6 +87,8 @@ pub struct Inputs<'a> {
     pub observed: &'a Observed,
     pub pods: &'a [Pod],
     pub sentinel: Option<SentinelInputs>,
+    /// The TLS Secret the data nodes serve from, when TLS is on.
+    pub tls_secret: Option<String>,
     pub now: Timestamp,
 }
 
@@ -94,6 +96,8 @@ pub struct Inputs<'a> {
 pub struct SentinelInputs {
     pub monitor: String,
     pub password_secret: Option<String>,
+    /// The TLS Secret the sentinels serve from, when TLS is on.
+    pub tls_secret: Option<String>,
     /// The sentinels in use: host and port.
     pub nodes: Vec<(String, i32)>,
 }
@@ -117,7 +121,10 @@ fn condition(
 }
 
 pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
-    let mut status = FailoverStatus::default();
+    let mut status = FailoverStatus {
+        tls_secret: inputs.tls_secret.clone(),
+        ..FailoverStatus::default()
+    };
     durable_into(inputs.durable, &mut status);
     status.observed_generation = inputs.generation;
     let names = inputs.names;
@@ -292,6 +299,7 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
             policy: Policy::Sentinel,
             name: Some(s.monitor.clone()),
             password_secret: s.password_secret.clone(),
+            tls_secret: s.tls_secret.clone(),
             nodes: s
                 .nodes
                 .iter()
@@ -395,6 +403,7 @@ mod tests {
             observed,
             pods: &[],
             sentinel: None,
+            tls_secret: None,
             now: Timestamp::UNIX_EPOCH,
         }
     }

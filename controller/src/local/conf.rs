@@ -9,6 +9,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::tls::TlsFiles;
+
 /// The passwords a process must accept, and the one it presents to others.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Passwords {
@@ -85,6 +87,16 @@ pub struct ValkeyConf<'a> {
     pub log: &'a Path,
     pub passwords: &'a Passwords,
     pub custom: &'a BTreeMap<String, String>,
+    /// TLS only, with these files.
+    pub tls: Option<&'a TlsFiles>,
+}
+
+/// The port lines: plaintext, or TLS only.
+fn port_lines(port: u16, tls: Option<&TlsFiles>) -> String {
+    match tls {
+        None => format!("port {port}\n"),
+        Some(files) => files.config_lines(port),
+    }
 }
 
 impl ValkeyConf<'_> {
@@ -95,13 +107,13 @@ impl ValkeyConf<'_> {
     pub fn render(&self) -> String {
         let mut conf = format!(
             "# Written by valkey-controller local up before every start; edits are overwritten.\n\
-             port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+             {ports}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
              {acl}masterauth {master_auth}\n\
              appendonly yes\nappendfsync everysec\nsave \"\"\n\
              repl-ping-replica-period 1\nrepl-diskless-sync yes\nrepl-diskless-sync-delay 0\n\
              replicaof 127.0.0.1 1\n\
              replica-announce-ip 127.0.0.1\nlogfile {log}\n",
-            port = self.port,
+            ports = port_lines(self.port, self.tls),
             dir = self.dir.display(),
             acl = self.passwords.acl_line(),
             master_auth = self.passwords.in_force,
@@ -123,6 +135,8 @@ pub struct SentinelConf<'a> {
     /// The sentinels' own password, when they have one.
     pub passwords: Option<&'a Passwords>,
     pub custom: &'a BTreeMap<String, String>,
+    /// TLS only (its port and every link it opens), with these files.
+    pub tls: Option<&'a TlsFiles>,
 }
 
 impl SentinelConf<'_> {
@@ -139,9 +153,9 @@ impl SentinelConf<'_> {
     pub fn render(&self, existing: Option<&str>) -> String {
         let Some(existing) = existing else {
             let mut conf = format!(
-                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                "{ports}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
                  sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n{auth}",
-                port = self.port,
+                ports = port_lines(self.port, self.tls),
                 dir = self.dir.display(),
                 log = self.log.display(),
                 auth = self.auth_lines(),
@@ -151,19 +165,17 @@ impl SentinelConf<'_> {
             }
             return conf;
         };
-        let mut conf: String = existing
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                match (words.next(), words.next()) {
-                    (Some("port"), _) => Some(format!("port {}\n", self.port)),
-                    (Some("requirepass" | "masterauth"), _)
-                    | (Some("user"), Some("default"))
-                    | (Some("sentinel"), Some("sentinel-pass")) => None,
-                    _ => Some(format!("{line}\n")),
-                }
-            })
-            .collect();
+        let mut conf = port_lines(self.port, self.tls);
+        conf.extend(existing.lines().filter_map(|line| {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some(word), _) if word == "port" || word.starts_with("tls-") => None,
+                (Some("requirepass" | "masterauth"), _)
+                | (Some("user"), Some("default"))
+                | (Some("sentinel"), Some("sentinel-pass")) => None,
+                _ => Some(format!("{line}\n")),
+            }
+        }));
         conf.push_str(&self.auth_lines());
         conf
     }
@@ -187,6 +199,7 @@ mod tests {
             log: Path::new("/l"),
             passwords,
             custom: &BTreeMap::new(),
+            tls: None,
         }
         .render()
     }
@@ -239,6 +252,7 @@ mod tests {
             log: Path::new("/l"),
             passwords: Some(&pw),
             custom: &BTreeMap::new(),
+            tls: None,
         }
         .render(Some(learned));
         assert!(conf.starts_with("port 26379\n"), "{conf}");
@@ -249,5 +263,48 @@ mod tests {
         assert!(conf.contains("sentinel known-sentinel m 127.0.0.1 9 abc\n"));
         assert!(!conf.contains("stale"), "{conf}");
         assert!(conf.contains("sentinel sentinel-pass now\n"), "{conf}");
+    }
+
+    #[test]
+    fn with_tls_a_node_and_a_sentinel_serve_tls_only_and_link_over_tls() {
+        let files = TlsFiles::in_dir("/w/tls");
+        let pw = passwords(&["p"]);
+        let conf = ValkeyConf {
+            port: 7000,
+            dir: Path::new("/d"),
+            log: Path::new("/l"),
+            passwords: &pw,
+            custom: &BTreeMap::new(),
+            tls: Some(&files),
+        }
+        .render();
+        for line in [
+            "port 0\n",
+            "\ntls-port 7000\n",
+            "\ntls-cert-file /w/tls/tls.crt\n",
+            "\ntls-key-file /w/tls/tls.key\n",
+            "\ntls-ca-cert-file /w/tls/ca.crt\n",
+            "\ntls-replication yes\n",
+        ] {
+            assert!(conf.contains(line), "{line:?} missing from:\n{conf}");
+        }
+        assert!(!conf.contains("port 7000\n") || conf.contains("tls-port 7000\n"));
+        // A sentinel that ran without TLS gets TLS lines instead of its old port line.
+        let learned = "port 26379\nsentinel monitor m 127.0.0.1 7000 2\ntls-port 1\n";
+        let sentinel = SentinelConf {
+            port: 26379,
+            dir: Path::new("/d"),
+            log: Path::new("/l"),
+            passwords: None,
+            custom: &BTreeMap::new(),
+            tls: Some(&files),
+        }
+        .render(Some(learned));
+        assert!(
+            sentinel.starts_with("port 0\ntls-port 26379\n"),
+            "{sentinel}"
+        );
+        assert_eq!(sentinel.matches("tls-port").count(), 1, "{sentinel}");
+        assert!(sentinel.contains("sentinel monitor m 127.0.0.1 7000 2\n"));
     }
 }

@@ -10,6 +10,7 @@ mod procs;
 mod rotation;
 mod state;
 pub mod supervisor;
+mod tls;
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +20,6 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use valkey_proto::v1::NodeKind;
 
@@ -102,6 +102,8 @@ pub struct UpOptions {
     pub dir: Option<PathBuf>,
     pub hang_timeout: Duration,
     pub probe_interval_ms: u64,
+    /// Lifetime of the certificates the runtime issues (renewed at two thirds of it).
+    pub cert_lifetime: Duration,
 }
 
 /// The two processes of one node.
@@ -140,6 +142,10 @@ struct Runtime {
     /// Embedded sentinels with a password: the Secret's name and file
     /// (`<dir>/secrets/<name>/password`), the password wanted.
     sentinel_secret: Option<(String, PathBuf)>,
+    /// The CA in `<dir>/tls/`, the hub's certificate, and the instance's when TLS is on.
+    tls: tls::LocalTls,
+    /// Sentinels restarting one at a time to load a renewed certificate.
+    sentinel_roll: tls::SentinelRoll,
 }
 
 impl Runtime {
@@ -227,6 +233,37 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Renews the certificates that are due, and restarts the embedded sentinels one at a time
+    /// after a renewal of the instance's certificate (Sentinel cannot reload it).
+    fn renew_certificates(&mut self, hub: &Hub) {
+        match self.tls.renew_due() {
+            Ok(true) if self.sentinel_bin.is_some() => {
+                let pods: Vec<String> = self.state.sentinels.keys().cloned().collect();
+                self.sentinel_roll.request(pods);
+            }
+            Ok(_) => {}
+            Err(err) => warn!(error = %err, "cannot renew a certificate; retrying"),
+        }
+        let observed = hub.observe_kind(&self.key, NodeKind::Sentinel);
+        let procs = &self.procs;
+        let step = self.sentinel_roll.step(
+            |pod| procs.get(pod).and_then(|p| p.valkey.pid()),
+            |pod| {
+                observed
+                    .get(pod)
+                    .is_some_and(|o| o.connected && o.unhealthy_ms < 500)
+            },
+        );
+        if let tls::RollStep::Restart(pod) = step
+            && let Some(procs) = self.procs.get(&pod)
+        {
+            info!(pod = %pod, "restarting the sentinel to load the renewed certificate");
+            procs.valkey.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
 /// Shared between the loop and the tasks it spawns.
 #[derive(Debug, Default)]
 struct Flight {
@@ -254,9 +291,13 @@ pub async fn up(
     runtime.hub_addr = listener
         .local_addr()
         .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
+    // The hub speaks TLS only, with a certificate from the working dir's CA.
     let server = tonic::transport::Server::builder()
         .add_service(hub.server())
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(crate::tls::serve::incoming(
+            listener,
+            runtime.tls.hub.clone(),
+        ));
     let server_task = tokio::spawn(server);
     let control_listener = control::bind(&runtime.dir)?;
 
@@ -285,7 +326,10 @@ pub async fn up(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = changed.changed() => {}
-            _ = tick.tick() => runtime.tend(),
+            _ = tick.tick() => {
+                runtime.tend();
+                runtime.renew_certificates(&hub);
+            }
             Some(event) = hub_events.recv() => match event {
                 HubEvent::SwitchoverRequested { pod, .. } => runtime.driver.move_master_off(pod),
             },
@@ -402,10 +446,12 @@ fn start_external_agents(
                     .and_then(|f| std::fs::read_to_string(f).ok())
                     .map(|p| p.trim().to_owned()),
                 valkey_password_file: runtime.sentinel_password_file.clone(),
+                valkey_tls: None,
                 controller: Some(valkey_agent::config::ControllerConfig {
-                    addr: format!("http://{}", runtime.hub_addr),
+                    addr: format!("https://{}", runtime.hub_addr),
                     token: valkey_agent::config::TokenSource::Inline(token.to_owned()),
                     reconnect_max: Duration::from_secs(1),
+                    ca_file: Some(runtime.tls.ca_file.clone()),
                 }),
                 namespace: runtime.key.namespace.clone(),
                 failover: runtime.key.name.clone(),

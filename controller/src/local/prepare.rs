@@ -180,6 +180,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         live_config: crate::engine::live_config(&manifest.spec),
     };
     let driver = Driver::new(key.clone(), state.durable.clone());
+    let tls = tls::LocalTls::prepare(&dir, manifest.spec.access.enable_tls, options.cert_lifetime)?;
     let runtime = Runtime {
         password_file: dir.join("password"),
         token_file: dir.join("agent-token"),
@@ -199,6 +200,8 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         external: Vec::new(),
         sentinel_password_file: None,
         sentinel_secret: None,
+        tls,
+        sentinel_roll: tls::SentinelRoll::default(),
         dir,
     };
     // Embedded sentinels use the controller's copy of their password, which follows the Secret

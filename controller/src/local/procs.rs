@@ -31,6 +31,7 @@ impl Runtime {
             log: &log_path(&self.dir, &format!("{pod}.valkey")),
             passwords: &passwords,
             custom: &self.manifest.spec.custom_configs,
+            tls: self.tls.instance.as_ref(),
         }
         .render();
         let path = node_dir.join("valkey.conf");
@@ -68,6 +69,7 @@ impl Runtime {
                 .sentinel
                 .as_ref()
                 .map_or(&empty, |s| &s.custom_configs),
+            tls: self.tls.instance.as_ref(),
         }
         .render(existing.as_deref());
         if existing.as_deref() != Some(conf.as_str()) {
@@ -118,7 +120,9 @@ impl Runtime {
             "--valkey-addr".into(),
             format!("127.0.0.1:{}", ports.valkey),
             "--controller-addr".into(),
-            format!("http://{}", self.hub_addr),
+            format!("https://{}", self.hub_addr),
+            "--controller-ca-file".into(),
+            self.tls.ca_file.display().to_string(),
             "--token-file".into(),
             self.token_file.display().to_string(),
             "--namespace".into(),
@@ -138,6 +142,16 @@ impl Runtime {
             "--reconnect-max-ms".into(),
             "1000".into(),
         ]);
+        if let Some(files) = &self.tls.instance {
+            agent_args.extend([
+                "--valkey-tls-ca-file".into(),
+                files.ca.clone(),
+                "--valkey-tls-cert-file".into(),
+                files.cert.clone(),
+                "--valkey-tls-key-file".into(),
+                files.key.clone(),
+            ]);
+        }
         let agent = Supervised::new(
             format!("{pod} valkey-agent"),
             self.agent_bin.clone(),

@@ -118,6 +118,24 @@ impl Discovery {
     }
 }
 
+/// How a client logs in: the password, and for a TLS-only instance the CA it verifies with.
+#[derive(Clone)]
+struct Auth {
+    password: String,
+    ca: Option<std::path::PathBuf>,
+}
+
+impl Auth {
+    fn client(&self, addr: &str) -> redis::Client {
+        match &self.ca {
+            None => {
+                redis::Client::open(format!("redis://:{}@{addr}/", self.password)).expect("client")
+            }
+            Some(ca) => valkey_e2e::local::tls_client(ca, addr, Some(&self.password)),
+        }
+    }
+}
+
 /// Acknowledged writes: key number -> (node that acknowledged it, when it was sent, when it
 /// was acknowledged). Behind the proxy the node is not known: "routed".
 type Acks = Arc<Mutex<BTreeMap<u64, (String, Instant, Instant)>>>;
@@ -157,7 +175,7 @@ fn conn_config() -> redis::AsyncConnectionConfig {
 impl Writer {
     /// Writes `<prefix><n>` in a loop to the master it finds; `wait` adds `WAIT 1 100` and
     /// counts a write as acknowledged only when a replica confirmed it.
-    fn start(discovery: Discovery, password: String, prefix: &'static str, wait: bool) -> Self {
+    fn start(discovery: Discovery, auth: Auth, prefix: &'static str, wait: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acks: Acks = Arc::default();
         let failures: Arc<Mutex<Vec<Instant>>> = Arc::default();
@@ -175,8 +193,7 @@ impl Writer {
             };
             let mut i = 0u64;
             if let Discovery::Routed(_, proxy) = &discovery {
-                let client =
-                    redis::Client::open(format!("redis://:{password}@{proxy}/")).expect("client");
+                let client = auth.client(proxy);
                 // Reconnects within milliseconds: 2 ms doubling to 10 ms between attempts (the
                 // default waits 100 ms at least).
                 let config = redis::aio::ConnectionManagerConfig::new()
@@ -219,8 +236,7 @@ impl Writer {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                         continue;
                     };
-                    let client = redis::Client::open(format!("redis://:{password}@{addr}/"))
-                        .expect("client");
+                    let client = auth.client(&addr);
                     match client
                         .get_multiplexed_async_connection_with_config(&conn_config())
                         .await
@@ -314,8 +330,8 @@ struct Sample {
     stuck: bool,
 }
 
-async fn missing_on(addr: &str, password: &str, prefix: &str, keys: &BTreeSet<u64>) -> usize {
-    let client = redis::Client::open(format!("redis://:{password}@{addr}/")).expect("client");
+async fn missing_on(addr: &str, auth: &Auth, prefix: &str, keys: &BTreeSet<u64>) -> usize {
+    let client = auth.client(addr);
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
@@ -337,7 +353,7 @@ async fn missing_on(addr: &str, password: &str, prefix: &str, keys: &BTreeSet<u6
 /// pid, and how to ask for a planned switchover.
 struct Target {
     discovery: Discovery,
-    password: String,
+    auth: Auth,
     nodes: Vec<String>,
     master_addr: String,
     master_pid: u32,
@@ -346,15 +362,10 @@ struct Target {
 }
 
 async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sample {
-    let plain = Writer::start(
-        target.discovery.clone(),
-        target.password.clone(),
-        "p",
-        false,
-    );
-    let waited = Writer::start(target.discovery.clone(), target.password.clone(), "w", true);
-    let password = target.password.clone();
-    let monitor = Monitor::start(target.nodes.clone(), move || password.clone());
+    let plain = Writer::start(target.discovery.clone(), target.auth.clone(), "p", false);
+    let waited = Writer::start(target.discovery.clone(), target.auth.clone(), "w", true);
+    let auth = target.auth.clone();
+    let monitor = Monitor::start(target.nodes.clone(), move |addr| auth.client(addr));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = Pid::from_raw(target.master_pid as i32);
     // The event: the signal, or the switchover request that was accepted (ours is refused
@@ -405,8 +416,8 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
     let keys = |acks: &BTreeMap<u64, (String, Instant, Instant)>| {
         acks.keys().copied().collect::<BTreeSet<u64>>()
     };
-    let lost_plain = missing_on(&new_master, &target.password, "p", &keys(&plain_acks)).await;
-    let lost_waited = missing_on(&new_master, &target.password, "w", &keys(&waited_acks)).await;
+    let lost_plain = missing_on(&new_master, &target.auth, "p", &keys(&plain_acks)).await;
+    let lost_waited = missing_on(&new_master, &target.auth, "w", &keys(&waited_acks)).await;
     let time = match (scenario, moved) {
         (Scenario::Switchover, _) => gap,
         (_, Some(moved)) => moved - started,
@@ -487,7 +498,11 @@ async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) 
             let for_switchover = instance.clone();
             let target = Target {
                 discovery,
-                password: instance.password(),
+                auth: Auth {
+                    password: instance.password(),
+                    ca: Some(instance.dir.join("tls").join("ca.crt"))
+                        .filter(|_| instance.dir.join("tls").join("tls.crt").exists()),
+                },
                 nodes: status.nodes.iter().map(|n| n.addr.clone()).collect(),
                 master_addr: node.addr.clone(),
                 master_pid: node.valkey_pid.expect("pid"),
@@ -587,7 +602,10 @@ async fn plain_sentinel(setup: &'static str, down_after_ms: u64, runs: usize) ->
                     sentinels.iter().map(|s| s.port).collect(),
                     "bench".into(),
                 ),
-                password: PASSWORD.into(),
+                auth: Auth {
+                    password: PASSWORD.into(),
+                    ca: None,
+                },
                 nodes: std::iter::once(master.addr())
                     .chain(replicas.iter().map(Valkey::addr))
                     .collect(),
@@ -765,12 +783,14 @@ async fn main() {
         "the seed example sets down-after-milliseconds"
     );
     let manual = "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata:\n  name: bench\n  namespace: bench\nspec:\n  replicas: 3\n";
+    let manual_tls = format!("{manual}  access:\n    enableTLS: true\n");
     let setups = [
         "plain Sentinel, down-after 5000",
         "plain Sentinel, down-after 1000",
         "ours, policy manual",
         "ours, policy sentinel, down-after 30000",
         "ours, policy sentinel, down-after 5000",
+        "ours, policy manual, TLS",
     ];
     // FAILOVER_BENCH_SETUPS=0,2 runs only those setups (by their index above).
     let only: Option<Vec<usize>> = std::env::var("FAILOVER_BENCH_SETUPS")
@@ -792,6 +812,9 @@ async fn main() {
     }
     if wanted(4) {
         samples.extend(ours(setups[4], &seed_5000, true, runs).await);
+    }
+    if wanted(5) {
+        samples.extend(ours(setups[5], &manual_tls, false, runs).await);
     }
 
     println!("{}", table(&samples, &setups));
