@@ -138,6 +138,7 @@ impl AgentHub for Service {
 #[derive(Debug)]
 pub struct TestHub {
     pub addr: SocketAddr,
+    tls: bool,
     service: Service,
     changed: watch::Receiver<u64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -151,6 +152,22 @@ impl TestHub {
 
     /// Starts a hub on a given port (0: any).
     pub async fn start_at(token: &str, port: u16) -> Self {
+        Self::serve(token, port, None).await
+    }
+
+    /// Starts a hub that serves TLS only, with `cert` (as the controller's hub does).
+    pub async fn start_tls(
+        token: &str,
+        cert: Arc<valkey_controller::tls::serve::ServerCert>,
+    ) -> Self {
+        Self::serve(token, 0, Some(cert)).await
+    }
+
+    async fn serve(
+        token: &str,
+        port: u16,
+        tls: Option<Arc<valkey_controller::tls::serve::ServerCert>>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind hub");
@@ -162,14 +179,26 @@ impl TestHub {
             changed: Arc::new(changed_tx),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .add_service(AgentHubServer::new(service.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            });
-        tokio::spawn(server);
+        let router =
+            tonic::transport::Server::builder().add_service(AgentHubServer::new(service.clone()));
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        let tls_on = tls.is_some();
+        match tls {
+            None => {
+                tokio::spawn(
+                    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
+                );
+            }
+            Some(cert) => {
+                let incoming = valkey_controller::tls::serve::incoming(listener, cert);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+            }
+        }
         Self {
             addr,
+            tls: tls_on,
             service,
             changed,
             stop: Some(stop),
@@ -177,7 +206,8 @@ impl TestHub {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn events(&self) -> Vec<Event> {

@@ -132,6 +132,7 @@ fn every_generated_object_validates_against_the_kubernetes_schema() {
         example("failover.yaml"),
         example("failover-manual.yaml"),
         example("failover-external-sentinel.yaml"),
+        example("failover-tls.yaml"),
         everything(),
     ] {
         let name = failover.metadata.name.clone().expect("name");

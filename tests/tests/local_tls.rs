@@ -39,9 +39,8 @@ async fn healthy_over_tls(instance: &LocalInstance, sentinel: bool) -> Status {
         .await
 }
 
-/// Whether a plaintext client gets an answer from `addr`.
-async fn plaintext_answers(addr: &str) -> bool {
-    let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
+/// Whether `client` connects and gets an answer to PING.
+async fn answers(client: redis::Client) -> bool {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(2)));
@@ -57,18 +56,14 @@ async fn plaintext_answers(addr: &str) -> bool {
     }
 }
 
+/// Whether a plaintext client gets an answer from `addr`.
+async fn plaintext_answers(addr: &str) -> bool {
+    answers(redis::Client::open(format!("redis://{addr}/")).expect("client")).await
+}
+
 /// Whether a TLS client trusting only `ca_file` can ping `addr`.
 async fn tls_answers(ca_file: &std::path::Path, addr: &str, password: Option<&str>) -> bool {
-    match tls_client(ca_file, addr, password)
-        .get_multiplexed_async_connection()
-        .await
-    {
-        Err(_) => false,
-        Ok(mut conn) => redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .is_ok(),
-    }
+    answers(tls_client(ca_file, addr, password)).await
 }
 
 /// The certificate `addr` serves (DER), read from a TLS handshake; None while nothing serves.

@@ -326,19 +326,7 @@ mod tests {
         assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
         let data = secret.data.unwrap();
         assert_eq!(data["ca.crt"].0, ca.0.cert_pem.as_bytes());
-        let der = rustls::pki_types::pem::PemObject::from_pem_slice(&data["tls.crt"].0)
-            .map(|d: rustls::pki_types::CertificateDer<'static>| d)
-            .unwrap();
-        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
-        let sans: Vec<String> = parsed
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
+        let sans = crate::tls::subject_alt_names(std::str::from_utf8(&data["tls.crt"].0).unwrap());
         assert!(
             sans.contains(&"DNSName(*.demo-headless.prod.svc)".to_owned()),
             "{sans:?}"

@@ -158,6 +158,28 @@ impl TlsFiles {
     }
 }
 
+/// The subject alternative names of a PEM certificate, as x509-parser prints them.
+#[cfg(test)]
+pub(crate) fn subject_alt_names(cert_pem: &str) -> Vec<String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .unwrap_or_else(|e| panic!("not a PEM certificate: {e}"));
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+        .unwrap_or_else(|e| panic!("not a certificate: {e}"));
+    parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,15 +197,7 @@ mod tests {
         let der =
             rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
-        let sans: Vec<String> = parsed
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
+        let sans = subject_alt_names(&leaf.cert_pem);
         assert_eq!(
             sans,
             [
