@@ -167,7 +167,9 @@ impl Hub {
         self.inner.changed.subscribe()
     }
 
-    fn touch(&self, instance: &InstanceKey) {
+    /// Wakes whoever drives `instance`, as a report would: after anything that changes what
+    /// its next pass may do (a switchover that ended, say).
+    pub fn touch(&self, instance: &InstanceKey) {
         self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
         // Nobody listening is fine (the local runtime uses the counter only).
         let _ = self.inner.instances.send(instance.clone());

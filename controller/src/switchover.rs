@@ -186,6 +186,9 @@ pub fn start_manual(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         engine.switchover.store(false, Ordering::SeqCst);
+        // The pass that saw the target's report found the switchover still in flight and did
+        // nothing: the next one commits the new master now, not at the next tick or report.
+        hub.touch(&key);
     });
     message
 }
@@ -408,6 +411,9 @@ pub fn start_sentinel(
             }
         }
         engine.switchover.store(false, Ordering::SeqCst);
+        // The pass that saw the target's report found the switchover still in flight and did
+        // nothing: the next one commits the new master now, not at the next tick or report.
+        hub.touch(&key);
     });
     Ok(message)
 }

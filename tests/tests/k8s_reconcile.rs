@@ -682,3 +682,48 @@ async fn a_tls_failover_gets_a_certificate_from_the_controllers_ca_issued_once()
     let again = secrets.get("demo-tls").await.expect("Secret");
     assert_eq!(again.data.expect("data")["tls.crt"], data["tls.crt"]);
 }
+
+#[tokio::test]
+async fn a_renewed_certificate_rolls_the_sentinels_and_not_the_data_pods() {
+    let cluster = FakeCluster::start().await;
+    let mut spec = three();
+    spec.access.enable_tls = true;
+    spec.sentinel = Some(SentinelSettings::default());
+    cluster.create(&failover("demo", spec)).await;
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+    let sets = cluster.api::<StatefulSet>(NS);
+    let template_annotations = |set: StatefulSet| {
+        set.spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .unwrap_or_default()
+    };
+    let sentinel_before = template_annotations(sets.get("demo-sentinel").await.unwrap());
+    let data_before = template_annotations(sets.get("demo").await.unwrap());
+    let served = sentinel_before
+        .get("valkey.buf.red/tls-cert")
+        .cloned()
+        .expect("the sentinels' template names their certificate");
+
+    // The certificate must be issued again (here: the names it was issued for changed).
+    let secrets = cluster.api::<Secret>(NS);
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {"valkey.buf.red/tls-names": "old"}}});
+    secrets
+        .patch("demo-tls", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+
+    let sentinel_after = template_annotations(sets.get("demo-sentinel").await.unwrap());
+    assert_ne!(
+        sentinel_after.get("valkey.buf.red/tls-cert"),
+        Some(&served),
+        "the sentinels were not rolled onto the new certificate"
+    );
+    assert_eq!(
+        template_annotations(sets.get("demo").await.unwrap()),
+        data_before,
+        "the data pods reload the certificate live: their template must not change"
+    );
+}

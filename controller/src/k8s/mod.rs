@@ -214,7 +214,7 @@ pub fn render(
         names.data(),
     )));
     let (configs, sets, sentinel_services, budgets) =
-        sentinel_objects::objects(failover, settings, paused);
+        sentinel_objects::objects(failover, settings, paused, None);
     configs
         .into_iter()
         .for_each(|o| push(serde_json::to_value(o)));

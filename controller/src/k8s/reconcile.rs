@@ -27,7 +27,7 @@ use super::{
     build,
     context::{Applied, Context, Instance},
     hot::key_of,
-    is_paused, roll, sentinel_objects, services, status, tls_objects,
+    is_paused, roll, sentinel_objects, services, status, tls_objects, tls_secret,
 };
 use crate::{
     core::{Durable, Observed},
@@ -304,11 +304,32 @@ async fn apply_objects(
     let controller_ca =
         tls_objects::controller_ca_config_map(failover, &ctx.settings.controller_ca);
     results.push(done(apply_changed(ctx, instance, ns, &controller_ca).await));
+    let mut issued = None;
     if let Some(certificate) = tls_objects::certificate(failover) {
         results.push(done(apply_changed(ctx, instance, ns, &certificate).await));
     } else if tls_objects::enabled(failover) {
-        results.push(super::tls_secret::ensure(ctx, failover).await.err());
+        match tls_secret::ensure(ctx, failover).await {
+            Ok(hash) => issued = Some(hash),
+            Err(err) => results.push(Some(err)),
+        }
     }
+    // The certificate the sentinels serve: a new one rolls them (Sentinel cannot reload it).
+    let sentinel_cert = match tls_objects::sentinel_secret(failover) {
+        Some(secret) if sentinel_objects::embedded(failover).is_some() => {
+            if issued.is_some() && Some(&secret) == tls_objects::data_secret(failover).as_ref() {
+                issued.clone()
+            } else {
+                match tls_secret::served_cert(ctx, ns, &secret).await {
+                    Ok(hash) => hash,
+                    Err(err) => {
+                        results.push(Some(err));
+                        None
+                    }
+                }
+            }
+        }
+        _ => None,
+    };
     for service in services::data_services(failover).map_err(Error::InvalidSpec)? {
         results.push(done(apply_changed(ctx, instance, ns, &service).await));
     }
@@ -325,7 +346,7 @@ async fn apply_objects(
     let pdb = build::pdb(failover, build::COMPONENT_DATA, names.data());
     results.push(done(apply_changed(ctx, instance, ns, &pdb).await));
     let (configs, sets, sentinel_services, budgets) =
-        sentinel_objects::objects(failover, &ctx.settings, paused);
+        sentinel_objects::objects(failover, &ctx.settings, paused, sentinel_cert.as_deref());
     for object in &configs {
         results.push(done(apply_changed(ctx, instance, ns, object).await));
     }

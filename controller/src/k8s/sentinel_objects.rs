@@ -87,11 +87,18 @@ fn start_script(names: &Names, with_password: bool, tls: bool) -> String {
     )
 }
 
-/// Every object of an embedded Sentinel set; empty without one.
+/// Pod template annotation on sentinels: a hash of the certificate they serve. Sentinel cannot
+/// reload a renewed certificate, so a new one rolls the sentinels (the StatefulSet's rolling
+/// update: one pod at a time, each ready before the next).
+pub const ANNOTATION_TLS_CERT: &str = "valkey.buf.red/tls-cert";
+
+/// Every object of an embedded Sentinel set; empty without one. `tls_cert`: a hash of the
+/// certificate in the sentinels' TLS Secret, when known.
 pub fn objects(
     failover: &Failover,
     settings: &Settings,
     paused: bool,
+    tls_cert: Option<&str>,
 ) -> (
     Vec<ConfigMap>,
     Vec<StatefulSet>,
@@ -238,8 +245,13 @@ pub fn objects(
             template: PodTemplateSpec {
                 metadata: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                     labels: Some(template_labels),
-                    annotations: (!sentinel.pod_annotations.is_empty())
-                        .then(|| sentinel.pod_annotations.clone()),
+                    annotations: {
+                        let mut annotations = sentinel.pod_annotations.clone();
+                        if let Some(hash) = tls_cert.filter(|_| tls_secret.is_some()) {
+                            annotations.insert(ANNOTATION_TLS_CERT.into(), hash.into());
+                        }
+                        (!annotations.is_empty()).then_some(annotations)
+                    },
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -328,7 +340,7 @@ mod tests {
             ..Default::default()
         };
         let (configs, sets, services, pdbs) =
-            objects(&failover(Some(settings)), &Settings::default(), false);
+            objects(&failover(Some(settings)), &Settings::default(), false, None);
         let conf = &configs[0].data.as_ref().expect("data")["sentinel.conf"];
         assert!(conf.contains("sentinel announce-hostnames yes\n"));
         assert!(conf.contains("sentinel resolve-hostnames yes\n"));
@@ -356,7 +368,7 @@ mod tests {
     #[test]
     fn no_objects_for_manual_policy_or_an_external_set() {
         assert!(
-            objects(&failover(None), &Settings::default(), false)
+            objects(&failover(None), &Settings::default(), false, None)
                 .1
                 .is_empty()
         );
@@ -365,7 +377,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            objects(&failover(Some(external)), &Settings::default(), false)
+            objects(&failover(Some(external)), &Settings::default(), false, None)
                 .1
                 .is_empty()
         );

@@ -397,7 +397,8 @@ mod tests {
             "{pre_stop}"
         );
         // Sentinels: TLS lines written at every start, the same files mounted.
-        let (_, sets, _, _) = sentinel_objects::objects(&failover, &Settings::default(), false);
+        let (_, sets, _, _) =
+            sentinel_objects::objects(&failover, &Settings::default(), false, None);
         let sentinel_pod = sets[0].clone().spec.unwrap().template.spec.unwrap();
         let script = sentinel_pod.containers[0]
             .command

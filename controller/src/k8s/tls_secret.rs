@@ -40,7 +40,30 @@ fn still_good(secret: &Secret, ca_pem: &str, hash: &str) -> bool {
     named && same_ca && fresh
 }
 
-/// Makes sure the issued Secret exists and is fresh; the name of the Secret in use.
+/// A short hash of a certificate (PEM), to notice that it changed.
+pub fn cert_hash(cert_pem: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(cert_pem)[..8])
+}
+
+/// The hash of `tls.crt` in the Secret `name`, if it exists and holds one.
+pub async fn served_cert(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<String>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = secrets.get_opt(name).await.map_err(|source| Error::Read {
+        what: format!("Secret {name}"),
+        source,
+    })?;
+    Ok(secret
+        .as_ref()
+        .and_then(|s| s.data.as_ref()?.get("tls.crt"))
+        .map(|pem| cert_hash(&pem.0)))
+}
+
+/// Makes sure the issued Secret exists and is fresh; the hash of the certificate it holds.
 pub async fn ensure(ctx: &Context, failover: &Failover) -> Result<String, Error> {
     let names = Names::of(failover);
     let name = names.tls();
@@ -57,11 +80,13 @@ pub async fn ensure(ctx: &Context, failover: &Failover) -> Result<String, Error>
         what: format!("Secret {name}"),
         source,
     })?;
-    if existing
+    if let Some(secret) = existing
         .as_ref()
-        .is_some_and(|s| still_good(s, &ca.0.cert_pem, &hash))
+        .filter(|s| still_good(s, &ca.0.cert_pem, &hash))
     {
-        return Ok(name);
+        return Ok(
+            text(secret, "tls.crt").map_or_else(String::new, |pem| cert_hash(pem.as_bytes()))
+        );
     }
     let issued = ca
         .issue(&wanted, CERT_LIFETIME)
@@ -80,5 +105,5 @@ pub async fn ensure(ctx: &Context, failover: &Failover) -> Result<String, Error>
             source,
         })?;
     info!(secret = %name, "issued the instance's TLS certificate");
-    Ok(name)
+    Ok(cert_hash(issued.cert_pem.as_bytes()))
 }
