@@ -305,9 +305,22 @@ impl Drop for LocalInstance {
 /// when the instance serves TLS (its certificate is in `<dir>/tls/tls.crt`).
 pub fn valkey_client(dir: &Path, addr: &str, password: &str) -> redis::Client {
     if !dir.join("tls").join("tls.crt").exists() {
-        return redis::Client::open(format!("redis://:{password}@{addr}/")).expect("client");
+        return client(&format!("redis://:{password}@{addr}/"));
     }
     tls_client(&dir.join("tls").join("ca.crt"), addr, Some(password))
+}
+
+/// Connection info with TCP_NODELAY, as common clients (redis-py, Jedis, Lettuce) set it.
+fn nodelay(url: &str) -> redis::ConnectionInfo {
+    use redis::IntoConnectionInfo;
+    url.into_connection_info()
+        .expect("connection info")
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+}
+
+/// A client of `url` with TCP_NODELAY.
+pub fn client(url: &str) -> redis::Client {
+    redis::Client::open(nodelay(url)).expect("client")
 }
 
 /// A TLS client of `addr` that trusts the CA bundle in `ca_file` only.
@@ -319,7 +332,7 @@ pub fn tls_client(ca_file: &Path, addr: &str, password: Option<&str>) -> redis::
         None => format!("rediss://{addr}/"),
     };
     redis::Client::build_with_tls(
-        url,
+        nodelay(&url),
         redis::TlsCertificates {
             client_tls: None,
             root_cert: Some(ca),

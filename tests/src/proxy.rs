@@ -67,6 +67,8 @@ impl RoleProxy {
                     let Ok(mut upstream) = TcpStream::connect(&addr).await else {
                         return;
                     };
+                    // As a userspace proxy should: no Nagle delay on relayed small writes.
+                    let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
                     let mut client = client;
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}

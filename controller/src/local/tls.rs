@@ -81,7 +81,14 @@ impl LocalTls {
             lifetime,
             last_check: std::time::Instant::now(),
         };
-        tls.renew_instance(false)?;
+        if instance_tls {
+            tls.renew_instance(false)?;
+        } else {
+            // TLS turned off: no stale certificate suggests otherwise to a reader of the dir.
+            for file in ["tls.crt", "tls.key"] {
+                let _ = std::fs::remove_file(tls_dir.join(file));
+            }
+        }
         Ok(tls)
     }
 

@@ -128,9 +128,7 @@ struct Auth {
 impl Auth {
     fn client(&self, addr: &str) -> redis::Client {
         match &self.ca {
-            None => {
-                redis::Client::open(format!("redis://:{}@{addr}/", self.password)).expect("client")
-            }
+            None => valkey_e2e::local::client(&format!("redis://:{}@{addr}/", self.password)),
             Some(ca) => valkey_e2e::local::tls_client(ca, addr, Some(&self.password)),
         }
     }
@@ -192,6 +190,14 @@ impl Writer {
                 None => failed.lock().unwrap().push(Instant::now()),
             };
             let mut i = 0u64;
+            // FAILOVER_BENCH_PACE_MS: a pause after each acknowledged write (default none: each
+            // writer writes as fast as it is answered, which keeps both cores busy).
+            let pace = Duration::from_millis(
+                std::env::var("FAILOVER_BENCH_PACE_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            );
             if let Discovery::Routed(_, proxy) = &discovery {
                 let client = auth.client(proxy);
                 // Reconnects within milliseconds: 2 ms doubling to 10 ms between attempts (the
@@ -213,6 +219,9 @@ impl Writer {
                     record(i, "routed", sent, acked);
                     if acked.is_some() {
                         answered = Instant::now();
+                        if !pace.is_zero() {
+                            tokio::time::sleep(pace).await;
+                        }
                         continue;
                     }
                     // A connection that stopped answering (a hung master: a timeout, then
@@ -256,6 +265,9 @@ impl Writer {
                 let sent = Instant::now();
                 let acked = write_one(c, format!("{prefix}{i}"), i, wait).await;
                 record(i, addr, sent, acked);
+                if acked.is_some() && !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
                 if acked.is_none() {
                     // As Sentinel-aware clients do: ask again where the master is.
                     conn = None;
