@@ -1,0 +1,147 @@
+//! Tests of the pure builders of a data node's objects.
+
+use super::*;
+use crate::crd::{Storage, ValkeyModule};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+
+pub(crate) fn failover(spec: FailoverSpec) -> Failover {
+    let mut failover = Failover::new("demo", spec);
+    failover.metadata.namespace = Some("prod".into());
+    failover.metadata.uid = Some("uid-1".into());
+    failover
+}
+
+fn with_memory(limit: &str) -> FailoverSpec {
+    FailoverSpec {
+        replicas: 3,
+        resources: Some(ResourceRequirements {
+            limits: Some([("memory".to_owned(), Quantity(limit.into()))].into()),
+            ..Default::default()
+        }),
+        ..FailoverSpec::default()
+    }
+}
+
+#[test]
+fn valkey_conf_sizes_memory_and_starts_as_a_replica_of_nobody() {
+    let conf = valkey_conf(&with_memory("1Gi"));
+    assert!(conf.contains("\nreplicaof 127.0.0.1 1\n"), "{conf}");
+    assert!(conf.contains(&format!("\nmaxmemory {}\n", (1024f64.powi(3) * 0.7) as u64)));
+    assert!(conf.contains(&format!(
+        "\nrepl-backlog-size {}\n",
+        (1024f64.powi(3) * 0.7) as u64 / 100
+    )));
+    assert!(conf.contains("min-replicas-to-write 1"));
+    assert!(
+        !conf.contains("requirepass"),
+        "no password in the ConfigMap"
+    );
+    let mut spec = with_memory("1Gi");
+    spec.custom_configs
+        .insert("maxmemory".into(), "100mb".into());
+    spec.modules.push(ValkeyModule {
+        path: "valkey-json".into(),
+        args: vec![],
+    });
+    let conf = valkey_conf(&spec);
+    assert_eq!(conf.matches("maxmemory ").count(), 1, "{conf}");
+    assert!(conf.contains("maxmemory 100mb\n"));
+    assert!(conf.contains(&format!("repl-backlog-size {}\n", 1024 * 1024)));
+    assert!(conf.contains("loadmodule /usr/lib/valkey/modules/valkey-json.so\n"));
+    let single = valkey_conf(&FailoverSpec {
+        replicas: 1,
+        ..FailoverSpec::default()
+    });
+    assert!(!single.contains("min-replicas-to-write"));
+    assert!(!single.contains("maxmemory "));
+}
+
+#[test]
+fn only_restart_keys_change_the_restart_hash() {
+    let base = with_memory("1Gi");
+    let mut live = base.clone();
+    live.custom_configs
+        .insert("maxmemory-policy".into(), "allkeys-lru".into());
+    let mut restart = base.clone();
+    restart
+        .custom_configs
+        .insert("databases".into(), "32".into());
+    assert_eq!(restart_hash(&base), restart_hash(&live));
+    assert_ne!(restart_hash(&base), restart_hash(&restart));
+}
+
+#[test]
+fn passwords_are_random_and_long() {
+    let (a, b) = (generate_password(), generate_password());
+    assert_eq!(a.len(), 32);
+    assert_ne!(a, b);
+    assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+}
+
+#[test]
+fn the_statefulset_has_the_agent_probes_prestop_and_defaults() {
+    let mut spec = with_memory("1Gi");
+    spec.storage = Some(Storage::default());
+    spec.exporter = Some(Default::default());
+    let sts = statefulset(&failover(spec.clone()), &Settings::default(), false);
+    let meta = &sts.metadata;
+    assert_eq!(meta.name.as_deref(), Some("demo"));
+    assert_eq!(
+        meta.owner_references.as_ref().map(|o| o[0].uid.as_str()),
+        Some("uid-1")
+    );
+    let s = sts.spec.as_ref().expect("spec");
+    assert_eq!(s.replicas, Some(3));
+    assert_eq!(s.service_name.as_deref(), Some("demo-headless"));
+    let pod = s.template.spec.as_ref().expect("pod");
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["valkey", "agent", "exporter"]);
+    let valkey = &pod.containers[0];
+    let ready = valkey
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.grpc.as_ref())
+        .expect("grpc");
+    assert_eq!(
+        (ready.port, ready.service.as_deref()),
+        (AGENT_PORT, Some("readiness"))
+    );
+    assert!(
+        valkey
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .is_some()
+    );
+    let script = &valkey.command.as_ref().expect("command")[2];
+    assert!(script.contains("demo-headless.prod.svc"), "{script}");
+    let security = pod.security_context.as_ref().expect("pod security");
+    assert_eq!(
+        (security.run_as_user, security.fs_group),
+        (Some(999), Some(1000))
+    );
+    assert!(
+        pod.affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .is_some()
+    );
+    let claims = s.volume_claim_templates.as_ref().expect("PVC");
+    let size = claims[0]
+        .spec
+        .as_ref()
+        .and_then(|c| c.resources.as_ref())
+        .and_then(|r| r.requests.as_ref())
+        .map(|r| r["storage"].0.clone());
+    assert_eq!(size.as_deref(), Some("2Gi"), "twice the memory limit");
+    let agent_env: BTreeMap<String, String> = pod.containers[1]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    assert_eq!(agent_env["VALKEY_AGENT_FAILOVER"], "demo");
+    assert_eq!(agent_env["VALKEY_AGENT_NAMESPACE"], "prod");
+    let paused = statefulset(&failover(spec), &Settings::default(), true);
+    assert_eq!(paused.spec.and_then(|s| s.replicas), Some(0));
+}
