@@ -372,9 +372,7 @@ impl Link {
 
 /// TLS to the controller, verified against the CA bundle in `ca_file` (read anew each time).
 fn controller_tls(ca_file: &std::path::Path) -> Result<ClientTlsConfig, String> {
-    crate::tls::read_certificates(ca_file).map_err(|e| format!("--controller-ca-file {e}"))?;
-    let pem = std::fs::read(ca_file)
-        .map_err(|e| format!("--controller-ca-file {}: {e}", ca_file.display()))?;
+    let pem = crate::tls::read_bundle(ca_file).map_err(|e| format!("--controller-ca-file {e}"))?;
     Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
 }
 

@@ -137,10 +137,7 @@ fn client(
 /// The CA bundle of `path`, or why it cannot be used (the process then counts as down: the
 /// agent cannot reach it).
 fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, LocalError> {
-    crate::tls::read_certificates(path)
-        .map_err(|e| LocalError::Down(format!("--valkey-tls-ca-file {e}")))?;
-    std::fs::read(path)
-        .map_err(|e| LocalError::Down(format!("--valkey-tls-ca-file {}: {e}", path.display())))
+    crate::tls::read_bundle(path).map_err(|e| LocalError::Down(format!("--valkey-tls-ca-file {e}")))
 }
 
 impl std::fmt::Debug for Local {

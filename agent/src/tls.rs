@@ -23,21 +23,24 @@ pub enum TlsFileError {
     Parse { path: PathBuf, reason: String },
 }
 
-/// The certificates of a PEM file (a CA bundle or a chain), at least one.
-pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+/// A PEM CA bundle (or chain), read once and checked to hold at least one certificate that
+/// parses; its bytes, as TLS libraries take them.
+pub fn read_bundle(path: &Path) -> Result<Vec<u8>, TlsFileError> {
     let pem = std::fs::read(path).map_err(|source| TlsFileError::Read {
         path: path.to_owned(),
         source,
     })?;
-    certificates(&pem).map_err(|reason| match reason {
-        None => TlsFileError::NoCertificate {
-            path: path.to_owned(),
-        },
-        Some(reason) => TlsFileError::Parse {
-            path: path.to_owned(),
-            reason,
-        },
-    })
+    certificates(&pem)
+        .map(|_| pem)
+        .map_err(|reason| match reason {
+            None => TlsFileError::NoCertificate {
+                path: path.to_owned(),
+            },
+            Some(reason) => TlsFileError::Parse {
+                path: path.to_owned(),
+                reason,
+            },
+        })
 }
 
 /// The certificates of PEM text; `Err(None)` when there is none, `Err(Some(why))` when one
@@ -181,13 +184,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("ca.crt");
         std::fs::write(&path, "not a certificate\n").unwrap_or_else(|e| panic!("{e}"));
-        let err = read_certificates(&path).err().map(|e| e.to_string());
+        let err = read_bundle(&path).err().map(|e| e.to_string());
         assert_eq!(
             err,
             Some(format!("{}: no PEM certificate in it", path.display()))
         );
         let missing = dir.path().join("missing.crt");
-        let err = read_certificates(&missing).err().map(|e| e.to_string());
+        let err = read_bundle(&missing).err().map(|e| e.to_string());
         assert!(
             err.is_some_and(|e| e.starts_with(&missing.display().to_string())),
             "the path is named"

@@ -11,7 +11,7 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::tls::{CA_LIFETIME, CERT_LIFETIME, Ca, CaError, Issued, Validity, serve::ServerCert};
+use crate::tls::{CA_LIFETIME, CERT_LIFETIME, Ca, CaError, Issued, serve::ServerCert};
 
 /// The Secret holding the controller's CA (`ca.crt`, `ca.key`).
 pub const CA_SECRET: &str = "valkey-controller-ca";
@@ -113,25 +113,15 @@ pub fn hub_names(agent_addr: &str) -> Vec<String> {
 /// Issues the hub's certificate; then keeps renewing it while the controller runs.
 pub fn serve_cert(ca: Arc<Ca>, agent_addr: &str) -> Result<Arc<ServerCert>, HubTlsError> {
     let names = hub_names(agent_addr);
-    let issued = ca.issue(&names, CERT_LIFETIME)?;
-    let mut validity = Validity::of_pem(issued.cert_pem.as_bytes());
-    let cert = ServerCert::new(&issued)?;
+    let cert = ServerCert::new(&ca.issue(&names, CERT_LIFETIME)?)?;
     let renewing = cert.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(600)).await;
-            if !validity.is_none_or(|v| v.renewal_due(std::time::SystemTime::now())) {
-                continue;
-            }
-            match ca.issue(&names, CERT_LIFETIME) {
-                Ok(issued) => match renewing.replace(&issued) {
-                    Ok(()) => {
-                        validity = Validity::of_pem(issued.cert_pem.as_bytes());
-                        info!("renewed the hub's certificate");
-                    }
-                    Err(err) => warn!(error = %err, "renewing the hub's certificate"),
-                },
-                Err(err) => warn!(error = %err, "renewing the hub's certificate"),
+            match renewing.renew_if_due(&ca, &names, CERT_LIFETIME) {
+                Ok(true) => info!("renewed the hub's certificate"),
+                Ok(false) => {}
+                Err(err) => warn!(error = %err, "renewing the hub's certificate; retrying"),
             }
         }
     });

@@ -245,6 +245,10 @@ impl Runtime {
             Ok(_) => {}
             Err(err) => warn!(error = %err, "cannot renew a certificate; retrying"),
         }
+        // Every 100 ms tick: look at the sentinels only while a roll is under way.
+        if self.sentinel_roll.is_idle() {
+            return;
+        }
         let observed = hub.observe_kind(&self.key, NodeKind::Sentinel);
         let procs = &self.procs;
         let step = self.sentinel_roll.step(

@@ -27,7 +27,6 @@ pub struct LocalTls {
     /// The files Valkey and Sentinel serve, when the spec asks for TLS.
     pub instance: Option<TlsFiles>,
     pub hub: Arc<ServerCert>,
-    hub_validity: Validity,
     lifetime: Duration,
     last_check: std::time::Instant,
 }
@@ -70,11 +69,8 @@ impl LocalTls {
             }
         };
         let hub = issue(&ca, lifetime, &ca_file)?;
-        let hub_validity =
-            Validity::of_pem(hub.cert_pem.as_bytes()).ok_or_else(|| bad_cert(&ca_file, "hub"))?;
         let tls = Self {
             hub: ServerCert::new(&hub).map_err(|e| bad_cert(&ca_file, e))?,
-            hub_validity,
             instance: instance_tls.then(|| TlsFiles::in_dir(&tls_dir.display().to_string())),
             ca,
             ca_file,
@@ -126,13 +122,11 @@ impl LocalTls {
         if renewed {
             info!("renewed the instance's TLS certificate");
         }
-        if self.hub_validity.renewal_due(SystemTime::now()) {
-            let hub = issue(&self.ca, self.lifetime, &self.ca_file)?;
-            self.hub
-                .replace(&hub)
-                .map_err(|e| bad_cert(&self.ca_file, e))?;
-            self.hub_validity = Validity::of_pem(hub.cert_pem.as_bytes())
-                .ok_or_else(|| bad_cert(&self.ca_file, "hub"))?;
+        if self
+            .hub
+            .renew_if_due(&self.ca, &local_names(), self.lifetime)
+            .map_err(|e| bad_cert(&self.ca_file, e))?
+        {
             info!("renewed the hub's TLS certificate");
         }
         Ok(renewed)
@@ -158,6 +152,11 @@ pub enum RollStep {
 }
 
 impl SentinelRoll {
+    /// Nothing to restart, nothing restarting.
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none() && self.queue.is_empty()
+    }
+
     pub fn request(&mut self, pods: impl IntoIterator<Item = String>) {
         for pod in pods {
             let current = self.current.as_ref().is_some_and(|(p, ..)| *p == pod);
@@ -207,7 +206,9 @@ mod tests {
         let pids = RefCell::new(BTreeMap::from([("s-0", 10), ("s-1", 11), ("s-2", 12)]));
         let reporting = RefCell::new(true);
         let mut roll = SentinelRoll::default();
+        assert!(roll.is_idle());
         roll.request(["s-0".to_owned(), "s-1".to_owned()]);
+        assert!(!roll.is_idle());
         roll.request(["s-0".to_owned(), "s-2".to_owned()]);
         let step = |roll: &mut SentinelRoll| {
             roll.step(
@@ -237,5 +238,6 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(step(&mut roll), RollStep::Wait);
         assert_eq!(step(&mut roll), RollStep::Wait);
+        assert!(roll.is_idle());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     sync::{Arc, RwLock},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use futures::Stream;
@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::debug;
 
-use super::Issued;
+use super::{Ca, Issued, Validity};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,11 +28,13 @@ pub enum ServeError {
     Cert(String),
     #[error("the server key does not parse: {0}")]
     Key(String),
+    #[error("issuing the server certificate: {0}")]
+    Issue(#[from] super::CaError),
 }
 
-/// The certificate the hub serves, replaceable at any time.
+/// The certificate the hub serves (and when it is valid), replaceable at any time.
 #[derive(Debug)]
-pub struct ServerCert(RwLock<Arc<CertifiedKey>>);
+pub struct ServerCert(RwLock<(Arc<CertifiedKey>, Option<Validity>)>);
 
 fn certified(issued: &Issued) -> Result<Arc<CertifiedKey>, ServeError> {
     let chain: Vec<CertificateDer<'static>> =
@@ -51,22 +53,44 @@ fn certified(issued: &Issued) -> Result<Arc<CertifiedKey>, ServeError> {
 
 impl ServerCert {
     pub fn new(issued: &Issued) -> Result<Arc<Self>, ServeError> {
-        Ok(Arc::new(Self(RwLock::new(certified(issued)?))))
+        let validity = Validity::of_pem(issued.cert_pem.as_bytes());
+        Ok(Arc::new(Self(RwLock::new((certified(issued)?, validity)))))
     }
 
     /// Serves `issued` to every handshake from now on.
     pub fn replace(&self, issued: &Issued) -> Result<(), ServeError> {
         let key = certified(issued)?;
+        let validity = Validity::of_pem(issued.cert_pem.as_bytes());
         if let Ok(mut current) = self.0.write() {
-            *current = key;
+            *current = (key, validity);
         }
         Ok(())
+    }
+
+    /// Issues a new certificate for `names` from `ca` and serves it, when the one served is
+    /// due for renewal (two thirds of its lifetime). True when it was renewed.
+    pub fn renew_if_due(
+        &self,
+        ca: &Ca,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<bool, ServeError> {
+        let due = self
+            .0
+            .read()
+            .map(|current| current.1.is_none_or(|v| v.renewal_due(SystemTime::now())))
+            .unwrap_or(true);
+        if !due {
+            return Ok(false);
+        }
+        self.replace(&ca.issue(names, lifetime)?)?;
+        Ok(true)
     }
 }
 
 impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.read().ok().map(|k| k.clone())
+        self.0.read().ok().map(|current| current.0.clone())
     }
 }
 
@@ -114,7 +138,7 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::{CA_LIFETIME, Ca};
+    use crate::tls::CA_LIFETIME;
     use futures::StreamExt;
 
     async fn handshake(addr: std::net::SocketAddr, trusted: &Ca) -> Result<(), String> {
