@@ -263,6 +263,9 @@ pub struct ValkeyTls {
     pub ca_file: PathBuf,
     /// The files the process serves, watched for renewal.
     pub served: Option<(PathBuf, PathBuf)>,
+    /// A certificate and key the agent presents to the process, for one that requires client
+    /// certificates (an external Sentinel set's `tls-auth-clients yes`). Re-read with the CA.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// The validated configuration the agent runs with.
@@ -416,7 +419,11 @@ impl Args {
         let valkey_tls = match (self.valkey_tls_ca_file, served) {
             (None, Some(_)) => return Err(ConfigError::TlsCertWithoutCa),
             (None, None) => None,
-            (Some(ca_file), served) => Some(ValkeyTls { ca_file, served }),
+            (Some(ca_file), served) => Some(ValkeyTls {
+                ca_file,
+                served,
+                client: None,
+            }),
         };
         let metrics_listen = match self.metrics_listen.trim() {
             "off" | "" => None,

@@ -86,15 +86,45 @@ pub struct Local {
     username: Option<String>,
     password: Option<String>,
     password_file: Option<std::path::PathBuf>,
-    /// With TLS: the CA file the server is verified against, and the bundle last read from it.
-    tls: Option<(std::path::PathBuf, Vec<u8>)>,
+    /// With TLS: where the CA (and a client certificate) come from, and what was last read.
+    tls: Option<(crate::config::ValkeyTls, TlsMaterial)>,
+}
+
+/// What a TLS connection to the process is made with, as last read from its files.
+#[derive(Default, PartialEq, Eq)]
+struct TlsMaterial {
+    /// The CA bundle the server is verified against.
+    ca: Vec<u8>,
+    /// The certificate and key presented to a server that asks for one.
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsMaterial {
+    /// Reads the files, or says which one cannot be used (the process then counts as down:
+    /// the agent cannot reach it).
+    fn read(files: &crate::config::ValkeyTls) -> Result<Self, LocalError> {
+        let ca = crate::tls::read_bundle(&files.ca_file)
+            .map_err(|e| LocalError::Down(format!("TLS CA file {e}")))?;
+        let client = match &files.client {
+            None => None,
+            Some((cert, key)) => {
+                let read = |path: &std::path::Path| {
+                    std::fs::read(path).map_err(|e| {
+                        LocalError::Down(format!("TLS client certificate {}: {e}", path.display()))
+                    })
+                };
+                Some((read(cert)?, read(key)?))
+            }
+        };
+        Ok(Self { ca, client })
+    }
 }
 
 fn client(
     addr: &(String, u16),
     username: Option<&str>,
     password: Option<&str>,
-    ca: Option<&[u8]>,
+    tls: Option<&TlsMaterial>,
 ) -> Result<Client, LocalError> {
     let mut redis =
         RedisConnectionInfo::default().set_lib_name(AGENT_LIB_NAME, env!("CARGO_PKG_VERSION"));
@@ -104,7 +134,7 @@ fn client(
     if let Some(password) = password {
         redis = redis.set_password(password);
     }
-    let conn_addr = match ca {
+    let conn_addr = match tls {
         None => ConnectionAddr::Tcp(addr.0.clone(), addr.1),
         Some(_) => ConnectionAddr::TcpTls {
             host: addr.0.clone(),
@@ -121,23 +151,23 @@ fn client(
         .map_err(|e| LocalError::Reply(e.to_string()))?
         .set_redis_settings(redis)
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    match ca {
+    match tls {
         None => Client::open(info),
-        Some(ca) => Client::build_with_tls(
+        Some(tls) => Client::build_with_tls(
             info,
             redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.to_vec()),
+                client_tls: tls
+                    .client
+                    .as_ref()
+                    .map(|(cert, key)| redis::ClientTlsConfig {
+                        client_cert: cert.clone(),
+                        client_key: key.clone(),
+                    }),
+                root_cert: Some(tls.ca.clone()),
             },
         ),
     }
     .map_err(|e| LocalError::Reply(e.to_string()))
-}
-
-/// The CA bundle of `path`, or why it cannot be used (the process then counts as down: the
-/// agent cannot reach it).
-fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, LocalError> {
-    crate::tls::read_bundle(path).map_err(|e| LocalError::Down(format!("--valkey-tls-ca-file {e}")))
 }
 
 impl std::fmt::Debug for Local {
@@ -152,16 +182,16 @@ impl std::fmt::Debug for Local {
 impl Local {
     pub fn new(config: &Config, timeout: Duration) -> Result<Self, LocalError> {
         let addr = (config.valkey_host.clone(), config.valkey_port);
-        // A CA file that cannot be read yet leaves an empty bundle: every connect re-reads it.
+        // Files that cannot be read yet leave empty material: every connect re-reads them.
         let tls = config
             .valkey_tls
             .as_ref()
-            .map(|t| (t.ca_file.clone(), read_ca(&t.ca_file).unwrap_or_default()));
+            .map(|t| (t.clone(), TlsMaterial::read(t).unwrap_or_default()));
         let client = client(
             &addr,
             config.valkey_username.as_deref(),
             config.valkey_password.as_deref(),
-            tls.as_ref().map(|(_, ca)| ca.as_slice()),
+            tls.as_ref().map(|(_, read)| read),
         )?;
         Ok(Self {
             client,
@@ -192,7 +222,7 @@ impl Local {
             &self.addr,
             self.username.as_deref(),
             Some(&password),
-            self.tls.as_ref().map(|(_, ca)| ca.as_slice()),
+            self.tls.as_ref().map(|(_, read)| read),
         ) {
             Ok(client) => {
                 tracing::info!("the Valkey password file changed; using the new password");
@@ -220,21 +250,21 @@ impl Local {
         }
     }
 
-    /// With TLS, before each new connection: a CA bundle that changed (a renewed CA) is used
-    /// from now on.
-    fn reload_ca(&mut self) -> Result<(), LocalError> {
-        let Some((path, current)) = &self.tls else {
+    /// With TLS, before each new connection: a CA bundle or client certificate that changed
+    /// (a renewal) is used from now on.
+    fn reload_tls(&mut self) -> Result<(), LocalError> {
+        let Some((files, current)) = &self.tls else {
             return Ok(());
         };
-        let ca = read_ca(path)?;
-        if &ca != current {
+        let read = TlsMaterial::read(files)?;
+        if &read != current {
             self.client = client(
                 &self.addr,
                 self.username.as_deref(),
                 self.password.as_deref(),
-                Some(&ca),
+                Some(&read),
             )?;
-            self.tls = Some((path.clone(), ca));
+            self.tls = Some((files.clone(), read));
         }
         Ok(())
     }
@@ -243,7 +273,7 @@ impl Local {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
-        self.reload_ca()?;
+        self.reload_tls()?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(None);

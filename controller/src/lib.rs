@@ -1,6 +1,7 @@
 //! valkey-controller: the failover core (pure decisions), the agent hub (gRPC), and the local
 //! runtime that wires them to real processes without a cluster.
 
+pub mod conf_text;
 pub mod core;
 pub mod crd;
 pub mod credentials;

@@ -93,6 +93,12 @@ struct RunArgs {
         default_value_t = 5000
     )]
     hang_timeout_ms: u64,
+    /// Let Failovers ask for privileged pod settings (root, privileged mode, added
+    /// capabilities, an unconfined seccomp profile, unsafe sysctls). Off: such a spec is
+    /// refused, naming the field, so that whoever may create a Failover cannot run privileged
+    /// pods through the controller.
+    #[arg(long, env = "VALKEY_CONTROLLER_ALLOW_PRIVILEGED_PODS")]
+    allow_privileged_pods: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +239,9 @@ fn main() -> ExitCode {
                         controller_addr: args.agent_controller_addr,
                         // Filled in from the controller's CA once it is loaded.
                         controller_ca: String::new(),
+                        admission: valkey_controller::validate::Admission {
+                            allow_privileged: args.allow_privileged_pods,
+                        },
                     },
                     pod_name: args.pod_name,
                     pod_namespace: args.pod_namespace,

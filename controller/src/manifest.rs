@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::{
     crd::FailoverSpec,
-    validate::{Invalid, validate},
+    validate::{Invalid, is_dns_label, validate},
 };
 
 pub const API_VERSION: &str = "valkey.buf.red/v1alpha1";
@@ -42,6 +42,77 @@ pub enum ManifestError {
     },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// Too big or too deeply nested to be read safely.
+    #[error("{path}: {why}")]
+    TooLarge { path: String, why: String },
+}
+
+/// The largest manifest read: a Failover is a few KiB; Kubernetes stores at most 1.5 MiB.
+pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
+/// The deepest nesting read, in flow brackets or in indentation and `- ` levels; a Failover
+/// with the deepest affinity rules stays under 20.
+pub const MAX_NESTING: usize = 128;
+
+/// Refuses text that would take the YAML parser long or much memory to read: over the size
+/// limit, or nested past [`MAX_NESTING`] (checked before parsing, since the parser itself
+/// takes time that grows faster than the depth).
+fn check_shape(text: &str, origin: &str) -> Result<(), ManifestError> {
+    let too_large = |why: String| ManifestError::TooLarge {
+        path: origin.to_owned(),
+        why,
+    };
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(too_large(format!(
+            "{} bytes; the limit is {MAX_MANIFEST_BYTES}",
+            text.len()
+        )));
+    }
+    let mut flow = 0usize;
+    for (number, line) in text.lines().enumerate() {
+        // A quote opens a quoted scalar only where a scalar starts; elsewhere (`it's`) it is
+        // text. Multi-line quoted scalars are read as if each line were one: only lenient.
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        let mut rest = line.trim_start();
+        let mut dashes = 0;
+        while let Some(after) = rest.strip_prefix("- ") {
+            dashes += 1;
+            rest = after.trim_start();
+        }
+        if indent / 2 + dashes > MAX_NESTING {
+            return Err(too_large(format!(
+                "line {}: nested more than {MAX_NESTING} levels deep",
+                number + 1
+            )));
+        }
+        for c in line.chars() {
+            let after_space = prev == ' ';
+            let starts_scalar = matches!(prev, ' ' | ':' | '-' | '[' | '{' | ',' | '?');
+            if !c.is_whitespace() {
+                prev = c;
+            } else if quote.is_none() {
+                prev = ' ';
+            }
+            match (quote, c) {
+                (None, '#') if after_space => break,
+                (None, '"' | '\'') if starts_scalar => quote = Some(c),
+                (Some(q), c) if c == q => quote = None,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if flow > MAX_NESTING {
+                        return Err(too_large(format!(
+                            "line {}: nested more than {MAX_NESTING} levels deep",
+                            number + 1
+                        )));
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 impl From<Invalid> for ManifestError {
@@ -63,6 +134,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ManifestError {
 impl Manifest {
     /// Parses and validates; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ManifestError> {
+        check_shape(text, origin)?;
         let mut unknown = Vec::new();
         let deserializer = serde_yaml::Deserializer::from_str(text);
         let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
@@ -94,6 +166,17 @@ impl Manifest {
             return Err(invalid(
                 "kind",
                 format!("must be {KIND}, not {:?}", self.kind),
+            ));
+        }
+        if let Some(namespace) = &self.metadata.namespace
+            && !is_dns_label(namespace)
+        {
+            return Err(invalid(
+                "metadata.namespace",
+                format!(
+                    "{namespace:?} is not a namespace name (at most 63 lowercase letters, digits \
+                     and '-', starting and ending alphanumeric)"
+                ),
             ));
         }
         Ok(validate(&self.metadata.name, &self.spec)?)
@@ -196,6 +279,20 @@ mod tests {
                 format!("{GOOD}  access:\n    serviceTyp: NodePort\n"),
                 "spec.access.serviceTyp",
             ),
+            (
+                GOOD.replace(
+                    "name: demo\n",
+                    "name: demo\n  namespace: 'x\"; id; echo \"'\n",
+                ),
+                "metadata.namespace",
+            ),
+            (
+                GOOD.replace(
+                    "allkeys-lru",
+                    "\"allkeys-lru\\nrequirepass x\\ndir /etc\\nreplicaof 10.0.0.1 6379\"",
+                ),
+                "spec.customConfigs.maxmemory-policy",
+            ),
         ];
         for (text, field) in cases {
             let err = Manifest::parse(&text, "m.yaml")
@@ -203,5 +300,44 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{field} not named in: {err}");
         }
+    }
+
+    #[test]
+    fn manifests_too_big_or_too_deep_are_refused_before_parsing() {
+        let deep_flow = format!("{GOOD}  podAnnotations: {}\n", "[".repeat(200_000));
+        let deep_block: String = (0..300)
+            .map(|i| format!("{}a{i}:\n", " ".repeat(i * 2)))
+            .collect();
+        let dashes = format!("{GOOD}  tolerations:\n{}x\n", "- ".repeat(300));
+        let big = format!(
+            "{GOOD}  podAnnotations:\n    a: \"{}\"\n",
+            "x".repeat(2 << 20)
+        );
+        for (what, text) in [
+            ("flow", deep_flow),
+            ("block", format!("{GOOD}{deep_block}")),
+            ("dashes", dashes),
+            ("size", big),
+        ] {
+            // TooLarge comes from the pre-check only: the parser never ran on this text.
+            match Manifest::parse(&text, "m.yaml") {
+                Err(ManifestError::TooLarge { path, why }) => {
+                    assert_eq!(path, "m.yaml", "{what}");
+                    assert!(
+                        why.contains("levels deep") || why.contains("limit"),
+                        "{what}: {why}"
+                    );
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // Quotes and comments do not hide brackets; brackets in strings are not nesting.
+        let hidden = format!("{GOOD}  podAnnotations: [x'{}\n", "[".repeat(200));
+        assert!(matches!(
+            Manifest::parse(&hidden, "m.yaml"),
+            Err(ManifestError::TooLarge { .. })
+        ));
+        let quoted = format!("{GOOD}  podAnnotations:\n    a: \"{}\"\n", "[".repeat(500));
+        assert!(Manifest::parse(&quoted, "m.yaml").is_ok());
     }
 }

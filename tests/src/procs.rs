@@ -295,13 +295,36 @@ impl Sentinel {
     }
 
     fn start_with(extra_conf: &str) -> Self {
+        Self::start_listening(|port| format!("port {port}\n"), extra_conf)
+    }
+
+    /// A sentinel speaking TLS only, as an external set run by someone else would: it serves
+    /// `cert`, trusts `ca` (for its clients and for the nodes and peers it links to over TLS),
+    /// and requires every client to present a certificate.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Self {
+        Self::start_listening(
+            |port| {
+                format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-ca-cert-file {}\ntls-replication yes\ntls-auth-clients yes\n",
+                    cert.display(),
+                    key.display(),
+                    ca.display()
+                )
+            },
+            "",
+        )
+    }
+
+    fn start_listening(listen: impl Fn(u16) -> String, extra_conf: &str) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("sentinel-")
             .tempdir()
             .expect("temp dir");
         let port = free_port();
         let conf = format!(
-            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nsentinel resolve-hostnames yes\n{extra_conf}",
+            "{}bind 127.0.0.1\nprotected-mode no\ndir {}\nsentinel resolve-hostnames yes\n{extra_conf}",
+            listen(port),
             tmp.path().display()
         );
         std::fs::write(tmp.path().join("sentinel.conf"), conf).expect("write sentinel.conf");

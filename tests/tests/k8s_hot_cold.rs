@@ -228,18 +228,23 @@ async fn status_writes_do_not_wake_the_cold_path() {
 #[tokio::test]
 async fn reports_that_only_move_offsets_cost_no_api_write() {
     let (cluster, nodes, master) = ready_instance().await;
-    // Settle: both replicas in sync, their links up in the status, and a pass that writes
-    // nothing (the Ready status and role labels are written).
+    // Settle: both replicas in sync, their links up in the status, the status of the current
+    // generation (the in-memory API bumps it for the finalizer too, and the cold pass that
+    // change wakes hands it to the hot path), and passes that write nothing (the Ready status
+    // and role labels are written).
     nodes.acked_writes(&master, 1).await;
     wait_for("a settled status with every link up", T, || async {
         let writes = cluster.writes();
+        cluster.reconcile(NS, "demo").await.expect("cold pass");
         cluster.hot_pass(NS, "demo").await.expect("pass");
-        let status = cluster.failover(NS, "demo").await.status?;
+        let failover = cluster.failover(NS, "demo").await;
+        let status = failover.status?;
         let linked = status
             .nodes
             .iter()
             .all(|n| n.pod_name == master || n.link_up);
-        (linked && status.nodes.len() == 3 && cluster.writes() == writes).then_some(())
+        let current = status.observed_generation == failover.metadata.generation;
+        (linked && current && status.nodes.len() == 3 && cluster.writes() == writes).then_some(())
     })
     .await;
     let writes = cluster.writes();

@@ -136,3 +136,53 @@ async fn a_data_pod_restarts_from_the_configmap_and_secret_whatever_sentinel_rew
         "the password of the rewritten file still works"
     );
 }
+
+#[tokio::test]
+async fn a_password_that_could_add_directives_is_refused_and_any_other_is_taken_as_is() {
+    let failover: Failover =
+        serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
+    let root = tempfile::tempdir().expect("temp dir");
+    for dir in ["secret", "config", "run", "data"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+    }
+    let conf = build::config_map(&failover).data.expect("data")["valkey.conf"].replace(
+        "\ndir /data\n",
+        &format!("\ndir {}\n", root.path().join("data").display()),
+    );
+    std::fs::write(root.path().join("config/valkey.conf"), conf).expect("ConfigMap");
+    let port = free_port();
+    let script = localized_script(&failover, root.path(), port);
+    // A Secret whose password would close the quote and start directives of its own.
+    let hostile = "x\"\nrename-command CONFIG \"\"\nenable-debug-command yes\n\"";
+    std::fs::write(root.path().join("secret/password"), hostile).expect("Secret");
+    let mut pod = start(&script, root.path(), 0);
+    let status = wait_for("the script to refuse", T, || {
+        let status = pod.exited();
+        async move { status }
+    })
+    .await;
+    assert!(!status.success(), "{status}");
+    let log = pod.log_text();
+    assert!(
+        log.contains("holds a quote, a backslash or a control character"),
+        "{log}"
+    );
+    assert!(
+        !root.path().join("run/valkey.conf").exists(),
+        "nothing was written"
+    );
+    // Shell and config specials that cannot end the quoted value are kept as they are.
+    let odd = "p@ss w$rd!'#;`ls` {}*";
+    std::fs::write(root.path().join("secret/password"), odd).expect("Secret");
+    let _pod = start(&script, root.path(), 1);
+    let mut c = wait_for("the pod's Valkey to take the password", T, || async {
+        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()
+    })
+    .await;
+    let auth: redis::RedisResult<()> = redis::cmd("AUTH").arg(odd).query_async(&mut c).await;
+    assert!(auth.is_ok(), "{auth:?}");
+}

@@ -8,13 +8,14 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use nix::sys::signal::Signal;
 use valkey_controller::{
     local::control::Status,
-    tls::{CA_LIFETIME, Ca},
+    tls::{CA_LIFETIME, CERT_LIFETIME, Ca},
 };
 use valkey_e2e::{
     local::{
         LocalInstance, Writer, assert_every_node_holds, master_of, signal, switchover_when_ready,
         tls_client, write_n,
     },
+    procs::Sentinel,
     soak::healthy,
     wait_for,
 };
@@ -297,4 +298,85 @@ async fn a_renewal_restarts_the_sentinels_one_at_a_time_and_causes_no_failover()
     let after = healthy_over_tls(&instance, true).await;
     assert_eq!(after.epoch, status.epoch, "the roll caused a failover");
     assert_eq!(after.master, status.master);
+}
+
+#[tokio::test]
+async fn an_external_tls_sentinel_set_is_reached_with_its_ca_and_client_certificate() {
+    // Someone else's Sentinel set: its own CA, TLS only, a client certificate required. It
+    // trusts our data nodes' CA too, to watch them over TLS.
+    let theirs = Ca::generate("the external sentinels' CA", CA_LIFETIME).unwrap();
+    let ours = Ca::generate("valkey-controller local CA", CA_LIFETIME).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let served = theirs
+        .issue(&["127.0.0.1".into(), "localhost".into()], CERT_LIFETIME)
+        .unwrap();
+    let cert = write("sentinel.crt", &served.cert_pem);
+    let key = write("sentinel.key", &served.key_pem);
+    let trust = write(
+        "trust.crt",
+        &format!("{}{}", theirs.0.cert_pem, ours.0.cert_pem),
+    );
+    let their_ca = write("their-ca.crt", &theirs.0.cert_pem);
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::start_tls(&cert, &key, &trust))
+        .collect();
+    for sentinel in &sentinels {
+        let addr = format!("127.0.0.1:{}", sentinel.port);
+        assert!(!plaintext_answers(&addr).await, "{addr} answered plaintext");
+        assert!(
+            !tls_answers(&their_ca, &addr, None).await,
+            "{addr} answered a client without a certificate"
+        );
+    }
+    let client_cert = theirs
+        .issue(&["valkey-operator".into()], CERT_LIFETIME)
+        .unwrap();
+    let nodes: String = sentinels
+        .iter()
+        .map(|s| format!("        - ip: 127.0.0.1\n          port: {}\n", s.port))
+        .collect();
+    let manifest = format!(
+        "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata:\n  name: demo\n  namespace: e2e\n\
+         spec:\n  replicas: 3\n  access:\n    enableTLS: true\n  sentinel:\n    quorum: 2\n    \
+         monitorConfig:\n      down-after-milliseconds: \"5000\"\n    sentinelReference:\n      \
+         auth:\n        tlsSecret: ext-tls\n      nodes:\n{nodes}"
+    );
+    let instance = LocalInstance::up_with_files(
+        &manifest,
+        &[
+            ("tls/ca.crt", &ours.0.cert_pem),
+            ("tls/ca.key", &ours.0.key_pem),
+            ("secrets/ext-tls/ca.crt", &theirs.0.cert_pem),
+            ("secrets/ext-tls/tls.crt", &client_cert.cert_pem),
+            ("secrets/ext-tls/tls.key", &client_cert.key_pem),
+        ],
+    );
+    // Every sentinel monitors the instance, which only the CA and the client certificate of
+    // the Secret let the controller set up.
+    let status = healthy_over_tls(&instance, true).await;
+    assert_eq!(status.monitor.name.as_deref(), Some("e2e.demo"));
+    let writer = Writer::start(instance.dir.clone(), 2);
+    writer.wait_more(50).await;
+    let (old, _, pid) = master_of(&status);
+    signal(pid, Signal::SIGKILL);
+    instance
+        .wait_status("the external set to name a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    writer.wait_more(50).await;
+    let acked = writer.finish().await;
+    let healed = healthy_over_tls(&instance, true).await;
+    assert_every_node_holds(
+        &instance,
+        &healed,
+        &acked,
+        "after a failover by an external TLS Sentinel set",
+    )
+    .await;
 }

@@ -12,9 +12,10 @@ use k8s_openapi::{
             EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, GRPCAction, KeyToPath,
             Lifecycle, LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
             PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
-            PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, Secret, SecretKeySelector,
-            SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
-            VolumeMount, VolumeProjection, VolumeResourceRequirements, WeightedPodAffinityTerm,
+            PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret,
+            SecretKeySelector, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection,
+            Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+            WeightedPodAffinityTerm,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -30,6 +31,7 @@ use super::{
     TOKEN_AUDIENCE, VALKEY_PORT, owned_meta, selector, tls_objects,
 };
 use crate::{
+    conf_text::quote,
     crd::{AccessMode, Failover, FailoverSpec, PullPolicy},
     validate::{RESTART_KEYS, parse_memory, parse_quantity},
 };
@@ -107,8 +109,11 @@ pub fn valkey_conf(spec: &FailoverSpec) -> String {
         if !path.ends_with(".so") {
             path.push_str(".so");
         }
-        let args = module.args.join(" ");
-        conf.push_str(format!("loadmodule {path} {args}").trim_end());
+        conf.push_str(&format!("loadmodule {}", quote(&path)));
+        for arg in &module.args {
+            conf.push(' ');
+            conf.push_str(&quote(arg));
+        }
         conf.push('\n');
     }
     for (key, value) in &spec.custom_configs {
@@ -250,15 +255,24 @@ pub fn container_security() -> SecurityContext {
     }
 }
 
-/// The pod default: uid 999, gid 1000, fsGroup 1000.
+/// The pod default: uid 999, gid 1000, fsGroup 1000. Either way the runtime's default
+/// seccomp profile applies unless the spec names another (the restricted Pod Security level
+/// requires one).
 pub fn pod_security(given: Option<&PodSecurityContext>) -> PodSecurityContext {
-    given.cloned().unwrap_or(PodSecurityContext {
+    let mut context = given.cloned().unwrap_or(PodSecurityContext {
         run_as_user: Some(999),
         run_as_group: Some(1000),
         fs_group: Some(1000),
         run_as_non_root: Some(true),
         ..PodSecurityContext::default()
-    })
+    });
+    context
+        .seccomp_profile
+        .get_or_insert_with(|| SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        });
+    context
 }
 
 /// The default: spread this component's pods across nodes when possible.
@@ -416,14 +430,27 @@ pub fn memory_volume(name: &str) -> Volume {
     }
 }
 
+/// Shell lines that read the password of `dir`'s Secret into `$P`, and refuse to start when
+/// it holds a character that could not be written inside a quoted config value (`"`, `\`
+/// or a control character such as a newline), which could otherwise add directives.
+pub fn read_password(dir: &str) -> String {
+    format!(
+        "P=\"$(cat {dir}/password)\"\n\
+         case \"$P\" in *[\\\"\\\\]*|*[[:cntrl:]]*)\n  \
+         echo \"the password in {dir}/password holds a quote, a backslash or a control \
+         character; refusing to start\" >&2\n  exit 1;;\nesac\n"
+    )
+}
+
 /// The shell that starts Valkey: the ConfigMap's valkey.conf plus the password and the
 /// announced name, written to a memory-backed file readable by Valkey's user only.
 fn valkey_start_script(names: &Names) -> String {
     format!(
-        "set -eu\numask 077\nP=\"$(cat {SECRET_DIR}/password)\"\n\
+        "set -eu\numask 077\n{password}\
          {{ cat {CONFIG_DIR}/valkey.conf\n  printf 'requirepass \"%s\"\\nmasterauth \"%s\"\\n' \"$P\" \"$P\"\n  \
          printf 'replica-announce-ip %s\\n' \"$POD_NAME.{headless}.{namespace}.svc\"\n}} > {RUN_DIR}/valkey.conf\n\
          exec valkey-server {RUN_DIR}/valkey.conf\n",
+        password = read_password(SECRET_DIR),
         headless = names.headless(),
         namespace = names.namespace,
     )
@@ -613,6 +640,9 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
+                    // The agent authenticates with a projected token of its own; nothing in
+                    // the pod talks to the API.
+                    automount_service_account_token: Some(false),
                     containers,
                     volumes: Some(volumes),
                     affinity: Some(anti_affinity(spec.affinity.as_ref(), select)),

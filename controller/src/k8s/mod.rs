@@ -60,6 +60,8 @@ pub struct Settings {
     pub controller_addr: String,
     /// The CA bundle (PEM) the hub's certificate chains to, handed to every agent.
     pub controller_ca: String,
+    /// `--allow-privileged-pods`: pod settings that are refused by default pass through.
+    pub admission: crate::validate::Admission,
 }
 
 impl Default for Settings {
@@ -70,6 +72,7 @@ impl Default for Settings {
             exporter_image: "oliver006/redis_exporter:v1.67.0".into(),
             controller_addr: "https://valkey-controller.valkey-system.svc:7070".into(),
             controller_ca: String::new(),
+            admission: crate::validate::Admission::default(),
         }
     }
 }
@@ -186,7 +189,7 @@ pub fn render(
     settings: &Settings,
 ) -> Result<Vec<serde_json::Value>, crate::validate::Invalid> {
     let names = Names::of(failover);
-    crate::validate::validate(&names.instance, &failover.spec)?;
+    crate::validate::validate_admitted(&names.instance, &failover.spec, settings.admission)?;
     let paused = is_paused(failover);
     let mut objects = Vec::new();
     let mut push = |value: Result<serde_json::Value, serde_json::Error>| {

@@ -32,7 +32,7 @@ use super::{
 use crate::{
     core::{Durable, Observed},
     crd::{Failover, Phase},
-    validate::{Invalid, validate},
+    validate::{Invalid, validate_admitted},
 };
 
 /// How often a Failover is looked at again with nothing new: its Secrets read, and anything
@@ -157,7 +157,8 @@ async fn reconcile_inner(
     }
     ensure_finalizer(ctx, failover, &names).await?;
     // Validate: nothing is applied from an invalid spec.
-    validate(&names.instance, &failover.spec).map_err(Error::InvalidSpec)?;
+    validate_admitted(&names.instance, &failover.spec, ctx.settings.admission)
+        .map_err(Error::InvalidSpec)?;
     check_secrets(failover, ctx, &names).await?;
     check_node_ports(failover, ctx, instance, &names).await?;
     let password = ensure_password(failover, ctx, &names).await?;

@@ -63,8 +63,9 @@ fn port_lines(tls: bool) -> String {
 fn start_script(names: &Names, with_password: bool, tls: bool) -> String {
     let password = if with_password {
         format!(
-            "P=\"$(cat {SECRET_DIR}/password)\"\n\
-             printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n"
+            "{read}\
+             printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n",
+            read = super::build::read_password(SECRET_DIR),
         )
     } else {
         String::new()
@@ -255,6 +256,9 @@ pub fn objects(
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
+                    // The agent authenticates with a projected token of its own; nothing in
+                    // the pod talks to the API.
+                    automount_service_account_token: Some(false),
                     containers: vec![container, agent],
                     volumes: Some(volumes),
                     affinity: Some(anti_affinity(sentinel.affinity.as_ref(), select)),

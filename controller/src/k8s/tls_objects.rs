@@ -70,14 +70,17 @@ pub fn data_secret(failover: &Failover) -> Option<String> {
     enabled(failover).then(|| Names::of(failover).tls())
 }
 
-/// The Secret the embedded sentinels serve from: `externalTLSSecret` when given, else the
-/// instance's, whose names cover the sentinels too.
+/// The Secret the sentinels are reached with (`status.monitor.tlsSecret`). Embedded ones
+/// serve from `externalTLSSecret` when given, else from the instance's, whose names cover the
+/// sentinels too. An external set is verified with `sentinelReference.auth.tlsSecret`.
 pub fn sentinel_secret(failover: &Failover) -> Option<String> {
-    let external = failover
-        .spec
-        .sentinel
+    let sentinel = failover.spec.sentinel.as_ref()?;
+    if let Some(reference) = &sentinel.sentinel_reference {
+        return reference.auth.as_ref()?.tls_secret.clone();
+    }
+    let external = sentinel
+        .access
         .as_ref()
-        .and_then(|s| s.access.as_ref())
         .and_then(|a| a.external_tls_secret.clone());
     data_secret(failover).map(|own| external.unwrap_or(own))
 }
@@ -346,7 +349,7 @@ mod tests {
         let failover = tls_failover(None);
         let conf = build::valkey_conf(&failover.spec);
         assert!(conf.contains("port 0\ntls-port 6379\n"), "{conf}");
-        assert!(conf.contains("tls-cert-file /tls/tls.crt\n"), "{conf}");
+        assert!(conf.contains("tls-cert-file \"/tls/tls.crt\"\n"), "{conf}");
         assert!(conf.contains("tls-replication yes\n"), "{conf}");
         let mut with_exporter = failover.clone();
         with_exporter.spec.exporter = Some(Default::default());
@@ -431,5 +434,31 @@ mod tests {
             Some("sentinel-certs")
         );
         assert_eq!(data_secret(&failover).as_deref(), Some("demo-tls"));
+    }
+
+    #[test]
+    fn an_external_sets_tls_secret_is_the_monitors() {
+        let mut failover = tls_failover(None);
+        let reference = |tls_secret: Option<&str>| crate::crd::SentinelReference {
+            nodes: Vec::new(),
+            auth: Some(crate::crd::Authorization {
+                tls_secret: tls_secret.map(str::to_owned),
+                ..Default::default()
+            }),
+        };
+        failover.spec.sentinel = Some(SentinelSettings {
+            sentinel_reference: Some(reference(Some("their-ca"))),
+            ..Default::default()
+        });
+        assert_eq!(sentinel_secret(&failover).as_deref(), Some("their-ca"));
+        // Not the instance's own: the external set does not serve it.
+        failover.spec.sentinel = Some(SentinelSettings {
+            sentinel_reference: Some(reference(None)),
+            ..Default::default()
+        });
+        assert_eq!(sentinel_secret(&failover), None);
+        // No sentinels at all: no monitor Secret.
+        failover.spec.sentinel = None;
+        assert_eq!(sentinel_secret(&failover), None);
     }
 }

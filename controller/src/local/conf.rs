@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::tls::TlsFiles;
+use crate::{conf_text::quote, tls::TlsFiles};
 
 /// The passwords a process must accept, and the one it presents to others.
 #[derive(Clone, PartialEq, Eq)]
@@ -114,10 +114,10 @@ impl ValkeyConf<'_> {
              replicaof 127.0.0.1 1\n\
              replica-announce-ip 127.0.0.1\nlogfile {log}\n",
             ports = port_lines(self.port, self.tls),
-            dir = self.dir.display(),
+            dir = quote(&self.dir.display().to_string()),
             acl = self.passwords.acl_line(),
-            master_auth = self.passwords.in_force,
-            log = self.log.display(),
+            master_auth = quote(&self.passwords.in_force),
+            log = quote(&self.log.display().to_string()),
         );
         for (key, value) in self.custom {
             conf.push_str(&format!("{key} {value}\n"));
@@ -144,7 +144,13 @@ impl SentinelConf<'_> {
     /// way, and the one in force presented to the other sentinels.
     fn auth_lines(&self) -> String {
         self.passwords
-            .map(|p| format!("{}sentinel sentinel-pass {}\n", p.acl_line(), p.in_force))
+            .map(|p| {
+                format!(
+                    "{}sentinel sentinel-pass {}\n",
+                    p.acl_line(),
+                    quote(&p.in_force)
+                )
+            })
             .unwrap_or_default()
     }
 
@@ -156,8 +162,8 @@ impl SentinelConf<'_> {
                 "{ports}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
                  sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n{auth}",
                 ports = port_lines(self.port, self.tls),
-                dir = self.dir.display(),
-                log = self.log.display(),
+                dir = quote(&self.dir.display().to_string()),
+                log = quote(&self.log.display().to_string()),
                 auth = self.auth_lines(),
             );
             for (key, value) in self.custom {
@@ -208,7 +214,7 @@ mod tests {
     fn a_data_node_starts_as_a_replica_of_nobody_with_the_password_everywhere() {
         let conf = valkey(&passwords(&["new"]));
         assert!(conf.contains("\nreplicaof 127.0.0.1 1\n"), "{conf}");
-        assert!(conf.contains("\nmasterauth new\n"), "{conf}");
+        assert!(conf.contains("\nmasterauth \"new\"\n"), "{conf}");
         let acl = format!("\nuser default on #{} ~* &* +@all\n", sha256_hex("new"));
         assert!(conf.contains(&acl), "{conf}");
         assert!(!conf.contains("requirepass"), "{conf}");
@@ -223,7 +229,7 @@ mod tests {
             sha256_hex("new")
         );
         assert!(conf.contains(&acl), "{conf}");
-        assert!(conf.contains("\nmasterauth old\n"), "{conf}");
+        assert!(conf.contains("\nmasterauth \"old\"\n"), "{conf}");
     }
 
     #[test]
@@ -262,7 +268,7 @@ mod tests {
         );
         assert!(conf.contains("sentinel known-sentinel m 127.0.0.1 9 abc\n"));
         assert!(!conf.contains("stale"), "{conf}");
-        assert!(conf.contains("sentinel sentinel-pass now\n"), "{conf}");
+        assert!(conf.contains("sentinel sentinel-pass \"now\"\n"), "{conf}");
     }
 
     #[test]
@@ -281,9 +287,9 @@ mod tests {
         for line in [
             "port 0\n",
             "\ntls-port 7000\n",
-            "\ntls-cert-file /w/tls/tls.crt\n",
-            "\ntls-key-file /w/tls/tls.key\n",
-            "\ntls-ca-cert-file /w/tls/ca.crt\n",
+            "\ntls-cert-file \"/w/tls/tls.crt\"\n",
+            "\ntls-key-file \"/w/tls/tls.key\"\n",
+            "\ntls-ca-cert-file \"/w/tls/ca.crt\"\n",
             "\ntls-replication yes\n",
         ] {
             assert!(conf.contains(line), "{line:?} missing from:\n{conf}");

@@ -135,6 +135,8 @@ struct Runtime {
     sentinel_bin: Option<PathBuf>,
     /// An external Sentinel set: (pod name given to its in-process agent, host, port).
     external: Vec<(String, String, u16)>,
+    /// How the external set is reached over TLS (`sentinelReference.auth.tlsSecret`).
+    external_tls: Option<valkey_agent::config::ValkeyTls>,
     /// The sentinels' password in force, read by their agents: for embedded sentinels the
     /// controller's copy (`sentinel-password`) that follows the Secret through a rotation; for
     /// an external set the Secret itself.
@@ -450,7 +452,7 @@ fn start_external_agents(
                     .and_then(|f| std::fs::read_to_string(f).ok())
                     .map(|p| p.trim().to_owned()),
                 valkey_password_file: runtime.sentinel_password_file.clone(),
-                valkey_tls: None,
+                valkey_tls: runtime.external_tls.clone(),
                 controller: Some(valkey_agent::config::ControllerConfig {
                     addr: format!("https://{}", runtime.hub_addr),
                     token: valkey_agent::config::TokenSource::Inline(token.to_owned()),

@@ -95,6 +95,17 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
             Some((name, file))
         }
     };
+    let external_tls = match manifest
+        .spec
+        .sentinel
+        .as_ref()
+        .and_then(|s| s.sentinel_reference.as_ref())
+        .and_then(|r| r.auth.as_ref())
+        .and_then(|a| a.tls_secret.as_deref())
+    {
+        Some(name) => Some(tls::external_sentinel_tls(&dir, name)?),
+        None => None,
+    };
     let state_path = dir.join("state.json");
     let mut state = LocalState::load(&state_path)?.unwrap_or_else(|| LocalState {
         namespace: key.namespace.clone(),
@@ -198,6 +209,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         sentinel: None,
         sentinel_bin: None,
         external: Vec::new(),
+        external_tls: None,
         sentinel_password_file: None,
         sentinel_secret: None,
         tls,
@@ -237,6 +249,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         },
         sentinel_bin,
         external,
+        external_tls,
         sentinel_password_file,
         sentinel_secret,
         ..runtime

@@ -13,6 +13,7 @@ use tracing::info;
 
 use super::{LocalError, io, write_atomic};
 use crate::tls::{CA_LIFETIME, Ca, Issued, TlsFiles, Validity, serve::ServerCert};
+use valkey_agent::config::ValkeyTls;
 
 /// Every name a local process is reached by.
 fn local_names() -> Vec<String> {
@@ -133,6 +134,51 @@ impl LocalTls {
     }
 }
 
+/// How the agents of an external Sentinel set reach it over TLS: the Secret named by
+/// `sentinelReference.auth.tlsSecret`, read as the local runtime reads Secrets, from
+/// `<dir>/secrets/<name>/`: `ca.crt` (required: what the sentinels' certificates must chain
+/// to) and, for a set that requires client certificates, `tls.crt` and `tls.key`. The files
+/// are re-read at every new connection, so a renewed Secret needs no restart.
+pub fn external_sentinel_tls(dir: &Path, name: &str) -> Result<ValkeyTls, LocalError> {
+    let secret = dir.join("secrets").join(name);
+    let invalid = |message: String| {
+        LocalError::Manifest(crate::manifest::ManifestError::Invalid {
+            field: "spec.sentinel.sentinelReference.auth.tlsSecret".into(),
+            message: format!("Secret {name:?}: {message}"),
+        })
+    };
+    let ca_file = secret.join("ca.crt");
+    valkey_agent::tls::read_bundle(&ca_file).map_err(|e| invalid(e.to_string()))?;
+    let (cert, key) = (secret.join("tls.crt"), secret.join("tls.key"));
+    let client = match (cert.exists(), key.exists()) {
+        (false, false) => None,
+        (true, true) => {
+            let pem =
+                std::fs::read(&cert).map_err(|e| invalid(format!("{}: {e}", cert.display())))?;
+            Validity::of_pem(&pem)
+                .ok_or_else(|| invalid(format!("{}: no PEM certificate in it", cert.display())))?;
+            Some((cert, key))
+        }
+        (has_cert, _) => {
+            let (there, missing) = if has_cert {
+                (&cert, &key)
+            } else {
+                (&key, &cert)
+            };
+            return Err(invalid(format!(
+                "{} without {} (a client certificate needs both)",
+                there.display(),
+                missing.display()
+            )));
+        }
+    };
+    Ok(ValkeyTls {
+        ca_file,
+        served: None,
+        client,
+    })
+}
+
 /// Sentinel has no CONFIG command, so a renewed certificate reaches a sentinel only through a
 /// restart: one sentinel at a time, the next once the last is back and reporting, so that the
 /// others keep their quorum. The old certificate stays valid for a third of its lifetime, so
@@ -200,6 +246,48 @@ impl SentinelRoll {
 mod tests {
     use super::*;
     use std::{cell::RefCell, collections::BTreeMap};
+
+    #[test]
+    fn an_external_sets_tls_secret_needs_its_ca_and_a_whole_client_certificate() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let secret = dir.path().join("secrets").join("ext");
+        std::fs::create_dir_all(&secret).unwrap_or_else(|e| panic!("{e}"));
+        let error = |dir: &Path| match external_sentinel_tls(dir, "ext") {
+            Err(LocalError::Manifest(crate::manifest::ManifestError::Invalid {
+                field,
+                message,
+            })) => format!("{field}: {message}"),
+            other => panic!("not refused: {other:?}"),
+        };
+        let field = "spec.sentinel.sentinelReference.auth.tlsSecret: Secret \"ext\"";
+        let missing = error(dir.path());
+        assert!(
+            missing.starts_with(field) && missing.contains("ca.crt"),
+            "{missing}"
+        );
+        let ca = Ca::generate("theirs", CA_LIFETIME).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(secret.join("ca.crt"), &ca.0.cert_pem).unwrap_or_else(|e| panic!("{e}"));
+        // The CA alone: their certificates are verified, none is presented.
+        let tls = external_sentinel_tls(dir.path(), "ext").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tls.ca_file, secret.join("ca.crt"));
+        assert!(tls.client.is_none() && tls.served.is_none());
+        // Half a client certificate is refused, naming the missing file.
+        let issued = issue(&ca, CERT_LIFETIME_FOR_TESTS, &secret).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(secret.join("tls.crt"), &issued.cert_pem).unwrap_or_else(|e| panic!("{e}"));
+        let half = error(dir.path());
+        assert!(
+            half.starts_with(field) && half.contains("tls.key"),
+            "{half}"
+        );
+        std::fs::write(secret.join("tls.key"), &issued.key_pem).unwrap_or_else(|e| panic!("{e}"));
+        let tls = external_sentinel_tls(dir.path(), "ext").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tls.client,
+            Some((secret.join("tls.crt"), secret.join("tls.key")))
+        );
+    }
+
+    const CERT_LIFETIME_FOR_TESTS: Duration = Duration::from_secs(3600);
 
     #[test]
     fn sentinels_restart_one_at_a_time_each_once_the_last_is_back() {

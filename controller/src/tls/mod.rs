@@ -151,9 +151,9 @@ impl TlsFiles {
         format!(
             "port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\n\
              tls-ca-cert-file {ca}\ntls-replication yes\ntls-auth-clients no\n",
-            cert = self.cert,
-            key = self.key,
-            ca = self.ca,
+            cert = crate::conf_text::quote(&self.cert),
+            key = crate::conf_text::quote(&self.key),
+            ca = crate::conf_text::quote(&self.ca),
         )
     }
 }

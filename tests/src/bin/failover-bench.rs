@@ -340,6 +340,9 @@ struct Sample {
     failing: Duration,
     /// Writes still failed more than 5 s after the new master took its first one.
     stuck: bool,
+    /// Ours: when the controller recorded the failover, from the event (its clock and ours
+    /// are the same). Tells a slow decision from a slow client.
+    decided: Option<Duration>,
 }
 
 async fn missing_on(addr: &str, auth: &Auth, prefix: &str, keys: &BTreeSet<u64>) -> usize {
@@ -380,6 +383,7 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
     let monitor = Monitor::start(target.nodes.clone(), move |addr| auth.client(addr));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = Pid::from_raw(target.master_pid as i32);
+    let wall = std::time::SystemTime::now();
     // The event: the signal, or the switchover request that was accepted (ours is refused
     // while Sentinel has not seen the replicas' priorities yet, up to 10 s after the last).
     let started = match scenario {
@@ -435,9 +439,21 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
         (_, Some(moved)) => moved - started,
         (_, None) => Duration::from_secs(90),
     };
+    let decided = match &target.discovery {
+        Discovery::Routed(dir, _) => control::request(dir, &Request::Status)
+            .await
+            .ok()
+            .and_then(|reply| reply.status?.last_failover)
+            .and_then(|record| {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(record.at_ms as u64);
+                at.duration_since(wall).ok()
+            }),
+        Discovery::Sentinel(..) => None,
+    };
     let sample = Sample {
         setup,
         scenario,
+        decided,
         time,
         lost_plain,
         lost_waited,
@@ -452,12 +468,24 @@ async fn measure(setup: &'static str, scenario: Scenario, target: Target) -> Sam
 
 const SCENARIOS: [Scenario; 3] = [Scenario::Kill, Scenario::Hang, Scenario::Switchover];
 
+/// The scenarios to run: all, or those named in FAILOVER_BENCH_SCENARIOS (`kill,switchover`).
+fn scenarios() -> Vec<Scenario> {
+    let only = std::env::var("FAILOVER_BENCH_SCENARIOS").ok();
+    SCENARIOS
+        .into_iter()
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|k| k.trim() == s.key()))
+        })
+        .collect()
+}
+
 /// Ours in the local runtime: one instance for every run, healed between runs.
 async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) -> Vec<Sample> {
     let instance = Arc::new(LocalInstance::up(manifest));
     let proxy = RoleProxy::for_local(instance.dir.clone()).await;
     let mut samples = Vec::new();
-    for scenario in SCENARIOS {
+    for scenario in scenarios() {
         for _ in 0..runs {
             let status = instance
                 .wait_status(
@@ -570,7 +598,7 @@ async fn sentinel_knows_replicas(port: u16, name: &str, n: usize) {
 /// Plain Sentinel: fresh processes for every run.
 async fn plain_sentinel(setup: &'static str, down_after_ms: u64, runs: usize) -> Vec<Sample> {
     let mut samples = Vec::new();
-    for scenario in SCENARIOS {
+    for scenario in scenarios() {
         for _ in 0..runs {
             let master = Valkey::start("m");
             let port = master.port.to_string();
@@ -664,7 +692,7 @@ fn table(samples: &[Sample], setups: &[&'static str]) -> String {
     let mut out = String::from(
         "| scenario | setup | runs | median ms | p90 ms | max ms | writes failing median ms | max ms | lost SET acks | lost WAIT 1 acks | two-master rounds | no failover | still failing 5 s on |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for scenario in SCENARIOS {
+    for scenario in scenarios() {
         for setup in setups {
             let of: Vec<&Sample> = samples
                 .iter()
@@ -834,7 +862,7 @@ async fn main() {
         .iter()
         .map(|s| {
             format!(
-                "\"{}\",{},{:.1},{},{},{},{},{:.1},{}\n",
+                "\"{}\",{},{:.1},{},{},{},{},{:.1},{},{}\n",
                 s.setup,
                 s.scenario.key(),
                 s.time.as_secs_f64() * 1000.0,
@@ -843,14 +871,17 @@ async fn main() {
                 s.double_master_rounds,
                 s.failed,
                 s.failing.as_secs_f64() * 1000.0,
-                s.stuck
+                s.stuck,
+                s.decided
+                    .map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+                    .unwrap_or_default()
             )
         })
         .collect();
     std::fs::write(
         "failover-bench.csv",
         format!(
-            "setup,scenario,ms,lost_set_acks,lost_wait1_acks,two_master_rounds,failed,failing_ms,stuck\n{csv}"
+            "setup,scenario,ms,lost_set_acks,lost_wait1_acks,two_master_rounds,failed,failing_ms,stuck,decided_ms\n{csv}"
         ),
     )
     .expect("write csv");

@@ -47,7 +47,7 @@ fn valkey_conf_sizes_memory_and_starts_as_a_replica_of_nobody() {
     assert_eq!(conf.matches("maxmemory ").count(), 1, "{conf}");
     assert!(conf.contains("maxmemory 100mb\n"));
     assert!(conf.contains(&format!("repl-backlog-size {}\n", 1024 * 1024)));
-    assert!(conf.contains("loadmodule /usr/lib/valkey/modules/valkey-json.so\n"));
+    assert!(conf.contains("loadmodule \"/usr/lib/valkey/modules/valkey-json.so\"\n"));
     let single = valkey_conf(&FailoverSpec {
         replicas: 1,
         ..FailoverSpec::default()
@@ -144,4 +144,112 @@ fn the_statefulset_has_the_agent_probes_prestop_and_defaults() {
     assert_eq!(agent_env["VALKEY_AGENT_NAMESPACE"], "prod");
     let paused = statefulset(&failover(spec), &Settings::default(), true);
     assert_eq!(paused.spec.and_then(|s| s.replicas), Some(0));
+}
+
+/// What the restricted Pod Security level finds wrong with a pod (each field it checks).
+fn restricted_violations(pod: &PodSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    let pod_security = pod.security_context.clone().unwrap_or_default();
+    if pod.host_network == Some(true) || pod.host_pid == Some(true) || pod.host_ipc == Some(true) {
+        out.push("host namespaces".to_owned());
+    }
+    if pod.automount_service_account_token != Some(false) {
+        out.push("automountServiceAccountToken is not false".to_owned());
+    }
+    for volume in pod.volumes.iter().flatten() {
+        let allowed = volume.config_map.is_some()
+            || volume.secret.is_some()
+            || volume.empty_dir.is_some()
+            || volume.projected.is_some()
+            || volume.persistent_volume_claim.is_some()
+            || volume.downward_api.is_some()
+            || volume.csi.is_some()
+            || volume.ephemeral.is_some();
+        if !allowed {
+            out.push(format!("volume {} has a restricted type", volume.name));
+        }
+    }
+    let pod_seccomp = pod_security
+        .seccomp_profile
+        .as_ref()
+        .map(|p| p.type_.clone());
+    for c in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
+        let sc = c.security_context.clone().unwrap_or_default();
+        let name = &c.name;
+        if sc.privileged == Some(true) {
+            out.push(format!("{name}: privileged"));
+        }
+        if sc.allow_privilege_escalation != Some(false) {
+            out.push(format!("{name}: allowPrivilegeEscalation is not false"));
+        }
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        if !caps.drop.iter().flatten().any(|d| d == "ALL") {
+            out.push(format!("{name}: capabilities do not drop ALL"));
+        }
+        if caps.add.iter().flatten().any(|a| a != "NET_BIND_SERVICE") {
+            out.push(format!("{name}: adds capabilities"));
+        }
+        if sc.run_as_non_root.or(pod_security.run_as_non_root) != Some(true) {
+            out.push(format!("{name}: runAsNonRoot is not true"));
+        }
+        if sc.run_as_user.or(pod_security.run_as_user) == Some(0) {
+            out.push(format!("{name}: runs as uid 0"));
+        }
+        let seccomp = sc
+            .seccomp_profile
+            .as_ref()
+            .map(|p| p.type_.clone())
+            .or(pod_seccomp.clone());
+        if !matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")) {
+            out.push(format!(
+                "{name}: no RuntimeDefault or Localhost seccomp profile"
+            ));
+        }
+        if c.ports.iter().flatten().any(|p| p.host_port.is_some()) {
+            out.push(format!("{name}: hostPort"));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_example_renders_pods_the_restricted_pod_security_level_admits() {
+    let examples = [
+        include_str!("../../../../deploy/examples/failover.yaml"),
+        include_str!("../../../../deploy/examples/failover-manual.yaml"),
+        include_str!("../../../../deploy/examples/failover-tls.yaml"),
+        include_str!("../../../../deploy/examples/failover-external-sentinel.yaml"),
+    ];
+    let mut sets = 0;
+    for text in examples {
+        let mut failover: Failover = serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        failover.spec.exporter.get_or_insert_with(Default::default);
+        let objects = crate::k8s::render(&failover, &crate::k8s::Settings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for object in objects.into_iter().filter(|o| o["kind"] == "StatefulSet") {
+            let set: StatefulSet = serde_json::from_value(object).unwrap_or_else(|e| panic!("{e}"));
+            let pod = set
+                .spec
+                .and_then(|s| s.template.spec)
+                .unwrap_or_else(|| panic!("a pod template"));
+            assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+            sets += 1;
+        }
+    }
+    assert!(sets >= 5, "data and sentinel sets of every example: {sets}");
+    // A user's pod security context keeps the default seccomp profile unless it names one.
+    let given = PodSecurityContext {
+        run_as_user: Some(1001),
+        ..PodSecurityContext::default()
+    };
+    let rendered = pod_security(Some(&given));
+    assert_eq!(rendered.run_as_user, Some(1001));
+    assert_eq!(
+        rendered.seccomp_profile.map(|p| p.type_).as_deref(),
+        Some("RuntimeDefault")
+    );
 }

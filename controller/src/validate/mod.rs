@@ -3,9 +3,14 @@
 //! API; what needs it (a Secret that must exist, a NodePort already taken) is checked where
 //! the objects are applied.
 
+mod privilege;
+mod text;
+
 use std::collections::BTreeMap;
 
 use crate::crd::{FailoverSpec, SentinelSettings, ServiceType};
+pub use privilege::Admission;
+pub use text::{MAX_VALUE_LEN, REFUSED_KEYS, is_dns_label};
 
 /// valkey.conf keys the operator owns; customConfigs may not set them.
 pub const OWNED_KEYS: &[&str] = &[
@@ -78,8 +83,18 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
     }
 }
 
-/// Checks the instance's name (it becomes part of pod and Service names) and its spec.
+/// Checks the instance's name (it becomes part of pod and Service names) and its spec, with
+/// privileged pod settings refused.
 pub fn validate(name: &str, spec: &FailoverSpec) -> Result<(), Invalid> {
+    validate_admitted(name, spec, Admission::default())
+}
+
+/// [`validate`], admitting what `admission` allows beyond the defaults.
+pub fn validate_admitted(
+    name: &str,
+    spec: &FailoverSpec,
+    admission: Admission,
+) -> Result<(), Invalid> {
     let dns = !name.is_empty()
         && name.len() <= 52
         && name
@@ -101,23 +116,12 @@ pub fn validate(name: &str, spec: &FailoverSpec) -> Result<(), Invalid> {
             format!("must be 1..=9, got {}", spec.replicas),
         ));
     }
-    for key in spec.custom_configs.keys() {
-        let lower = key.to_ascii_lowercase();
-        if key.is_empty() || key.contains(char::is_whitespace) {
-            return Err(invalid(
-                format!("spec.customConfigs.{key:?}"),
-                "is not a valkey.conf key",
-            ));
-        }
-        if OWNED_KEYS.contains(&lower.as_str())
-            || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p))
-        {
-            return Err(invalid(
-                format!("spec.customConfigs.{key}"),
-                "is set by the operator and cannot be overridden",
-            ));
-        }
-    }
+    text::check_config_map(
+        "spec.customConfigs",
+        &spec.custom_configs,
+        OWNED_KEYS,
+        OWNED_PREFIXES,
+    )?;
     for key in ["maxmemory", "repl-backlog-size"] {
         if let Some(value) = spec.custom_configs.get(key)
             && parse_memory(value).is_none()
@@ -135,21 +139,29 @@ pub fn validate(name: &str, spec: &FailoverSpec) -> Result<(), Invalid> {
     {
         return Err(invalid(
             "spec.storage.capacity",
-            format!("{:?} is not a quantity (e.g. 1Gi, 500Mi)", capacity.0),
+            format!(
+                "{:?} is not a quantity below 2^63 (e.g. 1Gi, 500Mi)",
+                capacity.0
+            ),
         ));
     }
     if let Some(exporter) = &spec.exporter {
         check_resources("spec.exporter.resources", exporter.resources.as_ref())?;
     }
     node_port_pool(spec)?;
+    check_references(spec)?;
     for (i, module) in spec.modules.iter().enumerate() {
-        if module.path.trim().is_empty() || module.path.contains(char::is_whitespace) {
-            return Err(invalid(
-                format!("spec.modules[{i}].path"),
-                "must be a file name or an absolute path, without spaces",
-            ));
+        text::check_module_path(&format!("spec.modules[{i}].path"), &module.path)?;
+        for (j, arg) in module.args.iter().enumerate() {
+            text::check_value(&format!("spec.modules[{i}].args[{j}]"), arg)?;
         }
     }
+    check_metadata("spec", &spec.pod_annotations, &spec.node_selector)?;
+    text::check_annotations("spec.access.annotations", &spec.access.annotations)?;
+    if let Some(storage) = &spec.storage {
+        text::check_annotations("spec.storage.annotations", &storage.annotations)?;
+    }
+    check_images(spec)?;
     if let Some(sentinel) = &spec.sentinel {
         validate_sentinel(sentinel)?;
         // Sentinel opens its links to the data nodes and to its peers with one setting
@@ -166,7 +178,7 @@ pub fn validate(name: &str, spec: &FailoverSpec) -> Result<(), Invalid> {
             ));
         }
     }
-    Ok(())
+    privilege::check(spec, admission)
 }
 
 fn check_resources(
@@ -184,7 +196,10 @@ fn check_resources(
             if parse_quantity(&quantity.0).is_none() {
                 return Err(invalid(
                     format!("{field}.{kind}.{name}"),
-                    format!("{:?} is not a quantity (e.g. 512Mi, 1Gi, 250m)", quantity.0),
+                    format!(
+                        "{:?} is not a quantity below 2^63 (e.g. 512Mi, 1Gi, 250m)",
+                        quantity.0
+                    ),
                 ));
             }
         }
@@ -239,6 +254,120 @@ pub fn node_port_pool(spec: &FailoverSpec) -> Result<Vec<i32>, Invalid> {
     Ok(ports)
 }
 
+/// A DNS subdomain: dot-separated labels of lowercase letters, digits and '-', at most 253
+/// characters.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// A pod's annotations and node selector (`prefix`: `spec` or `spec.sentinel`).
+fn check_metadata(
+    prefix: &str,
+    annotations: &BTreeMap<String, String>,
+    node_selector: &BTreeMap<String, String>,
+) -> Result<(), Invalid> {
+    text::check_annotations(&format!("{prefix}.podAnnotations"), annotations)?;
+    text::check_labels(&format!("{prefix}.nodeSelector"), node_selector)
+}
+
+/// Images: one token of printable characters (the Valkey version is read from the tag).
+fn check_images(spec: &FailoverSpec) -> Result<(), Invalid> {
+    let sentinel = spec.sentinel.as_ref();
+    let images = [
+        ("spec.image", spec.image.as_ref()),
+        (
+            "spec.exporter.image",
+            spec.exporter.as_ref().and_then(|e| e.image.as_ref()),
+        ),
+        (
+            "spec.sentinel.image",
+            sentinel.and_then(|s| s.image.as_ref()),
+        ),
+        (
+            "spec.sentinel.exporter.image",
+            sentinel
+                .and_then(|s| s.exporter.as_ref())
+                .and_then(|e| e.image.as_ref()),
+        ),
+    ];
+    for (field, image) in images {
+        if let Some(image) = image {
+            text::check_value(field, image)?;
+            if image.is_empty() || image.contains(char::is_whitespace) {
+                return Err(invalid(
+                    field,
+                    format!("{image:?} is not an image reference"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A name of another object (a Secret, an Issuer): a DNS subdomain, as Kubernetes requires.
+/// The local runtime makes it a directory name under `<dir>/secrets/`, so nothing else may
+/// pass (no `/`, no `..`).
+fn check_object_name(field: &str, name: &str) -> Result<(), Invalid> {
+    if is_dns_subdomain(name) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{name:?} is not an object name: lowercase letters, digits, '-' and '.', \
+                 starting and ending alphanumeric, at most 253 characters"
+            ),
+        ))
+    }
+}
+
+/// Every object the spec names by reference.
+fn check_references(spec: &FailoverSpec) -> Result<(), Invalid> {
+    let sentinel = spec.sentinel.as_ref();
+    let sentinel_access = sentinel.and_then(|s| s.access.as_ref());
+    let auth = sentinel
+        .and_then(|s| s.sentinel_reference.as_ref())
+        .and_then(|r| r.auth.as_ref());
+    let names = [
+        ("spec.access.certIssuer", spec.access.cert_issuer.as_ref()),
+        (
+            "spec.sentinel.access.certIssuer",
+            sentinel_access.and_then(|a| a.access.cert_issuer.as_ref()),
+        ),
+        (
+            "spec.sentinel.access.defaultPasswordSecret",
+            sentinel_access.and_then(|a| a.default_password_secret.as_ref()),
+        ),
+        (
+            "spec.sentinel.access.externalTLSSecret",
+            sentinel_access.and_then(|a| a.external_tls_secret.as_ref()),
+        ),
+        (
+            "spec.sentinel.sentinelReference.auth.passwordSecret",
+            auth.and_then(|a| a.password_secret.as_ref()),
+        ),
+        (
+            "spec.sentinel.sentinelReference.auth.tlsSecret",
+            auth.and_then(|a| a.tls_secret.as_ref()),
+        ),
+    ];
+    for (field, name) in names {
+        if let Some(name) = name {
+            check_object_name(field, name)?;
+        }
+    }
+    Ok(())
+}
+
 fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
     if let Some(reference) = &sentinel.sentinel_reference {
         if reference.nodes.len() < 3 {
@@ -286,13 +415,22 @@ fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
             ));
         }
     }
-    for key in sentinel.custom_configs.keys() {
-        if SENTINEL_OWNED_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
-            return Err(invalid(
-                format!("spec.sentinel.customConfigs.{key}"),
-                "is set by the operator and cannot be overridden",
-            ));
-        }
+    text::check_config_map(
+        "spec.sentinel.customConfigs",
+        &sentinel.custom_configs,
+        SENTINEL_OWNED_KEYS,
+        &["tls-"],
+    )?;
+    check_metadata(
+        "spec.sentinel",
+        &sentinel.pod_annotations,
+        &sentinel.node_selector,
+    )?;
+    if let Some(access) = &sentinel.access {
+        text::check_annotations(
+            "spec.sentinel.access.annotations",
+            &access.access.annotations,
+        )?;
     }
     check_resources("spec.sentinel.resources", sentinel.resources.as_ref())
 }
@@ -369,7 +507,9 @@ pub fn parse_quantity(text: &str) -> Option<f64> {
         exp if exp.starts_with(['e', 'E']) => 10f64.powi(exp[1..].parse().ok()?),
         _ => return None,
     };
-    (number >= 0.0 && number.is_finite()).then_some(number * factor)
+    let value = number * factor;
+    // Kubernetes' own bound: a quantity is at most 2^63 - 1 of its base unit.
+    (number >= 0.0 && value.is_finite() && value < i64::MAX as f64).then_some(value)
 }
 
 /// A valkey.conf size (`100mb`, `1gb`, `1048576`) in bytes.
@@ -390,7 +530,9 @@ pub fn parse_memory(text: &str) -> Option<u64> {
         "gb" => 1024 * 1024 * 1024,
         _ => return None,
     };
-    number.checked_mul(factor)
+    number
+        .checked_mul(factor)
+        .filter(|bytes| i64::try_from(*bytes).is_ok())
 }
 
 #[cfg(test)]
@@ -531,6 +673,131 @@ mod tests {
             ..Default::default()
         });
         cases.push((s, "spec.sentinel.access.enableTLS"));
+        // Text that ends up in config lines: nothing may start a new directive.
+        let injected = "allkeys-lru\nrequirepass x\ndir /etc";
+        let mut s = spec();
+        s.custom_configs
+            .insert("maxmemory-policy".into(), injected.into());
+        cases.push((s, "spec.customConfigs.maxmemory-policy"));
+        let mut s = spec();
+        s.custom_configs
+            .insert("maxmemory-policy".into(), "x".repeat(MAX_VALUE_LEN + 1));
+        cases.push((s, "spec.customConfigs.maxmemory-policy"));
+        let mut s = spec();
+        s.custom_configs.insert("a\nb".into(), "1".into());
+        cases.push((s, "spec.customConfigs.\"a\\nb\""));
+        for (key, _) in REFUSED_KEYS {
+            let mut s = spec();
+            s.custom_configs.insert((*key).into(), "yes".into());
+            cases.push((s, format!("spec.customConfigs.{key}").leak()));
+        }
+        let mut s = spec();
+        s.modules.push(crate::crd::ValkeyModule {
+            path: "valkey-json".into(),
+            args: vec!["a\nrename-command CONFIG \"\"".into()],
+        });
+        cases.push((s, "spec.modules[0].args[0]"));
+        for path in ["../../tmp/evil", "a b", "x\ny"] {
+            let mut s = spec();
+            s.modules.push(crate::crd::ValkeyModule {
+                path: path.into(),
+                args: vec![],
+            });
+            cases.push((s, "spec.modules[0].path"));
+        }
+        let mut s = spec();
+        s.sentinel = Some(SentinelSettings {
+            custom_configs: [(
+                "x\nsentinel deny-scripts-reconfig no".to_owned(),
+                "1".to_owned(),
+            )]
+            .into(),
+            ..Default::default()
+        });
+        cases.push((
+            s,
+            "spec.sentinel.customConfigs.\"x\\nsentinel deny-scripts-reconfig no\"",
+        ));
+        let mut s = spec();
+        s.sentinel = Some(SentinelSettings {
+            custom_configs: [(
+                "loglevel".to_owned(),
+                "notice\nsentinel deny-scripts-reconfig no".to_owned(),
+            )]
+            .into(),
+            ..Default::default()
+        });
+        cases.push((s, "spec.sentinel.customConfigs.loglevel"));
+        let mut s = spec();
+        s.sentinel = Some(SentinelSettings {
+            custom_configs: [("tls-port".to_owned(), "1".to_owned())].into(),
+            ..Default::default()
+        });
+        cases.push((s, "spec.sentinel.customConfigs.tls-port"));
+        let mut s = spec();
+        s.pod_annotations.insert("bad key!".into(), "v".into());
+        cases.push((s, "spec.podAnnotations.\"bad key!\""));
+        let mut s = spec();
+        s.pod_annotations
+            .insert("big".into(), "x".repeat(text::MAX_ANNOTATIONS_BYTES));
+        cases.push((s, "spec.podAnnotations"));
+        let mut s = spec();
+        s.node_selector.insert("zone".into(), "a b".into());
+        cases.push((s, "spec.nodeSelector.zone"));
+        let mut s = spec();
+        s.access.annotations.insert("/x".into(), "v".into());
+        cases.push((s, "spec.access.annotations.\"/x\""));
+        let mut s = spec();
+        s.image = Some("valkey/valkey:8.0 --evil".into());
+        cases.push((s, "spec.image"));
+        let mut s = spec();
+        s.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            limits: Some(
+                [(
+                    "memory".to_owned(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                        "99999999999999999999999Ei".into(),
+                    ),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        });
+        cases.push((s, "spec.resources.limits.memory"));
+        // Names of other objects: never a path, never a second line.
+        for bad in ["../../etc", "a/b", "ca\nrequirepass x", "Upper", "", "-a"] {
+            let nodes = (0..3)
+                .map(|i| SentinelMonitorNode {
+                    ip: "10.0.0.1".into(),
+                    port: 26379 + i,
+                    flags: None,
+                })
+                .collect();
+            let mut s = spec();
+            s.sentinel = Some(SentinelSettings {
+                sentinel_reference: Some(SentinelReference {
+                    nodes,
+                    auth: Some(crate::crd::Authorization {
+                        tls_secret: Some(bad.into()),
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            });
+            cases.push((s, "spec.sentinel.sentinelReference.auth.tlsSecret"));
+            let mut s = spec();
+            s.sentinel = Some(SentinelSettings {
+                access: Some(crate::crd::SentinelInstanceAccess {
+                    external_tls_secret: Some(bad.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            cases.push((s, "spec.sentinel.access.externalTLSSecret"));
+            let mut s = spec();
+            s.access.cert_issuer = Some(bad.into());
+            cases.push((s, "spec.access.certIssuer"));
+        }
         for (spec, field) in cases {
             assert_eq!(field_of(&spec), field, "{spec:?}");
         }
