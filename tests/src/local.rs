@@ -52,6 +52,8 @@ pub struct LocalInstance {
     proc: Option<Proc>,
     past: Vec<Proc>,
     extra: Vec<String>,
+    /// `RUST_LOG` of the controller and the agents it starts.
+    log_level: String,
     // Last: dropped after the processes, so their logs can still be printed.
     _tmp: TempDir,
 }
@@ -71,7 +73,21 @@ impl LocalInstance {
         Self::up_prepared(manifest_yaml, extra, &[])
     }
 
+    /// Starts with `RUST_LOG=<level>` for the controller and every agent.
+    pub fn up_logging(manifest_yaml: &str, level: &str) -> Self {
+        Self::up_prepared_as(manifest_yaml, &[], &[], level)
+    }
+
     fn up_prepared(manifest_yaml: &str, extra: &[&str], files: &[(&str, &str)]) -> Self {
+        Self::up_prepared_as(manifest_yaml, extra, files, "info")
+    }
+
+    fn up_prepared_as(
+        manifest_yaml: &str,
+        extra: &[&str],
+        files: &[(&str, &str)],
+        log_level: &str,
+    ) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("local-")
             .tempdir()
@@ -85,6 +101,7 @@ impl LocalInstance {
             proc: None,
             past: Vec::new(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            log_level: log_level.to_owned(),
         };
         for (path, content) in files {
             let path = instance.dir.join(path);
@@ -110,7 +127,7 @@ impl LocalInstance {
     pub fn start(&mut self) {
         std::fs::create_dir_all(&self.dir).expect("instance dir");
         let mut cmd = Self::command(&self.manifest, &self.dir);
-        cmd.args(&self.extra);
+        cmd.args(&self.extra).env("RUST_LOG", &self.log_level);
         let log = self.dir.join(format!("controller.{}.log", self.past.len()));
         self.proc = Some(Proc::spawn("valkey-controller local up", &mut cmd, &log));
     }
@@ -221,6 +238,23 @@ impl LocalInstance {
             .expect("password file")
             .trim()
             .to_owned()
+    }
+
+    /// The embedded sentinels' password: the one `local up` made (`<dir>/sentinel-password`),
+    /// or the copy of their Secret. None for an external set.
+    pub fn sentinel_password(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("sentinel-password"))
+            .ok()
+            .map(|p| p.trim().to_owned())
+    }
+
+    /// A client of one of the embedded sentinels, with their password.
+    pub fn sentinel_client(&self, addr: &str) -> redis::Client {
+        let auth = self
+            .sentinel_password()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        client(&format!("redis://{auth}{addr}/"))
     }
 
     pub fn client(&self, addr: &str) -> redis::Client {

@@ -34,8 +34,8 @@ fn sentinels_agree(status: &Status) -> bool {
             .all(|s| s.connected && s.master.as_deref() == master && master.is_some())
 }
 
-async fn sentinel_master_info(addr: &str) -> HashMap<String, String> {
-    let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
+async fn sentinel_master_info(instance: &LocalInstance, addr: &str) -> HashMap<String, String> {
+    let client = instance.sentinel_client(addr);
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
@@ -50,10 +50,10 @@ async fn sentinel_master_info(addr: &str) -> HashMap<String, String> {
 
 /// Sentinel must know the replicas (it reads them from the master every 10 s) before it can
 /// promote one.
-async fn sentinels_know_both_replicas(status: &Status) {
+async fn sentinels_know_both_replicas(instance: &LocalInstance, status: &Status) {
     for sentinel in &status.monitor.nodes {
         wait_for("the sentinel to know both replicas", T, || async {
-            (sentinel_master_info(&sentinel.addr)
+            (sentinel_master_info(instance, &sentinel.addr)
                 .await
                 .get("num-slaves")
                 .map(String::as_str)
@@ -75,13 +75,29 @@ async fn up_and_ready() -> (LocalInstance, Status) {
 
 #[tokio::test]
 async fn the_seed_example_bootstraps_with_three_sentinels() {
-    let (_instance, status) = up_and_ready().await;
+    let (instance, status) = up_and_ready().await;
     assert_eq!(status.monitor.name.as_deref(), Some(MONITOR));
     assert_eq!(status.monitor.quorum, Some(2));
+    // No Secret named for the sentinels: they still have a password, made by `local up`, so
+    // that no other local user can run SENTINEL FAILOVER.
+    let generated = instance.dir.join("sentinel-password");
+    assert_eq!(
+        status.monitor.password_secret,
+        Some(generated.display().to_string())
+    );
+    for sentinel in &status.monitor.nodes {
+        let refused: redis::RedisResult<Vec<HashMap<String, String>>> =
+            sentinel_query(&sentinel.addr, None, &["MASTERS"]).await;
+        assert!(
+            refused.is_err_and(|e| e.code() == Some("NOAUTH")),
+            "{} answered without a password",
+            sentinel.pod
+        );
+    }
     // Each sentinel has the example's settings and finds the others and both replicas.
     for sentinel in &status.monitor.nodes {
         let info = wait_for("the sentinel to know its peers", T, || async {
-            let info = sentinel_master_info(&sentinel.addr).await;
+            let info = sentinel_master_info(&instance, &sentinel.addr).await;
             (info.get("num-other-sentinels").map(String::as_str) == Some("2")
                 && info.get("num-slaves").map(String::as_str) == Some("2"))
             .then_some(info)
@@ -103,7 +119,7 @@ async fn a_killed_master_is_failed_over_at_once_despite_down_after_30s() {
     let (instance, status) = up_and_ready().await;
     let (old, addr, pid) = master_of(&status);
     let keys = write_n(&instance, &addr, 50, 2).await;
-    sentinels_know_both_replicas(&status).await;
+    sentinels_know_both_replicas(&instance, &status).await;
 
     let killed = Instant::now();
     signal(pid, Signal::SIGKILL);
@@ -179,7 +195,7 @@ async fn a_hung_master_is_left_to_sentinels_own_timing() {
         .wait_status("every sentinel to name the master", T, sentinels_agree)
         .await;
     let (old, _, pid) = master_of(&status);
-    sentinels_know_both_replicas(&status).await;
+    sentinels_know_both_replicas(&instance, &status).await;
     let stopped = Instant::now();
     signal(pid, Signal::SIGSTOP);
     let after = instance
@@ -314,7 +330,7 @@ async fn a_sentinel_back_on_a_new_port_is_found_and_the_old_address_forgotten() 
     let witness = status.monitor.nodes[1].addr.clone();
     // Every sentinel has met the one that will move.
     wait_for("the sentinels to know each other", T, || async {
-        (sentinel_master_info(&witness)
+        (sentinel_master_info(&instance, &witness)
             .await
             .get("num-other-sentinels")
             .map(String::as_str)
@@ -342,7 +358,7 @@ async fn a_sentinel_back_on_a_new_port_is_found_and_the_old_address_forgotten() 
             {
                 return None;
             }
-            let client = redis::Client::open(format!("redis://{witness}/")).ok()?;
+            let client = instance.sentinel_client(&witness);
             let mut conn = client.get_multiplexed_async_connection().await.ok()?;
             let peers: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
                 .arg("SENTINELS")
@@ -369,7 +385,7 @@ async fn after_a_password_rotation_sentinel_still_fails_over() {
     let keys = write_n(&instance, &addr, 20, 2).await;
     let rotated = instance.rotate_password().await;
     assert!(rotated.monitor.password_secret.is_some());
-    sentinels_know_both_replicas(&status).await;
+    sentinels_know_both_replicas(&instance, &status).await;
     signal(pid, Signal::SIGKILL);
     instance
         .wait_status("Sentinel to name a new master", T, |s| {
@@ -574,7 +590,7 @@ async fn a_master_wiped_and_killed_three_times_loses_no_acknowledged_key() {
                 sentinels_agree(s) && s.master == status.master
             })
             .await;
-        sentinels_know_both_replicas(&status).await;
+        sentinels_know_both_replicas(&instance, &status).await;
         let (old, _, _) = master_of(&status);
         let (stop, watch) = lowest_key_counts(&instance, &status, &old);
 
@@ -608,7 +624,7 @@ async fn a_master_wiped_and_killed_three_times_loses_no_acknowledged_key() {
 #[tokio::test]
 async fn after_a_switchover_and_a_rotation_a_killed_replica_relinks_on_the_new_password() {
     let (instance, status) = up_and_ready().await;
-    sentinels_know_both_replicas(&status).await;
+    sentinels_know_both_replicas(&instance, &status).await;
     let (old, _, _) = master_of(&status);
     let target = status
         .nodes

@@ -193,7 +193,12 @@ async fn policy_sentinel_over_tls_fails_over_a_killed_master_and_loses_no_wait_a
             sentinel.pod
         );
         assert!(
-            tls_answers(&ca_file, &sentinel.addr, None).await,
+            tls_answers(
+                &ca_file,
+                &sentinel.addr,
+                instance.sentinel_password().as_deref()
+            )
+            .await,
             "{}",
             sentinel.pod
         );

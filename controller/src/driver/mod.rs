@@ -127,7 +127,18 @@ impl Driver {
         }
         if !plan.commands.is_empty() {
             outcome.decided = Some(observed_at.elapsed());
-            debug!(epoch = self.durable.epoch, commands = ?plan.commands, "dispatching");
+            // Names and pods only: some commands carry a password.
+            let commands: Vec<String> = plan
+                .commands
+                .iter()
+                .map(|(pod, action)| {
+                    format!(
+                        "{pod}: {}",
+                        valkey_agent::executor::action_name(Some(action))
+                    )
+                })
+                .collect();
+            debug!(epoch = self.durable.epoch, ?commands, "dispatching");
         }
         self.engine
             .dispatch(hub, &self.key, self.durable.epoch, plan.commands);

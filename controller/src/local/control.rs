@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 use valkey_proto::v1::{ProcessState, Role};
@@ -33,11 +33,22 @@ pub fn bind(dir: &Path) -> Result<UnixListener, LocalError> {
     let path = socket_path(dir);
     // A socket file left by a controller that was killed: nobody answers on it.
     let _ = std::fs::remove_file(&path);
-    UnixListener::bind(&path).map_err(|source| LocalError::Io {
+    let listener = UnixListener::bind(&path).map_err(|source| LocalError::Io {
         what: "listening on",
-        path,
+        path: path.clone(),
         source,
-    })
+    })?;
+    // Whoever may connect may switch over or rotate the password: the owner alone, whatever
+    // the umask was when the socket was made.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        LocalError::Io {
+            what: "restricting to its owner",
+            path,
+            source,
+        }
+    })?;
+    Ok(listener)
 }
 
 pub fn unbind(dir: &Path) {
@@ -326,10 +337,48 @@ impl Printer {
     }
 }
 
-pub async fn read_request(stream: UnixStream) -> Option<(Request, UnixStream)> {
+/// A request read from the control socket, and where its reply goes.
+pub type Asked = (Request, tokio::sync::oneshot::Sender<Reply>);
+
+/// Serves the control socket: each client in a task of its own (reads one request line
+/// within 2 s, hands it to the control loop, writes the reply), so that a client that connects
+/// and says nothing holds up no failover.
+pub fn serve(listener: UnixListener) -> tokio::sync::mpsc::Receiver<Asked> {
+    let (asked, requests) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors, say: try again shortly rather than give up.
+                    tracing::warn!(error = %err, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let asked = asked.clone();
+            tokio::spawn(async move {
+                let Some((request, stream)) = read_request(stream).await else {
+                    return;
+                };
+                let (reply_to, reply) = tokio::sync::oneshot::channel();
+                if asked.send((request, reply_to)).await.is_ok()
+                    && let Ok(reply) = reply.await
+                {
+                    write_reply(stream, reply).await;
+                }
+            });
+        }
+    });
+    requests
+}
+
+async fn read_request(stream: UnixStream) -> Option<(Request, UnixStream)> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line))
+    // One short JSON line: a client cannot make the runtime buffer more than 4 KiB.
+    let mut limited = (&mut reader).take(4096);
+    tokio::time::timeout(Duration::from_secs(2), limited.read_line(&mut line))
         .await
         .ok()?
         .ok()?;
@@ -337,7 +386,7 @@ pub async fn read_request(stream: UnixStream) -> Option<(Request, UnixStream)> {
     Some((request, reader.into_inner()))
 }
 
-pub async fn write_reply(mut stream: UnixStream, reply: Reply) {
+async fn write_reply(mut stream: UnixStream, reply: Reply) {
     if let Ok(mut line) = serde_json::to_string(&reply) {
         line.push('\n');
         let _ = stream.write_all(line.as_bytes()).await;

@@ -186,6 +186,7 @@ impl Runtime {
         // instance's password; the old one is named while a rotation is under way.
         let (secret, in_force) = match (&self.sentinel_secret, &self.sentinel_password_file) {
             (Some((name, _)), Some(in_force)) => (name.clone(), in_force),
+            (None, Some(generated)) => (generated.display().to_string(), generated),
             _ => (
                 self.password_file.display().to_string(),
                 &self.password_file,
@@ -305,7 +306,7 @@ pub async fn up(
             runtime.tls.hub.clone(),
         ));
     let server_task = tokio::spawn(server);
-    let control_listener = control::bind(&runtime.dir)?;
+    let mut control_requests = control::serve(control::bind(&runtime.dir)?);
 
     runtime.start_missing().await?;
     let (external_stop, external_tasks) = start_external_agents(&runtime, &token);
@@ -327,6 +328,7 @@ pub async fn up(
     let mut printer = control::Printer::default();
     tokio::pin!(shutdown);
     let started = Instant::now();
+    let mut retry = Backoff::default();
 
     loop {
         tokio::select! {
@@ -339,32 +341,32 @@ pub async fn up(
             Some(event) = hub_events.recv() => match event {
                 HubEvent::SwitchoverRequested { pod, .. } => runtime.driver.move_master_off(pod),
             },
-            accepted = control_listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    let status = runtime.status(&hub);
-                    let request = control::read_request(stream).await;
-                    if let Some((request, stream)) = request {
-                        let reply = match request {
-                            control::Request::Status => control::Reply::status(status),
-                            control::Request::Switchover { to } => match start_switchover(&mut runtime, &hub, to).await {
-                                Ok(message) => control::Reply::ok(message),
-                                Err(message) => control::Reply::error(message),
-                            },
-                            control::Request::RotatePassword => match start_rotation(&runtime, &hub, &flight) {
-                                Ok(message) => control::Reply::ok(message),
-                                Err(message) => control::Reply::error(message),
-                            },
-                        };
-                        tokio::spawn(control::write_reply(stream, reply));
-                    }
-                }
+            Some((request, reply_to)) = control_requests.recv() => {
+                let reply = match request {
+                    control::Request::Status => control::Reply::status(runtime.status(&hub)),
+                    control::Request::Switchover { to } => match start_switchover(&mut runtime, &hub, to).await {
+                        Ok(message) => control::Reply::ok(message),
+                        Err(message) => control::Reply::error(message),
+                    },
+                    control::Request::RotatePassword => match start_rotation(&runtime, &hub, &flight) {
+                        Ok(message) => control::Reply::ok(message),
+                        Err(message) => control::Reply::error(message),
+                    },
+                };
+                let _ = reply_to.send(reply);
             }
         }
-        if let Err(err) = reconcile(&mut runtime, &hub, &flight).await {
-            error!(error = %err, "reconcile failed; stopping");
-            runtime.shutdown().await;
-            server_task.abort();
-            return Err(err);
+        if retry.due() {
+            match reconcile(&mut runtime, &hub, &flight).await {
+                Ok(()) => retry.succeeded(),
+                // A full disk or no file descriptor left: nothing was sent that the state
+                // does not hold (it is written first), so the pass is tried again, later each
+                // time, with every process left running.
+                Err(err) => {
+                    let wait = retry.failed();
+                    error!(error = %err, retry_in_ms = wait.as_millis() as u64, "reconcile failed; retrying");
+                }
+            }
         }
         if started.elapsed() > Duration::from_millis(500) {
             printer.maybe_print(&runtime.status(&hub));
@@ -379,6 +381,30 @@ pub async fn up(
     server_task.abort();
     control::unbind(&runtime.dir);
     Ok(())
+}
+
+/// When a failed pass is tried again: 100 ms after the first failure, doubling up to 5 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    failed: Option<(Instant, Duration)>,
+}
+
+impl Backoff {
+    fn due(&self) -> bool {
+        self.failed.is_none_or(|(at, wait)| at.elapsed() >= wait)
+    }
+
+    fn failed(&mut self) -> Duration {
+        let wait = self.failed.map_or(Duration::from_millis(100), |(_, wait)| {
+            (wait * 2).min(Duration::from_secs(5))
+        });
+        self.failed = Some((Instant::now(), wait));
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        self.failed = None;
+    }
 }
 
 /// One pass of the shared hot path, then what only the local runtime does: restart processes,

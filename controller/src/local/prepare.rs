@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    os::unix::fs::PermissionsExt,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -70,8 +71,15 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         .dir
         .clone()
         .unwrap_or_else(|| default_dir(&key.namespace, &key.name));
+    // Everything this runtime and its children write (configs holding passwords, AOF and RDB
+    // files, logs, the control socket) is for this user alone, whatever the caller's umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     std::fs::create_dir_all(dir.join("logs")).map_err(io("creating", &dir))?;
     let dir = dir.canonicalize().map_err(io("resolving", &dir))?;
+    // A dir from an older version, or one the user made, may be open to others: its files
+    // (made before the umask) stay out of their reach behind a 0700 dir.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("restricting to its owner", &dir))?;
     // Secrets are files in the working dir: a Secret named N is `secrets/N/password`.
     let sentinel_secret = match manifest
         .spec
@@ -218,7 +226,15 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
     };
     // Embedded sentinels use the controller's copy of their password, which follows the Secret
     // through a rotation; an external set's agents read the Secret itself.
+    let embedded = runtime.manifest.spec.sentinel.is_some() && external.is_empty();
     let (sentinel_password_file, sentinel_secret) = match sentinel_secret {
+        // No Secret named: embedded sentinels still get a password of their own (any local
+        // user could otherwise run SENTINEL FAILOVER), kept in the working dir.
+        None if embedded => {
+            let copy = runtime.dir.join("sentinel-password");
+            secret_file(&copy)?;
+            (Some(copy), None)
+        }
         None => (None, None),
         Some((_, file)) if !external.is_empty() => (Some(file), None),
         Some((name, file)) => {

@@ -48,11 +48,7 @@ impl Runtime {
         let node_dir = self.node_dir(pod);
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let path = node_dir.join("sentinel.conf");
-        let passwords = match self
-            .sentinel_secret
-            .as_ref()
-            .and(self.sentinel_password_file.as_ref())
-        {
+        let passwords = match &self.sentinel_password_file {
             Some(file) => Some(Passwords::read(file).map_err(io("reading", file))?),
             None => None,
         };

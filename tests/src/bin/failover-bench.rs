@@ -77,7 +77,7 @@ enum Discovery {
     /// status is only used to check the data afterwards.
     Routed(std::path::PathBuf, String),
     /// Sentinel ports, the monitor name, and the sentinels' password if any.
-    Sentinel(Vec<u16>, String),
+    Sentinel(Vec<u16>, String, Option<String>),
 }
 
 impl Discovery {
@@ -90,9 +90,10 @@ impl Discovery {
                     .status?
                     .master_addr
             }
-            Discovery::Sentinel(ports, name) => {
+            Discovery::Sentinel(ports, name, password) => {
                 for port in ports {
-                    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+                    let client =
+                        redis::Client::open(sentinel_url(*port, password.as_deref())).ok()?;
                     let config = redis::AsyncConnectionConfig::new()
                         .set_connection_timeout(Some(Duration::from_millis(200)))
                         .set_response_timeout(Some(Duration::from_millis(500)));
@@ -528,10 +529,15 @@ async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) 
                         *port,
                         status.monitor.name.as_deref().expect("monitor"),
                         2,
+                        instance.sentinel_password().as_deref(),
                     )
                     .await;
                 }
-                Discovery::Sentinel(ports, status.monitor.name.clone().expect("monitor"))
+                Discovery::Sentinel(
+                    ports,
+                    status.monitor.name.clone().expect("monitor"),
+                    instance.sentinel_password(),
+                )
             } else {
                 Discovery::Routed(instance.dir.clone(), proxy.addr())
             };
@@ -567,10 +573,16 @@ async fn ours(setup: &'static str, manifest: &str, sentinel: bool, runs: usize) 
     samples
 }
 
+/// A sentinel on loopback, with its password if it has one.
+fn sentinel_url(port: u16, password: Option<&str>) -> String {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    format!("redis://{auth}127.0.0.1:{port}/")
+}
+
 /// Waits until a sentinel knows `n` replicas in good standing (flags exactly "slave").
-async fn sentinel_knows_replicas(port: u16, name: &str, n: usize) {
+async fn sentinel_knows_replicas(port: u16, name: &str, n: usize, password: Option<&str>) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+    let client = redis::Client::open(sentinel_url(port, password)).expect("client");
     loop {
         if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
             let replicas: Vec<std::collections::HashMap<String, String>> = redis::cmd("SENTINEL")
@@ -634,13 +646,14 @@ async fn plain_sentinel(setup: &'static str, down_after_ms: u64, runs: usize) ->
                     );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                sentinel_knows_replicas(s.port, "bench", 2).await;
+                sentinel_knows_replicas(s.port, "bench", 2, None).await;
             }
             let first_sentinel = sentinels[0].port;
             let target = Target {
                 discovery: Discovery::Sentinel(
                     sentinels.iter().map(|s| s.port).collect(),
                     "bench".into(),
+                    None,
                 ),
                 auth: Auth {
                     password: PASSWORD.into(),

@@ -1,0 +1,237 @@
+//! What `local up` keeps from other users of the machine and from misbehaving clients: its
+//! working dir and control socket, a control socket client that says nothing, a state write
+//! that fails, and passwords in logs.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::Path,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use valkey_e2e::{
+    local::{LocalInstance, Writer, alive, manifest, master_of, missing_on, signal, write_n},
+    wait_for,
+};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Every file and dir under `dir` whose mode lets anyone but its owner in.
+fn open_to_others(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue; // removed meanwhile (a temp file renamed into place)
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            found.push(format!(
+                "{} {:o}",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+        if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            pending.extend(entries.filter_map(|e| Some(e.ok()?.path())));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn under_umask_000_the_working_dir_its_files_and_the_control_socket_are_the_owners_alone() {
+    // The caller's umask lets everyone in; nextest runs each test in a process of its own.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let instance = LocalInstance::up(&manifest(2));
+    let status = instance.wait_healthy(2, T).await;
+    let (_, addr, _) = master_of(&status);
+    write_n(&instance, &addr, 10, 1).await;
+
+    let dir_mode = std::fs::metadata(&instance.dir)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700, "the working dir");
+    let socket = instance.dir.join("control.sock");
+    let socket_mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(socket_mode & 0o777, 0o600, "the control socket");
+    // Configs with passwords, AOF files, logs: written by the controller and by Valkey. The
+    // test's own capture of `local up`'s output (controller.N.log) is the caller's file.
+    let open: Vec<String> = open_to_others(&instance.dir)
+        .into_iter()
+        .filter(|f| !f.contains("/controller.0.log "))
+        .collect();
+    assert!(open.is_empty(), "open to other users: {open:#?}");
+
+    // Tried as another user when the test can be one (CI runs as root).
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("not root: skipping the reads as user nobody");
+        return;
+    }
+    for target in [
+        instance.dir.join("password"),
+        instance.dir.join("state.json"),
+    ] {
+        let read = std::process::Command::new("cat")
+            .arg(&target)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("cat");
+        assert!(
+            !read.status.success(),
+            "user nobody read {}",
+            target.display()
+        );
+    }
+    let connect = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec 3<>{}", socket.display()))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("sh");
+    assert!(
+        !connect.status.success(),
+        "user nobody opened the control socket"
+    );
+}
+
+#[tokio::test]
+async fn clients_that_hold_the_control_socket_idle_delay_neither_status_nor_failover() {
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (old, addr, pid) = master_of(&before);
+    write_n(&instance, &addr, 20, 2).await;
+
+    // Clients that connect and say nothing, 20 a second, for as long as the test runs.
+    let socket = instance.dir.join("control.sock");
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connected.clone();
+    let idle = tokio::spawn(async move {
+        let mut held = std::collections::VecDeque::new();
+        loop {
+            if let Ok(stream) = tokio::net::UnixStream::connect(&socket).await {
+                held.push_back(stream);
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Each one stays until the runtime gives up on it.
+            if held.len() > 500 {
+                held.pop_front();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    wait_for("40 idle clients", T, || async {
+        (connected.load(std::sync::atomic::Ordering::SeqCst) >= 40).then_some(())
+    })
+    .await;
+
+    // Status answers, and the killed master is replaced, with the idle clients still there.
+    instance.wait_healthy(3, T).await;
+    signal(pid, Signal::SIGKILL);
+    let after = instance
+        .wait_status("a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    assert_eq!(after.epoch, before.epoch + 1);
+    idle.abort();
+}
+
+#[tokio::test]
+async fn a_state_write_that_fails_is_retried_and_stops_no_process() {
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (old, _, pid) = master_of(&before);
+    let writer = Writer::start(instance.dir.clone(), 1);
+    writer.wait_more(100).await;
+
+    // The state file's temp file cannot be created (a dir in its place: even root fails),
+    // as when the disk is full or no file descriptor is left.
+    let blocker = instance.dir.join("state.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    signal(pid, Signal::SIGKILL);
+    let log = instance.dir.join("controller.0.log");
+    wait_for("the failed state write in the log", T, || async {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("reconcile failed; retrying")
+            .then_some(())
+    })
+    .await;
+    // Nothing was promoted without its record, and nothing was stopped.
+    let stuck = instance.try_status().await.expect("local up still answers");
+    assert_eq!(stuck.epoch, before.epoch);
+    assert_eq!(stuck.master.as_deref(), Some(old.as_str()));
+    for node in before.nodes.iter().filter(|n| n.pod != old) {
+        let pid = node.valkey_pid.expect("pid");
+        assert!(alive(pid), "{} was stopped", node.pod);
+    }
+
+    // Once the state can be written again the failover goes through, losing nothing.
+    std::fs::remove_dir(&blocker).unwrap();
+    let after = instance
+        .wait_status("a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    assert_eq!(after.epoch, before.epoch + 1);
+    writer.wait_more(100).await;
+    let healed = instance.wait_healthy(3, T).await;
+    let acked = writer.finish().await;
+    let (_, addr, _) = master_of(&healed);
+    assert_eq!(
+        missing_on(&instance, &addr, &acked).await,
+        Vec::<u64>::new(),
+        "acknowledged writes lost"
+    );
+}
+
+#[tokio::test]
+async fn at_debug_level_no_log_holds_a_password_through_a_rotation_and_a_sentinel_failover() {
+    // Policy sentinel: the monitor's commands carry the instance password (auth-pass), the
+    // sentinels have one of their own, and a rotation sends both sides of it.
+    let instance = LocalInstance::up_logging(&valkey_e2e::soak::manifest(true), "debug");
+    let healthy =
+        |s: &valkey_controller::local::control::Status| valkey_e2e::soak::healthy(s, true);
+    instance.wait_status("a healthy instance", T, healthy).await;
+    let first = instance.password();
+    let sentinel_password = instance.sentinel_password().expect("a sentinel password");
+    instance.rotate_password().await;
+    let status = instance
+        .wait_status("healthy after the rotation", T, healthy)
+        .await;
+    let second = instance.password();
+    let (old, addr, pid) = master_of(&status);
+    write_n(&instance, &addr, 20, 2).await;
+    signal(pid, Signal::SIGKILL);
+    instance
+        .wait_status("a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    instance.wait_status("healthy again", T, healthy).await;
+
+    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(instance.dir.join("logs"))
+        .unwrap()
+        .filter_map(|e| Some(e.ok()?.path()))
+        .collect();
+    logs.push(instance.dir.join("controller.0.log"));
+    let mut debug_lines = 0;
+    for log in &logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        debug_lines += text.matches(" DEBUG ").count();
+        for password in [&first, &second, &sentinel_password] {
+            assert!(
+                !text.contains(password.as_str()),
+                "{} holds a password",
+                log.display()
+            );
+        }
+    }
+    assert!(debug_lines > 0, "the logs were not at debug level");
+}
