@@ -1,5 +1,5 @@
 //! The `Failover` custom resource (`valkey.buf.red/v1alpha1`) as Rust types, from which the
-//! CRD is generated (`valkey-controller crd`; `deploy/crd.yaml` is kept in sync by a test).
+//! CRD is generated (`valkey-controller crd`; `deploy/base/crd.yaml` is kept in sync by a test).
 //! Field meanings are in shared/API.md; validation the schema can express is in the schema
 //! (ranges, enums, CEL), the rest is checked by the controller.
 
@@ -394,7 +394,7 @@ pub struct MonitorStatus {
     pub nodes: Vec<SentinelMonitorNode>,
 }
 
-/// The CRD as YAML, as `valkey-controller crd` prints it and deploy/crd.yaml holds it.
+/// The CRD as YAML, as `valkey-controller crd` prints it and deploy/base/crd.yaml holds it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&Failover::crd())
@@ -407,10 +407,10 @@ mod tests {
     #[test]
     fn deploy_crd_yaml_is_in_sync_with_the_types() {
         let generated = crd_yaml().expect("crd yaml");
-        let committed = include_str!("../../deploy/crd.yaml");
+        let committed = include_str!("../../deploy/base/crd.yaml");
         assert!(
             generated == committed,
-            "deploy/crd.yaml is stale: run `cargo run -p valkey-controller -- crd > deploy/crd.yaml`"
+            "deploy/base/crd.yaml is stale: run `cargo run -p valkey-controller -- crd > deploy/base/crd.yaml`"
         );
     }
 

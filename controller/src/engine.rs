@@ -60,11 +60,15 @@ impl Default for Engine {
 }
 
 impl Engine {
+    /// A command id: readable in logs, and with 64 random bits that nobody can guess from
+    /// the ones before it.
     pub fn next_id(&self, epoch: u64) -> String {
+        use rand::RngExt;
         format!(
-            "{}-e{epoch}-{}",
+            "{}-e{epoch}-{}-{:016x}",
             self.session,
-            self.ids.fetch_add(1, Ordering::Relaxed)
+            self.ids.fetch_add(1, Ordering::Relaxed),
+            rand::rng().random::<u64>()
         )
     }
 

@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the Failover CustomResourceDefinition (YAML), as deploy/crd.yaml holds it.
+    /// Print the Failover CustomResourceDefinition (YAML), as deploy/base/crd.yaml holds it.
     Crd,
     /// Run the Kubernetes controller (in a cluster, or against the current kubeconfig).
     Run(RunArgs),
@@ -99,6 +99,19 @@ struct RunArgs {
     /// pods through the controller.
     #[arg(long, env = "VALKEY_CONTROLLER_ALLOW_PRIVILEGED_PODS")]
     allow_privileged_pods: bool,
+    /// Watch the Failovers of this namespace only (and own objects there only), so that the
+    /// controller runs with a Role in it (deploy/namespaced/) instead of cluster-wide rights.
+    #[arg(long, env = "VALKEY_CONTROLLER_WATCH_NAMESPACE", value_parser = namespace_name)]
+    watch_namespace: Option<String>,
+}
+
+/// A namespace's name, as `--watch-namespace` takes it.
+fn namespace_name(value: &str) -> Result<String, String> {
+    if valkey_controller::validate::is_dns_label(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("{value:?} is not a namespace name (a DNS label)"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +255,8 @@ fn main() -> ExitCode {
                         admission: valkey_controller::validate::Admission {
                             allow_privileged: args.allow_privileged_pods,
                         },
+                        controller_namespace: args.pod_namespace.clone(),
+                        watch_namespace: args.watch_namespace,
                     },
                     pod_name: args.pod_name,
                     pod_namespace: args.pod_namespace,

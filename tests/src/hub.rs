@@ -192,7 +192,8 @@ impl TestHub {
                 );
             }
             Some(cert) => {
-                let incoming = valkey_controller::tls::serve::incoming(listener, cert);
+                let gate = valkey_controller::hub::limits::Gate::new(Default::default());
+                let incoming = valkey_controller::tls::serve::incoming(listener, cert, gate);
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
             }
         }

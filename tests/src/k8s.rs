@@ -6,6 +6,7 @@
 //! no watches). The controller's client counts its requests; the test's own do not count.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     task::{Context as TaskContext, Poll},
     time::Duration,
@@ -146,6 +147,9 @@ pub struct FakeCluster {
     /// The controller's CA: it signed the hub's certificate.
     pub ca: valkey_controller::tls::Ca,
     pub ctx: Arc<Context>,
+    /// Where each pod's Valkey listens on loopback: the pod watch's stand-in gives the pod
+    /// IP 127.0.0.1 and declares this port, as a kubelet and a pod template would.
+    pub valkey_ports: Arc<Mutex<BTreeMap<String, u16>>>,
     server: tokio::task::JoinHandle<()>,
     pod_sync: tokio::task::JoinHandle<()>,
 }
@@ -186,12 +190,10 @@ impl FakeCluster {
         let hub_cert =
             ServerCert::new(&ca.issue(&["127.0.0.1".into()], CA_LIFETIME).expect("issue"))
                 .expect("hub certificate");
-        let service = hub.server();
+        let served = hub.clone();
         let server = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(valkey_controller::tls::serve::incoming(listener, hub_cert))
-                .await;
+            let gate = valkey_controller::hub::limits::Gate::new(Default::default());
+            let _ = valkey_controller::hub::limits::serve(&served, listener, hub_cert, gate).await;
         });
         let faults = Arc::new(ApiFaults::default());
         let metrics = Arc::new(valkey_controller::k8s::metrics::Metrics::default());
@@ -219,13 +221,21 @@ impl FakeCluster {
         ctx.metrics = metrics;
         let ctx = Arc::new(ctx);
         // The pod watch's stand-in.
+        let valkey_ports: Arc<Mutex<BTreeMap<String, u16>>> = Arc::default();
         let pod_sync = {
             let (client, cache) = (client.clone(), ctx.pods.clone());
+            let ports = valkey_ports.clone();
             tokio::spawn(async move {
                 let pods: Api<Pod> = Api::all(client);
                 loop {
                     if let Ok(list) = pods.list(&ListParams::default()).await {
-                        cache.replace(list.items);
+                        let ports = ports.lock().map(|p| p.clone()).unwrap_or_default();
+                        cache.replace(
+                            list.items
+                                .into_iter()
+                                .map(|p| on_loopback(p, &ports))
+                                .collect(),
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -238,6 +248,7 @@ impl FakeCluster {
             hub_url,
             ca,
             ctx,
+            valkey_ports,
             server,
             pod_sync,
         }
@@ -478,10 +489,41 @@ impl Nodes {
     }
 }
 
+/// A pod as the controller sees it once it runs here: IP 127.0.0.1, its Valkey container
+/// declaring the port its Valkey listens on.
+fn on_loopback(mut pod: Pod, ports: &BTreeMap<String, u16>) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec, PodStatus};
+    let Some(port) = pod.metadata.name.as_ref().and_then(|n| ports.get(n)) else {
+        return pod;
+    };
+    let status = pod.status.get_or_insert_with(PodStatus::default);
+    status.pod_ip = Some("127.0.0.1".into());
+    let spec = pod.spec.get_or_insert_with(PodSpec::default);
+    if !spec.containers.iter().any(|c| c.name == "valkey") {
+        spec.containers.push(Container {
+            name: "valkey".into(),
+            ..Container::default()
+        });
+    }
+    for container in spec.containers.iter_mut().filter(|c| c.name == "valkey") {
+        container.ports = Some(vec![ContainerPort {
+            name: Some("valkey".into()),
+            container_port: i32::from(*port),
+            ..ContainerPort::default()
+        }]);
+    }
+    pod
+}
+
 pub fn start_nodes(cluster: &FakeCluster) -> Nodes {
     let valkeys: Vec<Valkey> = (0..3)
         .map(|i| Valkey::start(&format!("demo-{i}")))
         .collect();
+    if let Ok(mut ports) = cluster.valkey_ports.lock() {
+        for (i, valkey) in valkeys.iter().enumerate() {
+            ports.insert(format!("demo-{i}"), valkey.port);
+        }
+    }
     let agents = valkeys
         .iter()
         .map(|v| {

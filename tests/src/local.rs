@@ -287,6 +287,14 @@ impl LocalInstance {
         .await
     }
 
+    /// Waits for a master other than `old`.
+    pub async fn wait_new_master(&self, old: &str) -> Status {
+        self.wait_status("a new master", T, |s| {
+            s.master.as_deref().is_some_and(|m| m != old)
+        })
+        .await
+    }
+
     pub fn node_dir(&self, pod: &str) -> PathBuf {
         self.dir.join("nodes").join(pod)
     }

@@ -23,10 +23,11 @@ async fn tls_hub(ca: &Ca) -> (Hub, std::net::SocketAddr) {
     let cert = ServerCert::new(&ca.issue(&["127.0.0.1".into()], CA_LIFETIME).unwrap()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tonic::transport::Server::builder()
-        .add_service(hub.server())
-        .serve_with_incoming(valkey_controller::tls::serve::incoming(listener, cert));
-    tokio::spawn(server);
+    let served = hub.clone();
+    tokio::spawn(async move {
+        let gate = valkey_controller::hub::limits::Gate::new(Default::default());
+        valkey_controller::hub::limits::serve(&served, listener, cert, gate).await
+    });
     (hub, addr)
 }
 

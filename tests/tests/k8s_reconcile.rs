@@ -83,6 +83,21 @@ async fn creating_a_failover_creates_its_objects_and_a_password_that_is_never_ov
         names(&cluster.api::<PodDisruptionBudget>(NS)).await,
         ["demo"]
     );
+    // One NetworkPolicy over every pod of the instance.
+    let policy = cluster
+        .api::<k8s_openapi::api::networking::v1::NetworkPolicy>(NS)
+        .get("demo")
+        .await
+        .expect("the instance's NetworkPolicy");
+    assert_eq!(
+        policy
+            .spec
+            .and_then(|s| s.pod_selector)
+            .and_then(|s| s.match_labels)
+            .and_then(|l| l.get("app.kubernetes.io/instance").cloned())
+            .as_deref(),
+        Some("demo")
+    );
     assert_eq!(
         names(&cluster.api::<Service>(NS)).await,
         [

@@ -7,6 +7,8 @@
 
 use std::{path::Path, process::Command};
 
+use serde::Deserialize;
+
 use k8s_openapi::{
     api::core::v1::{Affinity, NodeAffinity, NodeSelector, ResourceRequirements},
     apimachinery::pkg::api::resource::Quantity,
@@ -188,19 +190,7 @@ fn a_broken_object_fails_the_check() {
 
 #[test]
 fn the_install_kustomize_renders_validates() {
-    let output = Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(repo().join("deploy"))
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("kubectl cannot run ({e}): apt-get install kubernetes-client (CI's .ci/run installs it)")
-        });
-    assert!(
-        output.status.success(),
-        "kubectl kustomize deploy/ failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let rendered = String::from_utf8(output.stdout).expect("utf8");
+    let rendered = kustomize("deploy");
     for kind in [
         "Namespace",
         "CustomResourceDefinition",
@@ -214,12 +204,79 @@ fn the_install_kustomize_renders_validates() {
             "no {kind} in the install"
         );
     }
+    validates("the install", &rendered);
+}
+
+/// `kubectl kustomize <dir>` of the repository.
+fn kustomize(dir: &str) -> String {
+    let output = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(repo().join(dir))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("kubectl cannot run ({e}): apt-get install kubernetes-client (CI's .ci/run installs it)")
+        });
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {dir}/ failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf8")
+}
+
+fn validates(what: &str, rendered: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("install.yaml");
     std::fs::write(&file, rendered).expect("write");
     if let Err(report) = kubernetes_validate(&file) {
-        panic!("the install fails the Kubernetes {KUBERNETES} schema:\n{report}");
+        panic!("{what} fails the Kubernetes {KUBERNETES} schema:\n{report}");
     }
+}
+
+#[test]
+fn the_namespaced_install_has_no_cluster_wide_rights_but_token_reviews() {
+    let rendered = kustomize("deploy/namespaced");
+    validates("the namespaced install", &rendered);
+    let documents: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("yaml"))
+        .collect();
+    let kind = |d: &serde_yaml::Value| d["kind"].as_str().unwrap_or_default().to_owned();
+    let cluster_roles: Vec<&serde_yaml::Value> = documents
+        .iter()
+        .filter(|d| kind(d) == "ClusterRole")
+        .collect();
+    assert_eq!(cluster_roles.len(), 1, "one ClusterRole");
+    let rules = cluster_roles[0]["rules"].as_sequence().expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["resources"][0].as_str(), Some("tokenreviews"));
+    assert_eq!(rules[0]["verbs"][0].as_str(), Some("create"));
+    // Everything else, Secrets included, through a Role of the controller's namespace.
+    let role = documents
+        .iter()
+        .find(|d| kind(d) == "Role" && d["metadata"]["name"].as_str() == Some("valkey-controller"))
+        .expect("the Role");
+    assert_eq!(
+        role["metadata"]["namespace"].as_str(),
+        Some("valkey-system")
+    );
+    let resources: Vec<&str> = role["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .flat_map(|r| r["resources"].as_sequence().into_iter().flatten())
+        .filter_map(serde_yaml::Value::as_str)
+        .collect();
+    for needed in [
+        "failovers",
+        "statefulsets",
+        "secrets",
+        "pods",
+        "networkpolicies",
+    ] {
+        assert!(resources.contains(&needed), "the Role lacks {needed}");
+    }
+    // And the controller is told to watch that namespace only.
+    assert!(rendered.contains("VALKEY_CONTROLLER_WATCH_NAMESPACE"));
 }
 
 /// The CRD's openAPIV3Schema, made strict (no unknown fields where properties are listed, as
@@ -270,7 +327,7 @@ sys.exit(1 if failed else 0)
     let output = Command::new("python3")
         .arg("-c")
         .arg(script)
-        .arg(repo().join("deploy/crd.yaml"))
+        .arg(repo().join("deploy/base/crd.yaml"))
         .args(&files)
         .output()
         .expect("python3");

@@ -133,11 +133,7 @@ async fn clients_that_hold_the_control_socket_idle_delay_neither_status_nor_fail
     // Status answers, and the killed master is replaced, with the idle clients still there.
     instance.wait_healthy(3, T).await;
     signal(pid, Signal::SIGKILL);
-    let after = instance
-        .wait_status("a new master", T, |s| {
-            s.master.as_ref().is_some_and(|m| *m != old)
-        })
-        .await;
+    let after = instance.wait_new_master(&old).await;
     assert_eq!(after.epoch, before.epoch + 1);
     idle.abort();
 }
@@ -174,11 +170,7 @@ async fn a_state_write_that_fails_is_retried_and_stops_no_process() {
 
     // Once the state can be written again the failover goes through, losing nothing.
     std::fs::remove_dir(&blocker).unwrap();
-    let after = instance
-        .wait_status("a new master", T, |s| {
-            s.master.as_ref().is_some_and(|m| *m != old)
-        })
-        .await;
+    let after = instance.wait_new_master(&old).await;
     assert_eq!(after.epoch, before.epoch + 1);
     writer.wait_more(100).await;
     let healed = instance.wait_healthy(3, T).await;
@@ -209,11 +201,7 @@ async fn at_debug_level_no_log_holds_a_password_through_a_rotation_and_a_sentine
     let (old, addr, pid) = master_of(&status);
     write_n(&instance, &addr, 20, 2).await;
     signal(pid, Signal::SIGKILL);
-    instance
-        .wait_status("a new master", T, |s| {
-            s.master.as_ref().is_some_and(|m| *m != old)
-        })
-        .await;
+    instance.wait_new_master(&old).await;
     instance.wait_status("healthy again", T, healthy).await;
 
     let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(instance.dir.join("logs"))
@@ -234,4 +222,57 @@ async fn at_debug_level_no_log_holds_a_password_through_a_rotation_and_a_sentine
         }
     }
     assert!(debug_lines > 0, "the logs were not at debug level");
+}
+
+/// The hub's address, from `local up`'s log line announcing the instance.
+fn hub_addr(instance: &LocalInstance) -> std::net::SocketAddr {
+    let log = std::fs::read_to_string(instance.dir.join("controller.0.log")).unwrap();
+    log.split_whitespace()
+        .find_map(|word| word.strip_prefix("hub=")?.parse().ok())
+        .expect("the hub's address in the log")
+}
+
+#[tokio::test]
+async fn under_a_flood_of_idle_connections_and_large_hellos_agents_stay_and_failover_works() {
+    let fds = valkey_e2e::flood::raise_fd_limit();
+    let idle = 2000.min(fds.saturating_sub(400) as usize);
+    let instance = LocalInstance::up(&manifest(3));
+    let before = instance.wait_healthy(3, T).await;
+    let (old, addr, pid) = master_of(&before);
+    write_n(&instance, &addr, 20, 2).await;
+
+    let ca = std::fs::read_to_string(instance.dir.join("tls").join("ca.crt")).unwrap();
+    let flood = valkey_e2e::flood::Flood::start(hub_addr(&instance), ca, idle, 80);
+    wait_for("the flood to be under way", T, || async {
+        let c = &flood.counts;
+        let (connections, streams) = (
+            c.connections.load(std::sync::atomic::Ordering::Relaxed),
+            c.streams.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        eprintln!("flood: {connections} connections, {streams} streams");
+        (connections >= idle as u64 && streams >= 80).then_some(())
+    })
+    .await;
+
+    // A killed master is replaced, and the old one's agent (restarted with it) is let in.
+    signal(pid, Signal::SIGKILL);
+    let after = instance.wait_new_master(&old).await;
+    assert_eq!(after.epoch, before.epoch + 1);
+    // An agent killed now comes back and reconnects through the flood.
+    let replica = after
+        .nodes
+        .iter()
+        .find(|n| Some(&n.pod) != after.master.as_ref())
+        .expect("a replica")
+        .clone();
+    signal(replica.agent_pid.expect("agent pid"), Signal::SIGKILL);
+    instance
+        .wait_status("the killed agent back and connected", T, |s| {
+            s.nodes
+                .iter()
+                .any(|n| n.pod == replica.pod && n.agent_pid != replica.agent_pid && n.connected)
+        })
+        .await;
+    instance.wait_healthy(3, T).await;
+    drop(flood);
 }

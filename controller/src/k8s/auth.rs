@@ -9,7 +9,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::{Api, Client, api::PostParams};
 use valkey_proto::v1::Hello;
 
-use super::{TOKEN_AUDIENCE, metrics::Metrics};
+use super::{TOKEN_AUDIENCE, metrics::Metrics, token_cache::TokenCache};
 use crate::hub::{AuthFuture, Authenticator};
 
 /// The TokenReview extra field that names the pod a projected token was issued for.
@@ -19,6 +19,8 @@ const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 pub struct TokenReviewAuth {
     client: Client,
     metrics: Arc<Metrics>,
+    /// Accepted reviews, reused until their token expires.
+    cache: Arc<TokenCache>,
 }
 
 impl std::fmt::Debug for TokenReviewAuth {
@@ -29,10 +31,20 @@ impl std::fmt::Debug for TokenReviewAuth {
 
 impl TokenReviewAuth {
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
-        TokenReviewAuth { client, metrics }
+        TokenReviewAuth {
+            client,
+            metrics,
+            cache: Arc::default(),
+        }
     }
 
     async fn review(&self, hello: &Hello) -> Result<(), String> {
+        let now = std::time::SystemTime::now();
+        // The cached review is checked against this Hello like a fresh one: a token reused by
+        // another pod, or for another Failover, is refused all the same.
+        if let Some(status) = self.cache.get(&hello.token, now) {
+            return verify(hello, Some(&status));
+        }
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(hello.token.clone()),
@@ -45,7 +57,11 @@ impl TokenReviewAuth {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| format!("TokenReview failed: {e}"))?;
-        verify(hello, reviewed.status.as_ref())
+        verify(hello, reviewed.status.as_ref())?;
+        if let Some(status) = reviewed.status {
+            self.cache.put(&hello.token, status, now);
+        }
+        Ok(())
     }
 }
 

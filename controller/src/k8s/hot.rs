@@ -162,7 +162,8 @@ async fn decide_on(
     let Some(password) = instance.password() else {
         return Ok(());
     };
-    let desired = desired(failover, &names, &ctx.hub, ctx.hang_timeout);
+    let pods = ctx.pods.data_pods(&names);
+    let desired = desired(failover, &names, &ctx.hub, &pods, ctx.hang_timeout);
     let sentinel = sentinel_desired(failover, &names, &password);
     let target = Target {
         desired: &desired,
@@ -208,7 +209,8 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
         apply_live_settings(ctx, instance, &engine, &failover, durable.epoch).await;
         let pods = ctx.pods.data_pods(&names);
         label_roles(ctx, &names, &durable, &pods).await?;
-        let desired = desired(&failover, &names, &ctx.hub, ctx.hang_timeout);
+        let pods = ctx.pods.data_pods(&names);
+        let desired = desired(&failover, &names, &ctx.hub, &pods, ctx.hang_timeout);
         let sentinel = sentinel_desired(&failover, &names, &password);
         write_status(
             ctx,
@@ -489,12 +491,15 @@ pub fn key_of(names: &Names) -> InstanceKey {
     }
 }
 
-/// What the failover core works towards: the data pods, at the address each agent announces
-/// (in a cluster its pod's stable DNS name, which is also the default before it has spoken).
+/// What the failover core works towards: the data pods, each at its pod's stable DNS name and
+/// Valkey port. The address an agent announces is taken only where the pod object vouches
+/// for it (its DNS name or IP, and its declared `valkey` port): a replayed token cannot point
+/// replicas and Sentinel, which log in with the password, at a host of its choosing.
 pub fn desired(
     failover: &Failover,
     names: &Names,
     hub: &Hub,
+    pods: &[Pod],
     hang_timeout: std::time::Duration,
 ) -> Desired {
     let key = key_of(names);
@@ -502,10 +507,12 @@ pub fn desired(
         nodes: (0..failover.spec.replicas)
             .map(|ordinal| {
                 let pod = names.pod(ordinal);
+                let dns = names.pod_host(&pod);
+                let object = pods.iter().find(|p| p.name_any() == pod);
                 let (host, port) = hub
                     .hello(&key, &pod)
-                    .filter(|h| !h.announce_host.is_empty() && h.announce_port > 0)
-                    .map_or((names.pod_host(&pod), VALKEY_PORT as u16), |h| {
+                    .filter(|h| vouched(object, &dns, &h.announce_host, h.announce_port))
+                    .map_or((dns.clone(), VALKEY_PORT as u16), |h| {
                         (h.announce_host, h.announce_port as u16)
                     });
                 NodeSpec {
@@ -521,6 +528,35 @@ pub fn desired(
         replica_silence_s: (hang_timeout.as_secs() as i64).max(2),
         live_config: live_config(&failover.spec),
     }
+}
+
+/// Whether `pod` vouches for an agent's announced address: its DNS name or one of its IPs,
+/// and the port its Valkey container declares (6379 when it declares none).
+fn vouched(pod: Option<&Pod>, dns: &str, host: &str, port: u32) -> bool {
+    let Some(pod) = pod else {
+        return false;
+    };
+    let status = pod.status.as_ref();
+    let ips = status
+        .and_then(|s| s.pod_ip.iter().next())
+        .into_iter()
+        .chain(
+            status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|ip| &ip.ip),
+        );
+    let host_ok = host == dns || ips.into_iter().any(|ip| ip == host);
+    let declared = pod
+        .spec
+        .as_ref()
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some("valkey"))
+        .map_or(VALKEY_PORT, |p| p.container_port);
+    host_ok && i64::from(port) == i64::from(declared)
 }
 
 /// How Sentinel watches the instance (policy sentinel).
@@ -550,4 +586,55 @@ pub fn sentinel_desired(
         auth_pass: password.to_owned(),
         sentinel_addrs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodIP, PodSpec, PodStatus};
+
+    fn pod(ip: &str, valkey_port: Option<i32>) -> Pod {
+        Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "valkey".into(),
+                    ports: valkey_port.map(|p| {
+                        vec![ContainerPort {
+                            name: Some("valkey".into()),
+                            container_port: p,
+                            ..ContainerPort::default()
+                        }]
+                    }),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: Some(ip.into()),
+                pod_ips: Some(vec![PodIP {
+                    ip: "fd00::7".into(),
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn only_the_pods_own_names_and_declared_port_are_taken_from_an_agent() {
+        let dns = "demo-0.demo-headless.prod.svc";
+        let p = pod("10.1.2.3", None);
+        assert!(vouched(Some(&p), dns, dns, 6379));
+        assert!(vouched(Some(&p), dns, "10.1.2.3", 6379));
+        assert!(vouched(Some(&p), dns, "fd00::7", 6379));
+        // Another host, another port, or no pod object: the agent's word is not enough.
+        assert!(!vouched(Some(&p), dns, "10.9.9.9", 6379));
+        assert!(!vouched(Some(&p), dns, "attacker.example.com", 6379));
+        assert!(!vouched(Some(&p), dns, "10.1.2.3", 6380));
+        assert!(!vouched(None, dns, dns, 6379));
+        // A pod that declares its Valkey port: that port only.
+        let declared = pod("10.1.2.3", Some(7000));
+        assert!(vouched(Some(&declared), dns, "10.1.2.3", 7000));
+        assert!(!vouched(Some(&declared), dns, "10.1.2.3", 6379));
+    }
 }

@@ -10,6 +10,7 @@ pub mod hot;
 pub mod hub_tls;
 pub mod leader;
 pub mod metrics;
+pub mod network_policy;
 pub mod reconcile;
 pub mod requests;
 pub mod roll;
@@ -19,6 +20,7 @@ pub mod services;
 pub mod status;
 pub mod tls_objects;
 pub mod tls_secret;
+pub mod token_cache;
 
 use std::collections::BTreeMap;
 
@@ -62,6 +64,11 @@ pub struct Settings {
     pub controller_ca: String,
     /// `--allow-privileged-pods`: pod settings that are refused by default pass through.
     pub admission: crate::validate::Admission,
+    /// The controller's own namespace: the NetworkPolicies admit its pods to the agents.
+    pub controller_namespace: String,
+    /// `--watch-namespace`: Failovers (and everything they own) of this namespace only, so
+    /// that the controller needs no cluster-wide rights but TokenReviews.
+    pub watch_namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -73,6 +80,8 @@ impl Default for Settings {
             controller_addr: "https://valkey-controller.valkey-system.svc:7070".into(),
             controller_ca: String::new(),
             admission: crate::validate::Admission::default(),
+            controller_namespace: "valkey-system".into(),
+            watch_namespace: None,
         }
     }
 }
@@ -158,6 +167,18 @@ pub fn labels(names: &Names, component: &str) -> BTreeMap<String, String> {
     labels
 }
 
+/// An API for `K` over what the controller watches: the whole cluster, or one namespace.
+pub fn scoped_api<K>(client: &kube::Client, settings: &Settings) -> kube::Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match &settings.watch_namespace {
+        Some(namespace) => kube::Api::namespaced(client.clone(), namespace),
+        None => kube::Api::all(client.clone()),
+    }
+}
+
 /// Metadata for an object the Failover owns (deleted with it by the garbage collector).
 pub fn owned_meta(failover: &Failover, name: String, component: &str) -> ObjectMeta {
     let names = Names::of(failover);
@@ -190,6 +211,7 @@ pub fn render(
 ) -> Result<Vec<serde_json::Value>, crate::validate::Invalid> {
     let names = Names::of(failover);
     crate::validate::validate_admitted(&names.instance, &failover.spec, settings.admission)?;
+    let clients = network_policy::client_namespaces(failover)?;
     let paused = is_paused(failover);
     let mut objects = Vec::new();
     let mut push = |value: Result<serde_json::Value, serde_json::Error>| {
@@ -208,6 +230,9 @@ pub fn render(
     for service in services::data_services(failover)? {
         push(serde_json::to_value(service));
     }
+    push(serde_json::to_value(network_policy::network_policy(
+        failover, settings, clients,
+    )));
     push(serde_json::to_value(build::statefulset(
         failover, settings, paused,
     )));

@@ -27,7 +27,7 @@ use super::{
     build,
     context::{Applied, Context, Instance},
     hot::key_of,
-    is_paused, roll, sentinel_objects, services, status, tls_objects, tls_secret,
+    is_paused, network_policy, roll, sentinel_objects, services, status, tls_objects, tls_secret,
 };
 use crate::{
     core::{Durable, Observed},
@@ -159,6 +159,7 @@ async fn reconcile_inner(
     // Validate: nothing is applied from an invalid spec.
     validate_admitted(&names.instance, &failover.spec, ctx.settings.admission)
         .map_err(Error::InvalidSpec)?;
+    network_policy::client_namespaces(failover).map_err(Error::InvalidSpec)?;
     check_secrets(failover, ctx, &names).await?;
     check_node_ports(failover, ctx, instance, &names).await?;
     let password = ensure_password(failover, ctx, &names).await?;
@@ -334,6 +335,9 @@ async fn apply_objects(
     for service in services::data_services(failover).map_err(Error::InvalidSpec)? {
         results.push(done(apply_changed(ctx, instance, ns, &service).await));
     }
+    let clients = network_policy::client_namespaces(failover).map_err(Error::InvalidSpec)?;
+    let policy = network_policy::network_policy(failover, &ctx.settings, clients);
+    results.push(done(apply_changed(ctx, instance, ns, &policy).await));
     let data_set = build::statefulset(failover, &ctx.settings, paused);
     match apply_changed(ctx, instance, ns, &data_set).await {
         Ok(Some(applied)) => {
@@ -505,7 +509,8 @@ async fn check_node_ports(
     if pool.is_empty() || checked {
         return Ok(());
     }
-    let all: Api<Service> = Api::all(ctx.client.clone());
+    // NodePorts are the cluster's: in one namespace only that namespace's are seen.
+    let all: Api<Service> = super::scoped_api(&ctx.client, &ctx.settings);
     let services = all
         .list(&ListParams::default())
         .await

@@ -10,6 +10,7 @@ use k8s_openapi::api::{
     apps::v1::StatefulSet,
     coordination::v1::Lease,
     core::v1::{ConfigMap, Pod, Secret, Service},
+    networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
@@ -140,12 +141,10 @@ pub async fn run(
     // CA's certificate through a ConfigMap of their instance.
     let ca = Arc::new(super::hub_tls::load_or_create_ca(&client, &options.pod_namespace).await?);
     let hub_cert = super::hub_tls::serve_cert(ca.clone(), &options.settings.controller_addr)?;
-    let server = hub.server();
+    let server = hub.clone();
     tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(crate::tls::serve::incoming(hub_listener, hub_cert))
-            .await;
+        let gate = crate::hub::limits::Gate::new(Default::default());
+        let served = crate::hub::limits::serve(&server, hub_listener, hub_cert, gate).await;
         if let Err(err) = served {
             error!(error = %err, "the agent hub stopped");
         }
@@ -241,7 +240,7 @@ async fn set_leader_label(client: &Client, options: &RunOptions, leading: bool) 
 fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failover> {
     let (reader, writer) = reflector::store();
     let failovers = watcher(
-        Api::<Failover>::all(client.clone()),
+        super::scoped_api::<Failover>(client, &context.settings),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -255,7 +254,7 @@ fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failov
         ($kind:ty, $revision:expr) => {{
             let context = context.clone();
             controller = controller.watches(
-                Api::<$kind>::all(client.clone()),
+                super::scoped_api::<$kind>(client, &context.settings),
                 owned.clone(),
                 move |object: $kind| {
                     let revision: Option<String> = $revision(&object);
@@ -278,8 +277,9 @@ fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failov
     watch_owned!(ConfigMap, |_: &ConfigMap| None);
     watch_owned!(Secret, |_: &Secret| None);
     watch_owned!(PodDisruptionBudget, |_: &PodDisruptionBudget| None);
+    watch_owned!(NetworkPolicy, |_: &NetworkPolicy| None);
     let pods = watcher(
-        Api::<Pod>::all(client.clone()),
+        super::scoped_api::<Pod>(client, &context.settings),
         watcher::Config::default().labels(LABEL_INSTANCE),
     )
     .default_backoff()

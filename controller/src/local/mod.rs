@@ -299,13 +299,21 @@ pub async fn up(
         .local_addr()
         .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
     // The hub speaks TLS only, with a certificate from the working dir's CA.
-    let server = tonic::transport::Server::builder()
-        .add_service(hub.server())
-        .serve_with_incoming(crate::tls::serve::incoming(
-            listener,
-            runtime.tls.hub.clone(),
-        ));
-    let server_task = tokio::spawn(server);
+    let server_task = {
+        let (hub, cert) = (hub.clone(), runtime.tls.hub.clone());
+        tokio::spawn(async move {
+            if let Err(err) = crate::hub::limits::serve(
+                &hub,
+                listener,
+                cert,
+                crate::hub::limits::Gate::new(Default::default()),
+            )
+            .await
+            {
+                error!(error = %err, "the agent hub stopped");
+            }
+        })
+    };
     let mut control_requests = control::serve(control::bind(&runtime.dir)?);
 
     runtime.start_missing().await?;

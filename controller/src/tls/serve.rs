@@ -18,6 +18,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::debug;
 
 use super::{Ca, Issued, Validity};
+use crate::hub::limits::{Gate, Guarded, RefusalLog};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,12 +95,15 @@ impl ResolvesServerCert for ServerCert {
     }
 }
 
-/// The TLS connections of `listener`: each handshake runs on its own task, bounded by a
-/// timeout, so a slow or plaintext client holds up nobody; failed handshakes are dropped.
+/// The TLS connections of `listener`, each admitted by `gate` first (a full hub closes new
+/// connections before any handshake). Each handshake runs on its own task, bounded by a
+/// timeout, so a slow or plaintext client holds up nobody; failed handshakes are dropped. An
+/// accept that fails (out of file descriptors, say) is retried after a pause.
 pub fn incoming(
     listener: TcpListener,
     cert: Arc<ServerCert>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+    gate: Arc<Gate>,
+) -> impl Stream<Item = Result<Guarded<TlsStream<TcpStream>>, std::io::Error>> {
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_cert_resolver(cert);
@@ -107,6 +111,7 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
+        let mut refusals = RefusalLog::default();
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -116,18 +121,32 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(admission) = gate.admit() else {
+                refusals.refused();
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             if tx.is_closed() {
                 return;
             }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                let deadline = admission
+                    .deadline()
+                    .min(tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
+                let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+                tokio::select! {
+                    done = handshake => match done {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(Ok(admission.guard(tls))).await;
+                        }
+                        Ok(Err(err)) => debug!(%peer, error = %err, "TLS handshake refused"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    },
+                    () = admission.evicted() => {
+                        debug!(%peer, "closed during its handshake for a newer connection")
                     }
-                    Ok(Err(err)) => debug!(%peer, error = %err, "TLS handshake refused"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
                 }
             });
         }
@@ -168,7 +187,8 @@ mod tests {
         let cert = ServerCert::new(&ca.issue(&names, Duration::from_secs(3600)).unwrap()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut accepted = Box::pin(incoming(listener, cert.clone()));
+        let gate = Gate::new(crate::hub::limits::Limits::default());
+        let mut accepted = Box::pin(incoming(listener, cert.clone(), gate));
         tokio::spawn(async move { while accepted.next().await.is_some() {} });
 
         handshake(addr, &ca).await.unwrap();

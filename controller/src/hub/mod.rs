@@ -27,6 +27,11 @@ use valkey_proto::v1::{
 
 use crate::core::{NodeObs, Observed};
 
+pub mod limits;
+
+/// How long a stream has to have its Hello accepted (the token check included).
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Which Failover a pod belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceKey {
@@ -82,6 +87,13 @@ pub enum HubError {
     Closed(String),
 }
 
+/// Who may answer a command, and who waits for the answer.
+#[derive(Debug)]
+struct Waiter {
+    stream: (InstanceKey, String, u64),
+    done: oneshot::Sender<CommandResult>,
+}
+
 #[derive(Debug)]
 struct Node {
     hello: Hello,
@@ -104,7 +116,11 @@ struct Inner {
     /// Ordered by instance, so that one instance's nodes are a range (observing one is cheap
     /// however many instances the hub serves).
     nodes: Mutex<std::collections::BTreeMap<(InstanceKey, String), Node>>,
-    pending: Mutex<HashMap<String, oneshot::Sender<CommandResult>>>,
+    /// Commands awaiting their result, by id: only the stream the command went out on may
+    /// answer it.
+    pending: Mutex<HashMap<String, Waiter>>,
+    /// Streams waiting for their Hello's check.
+    hellos: Arc<tokio::sync::Semaphore>,
     changed: watch::Sender<u64>,
     instances: tokio::sync::broadcast::Sender<InstanceKey>,
     events: mpsc::UnboundedSender<HubEvent>,
@@ -147,6 +163,9 @@ impl Hub {
             inner: Arc::new(Inner {
                 nodes: Mutex::default(),
                 pending: Mutex::default(),
+                hellos: Arc::new(tokio::sync::Semaphore::new(
+                    limits::Limits::default().pending_hellos,
+                )),
                 changed,
                 instances: tokio::sync::broadcast::channel(4096).0,
                 events,
@@ -245,21 +264,21 @@ impl Hub {
         command: Command,
         timeout: Duration,
     ) -> Result<CommandResult, HubError> {
-        let tx = self
+        let (tx, session) = self
             .inner
             .nodes
             .lock()
             .ok()
             .and_then(|nodes| {
-                nodes
-                    .get(&(instance.clone(), pod.to_owned()))
-                    .and_then(|n| n.tx.clone())
+                let node = nodes.get(&(instance.clone(), pod.to_owned()))?;
+                Some((node.tx.clone()?, node.session))
             })
             .ok_or_else(|| HubError::NotConnected(pod.to_owned()))?;
         let id = command.id.clone();
         let (done, result) = oneshot::channel();
         if let Ok(mut pending) = self.inner.pending.lock() {
-            pending.insert(id.clone(), done);
+            let stream = (instance.clone(), pod.to_owned(), session);
+            pending.insert(id.clone(), Waiter { stream, done });
         }
         let message = ControllerMessage {
             msg: Some(controller_message::Msg::Command(command)),
@@ -313,15 +332,20 @@ impl Hub {
                 }
             }
             Msg::Result(result) => {
-                let waiter = self
-                    .inner
-                    .pending
-                    .lock()
-                    .ok()
-                    .and_then(|mut p| p.remove(&result.id));
+                // Only from the stream the command was sent on: another pod, or an older
+                // stream of the same one, cannot answer it.
+                let waiter = self.inner.pending.lock().ok().and_then(|mut pending| {
+                    let from_sender = pending.get(&result.id).is_some_and(|w| {
+                        w.stream.0 == key.0 && w.stream.1 == key.1 && w.stream.2 == session
+                    });
+                    if pending.contains_key(&result.id) && !from_sender {
+                        warn!(pod = %key.1, id = %result.id, "ignored a result for a command sent to another stream");
+                    }
+                    from_sender.then(|| pending.remove(&result.id)).flatten()
+                });
                 match waiter {
                     Some(waiter) => {
-                        let _ = waiter.send(result);
+                        let _ = waiter.done.send(result);
                     }
                     None => debug!(id = %result.id, "result for a command nobody waits for"),
                 }
@@ -338,15 +362,9 @@ impl Hub {
     }
 }
 
-#[tonic::async_trait]
-impl AgentHub for Hub {
-    type AttachStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
-
-    async fn attach(
-        &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        let mut inbound = request.into_inner();
+impl Hub {
+    /// The stream's first message, a Hello whose token is accepted.
+    async fn accept_hello(&self, inbound: &mut Streaming<AgentMessage>) -> Result<Hello, Status> {
         let hello = match inbound.message().await? {
             Some(AgentMessage {
                 msg: Some(Msg::Hello(hello)),
@@ -360,6 +378,32 @@ impl AgentHub for Hub {
         if let Err(why) = self.auth.check(&hello).await {
             warn!(pod = %hello.pod_name, namespace = %hello.namespace, "refused an agent: {why}");
             return Err(Status::unauthenticated("the agent's token was refused"));
+        }
+        Ok(hello)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentHub for Hub {
+    type AttachStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let conn = request.extensions().get::<limits::ConnInfo>().cloned();
+        let mut inbound = request.into_inner();
+        // A bounded number of streams may be saying hello at once, each for a bounded time.
+        let Ok(_hello_slot) = self.inner.hellos.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "too many agents saying hello at once; retry",
+            ));
+        };
+        let hello = tokio::time::timeout(HELLO_DEADLINE, self.accept_hello(&mut inbound))
+            .await
+            .map_err(|_| Status::deadline_exceeded("no accepted Hello in time"))??;
+        if let Some(conn) = conn {
+            conn.authenticated();
         }
         let key = key_of(&hello);
         let session = self.inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
@@ -386,12 +430,21 @@ impl AgentHub for Hub {
         }
         self.touch(&key.0);
         let hub = self.clone();
+        // An agent sends a heartbeat every interval: a stream silent for many is dead or not
+        // an agent's.
+        let silence = (self.inner.heartbeat * 10).max(Duration::from_secs(15));
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
-                    Ok(Some(AgentMessage { msg: Some(msg) })) => hub.on_message(&key, session, msg),
-                    Ok(Some(AgentMessage { msg: None })) => {}
-                    Ok(None) | Err(_) => break,
+                match tokio::time::timeout(silence, inbound.message()).await {
+                    Ok(Ok(Some(AgentMessage { msg: Some(msg) }))) => {
+                        hub.on_message(&key, session, msg)
+                    }
+                    Ok(Ok(Some(AgentMessage { msg: None }))) => {}
+                    Ok(Ok(None)) | Ok(Err(_)) => break,
+                    Err(_) => {
+                        warn!(pod = %key.1, silent_ms = silence.as_millis() as u64, "closing a silent agent stream");
+                        break;
+                    }
                 }
             }
             info!(pod = %key.1, "agent stream closed");
