@@ -318,7 +318,12 @@ pub(crate) async fn acl_set_user(local: &mut Local, acl: &AclSetUser) -> Acted {
     )))
 }
 
-pub(crate) async fn sentinel_monitor(local: &mut Local, monitor: &SentinelMonitor) -> Acted {
+/// SENTINEL MONITOR, then `auth_pass` (read from the file the command named) as auth-pass.
+pub(crate) async fn sentinel_monitor(
+    local: &mut Local,
+    monitor: &SentinelMonitor,
+    auth_pass: Option<&str>,
+) -> Acted {
     check_word("sentinel_monitor.name", &monitor.name)?;
     check_host_port("sentinel_monitor", &monitor.host, monitor.port)?;
     if monitor.quorum == 0 {
@@ -355,12 +360,12 @@ pub(crate) async fn sentinel_monitor(local: &mut Local, monitor: &SentinelMonito
             .await
             .map_err(reply_is_invalid)?;
     }
-    if !monitor.auth_pass.is_empty() {
+    if let Some(auth_pass) = auth_pass {
         let mut set = redis::cmd("SENTINEL");
         set.arg("SET")
             .arg(&monitor.name)
             .arg("auth-pass")
-            .arg(&monitor.auth_pass);
+            .arg(auth_pass);
         if !monitor.auth_user.is_empty() {
             set.arg("auth-user").arg(&monitor.auth_user);
         }

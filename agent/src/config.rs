@@ -47,6 +47,12 @@ pub struct Args {
     #[arg(long, env = "VALKEY_AGENT_VALKEY_PASSWORD_FILE")]
     pub valkey_password_file: Option<PathBuf>,
 
+    /// File holding the instance's password, on a sentinel's pod: the agent sets it as the
+    /// monitor's auth-pass (the controller names it, never sends it). On a data pod it is
+    /// --valkey-password-file.
+    #[arg(long, env = "VALKEY_AGENT_INSTANCE_PASSWORD_FILE")]
+    pub instance_password_file: Option<PathBuf>,
+
     /// CA bundle (PEM) to verify the local Valkey or Sentinel against: set, the agent speaks
     /// TLS to it. Re-read before every new connection.
     #[arg(long, env = "VALKEY_AGENT_VALKEY_TLS_CA_FILE")]
@@ -278,6 +284,8 @@ pub struct Config {
     pub valkey_password: Option<String>,
     /// Where the password came from: re-read when Valkey refuses it (a rotation).
     pub valkey_password_file: Option<PathBuf>,
+    /// Sentinel pods: the instance's password, which commands name as `PasswordRef`s.
+    pub instance_password_file: Option<PathBuf>,
     pub valkey_tls: Option<ValkeyTls>,
     pub controller: Option<ControllerConfig>,
     pub namespace: String,
@@ -355,6 +363,12 @@ fn at_least(flag: &'static str, value: u64, min: u64) -> Result<Duration, Config
         return Err(ConfigError::TooSmall { flag, min, value });
     }
     Ok(Duration::from_millis(value))
+}
+
+/// Where a rotation keeps the password it moves to, beside the one in force (`<file>.new`):
+/// the controller writes it there (or mounts it) before it names it in a command.
+pub fn next_password_path(in_force: &std::path::Path) -> PathBuf {
+    in_force.with_extension("new")
 }
 
 impl Args {
@@ -445,6 +459,7 @@ impl Args {
             valkey_username: self.valkey_username,
             valkey_password,
             valkey_password_file: self.valkey_password_file,
+            instance_password_file: self.instance_password_file,
             valkey_tls,
             controller,
             namespace: self.namespace,

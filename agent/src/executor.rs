@@ -10,7 +10,9 @@ use std::{
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use valkey_proto::v1::{Command, CommandResult, Failover, Outcome, ReplicaOf, command::Action};
+use valkey_proto::v1::{
+    Command, CommandResult, ConfigSet, Failover, Outcome, ReplicaOf, command::Action,
+};
 
 use crate::{
     actions::{
@@ -23,6 +25,7 @@ use crate::{
     fence::{Admit, Fence},
     local::{Local, LocalError},
     metrics::{CommandLabel, Metrics},
+    passwords,
     watcher::{Shared, now_ms},
 };
 
@@ -336,9 +339,28 @@ impl Executor {
                 check_host_port("catch_up", &catch_up.host, catch_up.port)?;
                 self::catch_up(local, catch_up, deadline).await
             }
-            Action::ConfigSet(config) => config_set(local, config).await,
+            Action::ConfigSet(config) => {
+                let params = passwords::merged(
+                    &self.config,
+                    "config_set",
+                    &config.params,
+                    &config.password_params,
+                )?;
+                let resolved = ConfigSet {
+                    params,
+                    rewrite: config.rewrite,
+                    password_params: HashMap::new(),
+                };
+                config_set(local, &resolved).await
+            }
             Action::AclSetUser(acl) => acl_set_user(local, acl).await,
-            Action::SentinelMonitor(monitor) => sentinel_monitor(local, monitor).await,
+            Action::SentinelMonitor(monitor) => {
+                let auth_pass = match &monitor.auth_pass_ref {
+                    Some(reference) => Some(passwords::resolve(&self.config, reference)?),
+                    None => None,
+                };
+                sentinel_monitor(local, monitor, auth_pass.as_deref()).await
+            }
             Action::SentinelRemove(remove) => {
                 check_word("sentinel_remove.name", &remove.name)?;
                 match local
@@ -354,36 +376,48 @@ impl Executor {
             }
             Action::SentinelSet(set) => {
                 check_word("sentinel_set.name", &set.name)?;
-                if set.params.is_empty() {
+                let params = passwords::merged(
+                    &self.config,
+                    "sentinel_set",
+                    &set.params,
+                    &set.password_params,
+                )?;
+                if params.is_empty() {
                     return Err(invalid("sentinel_set.params is empty"));
                 }
                 let mut cmd = redis::cmd("SENTINEL");
                 cmd.arg("SET").arg(&set.name);
-                for (key, value) in sorted(&set.params) {
+                for (key, value) in sorted(&params) {
                     check_word("sentinel_set.params key", key)?;
                     cmd.arg(key).arg(value);
                 }
                 let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
                 Ok(Done::ok(format!(
                     "set {} parameter(s) on {}",
-                    set.params.len(),
+                    params.len(),
                     set.name
                 )))
             }
             Action::SentinelConfigSet(set) => {
-                if set.params.is_empty() {
+                let params = passwords::merged(
+                    &self.config,
+                    "sentinel_config_set",
+                    &set.params,
+                    &set.password_params,
+                )?;
+                if params.is_empty() {
                     return Err(invalid("sentinel_config_set.params is empty"));
                 }
                 let mut cmd = redis::cmd("SENTINEL");
                 cmd.arg("CONFIG").arg("SET");
-                for (key, value) in sorted(&set.params) {
+                for (key, value) in sorted(&params) {
                     check_word("sentinel_config_set.params key", key)?;
                     cmd.arg(key).arg(value);
                 }
                 let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
                 Ok(Done::ok(format!(
                     "set {} sentinel setting(s)",
-                    set.params.len()
+                    params.len()
                 )))
             }
             Action::SentinelReset(reset) => {

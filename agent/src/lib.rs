@@ -12,6 +12,7 @@ pub mod info;
 pub mod link;
 pub mod local;
 pub mod metrics;
+pub mod passwords;
 pub mod state;
 pub mod tls;
 pub mod watcher;

@@ -470,7 +470,7 @@ pub(crate) fn converge(desired: &Desired, observed: &Observed, master: &NodeSpec
                     node.name.clone(),
                     Action::ConfigSet(ConfigSet {
                         params: drift,
-                        rewrite: false,
+                        ..ConfigSet::default()
                     }),
                 ));
             }

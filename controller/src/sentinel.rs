@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use valkey_proto::v1::{
-    ProcessState, Promote, Role, SentinelFailover, SentinelMaster, SentinelMonitor, SentinelSet,
-    command::Action,
+    PasswordRef, ProcessState, Promote, Role, SentinelFailover, SentinelMaster, SentinelMonitor,
+    SentinelSet, command::Action, password_ref,
 };
 
 use crate::core::{
@@ -22,8 +22,6 @@ pub struct SentinelDesired {
     pub quorum: u32,
     /// down-after-milliseconds, failover-timeout, parallel-syncs.
     pub monitor_config: BTreeMap<String, String>,
-    /// The password Sentinel uses to reach the data nodes.
-    pub auth_pass: String,
     /// The sentinels' own announced addresses (host, port): any other sentinel a sentinel
     /// remembers is stale.
     pub sentinel_addrs: Vec<(String, u32)>,
@@ -98,7 +96,12 @@ fn monitor(sd: &SentinelDesired, master: &NodeSpec, pod: &str) -> [(String, Acti
                 port: u32::from(master.port),
                 quorum: sd.quorum,
                 auth_user: String::new(),
-                auth_pass: sd.auth_pass.clone(),
+                // The instance's password, which the sentinel's agent reads from its own
+                // file: it never crosses the agent channel.
+                auth_pass_ref: Some(PasswordRef {
+                    owner: password_ref::Owner::Instance as i32,
+                    next: false,
+                }),
             }),
         ),
         (
@@ -106,6 +109,7 @@ fn monitor(sd: &SentinelDesired, master: &NodeSpec, pod: &str) -> [(String, Acti
             Action::SentinelSet(SentinelSet {
                 name: sd.name.clone(),
                 params: sd.monitor_config.clone().into_iter().collect(),
+                ..SentinelSet::default()
             }),
         ),
     ]
@@ -224,6 +228,7 @@ pub fn decide(
                         Action::SentinelSet(SentinelSet {
                             name: sd.name.clone(),
                             params,
+                            ..SentinelSet::default()
                         }),
                     ));
                 }
@@ -315,7 +320,6 @@ mod tests {
             name: "ns.demo".into(),
             quorum: 2,
             monitor_config: BTreeMap::from([("down-after-milliseconds".into(), "30000".into())]),
-            auth_pass: "pw".into(),
             sentinel_addrs: vec![
                 ("127.0.0.1".into(), 26379),
                 ("127.0.0.1".into(), 26380),
@@ -418,7 +422,7 @@ mod tests {
         let monitors: Vec<&str> = plan
             .commands
             .iter()
-            .filter(|(_, a)| matches!(a, Action::SentinelMonitor(m) if m.port == 7000 && m.quorum == 2 && m.auth_pass == "pw"))
+            .filter(|(_, a)| matches!(a, Action::SentinelMonitor(m) if m.port == 7000 && m.quorum == 2 && m.auth_pass_ref.as_ref().is_some_and(|r| r.owner() == password_ref::Owner::Instance && !r.next)))
             .map(|(p, _)| p.as_str())
             .collect();
         assert_eq!(monitors, ["s0", "s1", "s2"]);

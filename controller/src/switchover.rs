@@ -312,7 +312,7 @@ pub fn start_sentinel(
         let priority = |value: &str| {
             Action::ConfigSet(ConfigSet {
                 params: [("replica-priority".to_owned(), value.to_owned())].into(),
-                rewrite: false,
+                ..ConfigSet::default()
             })
         };
         let steps = async {

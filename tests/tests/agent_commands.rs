@@ -11,9 +11,9 @@ use valkey_e2e::{
     procs::{Agent, AgentOpts, PASSWORD, Sentinel, Valkey},
 };
 use valkey_proto::v1::{
-    AclSetUser, ConfigSet, Failover, Outcome, PauseWrites, Promote, ReplicaOf, Role,
+    AclSetUser, ConfigSet, Failover, Outcome, PasswordRef, PauseWrites, Promote, ReplicaOf, Role,
     SentinelConfigSet, SentinelFailover, SentinelGetMasterAddr, SentinelMonitor, SentinelRemove,
-    SentinelReset, SentinelSet, UnpauseWrites, WaitReplica, command::Action,
+    SentinelReset, SentinelSet, UnpauseWrites, WaitReplica, command::Action, password_ref,
 };
 
 const T: Duration = Duration::from_secs(15);
@@ -214,6 +214,7 @@ async fn config_set_and_acl_set_user() {
         Action::ConfigSet(ConfigSet {
             params,
             rewrite: true,
+            ..ConfigSet::default()
         })
     };
     let result = hub.command("a", command(1, set(fencing.clone())), T).await;
@@ -304,6 +305,9 @@ async fn sentinel_commands() {
     let sentinel = Sentinel::start();
     let token_file = sentinel.dir.join("token");
     std::fs::write(&token_file, "t0ken").expect("token");
+    // The instance's password, as the sentinel's pod has it mounted: commands only name it.
+    let instance_password = sentinel.dir.join("instance-password");
+    std::fs::write(&instance_password, format!("{PASSWORD}\n")).expect("password file");
     let _agent = Agent::start(AgentOpts {
         sentinel: true,
         valkey_port: sentinel.port,
@@ -315,9 +319,16 @@ async fn sentinel_commands() {
         pod: "s0".into(),
         probe_interval_ms: 50,
         heartbeat_interval_ms: 500,
-        extra: Vec::new(),
+        extra: vec![
+            "--instance-password-file".into(),
+            instance_password.display().to_string(),
+        ],
     });
     hub.wait_hello("s0", 0, T).await;
+    let instance_ref = PasswordRef {
+        owner: password_ref::Owner::Instance as i32,
+        next: false,
+    };
 
     let monitor = Action::SentinelMonitor(SentinelMonitor {
         name: "default.demo".into(),
@@ -325,7 +336,7 @@ async fn sentinel_commands() {
         port: u32::from(master.port),
         quorum: 1,
         auth_user: String::new(),
-        auth_pass: PASSWORD.into(),
+        auth_pass_ref: Some(instance_ref),
     });
     let result = hub.command("s0", command(1, monitor.clone()), T).await;
     assert_eq!(result.outcome(), Outcome::Ok, "{result:?}");
@@ -373,6 +384,7 @@ async fn sentinel_commands() {
                         "down-after-milliseconds".to_owned(),
                         "5000".to_owned(),
                     )]),
+                    ..SentinelSet::default()
                 }),
             ),
             T,
@@ -393,26 +405,49 @@ async fn sentinel_commands() {
                 Action::SentinelSet(SentinelSet {
                     name: "default.demo".into(),
                     params: HashMap::from([("no-such-option".to_owned(), "1".to_owned())]),
+                    ..SentinelSet::default()
                 }),
             ),
             T,
         )
         .await;
     assert_eq!(bad_set.outcome(), Outcome::Invalid, "{bad_set:?}");
-    // Sentinel's own settings (the peer password of a rotation goes this way).
-    let config = hub
+    // Sentinel's own settings (the peer password of a rotation goes this way). A password
+    // sent as a value is refused: it must be named, and the agent reads it from its file.
+    let plain = hub
         .command(
             "s0",
             command(
                 1,
                 Action::SentinelConfigSet(SentinelConfigSet {
                     params: HashMap::from([("sentinel-pass".to_owned(), "peer-pw".to_owned())]),
+                    ..SentinelConfigSet::default()
+                }),
+            ),
+            T,
+        )
+        .await;
+    assert_eq!(plain.outcome(), Outcome::Invalid, "{plain:?}");
+    assert!(
+        plain.message.contains("password_params"),
+        "{}",
+        plain.message
+    );
+    let config = hub
+        .command(
+            "s0",
+            command(
+                1,
+                Action::SentinelConfigSet(SentinelConfigSet {
+                    password_params: HashMap::from([("sentinel-pass".to_owned(), instance_ref)]),
+                    ..SentinelConfigSet::default()
                 }),
             ),
             T,
         )
         .await;
     assert_eq!(config.outcome(), Outcome::Ok, "{config:?}");
+    assert!(!config.message.contains(PASSWORD), "{}", config.message);
     let pass: HashMap<String, String> = redis::cmd("SENTINEL")
         .arg("CONFIG")
         .arg("GET")
@@ -428,7 +463,7 @@ async fn sentinel_commands() {
         .expect("SENTINEL CONFIG GET");
     assert_eq!(
         pass.get("sentinel-pass").map(String::as_str),
-        Some("peer-pw")
+        Some(PASSWORD)
     );
     let empty = hub
         .command(

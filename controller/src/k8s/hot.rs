@@ -159,12 +159,13 @@ async fn decide_on(
     failover: &Failover,
 ) -> Result<(), HotError> {
     let names = Names::of(failover);
-    let Some(password) = instance.password() else {
+    // Nothing is decided before the cold path has the instance's password Secret.
+    if instance.password().is_none() {
         return Ok(());
-    };
+    }
     let pods = ctx.pods.data_pods(&names);
     let desired = desired(failover, &names, &ctx.hub, &pods, ctx.hang_timeout);
-    let sentinel = sentinel_desired(failover, &names, &password);
+    let sentinel = sentinel_desired(failover, &names);
     let target = Target {
         desired: &desired,
         sentinel: sentinel.as_ref(),
@@ -194,9 +195,9 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
         return Ok(());
     };
     let names = Names::of(&failover);
-    let Some(password) = instance.password() else {
+    if instance.password().is_none() {
         return Ok(());
-    };
+    }
     let span = info_span!("report", namespace = %names.namespace, failover = %names.instance);
     async {
         let (engine, durable) = {
@@ -209,9 +210,8 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
         apply_live_settings(ctx, instance, &engine, &failover, durable.epoch).await;
         let pods = ctx.pods.data_pods(&names);
         label_roles(ctx, &names, &durable, &pods).await?;
-        let pods = ctx.pods.data_pods(&names);
         let desired = desired(&failover, &names, &ctx.hub, &pods, ctx.hang_timeout);
-        let sentinel = sentinel_desired(&failover, &names, &password);
+        let sentinel = sentinel_desired(&failover, &names);
         write_status(
             ctx,
             instance,
@@ -461,7 +461,7 @@ async fn apply_live_settings(
         for pod in connected {
             let action = AgentAction::ConfigSet(ConfigSet {
                 params: wanted.clone().into_iter().collect(),
-                rewrite: false,
+                ..ConfigSet::default()
             });
             let sent = engine
                 .run_command(
@@ -560,11 +560,7 @@ fn vouched(pod: Option<&Pod>, dns: &str, host: &str, port: u32) -> bool {
 }
 
 /// How Sentinel watches the instance (policy sentinel).
-pub fn sentinel_desired(
-    failover: &Failover,
-    names: &Names,
-    password: &str,
-) -> Option<SentinelDesired> {
+pub fn sentinel_desired(failover: &Failover, names: &Names) -> Option<SentinelDesired> {
     let settings = failover.spec.sentinel.as_ref()?;
     let sentinel_addrs = match &settings.sentinel_reference {
         Some(reference) => reference
@@ -583,7 +579,6 @@ pub fn sentinel_desired(
         name: names.monitor(),
         quorum: settings.quorum_or_default(),
         monitor_config: settings.monitor_config_or_default(),
-        auth_pass: password.to_owned(),
         sentinel_addrs,
     })
 }

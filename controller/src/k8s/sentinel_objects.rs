@@ -60,6 +60,9 @@ fn port_lines(tls: bool) -> String {
     }
 }
 
+/// Where a sentinel pod's agent finds the instance's password.
+const INSTANCE_SECRET_DIR: &str = "/etc/valkey-instance-secret";
+
 fn start_script(names: &Names, with_password: bool, tls: bool) -> String {
     let password = if with_password {
         format!(
@@ -219,7 +222,7 @@ pub fn objects(
         names.sentinel_headless(),
         names.namespace
     );
-    let agent = agent_container(
+    let mut agent = agent_container(
         &names,
         settings,
         "sentinel",
@@ -231,6 +234,26 @@ pub fn objects(
             .as_deref(),
         tls_secret.is_some(),
     );
+    // The instance's password, for the agent only: it sets it as the monitor's auth-pass when
+    // the controller names it (the controller never sends it).
+    agent.env.get_or_insert_with(Vec::new).push(EnvVar {
+        name: "VALKEY_AGENT_INSTANCE_PASSWORD_FILE".into(),
+        value: Some(format!("{INSTANCE_SECRET_DIR}/password")),
+        ..EnvVar::default()
+    });
+    agent
+        .volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(VolumeMount {
+            name: "instance-password".into(),
+            mount_path: INSTANCE_SECRET_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    volumes.push(Volume {
+        name: "instance-password".into(),
+        ..secret_volume(&names.password())
+    });
     let mut template_labels = select.clone();
     template_labels.extend(super::labels(&names, COMPONENT_SENTINEL));
     let statefulset = StatefulSet {

@@ -37,7 +37,8 @@ pub fn old_password_path(in_force: &Path) -> PathBuf {
 /// Where a rotation keeps the password it is moving to (`<file>.new`), from its first step on,
 /// so that a process (re)started at any point of it accepts both.
 pub fn new_password_path(in_force: &Path) -> PathBuf {
-    in_force.with_extension("new")
+    // Where the agents look for it when a command names the next password.
+    valkey_agent::config::next_password_path(in_force)
 }
 
 fn read_trimmed(path: &Path) -> std::io::Result<String> {

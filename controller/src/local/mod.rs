@@ -486,6 +486,7 @@ fn start_external_agents(
                     .and_then(|f| std::fs::read_to_string(f).ok())
                     .map(|p| p.trim().to_owned()),
                 valkey_password_file: runtime.sentinel_password_file.clone(),
+                instance_password_file: Some(runtime.password_file.clone()),
                 valkey_tls: runtime.external_tls.clone(),
                 controller: Some(valkey_agent::config::ControllerConfig {
                     addr: format!("https://{}", runtime.hub_addr),

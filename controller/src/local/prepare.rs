@@ -252,7 +252,6 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
                 name: format!("{}.{}", runtime.key.namespace, runtime.key.name),
                 quorum: settings.quorum_or_default(),
                 monitor_config: settings.monitor_config_or_default(),
-                auth_pass: secret_file(&runtime.password_file)?,
                 sentinel_addrs: runtime
                     .state
                     .sentinels

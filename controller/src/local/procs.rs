@@ -101,7 +101,12 @@ impl Runtime {
             log_path(&self.dir, &format!("{pod}.{what}-stdout")),
         );
         let mut agent_args: Vec<String> = if sentinel {
-            let mut args = vec!["--mode".into(), "sentinel".into()];
+            let mut args = vec![
+                "--mode".into(),
+                "sentinel".into(),
+                "--instance-password-file".into(),
+                self.password_file.display().to_string(),
+            ];
             if let Some(file) = &self.sentinel_password_file {
                 args.extend(["--valkey-password-file".into(), file.display().to_string()]);
             }

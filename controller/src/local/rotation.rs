@@ -12,7 +12,9 @@ use std::{
 };
 
 use tracing::{info, warn};
-use valkey_proto::v1::{AclSetUser, ConfigSet, NodeKind, command::Action};
+use valkey_proto::v1::{
+    AclSetUser, ConfigSet, NodeKind, PasswordRef, command::Action, password_ref::Owner,
+};
 
 use super::{
     Flight, Runtime,
@@ -20,6 +22,15 @@ use super::{
     random_secret, write_atomic,
 };
 use crate::hub::{Hub, InstanceKey};
+
+/// The password a rotation moves to, as commands name it: each agent reads it from
+/// `<file>.new`, which the rotation writes before its first command.
+fn next(owner: Owner) -> PasswordRef {
+    PasswordRef {
+        owner: owner as i32,
+        next: true,
+    }
+}
 
 /// How long one agent has to carry out one step.
 const STEP_DEADLINE: Duration = Duration::from_secs(5);
@@ -120,8 +131,8 @@ pub(super) fn start_rotation(
         .iter()
         .map(|pod| {
             let masterauth = Action::ConfigSet(ConfigSet {
-                params: [("masterauth".to_owned(), new.clone())].into(),
-                rewrite: false,
+                password_params: [("masterauth".to_owned(), next(Owner::Instance))].into(),
+                ..ConfigSet::default()
             });
             (pod.clone(), masterauth)
         })
@@ -130,7 +141,8 @@ pub(super) fn start_rotation(
         for pod in connected_sentinels(runtime, hub) {
             let auth = Action::SentinelSet(valkey_proto::v1::SentinelSet {
                 name: sd.name.clone(),
-                params: [("auth-pass".to_owned(), new.clone())].into(),
+                password_params: [("auth-pass".to_owned(), next(Owner::Instance))].into(),
+                ..Default::default()
             });
             switches.push((pod, auth));
         }
@@ -215,7 +227,8 @@ pub(super) fn maybe_rotate_sentinel_password(runtime: &Runtime, hub: &Hub, fligh
         .iter()
         .map(|pod| {
             let pass = valkey_proto::v1::SentinelConfigSet {
-                params: [("sentinel-pass".to_owned(), wanted.clone())].into(),
+                password_params: [("sentinel-pass".to_owned(), next(Owner::Sentinel))].into(),
+                ..Default::default()
             };
             (pod.clone(), Action::SentinelConfigSet(pass))
         })
