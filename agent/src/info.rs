@@ -163,6 +163,8 @@ pub fn sentinel_master(
         sentinels: sentinels.iter().map(peer).collect(),
         failover_state: master.get("failover-state").cloned().unwrap_or_default(),
         down_after_ms: field(master, "down-after-milliseconds"),
+        failover_timeout_ms: field(master, "failover-timeout"),
+        parallel_syncs: field(master, "parallel-syncs"),
     }
 }
 
@@ -240,6 +242,8 @@ mod tests {
             ("num-slaves", "2"),
             ("num-other-sentinels", "2"),
             ("down-after-milliseconds", "30000"),
+            ("failover-timeout", "180000"),
+            ("parallel-syncs", "1"),
         ]);
         let replica = m(&[
             ("ip", "127.0.0.1"),
@@ -255,6 +259,10 @@ mod tests {
         assert_eq!(
             (state.config_epoch, state.quorum, state.down_after_ms),
             (3, 2, 30000)
+        );
+        assert_eq!(
+            (state.failover_timeout_ms, state.parallel_syncs),
+            (180000, 1)
         );
         assert_eq!(
             (state.replicas[0].offset, state.replicas[0].priority),

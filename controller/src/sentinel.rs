@@ -85,6 +85,21 @@ fn failover_in_progress(views: &[SentinelView]) -> bool {
     })
 }
 
+/// Whether a sentinel's view of the monitor differs from `monitorConfig` in any key it sets.
+fn monitor_config_differs(sd: &SentinelDesired, m: &SentinelMaster) -> bool {
+    sd.monitor_config.iter().any(|(key, value)| {
+        let Ok(wanted) = value.parse::<u64>() else {
+            return false;
+        };
+        match key.as_str() {
+            "down-after-milliseconds" => wanted != m.down_after_ms,
+            "failover-timeout" => wanted != m.failover_timeout_ms,
+            "parallel-syncs" => wanted != u64::from(m.parallel_syncs),
+            _ => false,
+        }
+    })
+}
+
 /// SENTINEL MONITOR (with auth) and the monitorConfig, for one sentinel.
 fn monitor(sd: &SentinelDesired, master: &NodeSpec, pod: &str) -> [(String, Action); 2] {
     [
@@ -215,11 +230,7 @@ pub fn decide(
                     ));
                     continue;
                 }
-                let want = sd
-                    .monitor_config
-                    .get("down-after-milliseconds")
-                    .and_then(|v| v.parse::<u64>().ok());
-                if want.is_some_and(|w| w != m.down_after_ms) || m.quorum != sd.quorum {
+                if monitor_config_differs(sd, m) || m.quorum != sd.quorum {
                     let mut params: std::collections::HashMap<String, String> =
                         sd.monitor_config.clone().into_iter().collect();
                     params.insert("quorum".into(), sd.quorum.to_string());
@@ -453,6 +464,50 @@ mod tests {
             .map(|(p, a)| (p.as_str(), matches!(a, Action::SentinelMonitor(_))))
             .collect();
         assert_eq!(pods, [("s1", true), ("s1", false), ("s2", false)]);
+    }
+
+    #[test]
+    fn every_monitor_config_key_is_kept_in_sync() {
+        let mut wanted = sd();
+        wanted.monitor_config = BTreeMap::from([
+            ("down-after-milliseconds".into(), "30000".into()),
+            ("failover-timeout".into(), "60000".into()),
+            ("parallel-syncs".into(), "2".into()),
+        ]);
+        let in_sync = |m: &mut SentinelMaster| {
+            m.failover_timeout_ms = 60000;
+            m.parallel_syncs = 2;
+        };
+        type Edit = fn(&mut SentinelMaster);
+        let edits: [(&str, Edit); 3] = [
+            ("s0", |m| m.failover_timeout_ms = 180000),
+            ("s1", |m| m.parallel_syncs = 1),
+            ("s2", |_| {}),
+        ];
+        let mut s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
+        for (pod, edit) in edits {
+            if let Some(m) = s
+                .get_mut(pod)
+                .and_then(|o| o.report.as_mut())
+                .and_then(|r| r.sentinel.as_mut())
+                .and_then(|st| st.masters.first_mut())
+            {
+                in_sync(m);
+                edit(m);
+            }
+        }
+        let plan = decide(&desired(), &wanted, &at("n0"), &healthy(), &s, 0);
+        let set: Vec<&str> = plan
+            .commands
+            .iter()
+            .filter(|(_, a)| {
+                matches!(a, Action::SentinelSet(set)
+                    if set.params.get("failover-timeout").map(String::as_str) == Some("60000")
+                        && set.params.get("parallel-syncs").map(String::as_str) == Some("2"))
+            })
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(set, ["s0", "s1"], "{:?}", plan.commands);
     }
 
     #[test]
