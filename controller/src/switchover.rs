@@ -110,6 +110,21 @@ const PAUSE_MS: u32 = 5000;
 /// How long each step may take before the switchover is undone.
 const STEP: Duration = Duration::from_secs(2);
 
+/// Under policy sentinel: how long Sentinel may take to see the steered replica priorities.
+/// It reads its replicas' INFO every 10 s; their agents report what it saw within a second.
+const SENTINEL_PRIORITY_WAIT: Duration = Duration::from_secs(14);
+
+/// Under policy sentinel: how long the target may take to serve as master after SENTINEL
+/// FAILOVER (it is promoted within about a second).
+const SENTINEL_PROMOTION_WAIT: Duration = Duration::from_secs(8);
+
+/// The longest a switchover that succeeds can take, under either policy: Sentinel's two waits
+/// and the commands between them (under policy manual it is milliseconds). A terminating
+/// master's pod holds Valkey up for this long (its preStop), and its agent waits as long.
+pub const SWITCHOVER_BUDGET: Duration = Duration::from_secs(
+    SENTINEL_PRIORITY_WAIT.as_secs() + SENTINEL_PROMOTION_WAIT.as_secs() + 2 * STEP.as_secs(),
+);
+
 /// Starts a planned switchover under policy manual, once the caller has persisted the intent
 /// (`PendingSwitchover` at `epoch`). Every step is a command under that epoch:
 /// 1. pause writes on the master and take its offset;
@@ -322,7 +337,7 @@ pub fn start_sentinel(
             }
             // Sentinel picks by the priorities it last read from INFO (every 10 s): wait until
             // it has seen the new ones, so that it promotes the target and no other.
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + SENTINEL_PRIORITY_WAIT;
             let addr_of = |pod: &str| {
                 nodes
                     .iter()
@@ -349,9 +364,10 @@ pub fn start_sentinel(
                     break;
                 }
                 if Instant::now() > deadline {
-                    return Err(
-                        "Sentinel did not see the new replica priorities within 20 s".into(),
-                    );
+                    return Err(format!(
+                        "Sentinel did not see the new replica priorities within {} s",
+                        SENTINEL_PRIORITY_WAIT.as_secs()
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -384,7 +400,7 @@ pub fn start_sentinel(
                 }),
             )
             .await?;
-            let deadline = Instant::now() + Duration::from_secs(15);
+            let deadline = Instant::now() + SENTINEL_PROMOTION_WAIT;
             loop {
                 if reports_master(&hub, &key, &to) {
                     // Demote the old master before its pause ends, rather than waiting for
@@ -393,7 +409,10 @@ pub fn start_sentinel(
                     return Ok(());
                 }
                 if Instant::now() > deadline {
-                    return Err(format!("{to} did not become master within 15 s"));
+                    return Err(format!(
+                        "{to} did not become master within {} s",
+                        SENTINEL_PROMOTION_WAIT.as_secs()
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

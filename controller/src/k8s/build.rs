@@ -43,7 +43,13 @@ const SECRET_DIR: &str = "/etc/valkey-secret";
 const CONFIG_DIR: &str = "/etc/valkey";
 const TOKEN_DIR: &str = "/var/run/secrets/valkey-agent";
 /// How long a terminating master waits for its role to move (the agent's switchover).
-const SWITCHOVER_WAIT_S: i64 = 10;
+/// How long a terminating master's Valkey is held up (preStop), and its agent waits, for the
+/// controller to move the role away: the longest switchover that succeeds, plus a margin for
+/// the agent's request to reach the controller.
+const SWITCHOVER_WAIT_S: i64 = crate::switchover::SWITCHOVER_BUDGET.as_secs() as i64 + 2;
+
+/// What the pod has after the hold to stop: Valkey's shutdown (an AOF flush) and the agent's.
+const SHUTDOWN_MARGIN_S: i64 = 15;
 
 /// maxmemory from the container's memory: about 70% of the limit (or of the request when
 /// there is no limit), leaving room for replication buffers and fork copy-on-write.
@@ -331,6 +337,11 @@ pub fn agent_container(
             format!("0.0.0.0:{AGENT_METRICS_PORT}"),
         ),
         env("VALKEY_AGENT_LOG_FORMAT", "json"),
+        // A terminating master's agent waits as long as its Valkey is held up.
+        env(
+            "VALKEY_AGENT_SHUTDOWN_SWITCHOVER_TIMEOUT_MS",
+            (SWITCHOVER_WAIT_S * 1000).to_string(),
+        ),
         env(
             "VALKEY_AGENT_CONTROLLER_CA_FILE",
             format!("{}/ca.crt", tls_objects::CONTROLLER_CA_DIR),
@@ -652,7 +663,7 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
                     security_context: Some(pod_security(spec.security_context.as_ref())),
                     image_pull_secrets: (!spec.image_pull_secrets.is_empty())
                         .then(|| spec.image_pull_secrets.clone()),
-                    termination_grace_period_seconds: Some(SWITCHOVER_WAIT_S + 20),
+                    termination_grace_period_seconds: Some(SWITCHOVER_WAIT_S + SHUTDOWN_MARGIN_S),
                     enable_service_links: Some(false),
                     ..PodSpec::default()
                 }),

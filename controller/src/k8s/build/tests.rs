@@ -3,6 +3,7 @@
 use super::*;
 use crate::crd::{Storage, ValkeyModule};
 use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::time::Duration;
 
 pub(crate) fn failover(spec: FailoverSpec) -> Failover {
     let mut failover = Failover::new("demo", spec);
@@ -251,5 +252,53 @@ fn every_example_renders_pods_the_restricted_pod_security_level_admits() {
     assert_eq!(
         rendered.seccomp_profile.map(|p| p.type_).as_deref(),
         Some("RuntimeDefault")
+    );
+}
+
+#[test]
+fn a_terminating_master_is_held_as_long_as_the_longest_switchover_and_the_pod_outlives_it() {
+    let sts = statefulset(&failover(with_memory("1Gi")), &Settings::default(), false);
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    let container = |name: &str| {
+        pod.containers
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} container"))
+    };
+    // The preStop polls the role every 0.1 s, this many times.
+    let script = container("valkey")
+        .lifecycle
+        .and_then(|l| l.pre_stop)
+        .and_then(|p| p.exec)
+        .and_then(|e| e.command)
+        .map(|c| c.join(" "))
+        .expect("a preStop");
+    let steps: u64 = script
+        .split("while [ $i -lt ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the hold's step count");
+    let hold = Duration::from_millis(steps * 100);
+    let budget = crate::switchover::SWITCHOVER_BUDGET;
+    assert!(
+        hold >= budget,
+        "the preStop holds {hold:?}, the longest switchover takes {budget:?}"
+    );
+    // The agent keeps the master's stream open as long, so the switchover's commands reach it.
+    let agent_wait: u64 = container("agent")
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "VALKEY_AGENT_SHUTDOWN_SWITCHOVER_TIMEOUT_MS")
+        .and_then(|e| e.value?.parse().ok())
+        .expect("the agent's shutdown wait");
+    assert!(Duration::from_millis(agent_wait) >= hold);
+    // And the pod is not killed before the hold ends and Valkey has flushed its AOF.
+    let grace = Duration::from_secs(pod.termination_grace_period_seconds.unwrap_or(30) as u64);
+    assert!(
+        grace >= hold + Duration::from_secs(10),
+        "grace {grace:?}, hold {hold:?}"
     );
 }
