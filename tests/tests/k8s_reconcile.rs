@@ -742,3 +742,107 @@ async fn a_renewed_certificate_rolls_the_sentinels_and_not_the_data_pods() {
         "the data pods reload the certificate live: their template must not change"
     );
 }
+
+#[tokio::test]
+async fn scaling_down_past_the_master_switches_it_over_first_then_removes_its_pod_and_service() {
+    let (cluster, mut nodes) = three_running_nodes().await;
+    cluster
+        .reconcile_until(NS, "demo", "phase Ready", T, ready)
+        .await;
+    // The master on the pod that will be removed: demo-2.
+    let annotate = |value: &str| serde_json::json!({"metadata": {"annotations": {ANNOTATION_SWITCHOVER: value}}});
+    cluster
+        .api::<Failover>(NS)
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(&annotate("demo-2")),
+        )
+        .await
+        .expect("annotate");
+    let on_two = cluster
+        .reconcile_until(NS, "demo", "demo-2 as master", T, |f| {
+            f.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Phase::Ready && s.master.as_deref() == Some("demo-2"))
+        })
+        .await;
+    let epoch = on_two.status.expect("status").epoch;
+    nodes.acked_writes("demo-2", 20).await;
+
+    // 3 -> 2: the StatefulSet keeps demo-2 until its role has moved, then drops it. The
+    // replicas' agents are frozen first, so that no switchover can finish before we look.
+    for agent in &mut nodes.agents[..2] {
+        agent.proc_mut().signal(Signal::SIGSTOP);
+    }
+    cluster
+        .api::<Failover>(NS)
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .expect("scale");
+    cluster.reconcile(NS, "demo").await.expect("reconcile");
+    let sts = |cluster: &FakeCluster| {
+        let api = cluster.api::<StatefulSet>(NS);
+        async move {
+            api.get("demo")
+                .await
+                .expect("sts")
+                .spec
+                .and_then(|s| s.replicas)
+        }
+    };
+    let now = cluster.failover(NS, "demo").await;
+    assert_eq!(now.status.and_then(|s| s.master).as_deref(), Some("demo-2"));
+    assert_eq!(
+        sts(&cluster).await,
+        Some(3),
+        "demo-2's pod removed while master"
+    );
+    for agent in &mut nodes.agents[..2] {
+        agent.proc_mut().signal(Signal::SIGCONT);
+    }
+    let moved = cluster
+        .reconcile_until(NS, "demo", "the master moved off demo-2", T, |f| {
+            f.status.as_ref().is_some_and(|s| {
+                s.master.as_deref().is_some_and(|m| m != "demo-2")
+                    && s.last_failover_reason.as_deref() == Some("planned switchover")
+            })
+        })
+        .await;
+    // Planned, not a failover. (An attempt that meets a replica just thawed, whose report is
+    // stale, is undone and retried under a new epoch, so the epoch may move by more than one.)
+    let status = moved.status.expect("status");
+    assert!(status.epoch > epoch);
+    assert_eq!(
+        status.last_failover_from.as_deref(),
+        Some("demo-2"),
+        "{status:#?}"
+    );
+    let services = cluster.api::<Service>(NS);
+    wait_for(
+        "the StatefulSet at 2 and demo-2's Service gone",
+        T,
+        || async {
+            cluster.reconcile(NS, "demo").await.expect("reconcile");
+            let gone = services.get_opt("demo-2").await.expect("get").is_none();
+            (sts(&cluster).await == Some(2) && gone).then_some(())
+        },
+    )
+    .await;
+    assert!(services.get_opt("demo-1").await.expect("get").is_some());
+    // The writes acknowledged on demo-2 are on the new master.
+    let index: usize = status
+        .master
+        .as_deref()
+        .and_then(|m| m.rsplit('-').next()?.parse().ok())
+        .expect("ordinal");
+    let keys: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut nodes.valkeys[index].conn().await)
+        .await
+        .expect("DBSIZE");
+    assert_eq!(keys, 20);
+}

@@ -151,6 +151,8 @@ pub struct Cold {
     pub node_ports_checked: Option<i64>,
     /// The data StatefulSet's update revision, as last applied or watched.
     pub update_revision: Option<String>,
+    /// The pod count whose surplus per-pod Services were last deleted.
+    pub swept_for: Option<i32>,
 }
 
 /// What the hot path last wrote for an instance.

@@ -163,19 +163,26 @@ async fn decide_on(
     if instance.password().is_none() {
         return Ok(());
     }
+    let mut slot = instance.driver.lock().await;
+    instance.seeded_driver(&mut slot);
+    let Some(driver) = slot.as_mut() else {
+        return Ok(());
+    };
     let pods = ctx.pods.data_pods(&names);
-    let desired = desired(failover, &names, &ctx.hub, &pods, ctx.hang_timeout);
+    let desired = desired(
+        failover,
+        &names,
+        &ctx.hub,
+        &pods,
+        driver.durable().master.as_deref(),
+        ctx.hang_timeout,
+    );
     let sentinel = sentinel_desired(failover, &names);
     let target = Target {
         desired: &desired,
         sentinel: sentinel.as_ref(),
     };
     let asked = failover.annotations().get(ANNOTATION_SWITCHOVER).cloned();
-    let mut slot = instance.driver.lock().await;
-    instance.seeded_driver(&mut slot);
-    let Some(driver) = slot.as_mut() else {
-        return Ok(());
-    };
     let store = StatusStore {
         ctx,
         names: &names,
@@ -210,7 +217,14 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
         apply_live_settings(ctx, instance, &engine, &failover, durable.epoch).await;
         let pods = ctx.pods.data_pods(&names);
         label_roles(ctx, &names, &durable, &pods).await?;
-        let desired = desired(&failover, &names, &ctx.hub, &pods, ctx.hang_timeout);
+        let desired = desired(
+            &failover,
+            &names,
+            &ctx.hub,
+            &pods,
+            durable.master.as_deref(),
+            ctx.hang_timeout,
+        );
         let sentinel = sentinel_desired(&failover, &names);
         write_status(
             ctx,
@@ -495,16 +509,22 @@ pub fn key_of(names: &Names) -> InstanceKey {
 /// Valkey port. The address an agent announces is taken only where the pod object vouches
 /// for it (its DNS name or IP, and its declared `valkey` port): a replayed token cannot point
 /// replicas and Sentinel, which log in with the password, at a host of its choosing.
+///
+/// A master on an ordinal the spec scaled away stays, `retiring`, with every ordinal below it,
+/// until the driver has moved its role (a planned switchover first, as in the local runtime);
+/// the cold path keeps the StatefulSet that large meanwhile ([`kept_replicas`]).
 pub fn desired(
     failover: &Failover,
     names: &Names,
     hub: &Hub,
     pods: &[Pod],
+    master: Option<&str>,
     hang_timeout: std::time::Duration,
 ) -> Desired {
     let key = key_of(names);
+    let wanted = failover.spec.replicas;
     Desired {
-        nodes: (0..failover.spec.replicas)
+        nodes: (0..kept_replicas(failover, names, master))
             .map(|ordinal| {
                 let pod = names.pod(ordinal);
                 let dns = names.pod_host(&pod);
@@ -520,13 +540,26 @@ pub fn desired(
                     name: pod,
                     ordinal: ordinal as u32,
                     port,
-                    retiring: false,
+                    retiring: ordinal >= wanted,
                 }
             })
             .collect(),
         hang_timeout_ms: hang_timeout.as_millis() as u64,
         replica_silence_s: (hang_timeout.as_secs() as i64).max(2),
         live_config: live_config(&failover.spec),
+    }
+}
+
+/// How many data pods to keep: the spec's replicas, or more while the master sits on an
+/// ordinal the spec scaled away (it is switched over first).
+pub fn kept_replicas(failover: &Failover, names: &Names, master: Option<&str>) -> i32 {
+    let wanted = failover.spec.replicas;
+    let master_ordinal = master
+        .and_then(|m| m.strip_prefix(&format!("{}-", names.instance)))
+        .and_then(|n| n.parse::<i32>().ok());
+    match master_ordinal {
+        Some(ordinal) if ordinal >= wanted && wanted > 0 => ordinal + 1,
+        _ => wanted,
     }
 }
 

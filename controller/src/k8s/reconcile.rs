@@ -26,7 +26,7 @@ use super::{
     apply::{self, publish, replace_status, restart_pod},
     build,
     context::{Applied, Context, Instance},
-    hot::key_of,
+    hot::{self, key_of},
     is_paused, network_policy, roll, sentinel_objects, services, status, tls_objects, tls_secret,
 };
 use crate::{
@@ -173,7 +173,15 @@ async fn reconcile_inner(
     } else {
         instance.accept(failover.clone(), password);
     }
-    apply_objects(ctx, instance, failover, &names, paused).await?;
+    // A master on an ordinal the spec scaled away keeps its pod until the hot path has
+    // switched it over; the cold path looks again shortly.
+    let master = match instance.driver.lock().await.as_ref() {
+        Some(driver) => driver.durable().master.clone(),
+        None => instance.status().and_then(|s| s.master),
+    };
+    let kept = hot::kept_replicas(failover, &names, master.as_deref());
+    apply_objects(ctx, instance, failover, &names, paused, kept).await?;
+    sweep_pod_services(ctx, instance, &names, kept).await?;
     if paused {
         let next = paused_status(ctx, instance, failover, &names);
         replace_status(&ctx.client, &names, instance, next)
@@ -182,7 +190,63 @@ async fn reconcile_inner(
     } else {
         roll(ctx, instance, failover, &names).await?;
     }
+    if kept > failover.spec.replicas {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Deletes the per-pod Services (`<name>-N`) of ordinals at or above `kept`, after a scale
+/// down. It lists the instance's Services only when `kept` differs from the count it last
+/// swept for (and once after a start), so a steady instance costs nothing.
+async fn sweep_pod_services(
+    ctx: &Context,
+    instance: &Instance,
+    names: &Names,
+    kept: i32,
+) -> Result<(), Error> {
+    let swept = instance.cold.lock().map(|c| c.swept_for).unwrap_or(None);
+    if swept == Some(kept) {
+        return Ok(());
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let selector = format!("{LABEL_INSTANCE}={}", names.instance);
+    let services = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::Read {
+            what: "Services".into(),
+            source,
+        })?;
+    let prefix = format!("{}-", names.instance);
+    for service in services.items {
+        let name = service.name_any();
+        let surplus = name
+            .strip_prefix(&prefix)
+            .and_then(|n| n.parse::<i32>().ok())
+            .is_some_and(|ordinal| ordinal >= kept);
+        if !surplus {
+            continue;
+        }
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => info!(service = %name, "deleted the Service of a pod scaled away"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Apply {
+                    kind: "Service".into(),
+                    name,
+                    source,
+                });
+            }
+        }
+        if let Ok(mut cold) = instance.cold.lock() {
+            cold.applied.remove(&format!("Service/{name}"));
+        }
+    }
+    if let Ok(mut cold) = instance.cold.lock() {
+        cold.swept_for = Some(kept);
+    }
+    Ok(())
 }
 
 /// A refused spec: phase Failed naming the field, kept while the running instance goes on.
@@ -298,6 +362,7 @@ async fn apply_objects(
     failover: &Failover,
     names: &Names,
     paused: bool,
+    kept: i32,
 ) -> Result<(), Error> {
     let ns = names.namespace.as_str();
     let mut results = vec![done(
@@ -338,7 +403,10 @@ async fn apply_objects(
     let clients = network_policy::client_namespaces(failover).map_err(Error::InvalidSpec)?;
     let policy = network_policy::network_policy(failover, &ctx.settings, clients);
     results.push(done(apply_changed(ctx, instance, ns, &policy).await));
-    let data_set = build::statefulset(failover, &ctx.settings, paused);
+    let mut data_set = build::statefulset(failover, &ctx.settings, paused);
+    if let Some(spec) = data_set.spec.as_mut().filter(|_| !paused) {
+        spec.replicas = Some(kept);
+    }
     match apply_changed(ctx, instance, ns, &data_set).await {
         Ok(Some(applied)) => {
             let revision = applied.status.and_then(|s| s.update_revision);
