@@ -45,13 +45,22 @@ use valkey_controller::{
 
 pub const TOKEN: &str = "t0ken";
 
-/// Faults injected into the API server's answers: a latency on every request, and a 500 for
-/// requests that match.
+/// Faults injected into the API server's answers: a latency on every request, and an error
+/// for requests that match.
 #[derive(Debug, Default)]
 pub struct ApiFaults {
     delay: Mutex<Duration>,
-    /// (method, a part of the path): answered with 500.
-    failing: Mutex<Vec<(String, String)>>,
+    /// Requests answered with an error instead.
+    failing: Mutex<Vec<Refusal>>,
+}
+
+#[derive(Debug, Clone)]
+struct Refusal {
+    method: String,
+    path_part: String,
+    code: u16,
+    reason: String,
+    message: String,
 }
 
 impl ApiFaults {
@@ -63,8 +72,20 @@ impl ApiFaults {
 
     /// Answers `method` requests whose path contains `path_part` with a 500 from now on.
     pub fn fail(&self, method: &str, path_part: &str) {
+        self.refuse(method, path_part, 500, "InternalError", "injected fault");
+    }
+
+    /// Answers `method` requests whose path contains `path_part` with this error from now on
+    /// (as the API server would for a request it will not carry out).
+    pub fn refuse(&self, method: &str, path_part: &str, code: u16, reason: &str, message: &str) {
         if let Ok(mut f) = self.failing.lock() {
-            f.push((method.to_owned(), path_part.to_owned()));
+            f.push(Refusal {
+                method: method.to_owned(),
+                path_part: path_part.to_owned(),
+                code,
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+            });
         }
     }
 
@@ -74,14 +95,12 @@ impl ApiFaults {
         }
     }
 
-    fn fails(&self, method: &str, path: &str) -> bool {
-        self.failing
-            .lock()
-            .map(|f| {
-                f.iter()
-                    .any(|(m, p)| m == method && path.contains(p.as_str()))
-            })
-            .unwrap_or(false)
+    fn refusal(&self, method: &str, path: &str) -> Option<Refusal> {
+        self.failing.lock().ok().and_then(|f| {
+            f.iter()
+                .find(|r| r.method == method && path.contains(r.path_part.as_str()))
+                .cloned()
+        })
     }
 }
 
@@ -108,15 +127,16 @@ impl tower::Service<http::Request<kube::client::Body>> for Interposed {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if faults.fails(request.method().as_str(), request.uri().path()) {
+            if let Some(refusal) = faults.refusal(request.method().as_str(), request.uri().path()) {
                 let body = serde_json::json!({
                     "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": "injected fault", "reason": "InternalError", "code": 500,
+                    "message": refusal.message, "reason": refusal.reason, "code": refusal.code,
                 });
                 let mut response = http::Response::new(kube::client::Body::from(
                     serde_json::to_vec(&body).unwrap_or_default(),
                 ));
-                *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                *response.status_mut() = http::StatusCode::from_u16(refusal.code)
+                    .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
                 return Ok(response);
             }
             client.send(request).await
@@ -176,6 +196,9 @@ impl FakeCluster {
             .with_test_writer()
             .try_init();
         let builder = ClientBuilder::new()
+            .with_interceptor_funcs(
+                kube_fake_client::interceptor::Funcs::new().patch(fixed_statefulset_fields),
+            )
             .with_resource::<Failover>()
             .with_status_subresource::<Failover>()
             .with_status_subresource::<k8s_openapi::api::apps::v1::StatefulSet>();
@@ -411,6 +434,48 @@ impl FakeCluster {
             })
             .collect()
     }
+}
+
+/// What the API server answers an update of a StatefulSet field it keeps fixed.
+pub const STATEFULSET_FORBIDDEN: &str = "spec: Forbidden: updates to statefulset spec for \
+    fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', \
+    'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden";
+
+/// The API server's rule the fake lacks: an apply that would change a StatefulSet's selector,
+/// service name, pod management policy or volume claim templates is refused (422).
+fn fixed_statefulset_fields(
+    ctx: kube_fake_client::interceptor::PatchContext,
+) -> kube_fake_client::Result<Option<serde_json::Value>> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use serde_json::Value;
+    if ctx.patch.get("kind").and_then(Value::as_str) != Some("StatefulSet") {
+        return Ok(None);
+    }
+    let Ok(existing) = ctx.client.get::<StatefulSet>(ctx.namespace, ctx.name) else {
+        return Ok(None);
+    };
+    let old = serde_json::to_value(existing.spec)?;
+    // Absent, null and empty are the same value.
+    let field = |spec: &Value, key: &str| match spec.get(key) {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::Array(a)) if a.is_empty() => Value::Null,
+        Some(v) => v.clone(),
+    };
+    let new = ctx.patch.get("spec").cloned().unwrap_or(Value::Null);
+    let changed = [
+        "selector",
+        "serviceName",
+        "podManagementPolicy",
+        "volumeClaimTemplates",
+    ]
+    .iter()
+    .any(|key| field(&old, key) != field(&new, key));
+    if changed {
+        return Err(kube_fake_client::Error::ImmutableField {
+            field: STATEFULSET_FORBIDDEN.into(),
+        });
+    }
+    Ok(None)
 }
 
 // ---------------------------------------------------------------- shared fixtures

@@ -32,7 +32,7 @@ use super::{
 };
 use crate::{
     conf_text::quote,
-    crd::{AccessMode, Failover, FailoverSpec, PullPolicy},
+    crd::{AccessMode, Failover, FailoverSpec, PullPolicy, Storage},
     validate::{RESTART_KEYS, parse_memory, parse_quantity},
 };
 
@@ -585,12 +585,7 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
     }
     let claims = match &spec.storage {
         Some(storage) => {
-            let capacity = storage.capacity.clone().unwrap_or_else(|| {
-                // Twice the memory (for the AOF and its rewrite), at least 1Gi.
-                let bytes = maxmemory(spec).map_or(0.0, |m| m as f64 / 0.7 * 2.0);
-                let gib = (bytes / 1024f64.powi(3)).ceil().max(1.0) as u64;
-                Quantity(format!("{gib}Gi"))
-            });
+            let capacity = claim_capacity(spec, storage);
             let access = match storage.access_mode.unwrap_or_default() {
                 AccessMode::ReadWriteOnce => "ReadWriteOnce",
                 AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
@@ -673,6 +668,16 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
         }),
         ..StatefulSet::default()
     }
+}
+
+/// Each data PVC's size: `storage.capacity`, or twice the memory (for the AOF and its
+/// rewrite), at least 1Gi.
+pub fn claim_capacity(spec: &FailoverSpec, storage: &Storage) -> Quantity {
+    storage.capacity.clone().unwrap_or_else(|| {
+        let bytes = maxmemory(spec).map_or(0.0, |m| m as f64 / 0.7 * 2.0);
+        let gib = (bytes / 1024f64.powi(3)).ceil().max(1.0) as u64;
+        Quantity(format!("{gib}Gi"))
+    })
 }
 
 /// The exporter's settings: the local Valkey (over TLS, verified against the instance's CA,

@@ -153,6 +153,8 @@ pub struct Cold {
     pub update_revision: Option<String>,
     /// The pod count whose surplus per-pod Services were last deleted.
     pub swept_for: Option<i32>,
+    /// The capacity the data PVCs were last brought to.
+    pub claims_sized_for: Option<String>,
 }
 
 /// What the hot path last wrote for an instance.

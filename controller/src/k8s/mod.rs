@@ -12,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod network_policy;
 pub mod reconcile;
+pub mod recreate;
 pub mod requests;
 pub mod roll;
 pub mod run;
@@ -21,6 +22,7 @@ pub mod status;
 pub mod tls_objects;
 pub mod tls_secret;
 pub mod token_cache;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 

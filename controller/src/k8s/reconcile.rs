@@ -27,7 +27,9 @@ use super::{
     build,
     context::{Applied, Context, Instance},
     hot::{self, key_of},
-    is_paused, network_policy, roll, sentinel_objects, services, status, tls_objects, tls_secret,
+    is_paused, network_policy,
+    recreate::{self, SetApplied},
+    roll, sentinel_objects, services, status, tls_objects, tls_secret, volumes,
 };
 use crate::{
     core::{Durable, Observed},
@@ -180,7 +182,8 @@ async fn reconcile_inner(
         None => instance.status().and_then(|s| s.master),
     };
     let kept = hot::kept_replicas(failover, &names, master.as_deref());
-    apply_objects(ctx, instance, failover, &names, paused, kept).await?;
+    let recreating = apply_objects(ctx, instance, failover, &names, paused, kept).await?;
+    volumes::expand(ctx, instance, failover, &names).await?;
     sweep_pod_services(ctx, instance, &names, kept).await?;
     if paused {
         let next = paused_status(ctx, instance, failover, &names);
@@ -189,6 +192,9 @@ async fn reconcile_inner(
             .map_err(Error::Status)?;
     } else {
         roll(ctx, instance, failover, &names).await?;
+    }
+    if recreating {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     if kept > failover.spec.replicas {
         return Ok(Action::requeue(Duration::from_secs(2)));
@@ -356,6 +362,7 @@ async fn json_patch_failover(
 
 /// Every owned object, applied only where it differs from what was last applied. One that
 /// fails does not stop the others; the first error is returned (and retried).
+/// Applies what changed; returns whether a StatefulSet is being recreated.
 async fn apply_objects(
     ctx: &Context,
     instance: &Instance,
@@ -363,7 +370,7 @@ async fn apply_objects(
     names: &Names,
     paused: bool,
     kept: i32,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let ns = names.namespace.as_str();
     let mut results = vec![done(
         apply_changed(ctx, instance, ns, &build::config_map(failover)).await,
@@ -407,14 +414,17 @@ async fn apply_objects(
     if let Some(spec) = data_set.spec.as_mut().filter(|_| !paused) {
         spec.replicas = Some(kept);
     }
-    match apply_changed(ctx, instance, ns, &data_set).await {
-        Ok(Some(applied)) => {
+    let mut recreating = false;
+    match recreate::apply_set(ctx, instance, failover, ns, &data_set).await {
+        Ok(SetApplied::Applied(applied)) => {
             let revision = applied.status.and_then(|s| s.update_revision);
             if let Ok(mut cold) = instance.cold.lock() {
                 cold.update_revision = revision;
             }
         }
-        other => results.push(done(other)),
+        Ok(SetApplied::Recreating) => recreating = true,
+        Ok(SetApplied::Unchanged) => {}
+        Err(err) => results.push(Some(err)),
     }
     let pdb = build::pdb(failover, build::COMPONENT_DATA, names.data());
     results.push(done(apply_changed(ctx, instance, ns, &pdb).await));
@@ -427,12 +437,20 @@ async fn apply_objects(
         results.push(done(apply_changed(ctx, instance, ns, object).await));
     }
     for object in &sets {
-        results.push(done(apply_changed(ctx, instance, ns, object).await));
+        match recreate::apply_set(ctx, instance, failover, ns, object).await {
+            Ok(SetApplied::Recreating) => recreating = true,
+            Ok(_) => {}
+            Err(err) => results.push(Some(err)),
+        }
     }
     for object in &budgets {
         results.push(done(apply_changed(ctx, instance, ns, object).await));
     }
-    results.into_iter().flatten().next().map_or(Ok(()), Err)
+    results
+        .into_iter()
+        .flatten()
+        .next()
+        .map_or(Ok(recreating), Err)
 }
 
 /// The error of one apply, if it failed.
@@ -442,7 +460,7 @@ fn done<K>(result: Result<Option<K>, Error>) -> Option<Error> {
 
 /// Applies `object` unless the same was applied last (and has not been changed since: the
 /// owned-object watch forgets a record whose object someone else changed).
-async fn apply_changed<K: apply::Object>(
+pub(super) async fn apply_changed<K: apply::Object>(
     ctx: &Context,
     instance: &Instance,
     namespace: &str,
