@@ -7,6 +7,7 @@ pub mod crd;
 pub mod credentials;
 pub mod driver;
 pub mod engine;
+pub mod external;
 pub mod hub;
 pub mod k8s;
 pub mod local;

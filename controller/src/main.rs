@@ -103,6 +103,14 @@ struct RunArgs {
     /// controller runs with a Role in it (deploy/namespaced/) instead of cluster-wide rights.
     #[arg(long, env = "VALKEY_CONTROLLER_WATCH_NAMESPACE", value_parser = namespace_name)]
     watch_namespace: Option<String>,
+    /// Files for the agents the controller runs itself, one per sentinel of an external
+    /// Sentinel set (passwords and certificates): an in-memory volume of this pod.
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_WORK_DIR",
+        default_value = "/run/valkey-controller"
+    )]
+    work_dir: std::path::PathBuf,
 }
 
 /// A namespace's name, as `--watch-namespace` takes it.
@@ -257,6 +265,9 @@ fn main() -> ExitCode {
                         },
                         controller_namespace: args.pod_namespace.clone(),
                         watch_namespace: args.watch_namespace,
+                        work_dir: args.work_dir,
+                        // Loopback, on the hub's port.
+                        in_process_hub: format!("https://127.0.0.1:{}", args.hub_listen.port()),
                     },
                     pod_name: args.pod_name,
                     pod_namespace: args.pod_namespace,

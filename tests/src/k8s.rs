@@ -170,6 +170,8 @@ pub struct FakeCluster {
     /// Where each pod's Valkey listens on loopback: the pod watch's stand-in gives the pod
     /// IP 127.0.0.1 and declares this port, as a kubelet and a pod template would.
     pub valkey_ports: Arc<Mutex<BTreeMap<String, u16>>>,
+    /// The controller's work dir.
+    pub work: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
     pod_sync: tokio::task::JoinHandle<()>,
 }
@@ -219,6 +221,7 @@ impl FakeCluster {
             let _ = valkey_controller::hub::limits::serve(&served, listener, hub_cert, gate).await;
         });
         let faults = Arc::new(ApiFaults::default());
+        let work = tempfile::tempdir().expect("work dir");
         let metrics = Arc::new(valkey_controller::k8s::metrics::Metrics::default());
         let controller_client =
             requests::counting(interposed(client.clone(), faults.clone()), metrics.clone());
@@ -235,11 +238,15 @@ impl FakeCluster {
             Settings {
                 controller_addr: hub_url.clone(),
                 controller_ca: ca.0.cert_pem.clone(),
+                work_dir: work.path().to_owned(),
+                in_process_hub: hub_url.clone(),
                 ..Settings::default()
             },
             recorder,
         );
         ctx.ca = Some(Arc::new(ca.clone()));
+        // The hub's one token stands in for the in-process one too.
+        ctx.in_process_token = Arc::new(TOKEN.into());
         ctx.hang_timeout = Duration::from_secs(2);
         ctx.metrics = metrics;
         let ctx = Arc::new(ctx);
@@ -272,6 +279,7 @@ impl FakeCluster {
             ca,
             ctx,
             valkey_ports,
+            work,
             server,
             pod_sync,
         }

@@ -39,6 +39,8 @@ pub struct Context {
     /// The controller's CA: it issues the instances' certificates when no cert-manager issuer
     /// is named.
     pub ca: Option<Arc<crate::tls::Ca>>,
+    /// What the agents this process runs itself present to its hub (never leaves it).
+    pub in_process_token: Arc<String>,
     instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
 }
 
@@ -61,6 +63,7 @@ impl Context {
             pods: PodCache::default(),
             hot_loops: true,
             ca: None,
+            in_process_token: Arc::new(super::build::generate_password()),
             instances: Mutex::default(),
         }
     }
@@ -191,6 +194,8 @@ pub struct Instance {
     pub status_lock: tokio::sync::Mutex<()>,
     /// Its hot loop runs.
     hot_started: AtomicBool,
+    /// The agents run for its external Sentinel set, if it uses one.
+    pub external: Mutex<Option<super::external_set::Running>>,
 }
 
 impl Instance {
@@ -206,6 +211,7 @@ impl Instance {
             reports: Notify::new(),
             status_lock: tokio::sync::Mutex::new(()),
             hot_started: AtomicBool::new(false),
+            external: Mutex::default(),
         }
     }
 
@@ -250,11 +256,13 @@ impl Instance {
         self.wake();
     }
 
-    /// The hot path no longer works from a Failover (invalid, paused, deleted).
+    /// The hot path no longer works from a Failover (paused, deleted); the agents of its
+    /// external Sentinel set stop.
     pub fn withdraw(&self) {
         if let Ok(mut slot) = self.failover.write() {
             *slot = None;
         }
+        super::external_set::stop(self);
     }
 
     pub fn password(&self) -> Option<String> {

@@ -112,7 +112,9 @@ pub fn hub_names(agent_addr: &str) -> Vec<String> {
 
 /// Issues the hub's certificate; then keeps renewing it while the controller runs.
 pub fn serve_cert(ca: Arc<Ca>, agent_addr: &str) -> Result<Arc<ServerCert>, HubTlsError> {
-    let names = hub_names(agent_addr);
+    let mut names = hub_names(agent_addr);
+    // The agents this process runs itself dial it on loopback.
+    names.push("127.0.0.1".into());
     let cert = ServerCert::new(&ca.issue(&names, CERT_LIFETIME)?)?;
     let renewing = cert.clone();
     tokio::spawn(async move {

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod auth;
 pub mod build;
 pub mod context;
+pub mod external_set;
 pub mod hot;
 pub mod hub_tls;
 pub mod leader;
@@ -71,6 +72,11 @@ pub struct Settings {
     /// `--watch-namespace`: Failovers (and everything they own) of this namespace only, so
     /// that the controller needs no cluster-wide rights but TokenReviews.
     pub watch_namespace: Option<String>,
+    /// `--work-dir`: files for the agents the controller runs itself (an external Sentinel
+    /// set's), on an in-memory volume.
+    pub work_dir: std::path::PathBuf,
+    /// Where those agents reach this process's hub (loopback).
+    pub in_process_hub: String,
 }
 
 impl Default for Settings {
@@ -84,6 +90,8 @@ impl Default for Settings {
             admission: crate::validate::Admission::default(),
             controller_namespace: "valkey-system".into(),
             watch_namespace: None,
+            work_dir: "/run/valkey-controller".into(),
+            in_process_hub: "https://127.0.0.1:7070".into(),
         }
     }
 }

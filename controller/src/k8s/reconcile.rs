@@ -26,6 +26,7 @@ use super::{
     apply::{self, publish, replace_status, restart_pod},
     build,
     context::{Applied, Context, Instance},
+    external_set,
     hot::{self, key_of},
     is_paused, network_policy,
     recreate::{self, SetApplied},
@@ -74,6 +75,14 @@ pub enum Error {
     Cleanup(#[source] kube::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{field}: Secret {name:?}: {message}")]
+    InvalidSecret {
+        field: &'static str,
+        name: String,
+        message: String,
+    },
+    #[error("the controller's work dir: {0}")]
+    WorkDir(String),
 }
 
 impl Error {
@@ -89,6 +98,8 @@ impl Error {
             Error::Finalizer(_) => "Finalizer",
             Error::Cleanup(_) => "Cleanup",
             Error::Tls(_) => "Tls",
+            Error::InvalidSecret { .. } => "InvalidSecret",
+            Error::WorkDir(_) => "WorkDir",
         }
     }
 
@@ -96,7 +107,10 @@ impl Error {
     fn is_users(&self) -> bool {
         matches!(
             self,
-            Error::InvalidSpec(_) | Error::MissingSecret { .. } | Error::NodePortInUse { .. }
+            Error::InvalidSpec(_)
+                | Error::MissingSecret { .. }
+                | Error::InvalidSecret { .. }
+                | Error::NodePortInUse { .. }
         )
     }
 }
@@ -162,7 +176,7 @@ async fn reconcile_inner(
     validate_admitted(&names.instance, &failover.spec, ctx.settings.admission)
         .map_err(Error::InvalidSpec)?;
     network_policy::client_namespaces(failover).map_err(Error::InvalidSpec)?;
-    check_secrets(failover, ctx, &names).await?;
+    let sentinel_password = check_secrets(failover, ctx, &names).await?;
     check_node_ports(failover, ctx, instance, &names).await?;
     let password = ensure_password(failover, ctx, &names).await?;
     let paused = is_paused(failover);
@@ -173,6 +187,15 @@ async fn reconcile_inner(
     if paused {
         instance.withdraw();
     } else {
+        external_set::ensure(
+            ctx,
+            instance,
+            failover,
+            &names,
+            &password,
+            sentinel_password.as_deref(),
+        )
+        .await?;
         instance.accept(failover.clone(), password);
     }
     // A master on an ordinal the spec scaled away keeps its pod until the hot path has
@@ -541,15 +564,19 @@ async fn roll(
     Ok(())
 }
 
-/// Referenced Secrets must exist before anything uses them.
-async fn check_secrets(failover: &Failover, ctx: &Context, names: &Names) -> Result<(), Error> {
+/// Referenced Secrets must exist before anything uses them; returns the sentinels' password.
+async fn check_secrets(
+    failover: &Failover,
+    ctx: &Context,
+    names: &Names,
+) -> Result<Option<String>, Error> {
     let Some((field, name)) = failover
         .spec
         .sentinel
         .as_ref()
         .and_then(|s| s.password_secret())
     else {
-        return Ok(());
+        return Ok(None);
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let found = secrets.get_opt(&name).await.map_err(|source| Error::Read {
@@ -557,7 +584,7 @@ async fn check_secrets(failover: &Failover, ctx: &Context, names: &Names) -> Res
         source,
     })?;
     match found {
-        Some(secret) if secret_value(&secret).is_some() => Ok(()),
+        Some(secret) if secret_value(&secret).is_some() => Ok(secret_value(&secret)),
         _ => Err(Error::MissingSecret {
             field,
             name,

@@ -80,8 +80,14 @@ pub async fn run(
         Client::try_default().await.map_err(RunError::Client)?,
         metrics.clone(),
     );
+    // The agents this process runs itself (an external Sentinel set's) present their own
+    // token; every other agent is reviewed by the API server.
+    let in_process_token = Arc::new(super::build::generate_password());
     let (hub, mut hub_events) = Hub::new(
-        TokenReviewAuth::new(client.clone(), metrics.clone()),
+        crate::external::InProcessToken::new(
+            in_process_token.clone(),
+            TokenReviewAuth::new(client.clone(), metrics.clone()),
+        ),
         Duration::from_millis(500),
     );
 
@@ -163,6 +169,7 @@ pub async fn run(
         Recorder::new(client.clone(), reporter),
     );
     context.ca = Some(ca);
+    context.in_process_token = in_process_token;
     context.metrics = metrics;
     context.hang_timeout = options.hang_timeout;
     let context = Arc::new(context);

@@ -133,8 +133,8 @@ struct Runtime {
     sentinel: Option<SentinelDesired>,
     /// valkey-sentinel, for embedded sentinels.
     sentinel_bin: Option<PathBuf>,
-    /// An external Sentinel set: (pod name given to its in-process agent, host, port).
-    external: Vec<(String, String, u16)>,
+    /// An external Sentinel set's sentinels, each with an agent in this process.
+    external: Vec<crate::external::ExternalNode>,
     /// How the external set is reached over TLS (`sentinelReference.auth.tlsSecret`).
     external_tls: Option<valkey_agent::config::ValkeyTls>,
     /// The sentinels' password in force, read by their agents: for embedded sentinels the
@@ -200,7 +200,7 @@ impl Runtime {
             let external = self
                 .external
                 .iter()
-                .map(|(pod, host, port)| (pod.clone(), format!("{host}:{port}")));
+                .map(|n| (n.pod.clone(), format!("{}:{}", n.host, n.port)));
             status.monitor = control::MonitorStatus {
                 policy: "sentinel".into(),
                 password_secret: status.monitor.password_secret.take(),
@@ -317,7 +317,7 @@ pub async fn up(
     let mut control_requests = control::serve(control::bind(&runtime.dir)?);
 
     runtime.start_missing().await?;
-    let (external_stop, external_tasks) = start_external_agents(&runtime, &token);
+    let external_agents = start_external_agents(&runtime, &token);
     info!(
         instance = %format_args!("{}/{}", runtime.key.namespace, runtime.key.name),
         dir = %runtime.dir.display(),
@@ -381,10 +381,7 @@ pub async fn up(
         }
     }
     info!("stopping every process");
-    let _ = external_stop.send(true);
-    for task in external_tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
-    }
+    external_agents.stop(Duration::from_secs(3)).await;
     runtime.shutdown().await;
     server_task.abort();
     control::unbind(&runtime.dir);
@@ -463,63 +460,18 @@ async fn start_switchover(
 
 /// Runs an agent, in this process, for each sentinel of an external set (which has no agents
 /// of its own), so that the hub and the Sentinel core treat it like an embedded one.
-fn start_external_agents(
-    runtime: &Runtime,
-    token: &str,
-) -> (
-    tokio::sync::watch::Sender<bool>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let tasks = runtime
-        .external
-        .iter()
-        .map(|(pod, host, port)| {
-            let config = valkey_agent::Config {
-                mode: valkey_agent::config::Mode::Sentinel,
-                valkey_host: host.clone(),
-                valkey_port: *port,
-                valkey_username: None,
-                valkey_password: runtime
-                    .sentinel_password_file
-                    .as_ref()
-                    .and_then(|f| std::fs::read_to_string(f).ok())
-                    .map(|p| p.trim().to_owned()),
-                valkey_password_file: runtime.sentinel_password_file.clone(),
-                instance_password_file: Some(runtime.password_file.clone()),
-                valkey_tls: runtime.external_tls.clone(),
-                controller: Some(valkey_agent::config::ControllerConfig {
-                    addr: format!("https://{}", runtime.hub_addr),
-                    token: valkey_agent::config::TokenSource::Inline(token.to_owned()),
-                    reconnect_max: Duration::from_secs(1),
-                    ca_file: Some(runtime.tls.ca_file.clone()),
-                }),
-                namespace: runtime.key.namespace.clone(),
-                failover: runtime.key.name.clone(),
-                pod_name: pod.clone(),
-                announce_host: host.clone(),
-                announce_port: *port,
-                data_dir: runtime.dir.join("external").join(pod),
-                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                metrics_listen: None,
-                probe_interval: Duration::from_millis(runtime.probe_interval_ms),
-                probe_timeout: Duration::from_secs(1),
-                heartbeat_interval: Duration::from_secs(1),
-                command_deadline: Duration::from_secs(10),
-                shutdown_switchover_timeout: Duration::ZERO,
-                stale_client_window: Duration::ZERO,
-            };
-            let mut stopped = stopped.clone();
-            let pod = pod.clone();
-            tokio::spawn(async move {
-                let shutdown = async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                };
-                if let Err(err) = valkey_agent::run(config, shutdown).await {
-                    warn!(pod = %pod, error = %err, "the agent for an external sentinel stopped");
-                }
-            })
-        })
-        .collect();
-    (stop, tasks)
+fn start_external_agents(runtime: &Runtime, token: &str) -> crate::external::Agents {
+    crate::external::Agents::start(&crate::external::Setup {
+        key: runtime.key.clone(),
+        nodes: runtime.external.clone(),
+        username: None,
+        sentinel_password_file: runtime.sentinel_password_file.clone(),
+        instance_password_file: runtime.password_file.clone(),
+        tls: runtime.external_tls.clone(),
+        hub_addr: format!("https://{}", runtime.hub_addr),
+        token: token.to_owned(),
+        hub_ca_file: runtime.tls.ca_file.clone(),
+        data_dir: runtime.dir.join("external"),
+        probe_interval: Duration::from_millis(runtime.probe_interval_ms),
+    })
 }

@@ -25,26 +25,12 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
     };
     // An external Sentinel set gets no processes of ours: an agent for each of its sentinels
     // runs inside the controller instead.
-    let external: Vec<(String, String, u16)> = manifest
+    let external: Vec<crate::external::ExternalNode> = manifest
         .spec
         .sentinel
         .as_ref()
         .and_then(|s| s.sentinel_reference.as_ref())
-        .map(|reference| {
-            reference
-                .nodes
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    (
-                        format!("{}-external-sentinel-{i}", key.name),
-                        n.ip.clone(),
-                        // Validated: 1..=65535.
-                        u16::try_from(n.port).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
+        .map(|reference| crate::external::nodes(&key.name, reference))
         .unwrap_or_default();
     let sentinel_bin = match &manifest.spec.sentinel {
         Some(s) if s.sentinel_reference.is_none() => {
@@ -257,7 +243,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
                     .sentinels
                     .values()
                     .map(|p| ("127.0.0.1".to_owned(), u32::from(p.valkey)))
-                    .chain(external.iter().map(|(_, h, p)| (h.clone(), u32::from(*p))))
+                    .chain(external.iter().map(|n| (n.host.clone(), u32::from(n.port))))
                     .collect(),
             }),
             None => None,

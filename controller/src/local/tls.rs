@@ -140,42 +140,11 @@ impl LocalTls {
 /// to) and, for a set that requires client certificates, `tls.crt` and `tls.key`. The files
 /// are re-read at every new connection, so a renewed Secret needs no restart.
 pub fn external_sentinel_tls(dir: &Path, name: &str) -> Result<ValkeyTls, LocalError> {
-    let secret = dir.join("secrets").join(name);
-    let invalid = |message: String| {
+    crate::external::tls_from_dir(&dir.join("secrets").join(name)).map_err(|message| {
         LocalError::Manifest(crate::manifest::ManifestError::Invalid {
             field: "spec.sentinel.sentinelReference.auth.tlsSecret".into(),
             message: format!("Secret {name:?}: {message}"),
         })
-    };
-    let ca_file = secret.join("ca.crt");
-    valkey_agent::tls::read_bundle(&ca_file).map_err(|e| invalid(e.to_string()))?;
-    let (cert, key) = (secret.join("tls.crt"), secret.join("tls.key"));
-    let client = match (cert.exists(), key.exists()) {
-        (false, false) => None,
-        (true, true) => {
-            let pem =
-                std::fs::read(&cert).map_err(|e| invalid(format!("{}: {e}", cert.display())))?;
-            Validity::of_pem(&pem)
-                .ok_or_else(|| invalid(format!("{}: no PEM certificate in it", cert.display())))?;
-            Some((cert, key))
-        }
-        (has_cert, _) => {
-            let (there, missing) = if has_cert {
-                (&cert, &key)
-            } else {
-                (&key, &cert)
-            };
-            return Err(invalid(format!(
-                "{} without {} (a client certificate needs both)",
-                there.display(),
-                missing.display()
-            )));
-        }
-    };
-    Ok(ValkeyTls {
-        ca_file,
-        served: None,
-        client,
     })
 }
 

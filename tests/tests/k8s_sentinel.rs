@@ -1,0 +1,218 @@
+//! Policy sentinel in a cluster, with an external Sentinel set (`sentinelReference`): three
+//! real valkey-sentinel processes that someone else runs, already watching another
+//! application's master. The controller runs their agents in-process; the reconciler (against
+//! the in-memory API, real Valkeys and agents) gets the instance monitored through the set,
+//! and keeps every monitorConfig key in sync live, leaving the other application's monitor
+//! alone. (A kill -9 failover through the set in a cluster is not shown yet: see
+//! docs/kubernetes.md, Known limits.)
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{collections::HashMap, time::Duration};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
+use valkey_controller::crd::{
+    Failover, FailoverSpec, SentinelMonitorNode, SentinelReference, SentinelSettings,
+};
+use valkey_e2e::{
+    k8s::{FakeCluster, NS, Nodes, failover, password_secret, start_nodes, three},
+    procs::{PASSWORD, Sentinel, Valkey},
+    wait_for,
+};
+
+const T: Duration = Duration::from_secs(60);
+const MONITOR: &str = "default.demo";
+
+/// Every sentinel's view of the masters it watches, by name.
+async fn masters(sentinel: &Sentinel) -> Option<HashMap<String, HashMap<String, String>>> {
+    let mut conn = sentinel
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .ok()?;
+    let masters: Vec<HashMap<String, String>> = redis::cmd("SENTINEL")
+        .arg("MASTERS")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    Some(
+        masters
+            .into_iter()
+            .map(|m| (m.get("name").cloned().unwrap_or_default(), m))
+            .collect(),
+    )
+}
+
+/// Waits until every sentinel watches `demo` with these settings (and the master named by
+/// `addr`, when given).
+async fn every_sentinel_has(sentinels: &[Sentinel], what: &str, want: &[(&str, &str)]) {
+    wait_for(what, T, || async {
+        for sentinel in sentinels {
+            let masters = masters(sentinel).await?;
+            let demo = masters.get(MONITOR)?;
+            if !want
+                .iter()
+                .all(|(k, v)| demo.get(*k).map(String::as_str) == Some(*v))
+            {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+fn index(pod: &str) -> usize {
+    pod.rsplit('-')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .expect("ordinal")
+}
+
+struct Setup {
+    cluster: FakeCluster,
+    nodes: Nodes,
+    sentinels: Vec<Sentinel>,
+    _other: Valkey,
+}
+
+/// Another application's master, watched by the three sentinels of the set as `other`; then
+/// Failover `demo` (three nodes) referencing the set.
+async fn external_set() -> Setup {
+    let other = Valkey::start("other");
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::monitoring("other", other.port, 2, 5000))
+        .collect();
+    let cluster = FakeCluster::start().await;
+    cluster
+        .api::<Secret>(NS)
+        .create(
+            &PostParams::default(),
+            &password_secret("demo-password", PASSWORD),
+        )
+        .await
+        .expect("secret");
+    let spec = FailoverSpec {
+        sentinel: Some(SentinelSettings {
+            quorum: Some(2),
+            monitor_config: [("down-after-milliseconds".to_owned(), "1000".to_owned())].into(),
+            sentinel_reference: Some(SentinelReference {
+                nodes: sentinels
+                    .iter()
+                    .map(|s| SentinelMonitorNode {
+                        ip: "127.0.0.1".into(),
+                        port: i32::from(s.port),
+                        flags: None,
+                    })
+                    .collect(),
+                auth: None,
+            }),
+            ..SentinelSettings::default()
+        }),
+        ..three()
+    };
+    cluster.create(&failover("demo", spec)).await;
+    cluster.create_pods(NS, "demo", 3).await;
+    let nodes = start_nodes(&cluster);
+    Setup {
+        cluster,
+        nodes,
+        sentinels,
+        _other: other,
+    }
+}
+
+#[tokio::test]
+async fn an_external_sentinel_set_monitors_an_instance_it_shares() {
+    let Setup {
+        cluster,
+        nodes,
+        sentinels,
+        _other,
+    } = external_set().await;
+    let up = cluster
+        .reconcile_until(NS, "demo", "Ready, monitored through the set", T, |f| {
+            f.status.as_ref().is_some_and(|s| {
+                s.phase == valkey_controller::crd::Phase::Ready && s.master.is_some()
+            })
+        })
+        .await;
+    let master = up.status.expect("status").master.expect("master");
+    let port = nodes.valkeys[index(&master)].port.to_string();
+    every_sentinel_has(
+        &sentinels,
+        "every sentinel watching demo's master",
+        &[("ip", "127.0.0.1"), ("port", &port), ("quorum", "2")],
+    )
+    .await;
+
+    // The set is shared: the other application's monitor is untouched.
+    for sentinel in &sentinels {
+        let masters = masters(sentinel).await.expect("masters");
+        let other = masters.get("other").expect("the other monitor is kept");
+        assert_eq!(other["port"], _other.port.to_string());
+        assert_eq!(other["down-after-milliseconds"], "5000");
+    }
+}
+
+#[tokio::test]
+async fn every_monitor_config_key_and_the_quorum_change_live() {
+    let Setup {
+        cluster,
+        nodes: _nodes,
+        sentinels,
+        _other,
+    } = external_set().await;
+    cluster
+        .reconcile_until(NS, "demo", "monitored", T, |f| {
+            f.status.as_ref().is_some_and(|s| s.master.is_some())
+        })
+        .await;
+    every_sentinel_has(
+        &sentinels,
+        "the first settings",
+        &[("quorum", "2"), ("down-after-milliseconds", "1000")],
+    )
+    .await;
+    cluster
+        .api::<Failover>(NS)
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"sentinel": {
+                "quorum": 3,
+                "monitorConfig": {
+                    "down-after-milliseconds": "3000",
+                    "failover-timeout": "45000",
+                    "parallel-syncs": "2",
+                },
+            }}})),
+        )
+        .await
+        .expect("change the settings");
+    let want = [
+        ("quorum", "3"),
+        ("down-after-milliseconds", "3000"),
+        ("failover-timeout", "45000"),
+        ("parallel-syncs", "2"),
+    ];
+    wait_for("every key on every sentinel", T, || async {
+        cluster.reconcile(NS, "demo").await.expect("reconcile");
+        cluster.hot_pass(NS, "demo").await.expect("pass");
+        for sentinel in &sentinels {
+            let masters = masters(sentinel).await?;
+            let demo = masters.get(MONITOR)?;
+            if !want
+                .iter()
+                .all(|(k, v)| demo.get(*k).map(String::as_str) == Some(*v))
+            {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // The restarted nothing: the instance's master is the same one.
+    let status = cluster.failover(NS, "demo").await.status.expect("status");
+    assert_eq!(status.epoch, 1, "{status:#?}");
+}
