@@ -612,9 +612,8 @@ pub fn start_nodes(cluster: &FakeCluster) -> Nodes {
     Nodes { valkeys, agents }
 }
 
-/// Failover `demo` (with a password Secret the Valkeys use), its three pods, and three real
-/// Valkeys with agents reporting to the cluster's hub.
-pub async fn three_running_nodes() -> (FakeCluster, Nodes) {
+/// An empty cluster with `demo`'s password Secret (the password the test Valkeys use).
+pub async fn with_demo_password() -> FakeCluster {
     let cluster = FakeCluster::start().await;
     cluster
         .api::<Secret>(NS)
@@ -624,6 +623,13 @@ pub async fn three_running_nodes() -> (FakeCluster, Nodes) {
         )
         .await
         .expect("secret");
+    cluster
+}
+
+/// Failover `demo` (with a password Secret the Valkeys use), its three pods, and three real
+/// Valkeys with agents reporting to the cluster's hub.
+pub async fn three_running_nodes() -> (FakeCluster, Nodes) {
+    let cluster = with_demo_password().await;
     cluster.create(&failover("demo", three())).await;
     cluster.create_pods(NS, "demo", 3).await;
     let nodes = start_nodes(&cluster);

@@ -9,14 +9,13 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use valkey_controller::crd::{
     Failover, FailoverSpec, SentinelMonitorNode, SentinelReference, SentinelSettings,
 };
 use valkey_e2e::{
-    k8s::{FakeCluster, NS, Nodes, failover, password_secret, start_nodes, three},
-    procs::{PASSWORD, Sentinel, Valkey},
+    k8s::{FakeCluster, NS, Nodes, failover, start_nodes, three, with_demo_password},
+    procs::{Sentinel, Valkey},
     wait_for,
 };
 
@@ -43,10 +42,16 @@ async fn masters(sentinel: &Sentinel) -> Option<HashMap<String, HashMap<String, 
     )
 }
 
-/// Waits until every sentinel watches `demo` with these settings (and the master named by
-/// `addr`, when given).
-async fn every_sentinel_has(sentinels: &[Sentinel], what: &str, want: &[(&str, &str)]) {
+/// Reconciles until every sentinel watches `demo` with these settings.
+async fn every_sentinel_has(
+    cluster: &FakeCluster,
+    sentinels: &[Sentinel],
+    what: &str,
+    want: &[(&str, &str)],
+) {
     wait_for(what, T, || async {
+        cluster.reconcile(NS, "demo").await.expect("reconcile");
+        cluster.hot_pass(NS, "demo").await.expect("pass");
         for sentinel in sentinels {
             let masters = masters(sentinel).await?;
             let demo = masters.get(MONITOR)?;
@@ -83,15 +88,7 @@ async fn external_set() -> Setup {
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::monitoring("other", other.port, 2, 5000))
         .collect();
-    let cluster = FakeCluster::start().await;
-    cluster
-        .api::<Secret>(NS)
-        .create(
-            &PostParams::default(),
-            &password_secret("demo-password", PASSWORD),
-        )
-        .await
-        .expect("secret");
+    let cluster = with_demo_password().await;
     let spec = FailoverSpec {
         sentinel: Some(SentinelSettings {
             quorum: Some(2),
@@ -140,6 +137,7 @@ async fn an_external_sentinel_set_monitors_an_instance_it_shares() {
     let master = up.status.expect("status").master.expect("master");
     let port = nodes.valkeys[index(&master)].port.to_string();
     every_sentinel_has(
+        &cluster,
         &sentinels,
         "every sentinel watching demo's master",
         &[("ip", "127.0.0.1"), ("port", &port), ("quorum", "2")],
@@ -169,6 +167,7 @@ async fn every_monitor_config_key_and_the_quorum_change_live() {
         })
         .await;
     every_sentinel_has(
+        &cluster,
         &sentinels,
         "the first settings",
         &[("quorum", "2"), ("down-after-milliseconds", "1000")],
@@ -196,23 +195,8 @@ async fn every_monitor_config_key_and_the_quorum_change_live() {
         ("failover-timeout", "45000"),
         ("parallel-syncs", "2"),
     ];
-    wait_for("every key on every sentinel", T, || async {
-        cluster.reconcile(NS, "demo").await.expect("reconcile");
-        cluster.hot_pass(NS, "demo").await.expect("pass");
-        for sentinel in &sentinels {
-            let masters = masters(sentinel).await?;
-            let demo = masters.get(MONITOR)?;
-            if !want
-                .iter()
-                .all(|(k, v)| demo.get(*k).map(String::as_str) == Some(*v))
-            {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
-    // The restarted nothing: the instance's master is the same one.
+    every_sentinel_has(&cluster, &sentinels, "every key on every sentinel", &want).await;
+    // Nothing failed over: the same epoch.
     let status = cluster.failover(NS, "demo").await.status.expect("status");
     assert_eq!(status.epoch, 1, "{status:#?}");
 }

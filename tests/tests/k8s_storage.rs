@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 use k8s_openapi::{
     api::{
         apps::v1::StatefulSet,
-        core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, Secret},
+        core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod},
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
@@ -24,8 +24,7 @@ use valkey_controller::{
     k8s::{LABEL_COMPONENT, LABEL_INSTANCE},
 };
 use valkey_e2e::{
-    k8s::{FakeCluster, NS, failover, password_secret, ready, three, three_running_nodes},
-    procs::PASSWORD,
+    k8s::{FakeCluster, NS, failover, ready, three, three_running_nodes, with_demo_password},
     wait_for,
 };
 
@@ -210,15 +209,7 @@ async fn until_template(cluster: &FakeCluster, capacity: &str) {
 
 #[tokio::test]
 async fn a_larger_capacity_grows_the_pvcs_where_allowed_and_a_smaller_one_shrinks_none() {
-    let cluster = FakeCluster::start().await;
-    cluster
-        .api::<Secret>(NS)
-        .create(
-            &PostParams::default(),
-            &password_secret("demo-password", PASSWORD),
-        )
-        .await
-        .expect("secret");
+    let cluster = with_demo_password().await;
     let mut spec = three();
     spec.storage = Some(Storage {
         capacity: Some(Quantity("1Gi".into())),
