@@ -528,15 +528,27 @@ pub struct Nodes {
     pub agents: Vec<Agent>,
 }
 
+/// The ordinal of a pod name (`demo-2` -> 2).
+pub fn ordinal(pod: &str) -> usize {
+    pod.rsplit('-')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .expect("ordinal")
+}
+
 impl Nodes {
+    /// How many keys the Valkey of pod `demo-<i>` holds.
+    pub async fn keys(&self, pod: &str) -> i64 {
+        redis::cmd("DBSIZE")
+            .query_async(&mut self.valkeys[ordinal(pod)].conn().await)
+            .await
+            .expect("DBSIZE")
+    }
+
     /// `n` writes on the master pod (`demo-<i>`) that both replicas acknowledged: they are in
     /// sync and can take over.
     pub async fn acked_writes(&self, master: &str, n: usize) {
-        let index: usize = master
-            .rsplit('-')
-            .next()
-            .and_then(|i| i.parse().ok())
-            .expect("ordinal");
+        let index = ordinal(master);
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(std::time::Duration::from_secs(30)));
         let mut conn = self.valkeys[index]

@@ -21,7 +21,7 @@ use valkey_controller::{
     },
 };
 use valkey_e2e::{
-    k8s::{FakeCluster, NS, Nodes, ready, three_running_nodes},
+    k8s::{FakeCluster, NS, Nodes, ordinal, ready, three_running_nodes},
     wait_for,
 };
 use valkey_proto::v1::Role;
@@ -33,13 +33,6 @@ fn key() -> InstanceKey {
         namespace: NS.into(),
         name: "demo".into(),
     }
-}
-
-fn ordinal(pod: &str) -> usize {
-    pod.rsplit('-')
-        .next()
-        .and_then(|i| i.parse().ok())
-        .expect("ordinal")
 }
 
 /// Demo, Ready, and its master's pod name.

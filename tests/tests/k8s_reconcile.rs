@@ -28,7 +28,7 @@ use valkey_controller::{
     k8s::{ANNOTATION_PAUSED, ANNOTATION_SWITCHOVER, FINALIZER, LABEL_INSTANCE, LABEL_ROLE},
 };
 use valkey_e2e::{
-    k8s::{FakeCluster, NS, failover, password_secret, ready, three, three_running_nodes},
+    k8s::{FakeCluster, NS, failover, ordinal, password_secret, ready, three, three_running_nodes},
     procs::Valkey,
     wait_for,
 };
@@ -274,11 +274,7 @@ async fn status_and_routing_follow_the_agents_through_a_failover() {
     // Writes acknowledged by a replica, then kill -9 of the master: a replica is promoted
     // with them, and status and the role label follow.
     nodes.acked_writes(&master, 20).await;
-    let index: usize = master
-        .rsplit('-')
-        .next()
-        .and_then(|i| i.parse().ok())
-        .expect("ordinal");
+    let index = ordinal(&master);
     nodes.valkeys[index].proc().signal(Signal::SIGKILL);
     let after = cluster
         .reconcile_until(NS, "demo", "a new master", T, |f| {
@@ -304,11 +300,7 @@ async fn status_and_routing_follow_the_agents_through_a_failover() {
         "one node is down: {}",
         status.message
     );
-    let new_index: usize = new_master
-        .rsplit('-')
-        .next()
-        .and_then(|i| i.parse().ok())
-        .expect("ordinal");
+    let new_index = ordinal(&new_master);
     let keys: i64 = redis::cmd("DBSIZE")
         .query_async(&mut nodes.valkeys[new_index].conn().await)
         .await
@@ -835,14 +827,8 @@ async fn scaling_down_past_the_master_switches_it_over_first_then_removes_its_po
     .await;
     assert!(services.get_opt("demo-1").await.expect("get").is_some());
     // The writes acknowledged on demo-2 are on the new master.
-    let index: usize = status
-        .master
-        .as_deref()
-        .and_then(|m| m.rsplit('-').next()?.parse().ok())
-        .expect("ordinal");
-    let keys: i64 = redis::cmd("DBSIZE")
-        .query_async(&mut nodes.valkeys[index].conn().await)
-        .await
-        .expect("DBSIZE");
-    assert_eq!(keys, 20);
+    assert_eq!(
+        nodes.keys(status.master.as_deref().expect("master")).await,
+        20
+    );
 }

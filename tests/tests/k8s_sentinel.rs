@@ -14,7 +14,7 @@ use valkey_controller::crd::{
     Failover, FailoverSpec, SentinelMonitorNode, SentinelReference, SentinelSettings,
 };
 use valkey_e2e::{
-    k8s::{FakeCluster, NS, Nodes, failover, start_nodes, three, with_demo_password},
+    k8s::{FakeCluster, NS, Nodes, failover, ordinal, start_nodes, three, with_demo_password},
     procs::{Sentinel, Valkey},
     wait_for,
 };
@@ -65,13 +65,6 @@ async fn every_sentinel_has(
         Some(())
     })
     .await;
-}
-
-fn index(pod: &str) -> usize {
-    pod.rsplit('-')
-        .next()
-        .and_then(|i| i.parse().ok())
-        .expect("ordinal")
 }
 
 struct Setup {
@@ -135,7 +128,7 @@ async fn an_external_sentinel_set_monitors_an_instance_it_shares() {
         })
         .await;
     let master = up.status.expect("status").master.expect("master");
-    let port = nodes.valkeys[index(&master)].port.to_string();
+    let port = nodes.valkeys[ordinal(&master)].port.to_string();
     every_sentinel_has(
         &cluster,
         &sentinels,

@@ -153,16 +153,7 @@ async fn adding_storage_recreates_the_statefulset_and_leaves_the_pods_running() 
             .expect("status")
             .epoch
     );
-    let index: usize = master
-        .rsplit('-')
-        .next()
-        .and_then(|i| i.parse().ok())
-        .expect("ordinal");
-    let keys: i64 = redis::cmd("DBSIZE")
-        .query_async(&mut nodes.valkeys[index].conn().await)
-        .await
-        .expect("DBSIZE");
-    assert_eq!(keys, 20);
+    assert_eq!(nodes.keys(&master).await, 20);
     // Done: further passes touch no StatefulSet.
     let touched = requests_for(&cluster, "statefulsets");
     for _ in 0..3 {
