@@ -100,6 +100,42 @@ fn monitor_config_differs(sd: &SentinelDesired, m: &SentinelMaster) -> bool {
     })
 }
 
+/// Whether a sentinel could fail the instance over now: it monitors it, and it lists every
+/// replica the instance should have (all but `master`), none of them down or disconnected.
+/// Sentinel learns replicas only from its master's INFO; one that has not yet done so answers
+/// a failover with NOGOODSLAVE.
+fn knows_replicas(desired: &Desired, master: &str, view: &SentinelView) -> bool {
+    let Some(m) = view.master else { return false };
+    desired
+        .nodes
+        .iter()
+        .filter(|n| n.name != master && !n.retiring)
+        .all(|n| {
+            m.replicas.iter().any(|r| {
+                r.host == n.host
+                    && r.port == u32::from(n.port)
+                    && !r
+                        .flags
+                        .iter()
+                        .any(|f| f == "s_down" || f == "o_down" || f == "disconnected")
+            })
+        })
+}
+
+/// How many sentinels could fail the instance (whose master is `master`) over now: the
+/// status is Ready only when at least the quorum could.
+pub fn sentinels_able_to_fail_over(
+    desired: &Desired,
+    sd: &SentinelDesired,
+    master: &str,
+    sentinels: &BTreeMap<String, NodeObs>,
+) -> usize {
+    views(sd, sentinels)
+        .iter()
+        .filter(|v| knows_replicas(desired, master, v))
+        .count()
+}
+
 /// SENTINEL MONITOR (with auth) and the monitorConfig, for one sentinel.
 fn monitor(sd: &SentinelDesired, master: &NodeSpec, pod: &str) -> [(String, Action); 2] {
     [
@@ -198,6 +234,28 @@ pub fn decide(
             None => {
                 plan.commands.extend(monitor(sd, master, view.pod));
             }
+            // A sentinel left behind on an older master that it holds down: it never heard of
+            // the failover, and cannot (Sentinel's gossip reaches it only through the
+            // instance it watches, which is gone; it had not yet found the replicas). Its
+            // clients are sent to a dead address: monitor the current master afresh. One
+            // whose old master is up is updated by the gossip and left alone.
+            Some(m)
+                if (m.host != host || m.port != port)
+                    && m.config_epoch < config_epoch
+                    && m.flags.iter().any(|f| f == "s_down")
+                    && !failover_in_progress(&views)
+                    && observed
+                        .nodes
+                        .get(&master.name)
+                        .is_some_and(|o| is_up(o) && role(o) == Role::Master) =>
+            {
+                plan.notes.push(format!(
+                    "{} still names {}:{} master (config epoch {} < {config_epoch}): \
+                     monitoring {} again",
+                    view.pod, m.host, m.port, m.config_epoch, master.name
+                ));
+                plan.commands.extend(monitor(sd, master, view.pod));
+            }
             Some(m) => {
                 // Stale entries (a sentinel or replica that moved or left) are only dropped by
                 // SENTINEL RESET, which forgets everything it learned: use it only when needed.
@@ -267,7 +325,12 @@ pub fn decide(
     // and would not try again for twice failover-timeout. Sentinel still picks the replica.
     let stuck = objectively_down(&views) && !is_up(&master_obs);
     if (definitely_down(&master_obs) || master_empty || stuck) && !in_progress {
-        if let Some(view) = views.iter().find(|v| v.master.is_some()) {
+        // A sentinel that knows the replicas, when one does: another answers NOGOODSLAVE.
+        let asked = views
+            .iter()
+            .find(|v| knows_replicas(desired, &master.name, v))
+            .or_else(|| views.iter().find(|v| v.master.is_some()));
+        if let Some(view) = asked {
             plan.notes.push(format!(
                 "master {} {}: asking Sentinel to fail over now",
                 master.name,
@@ -527,6 +590,52 @@ mod tests {
         );
     }
 
+    /// Sentinel `pod`'s view of the monitor, to change.
+    fn monitor_of<'a>(
+        s: &'a mut BTreeMap<String, NodeObs>,
+        pod: &str,
+    ) -> Option<&'a mut SentinelMaster> {
+        s.get_mut(pod)
+            .and_then(|o| o.report.as_mut())
+            .and_then(|r| r.sentinel.as_mut())
+            .and_then(|st| st.masters.first_mut())
+    }
+
+    /// Gives sentinel `pod` these replicas (by port) in its view of the monitor.
+    fn with_replicas(s: &mut BTreeMap<String, NodeObs>, pod: &str, replicas: &[(u32, &str)]) {
+        if let Some(m) = monitor_of(s, pod) {
+            m.replicas = replicas
+                .iter()
+                .map(|(port, flags)| valkey_proto::v1::SentinelPeer {
+                    host: "127.0.0.1".into(),
+                    port: *port,
+                    flags: flags.split(',').map(str::to_owned).collect(),
+                    ..valkey_proto::v1::SentinelPeer::default()
+                })
+                .collect();
+        }
+    }
+
+    #[test]
+    fn the_sentinel_asked_to_fail_over_is_one_that_knows_the_replicas() {
+        let mut obs = healthy();
+        obs.nodes
+            .insert("n0".into(), node(Role::Master, 0, 5, ProcessState::Down));
+        // s0 has not seen its master's INFO yet (no replicas: NOGOODSLAVE); s1 lists one
+        // replica down; s2 knows both.
+        let mut s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
+        with_replicas(&mut s, "s1", &[(7001, "slave"), (7002, "slave,s_down")]);
+        with_replicas(&mut s, "s2", &[(7001, "slave"), (7002, "slave")]);
+        assert_eq!(sentinels_able_to_fail_over(&desired(), &sd(), "n0", &s), 1);
+        let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+        assert!(
+            matches!(&plan.commands[..], [(p, Action::SentinelFailover(_))] if p == "s2"),
+            "{plan:?}"
+        );
+        with_replicas(&mut s, "s1", &[(7001, "slave"), (7002, "slave")]);
+        assert_eq!(sentinels_able_to_fail_over(&desired(), &sd(), "n0", &s), 2);
+    }
+
     #[test]
     fn an_objectively_down_master_with_no_failover_running_is_failed_over_again() {
         let mut obs = healthy();
@@ -599,6 +708,34 @@ mod tests {
     }
 
     #[test]
+    fn a_sentinel_left_on_a_dead_old_master_monitors_the_new_one() {
+        let mut obs = healthy();
+        obs.nodes
+            .insert("n0".into(), node(Role::Master, 0, 5, ProcessState::Down));
+        obs.nodes
+            .insert("n1".into(), node(Role::Master, 0, 5, ProcessState::Up));
+        obs.nodes
+            .insert("n2".into(), node(Role::Replica, 7001, 5, ProcessState::Up));
+        let mut s = sentinels(vec![vec![(7001, 1)], vec![(7001, 1)], vec![(7000, 0)]]);
+        let plan = decide(&desired(), &sd(), &at("n1"), &obs, &s, 0);
+        assert!(
+            !plan.commands.iter().any(|(p, _)| p == "s2"),
+            "its old master not held down: gossip updates it"
+        );
+        if let Some(m) = monitor_of(&mut s, "s2") {
+            m.flags.push("s_down".into());
+        }
+        let plan = decide(&desired(), &sd(), &at("n1"), &obs, &s, 0);
+        assert!(
+            plan.commands.iter().any(
+                |(p, a)| p == "s2" && matches!(a, Action::SentinelMonitor(m) if m.port == 7001)
+            ),
+            "{plan:?}"
+        );
+        assert!(!plan.commands.iter().any(|(p, _)| p == "s0" || p == "s1"));
+    }
+
+    #[test]
     fn nothing_is_repointed_while_sentinel_fails_over() {
         let mut obs = healthy();
         obs.nodes
@@ -629,12 +766,7 @@ mod tests {
                    pod: &str,
                    sentinels: Vec<SentinelPeer>,
                    replicas: Vec<SentinelPeer>| {
-            if let Some(m) = s
-                .get_mut(pod)
-                .and_then(|o| o.report.as_mut())
-                .and_then(|r| r.sentinel.as_mut())
-                .and_then(|st| st.masters.first_mut())
-            {
+            if let Some(m) = monitor_of(s, pod) {
                 m.sentinels = sentinels;
                 m.replicas = replicas;
             }

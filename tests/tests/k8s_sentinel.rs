@@ -2,9 +2,8 @@
 //! real valkey-sentinel processes that someone else runs, already watching another
 //! application's master. The controller runs their agents in-process; the reconciler (against
 //! the in-memory API, real Valkeys and agents) gets the instance monitored through the set,
-//! and keeps every monitorConfig key in sync live, leaving the other application's monitor
-//! alone. (A kill -9 failover through the set in a cluster is not shown yet: see
-//! docs/kubernetes.md, Known limits.)
+//! keeps every monitorConfig key in sync live, leaving the other application's monitor
+//! alone, and has a killed master failed over through the set.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{collections::HashMap, time::Duration};
@@ -192,4 +191,62 @@ async fn every_monitor_config_key_and_the_quorum_change_live() {
     // Nothing failed over: the same epoch.
     let status = cluster.failover(NS, "demo").await.status.expect("status");
     assert_eq!(status.epoch, 1, "{status:#?}");
+}
+
+/// Ready under policy sentinel means a quorum of the set knows every replica, so that a master
+/// killed from then on is failed over (and not refused with NOGOODSLAVE).
+#[tokio::test]
+async fn a_shared_external_set_fails_an_instance_over_after_kill_9() {
+    let Setup {
+        cluster,
+        mut nodes,
+        sentinels,
+        _other,
+    } = external_set().await;
+    let up = cluster
+        .reconcile_until(NS, "demo", "Ready", T, |f| {
+            f.status.as_ref().is_some_and(|s| {
+                s.phase == valkey_controller::crd::Phase::Ready && s.master.is_some()
+            })
+        })
+        .await;
+    let old = up.status.expect("status").master.expect("master");
+    let port = nodes.valkeys[ordinal(&old)].port.to_string();
+    every_sentinel_has(&cluster, &sentinels, "monitored", &[("port", &port)]).await;
+    nodes.acked_writes(&old, 20).await;
+    nodes.valkeys[ordinal(&old)].kill9();
+    let after = cluster
+        .reconcile_until(NS, "demo", "another master", T, |f| {
+            f.status
+                .as_ref()
+                .and_then(|s| s.master.as_ref())
+                .is_some_and(|m| *m != old)
+        })
+        .await;
+    let new = after.status.expect("status").master.expect("master");
+    assert_eq!(nodes.keys(&new).await, 20, "no acknowledged write lost");
+    let port = nodes.valkeys[ordinal(&new)].port.to_string();
+    every_sentinel_has(
+        &cluster,
+        &sentinels,
+        "every sentinel names it",
+        &[("port", &port)],
+    )
+    .await;
+
+    // Healing: the old master comes back with its data and follows the new one.
+    nodes.valkeys[ordinal(&old)].restart();
+    cluster
+        .reconcile_until(
+            NS,
+            "demo",
+            "Ready again, the old master a replica",
+            T,
+            |f| {
+                valkey_e2e::k8s::ready(f)
+                    && f.status.as_ref().and_then(|s| s.master.as_ref()) == Some(&new)
+            },
+        )
+        .await;
+    assert_eq!(nodes.keys(&old).await, 20);
 }

@@ -401,6 +401,16 @@ async fn write_status(
                 .iter()
                 .map(|(h, p)| (h.clone(), *p as i32))
                 .collect(),
+            quorum: sd.quorum,
+            able_to_fail_over: durable.master.as_deref().map_or(0, |m| {
+                crate::sentinel::sentinels_able_to_fail_over(
+                    desired,
+                    sd,
+                    m,
+                    &ctx.hub
+                        .observe_kind(&instance.key, valkey_proto::v1::NodeKind::Sentinel),
+                )
+            }),
         }),
         tls_secret: super::tls_objects::data_secret(failover),
         now: Timestamp::now(),

@@ -100,6 +100,9 @@ pub struct SentinelInputs {
     pub tls_secret: Option<String>,
     /// The sentinels in use: host and port.
     pub nodes: Vec<(String, i32)>,
+    pub quorum: u32,
+    /// How many sentinels know every replica and so could fail the master over now.
+    pub able_to_fail_over: usize,
 }
 
 fn condition(
@@ -197,11 +200,18 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
             .get(&n.pod_name)
             .is_some_and(|o| o.connected)
     });
+    // Under policy sentinel, fewer than the quorum of sentinels knowing the replicas means a
+    // master lost now would not be failed over (NOGOODSLAVE): not Ready yet.
+    let sentinels_short = inputs
+        .sentinel
+        .as_ref()
+        .filter(|s| s.able_to_fail_over < s.quorum as usize);
     let ready = !inputs.paused
         && masters == 1
         && master_node.is_some_and(|n| n.role == NodeRole::Master)
         && replicas_in_sync
-        && all_reporting;
+        && all_reporting
+        && sentinels_short.is_none();
     (status.phase, status.message) = if inputs.paused {
         (
             Phase::Paused,
@@ -249,6 +259,15 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
         )
     } else if inputs.durable.master.is_none() {
         (Phase::Creating, "choosing a master".into())
+    } else if let Some(s) = sentinels_short.filter(|_| replicas_in_sync) {
+        (
+            Phase::Creating,
+            format!(
+                "replicas in sync, but only {} of the {} sentinels needed (quorum) know them all \
+                 yet: Sentinel could not fail the master over now",
+                s.able_to_fail_over, s.quorum
+            ),
+        )
     } else {
         (Phase::Creating, "replicas are syncing".into())
     };
@@ -282,6 +301,8 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
             !ready && inputs.durable.master.is_some() && !inputs.paused,
             if ready || inputs.durable.master.is_none() {
                 "AsExpected"
+            } else if replicas_in_sync && sentinels_short.is_some() {
+                "SentinelsDoNotKnowReplicas"
             } else {
                 "ReplicasNotInSync"
             },
@@ -494,6 +515,47 @@ mod tests {
             "{}",
             status.message
         );
+    }
+
+    #[test]
+    fn under_sentinel_ready_waits_for_a_quorum_of_sentinels_that_know_the_replicas() {
+        let (names, durable) = demo_with_master();
+        let mut observed = Observed::default();
+        observed
+            .nodes
+            .insert("demo-0".into(), obs(Role::Master, false, 100));
+        for pod in ["demo-1", "demo-2"] {
+            observed
+                .nodes
+                .insert(pod.into(), obs(Role::Replica, true, 100));
+        }
+        let with_able = |able_to_fail_over| {
+            build(&Inputs {
+                sentinel: Some(SentinelInputs {
+                    monitor: "prod.demo".into(),
+                    password_secret: None,
+                    tls_secret: None,
+                    nodes: vec![],
+                    quorum: 2,
+                    able_to_fail_over,
+                }),
+                ..inputs(&names, &durable, &observed)
+            })
+        };
+        let short = with_able(1);
+        assert_eq!(short.phase, Phase::Creating);
+        assert!(
+            short.message.contains("only 1 of the 2 sentinels"),
+            "{}",
+            short.message
+        );
+        assert!(
+            short
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.reason == "SentinelsDoNotKnowReplicas")
+        );
+        assert_eq!(with_able(2).phase, Phase::Ready);
     }
 
     #[test]
