@@ -59,7 +59,24 @@ pub(crate) fn resolve(config: &Config, reference: &PasswordRef) -> Result<String
             file.display()
         )));
     }
+    if !reference.sha256.is_empty()
+        && !reference
+            .sha256
+            .eq_ignore_ascii_case(&sha256_hex(&password))
+    {
+        return Err(failed(format!(
+            "the password file {} does not hold the password named yet (its Secret not synced \
+             to this pod yet?)",
+            file.display()
+        )));
+    }
     Ok(password)
+}
+
+/// The SHA-256 of a password, hex: how commands name one without carrying it.
+pub fn sha256_hex(password: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(password.as_bytes()))
 }
 
 /// `params` with every `refs` entry resolved into it. `field` names the command in errors.

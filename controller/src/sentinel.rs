@@ -152,6 +152,7 @@ fn monitor(sd: &SentinelDesired, master: &NodeSpec, pod: &str) -> [(String, Acti
                 auth_pass_ref: Some(PasswordRef {
                     owner: password_ref::Owner::Instance as i32,
                     next: false,
+                    ..PasswordRef::default()
                 }),
             }),
         ),

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use crate::procs::{Agent, AgentOpts, PASSWORD, Valkey};
+use crate::procs::{Agent, AgentOpts, PASSWORD, Sentinel, Valkey};
 use k8s_openapi::{
     ByteString,
     api::{
@@ -624,6 +624,53 @@ pub fn start_nodes(cluster: &FakeCluster) -> Nodes {
     Nodes { valkeys, agents }
 }
 
+/// An embedded Sentinel set's pods as they run here: three real sentinels requiring
+/// `password`, each with an agent reporting as `demo-sentinel-<i>`, reading its own password
+/// from `<dir>/password` and the instance's from `<dir>/instance/password` (the two Secret
+/// volumes, which [`FakeCluster::mount_secret`] keeps in sync).
+#[derive(Debug)]
+pub struct SentinelPods {
+    pub sentinels: Vec<Sentinel>,
+    pub agents: Vec<Agent>,
+}
+
+pub fn start_sentinel_pods(cluster: &FakeCluster, password: &str) -> SentinelPods {
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::with_password(password)).collect();
+    let agents = sentinels
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let instance = s.dir.join("instance");
+            std::fs::create_dir_all(&instance).expect("mkdir");
+            std::fs::write(instance.join("password"), PASSWORD).expect("instance password");
+            std::fs::write(s.dir.join("password"), password).expect("sentinel password");
+            let token_file = s.dir.join("agent-token");
+            std::fs::write(&token_file, TOKEN).expect("token");
+            let ca_file = s.dir.join("controller-ca.crt");
+            std::fs::write(&ca_file, &cluster.ca.0.cert_pem).expect("controller CA");
+            Agent::start(AgentOpts {
+                sentinel: true,
+                valkey_port: s.port,
+                password_file: Some(s.dir.join("password")),
+                controller: Some(cluster.hub_url.clone()),
+                token_file: Some(token_file),
+                data_dir: s.dir.join("agent"),
+                failover: "demo".into(),
+                pod: format!("demo-sentinel-{i}"),
+                probe_interval_ms: 50,
+                heartbeat_interval_ms: 500,
+                extra: vec![
+                    "--instance-password-file".into(),
+                    instance.join("password").display().to_string(),
+                    "--controller-ca-file".into(),
+                    ca_file.display().to_string(),
+                ],
+            })
+        })
+        .collect();
+    SentinelPods { sentinels, agents }
+}
+
 /// An empty cluster with `demo`'s password Secret (the password the test Valkeys use).
 pub async fn with_demo_password() -> FakeCluster {
     let cluster = FakeCluster::start().await;
@@ -650,4 +697,64 @@ pub async fn three_running_nodes() -> (FakeCluster, Nodes) {
 
 pub fn ready(f: &Failover) -> bool {
     f.status.as_ref().is_some_and(|s| s.phase == Phase::Ready)
+}
+
+/// The kubelet's stand-in for a Secret mounted whole into each pod: every `period` of its pod,
+/// the Secret's keys are written as files into `dir` (keys gone are removed), as the kubelet's
+/// periodic sync does; a long period is a pod whose kubelet lags. Stops when dropped.
+#[derive(Debug)]
+pub struct SecretMount(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for SecretMount {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+impl FakeCluster {
+    pub fn mount_secret(
+        &self,
+        secret: &str,
+        pods: Vec<(std::path::PathBuf, Duration)>,
+    ) -> SecretMount {
+        let tasks = pods
+            .into_iter()
+            .map(|(dir, period)| {
+                let api: Api<Secret> = self.api(NS);
+                let secret = secret.to_owned();
+                tokio::spawn(async move {
+                    let mut written: Vec<String> = Vec::new();
+                    loop {
+                        if let Ok(found) = api.get(&secret).await {
+                            let mut keys: BTreeMap<String, Vec<u8>> = found
+                                .string_data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.into_bytes()))
+                                .collect();
+                            for (k, v) in found.data.unwrap_or_default() {
+                                keys.insert(k, v.0);
+                            }
+                            for gone in written.iter().filter(|k| !keys.contains_key(*k)) {
+                                let _ = std::fs::remove_file(dir.join(gone));
+                            }
+                            for (key, value) in &keys {
+                                let path = dir.join(key);
+                                if std::fs::read(&path).ok().as_ref() != Some(value) {
+                                    let tmp = dir.join(format!(".{key}.tmp"));
+                                    std::fs::write(&tmp, value).expect("write");
+                                    std::fs::rename(&tmp, &path).expect("rename");
+                                }
+                            }
+                            written = keys.into_keys().collect();
+                        }
+                        tokio::time::sleep(period).await;
+                    }
+                })
+            })
+            .collect();
+        SecretMount(tasks)
+    }
 }

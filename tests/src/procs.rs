@@ -298,6 +298,19 @@ impl Sentinel {
         Self::start_listening(|port| format!("port {port}\n"), extra_conf)
     }
 
+    /// A sentinel of an embedded set: it requires `password` of its clients and presents it
+    /// to its peers, as the sentinel pod's start script sets it up.
+    pub fn with_password(password: &str) -> Self {
+        Self::start_with(&format!(
+            "requirepass \"{password}\"\nsentinel sentinel-pass \"{password}\"\n"
+        ))
+    }
+
+    /// Its process.
+    pub fn proc(&self) -> &Proc {
+        self.proc.as_ref().expect("sentinel is running")
+    }
+
     /// A sentinel speaking TLS only, as an external set run by someone else would: it serves
     /// `cert`, trusts `ca` (for its clients and for the nodes and peers it links to over TLS),
     /// and requires every client to present a certificate.
@@ -344,6 +357,12 @@ impl Sentinel {
 
     pub fn client(&self) -> redis::Client {
         redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).expect("client")
+    }
+
+    /// A client that logs in with `password`.
+    pub fn client_with(&self, password: &str) -> redis::Client {
+        redis::Client::open(format!("redis://:{password}@127.0.0.1:{}/", self.port))
+            .expect("client")
     }
 }
 

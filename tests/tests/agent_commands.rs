@@ -328,6 +328,7 @@ async fn sentinel_commands() {
     let instance_ref = PasswordRef {
         owner: password_ref::Owner::Instance as i32,
         next: false,
+        ..PasswordRef::default()
     };
 
     let monitor = Action::SentinelMonitor(SentinelMonitor {
@@ -336,7 +337,7 @@ async fn sentinel_commands() {
         port: u32::from(master.port),
         quorum: 1,
         auth_user: String::new(),
-        auth_pass_ref: Some(instance_ref),
+        auth_pass_ref: Some(instance_ref.clone()),
     });
     let result = hub.command("s0", command(1, monitor.clone()), T).await;
     assert_eq!(result.outcome(), Outcome::Ok, "{result:?}");

@@ -13,7 +13,9 @@ use valkey_controller::crd::{
     Failover, FailoverSpec, SentinelMonitorNode, SentinelReference, SentinelSettings,
 };
 use valkey_e2e::{
-    k8s::{FakeCluster, NS, Nodes, failover, ordinal, start_nodes, three, with_demo_password},
+    k8s::{
+        FakeCluster, NS, Nodes, failover, ordinal, ready, start_nodes, three, with_demo_password,
+    },
     procs::{Sentinel, Valkey},
     wait_for,
 };
@@ -64,6 +66,16 @@ async fn every_sentinel_has(
         Some(())
     })
     .await;
+}
+
+/// Reconciles until demo is Ready (a quorum of the set knowing its replicas); its master.
+async fn ready_master(cluster: &FakeCluster) -> String {
+    let up = cluster
+        .reconcile_until(NS, "demo", "Ready, monitored through the set", T, |f| {
+            ready(f) && f.status.as_ref().is_some_and(|s| s.master.is_some())
+        })
+        .await;
+    up.status.expect("status").master.expect("master")
 }
 
 struct Setup {
@@ -119,14 +131,7 @@ async fn an_external_sentinel_set_monitors_an_instance_it_shares() {
         sentinels,
         _other,
     } = external_set().await;
-    let up = cluster
-        .reconcile_until(NS, "demo", "Ready, monitored through the set", T, |f| {
-            f.status.as_ref().is_some_and(|s| {
-                s.phase == valkey_controller::crd::Phase::Ready && s.master.is_some()
-            })
-        })
-        .await;
-    let master = up.status.expect("status").master.expect("master");
+    let master = ready_master(&cluster).await;
     let port = nodes.valkeys[ordinal(&master)].port.to_string();
     every_sentinel_has(
         &cluster,
@@ -203,14 +208,7 @@ async fn a_shared_external_set_fails_an_instance_over_after_kill_9() {
         sentinels,
         _other,
     } = external_set().await;
-    let up = cluster
-        .reconcile_until(NS, "demo", "Ready", T, |f| {
-            f.status.as_ref().is_some_and(|s| {
-                s.phase == valkey_controller::crd::Phase::Ready && s.master.is_some()
-            })
-        })
-        .await;
-    let old = up.status.expect("status").master.expect("master");
+    let old = ready_master(&cluster).await;
     let port = nodes.valkeys[ordinal(&old)].port.to_string();
     every_sentinel_has(&cluster, &sentinels, "monitored", &[("port", &port)]).await;
     nodes.acked_writes(&old, 20).await;

@@ -36,6 +36,26 @@ fn localized_script(failover: &Failover, root: &Path, port: u16) -> String {
     script.replace(&exec, &format!("{exec} --port {port} --bind 127.0.0.1"))
 }
 
+/// The example Failover's pod: its mounts (the ConfigMap written, the Secret's dir empty)
+/// under a temp dir, a free port, and the start script localized to them.
+fn pod_mounts() -> (tempfile::TempDir, u16, String) {
+    let failover: Failover =
+        serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
+    let root = tempfile::tempdir().expect("temp dir");
+    for dir in ["secret", "config", "run", "data"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+    }
+    // The data volume's mount, like the others, moves under the temp dir.
+    let conf = build::config_map(&failover).data.expect("data")["valkey.conf"].replace(
+        "\ndir /data\n",
+        &format!("\ndir {}\n", root.path().join("data").display()),
+    );
+    std::fs::write(root.path().join("config/valkey.conf"), conf).expect("ConfigMap");
+    let port = free_port();
+    let script = localized_script(&failover, root.path(), port);
+    (root, port, script)
+}
+
 fn start(script: &str, root: &Path, run: usize) -> Proc {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -48,6 +68,14 @@ async fn conn(port: u16, password: &str) -> redis::RedisResult<redis::aio::Multi
     redis::Client::open(format!("redis://:{password}@127.0.0.1:{port}/"))?
         .get_multiplexed_async_connection()
         .await
+}
+
+/// AUTH with `password` (which may hold what a URL cannot) on a new connection.
+async fn auth(port: u16, password: &str) -> redis::RedisResult<()> {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
+        .get_multiplexed_async_connection()
+        .await?;
+    redis::cmd("AUTH").arg(password).query_async(&mut c).await
 }
 
 /// ROLE's first three fields: role, master host, master port.
@@ -80,21 +108,8 @@ async fn role(port: u16, password: &str) -> (String, String, i64) {
 
 #[tokio::test]
 async fn a_data_pod_restarts_from_the_configmap_and_secret_whatever_sentinel_rewrote() {
-    let failover: Failover =
-        serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
-    let root = tempfile::tempdir().expect("temp dir");
-    for dir in ["secret", "config", "run", "data"] {
-        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
-    }
-    // The data volume's mount, like the others, moves under the temp dir.
-    let conf = build::config_map(&failover).data.expect("data")["valkey.conf"].replace(
-        "\ndir /data\n",
-        &format!("\ndir {}\n", root.path().join("data").display()),
-    );
-    std::fs::write(root.path().join("config/valkey.conf"), conf).expect("ConfigMap");
+    let (root, port, script) = pod_mounts();
     std::fs::write(root.path().join("secret/password"), "first-pw").expect("Secret");
-    let port = free_port();
-    let script = localized_script(&failover, root.path(), port);
 
     let mut pod = start(&script, root.path(), 0);
     assert_eq!(
@@ -139,19 +154,7 @@ async fn a_data_pod_restarts_from_the_configmap_and_secret_whatever_sentinel_rew
 
 #[tokio::test]
 async fn a_password_that_could_add_directives_is_refused_and_any_other_is_taken_as_is() {
-    let failover: Failover =
-        serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
-    let root = tempfile::tempdir().expect("temp dir");
-    for dir in ["secret", "config", "run", "data"] {
-        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
-    }
-    let conf = build::config_map(&failover).data.expect("data")["valkey.conf"].replace(
-        "\ndir /data\n",
-        &format!("\ndir {}\n", root.path().join("data").display()),
-    );
-    std::fs::write(root.path().join("config/valkey.conf"), conf).expect("ConfigMap");
-    let port = free_port();
-    let script = localized_script(&failover, root.path(), port);
+    let (root, port, script) = pod_mounts();
     // A Secret whose password would close the quote and start directives of its own.
     let hostile = "x\"\nrename-command CONFIG \"\"\nenable-debug-command yes\n\"";
     std::fs::write(root.path().join("secret/password"), hostile).expect("Secret");
@@ -175,14 +178,46 @@ async fn a_password_that_could_add_directives_is_refused_and_any_other_is_taken_
     let odd = "p@ss w$rd!'#;`ls` {}*";
     std::fs::write(root.path().join("secret/password"), odd).expect("Secret");
     let _pod = start(&script, root.path(), 1);
-    let mut c = wait_for("the pod's Valkey to take the password", T, || async {
-        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .ok()?
-            .get_multiplexed_async_connection()
-            .await
-            .ok()
+    wait_for("the pod's Valkey to take the password", T, || async {
+        auth(port, odd).await.ok()
     })
     .await;
-    let auth: redis::RedisResult<()> = redis::cmd("AUTH").arg(odd).query_async(&mut c).await;
-    assert!(auth.is_ok(), "{auth:?}");
+}
+
+#[tokio::test]
+async fn a_pod_restarted_mid_rotation_accepts_both_passwords_and_after_it_the_new_one_only() {
+    let (root, port, script) = pod_mounts();
+    // The controller's copy mid-rotation, as this pod's kubelet has synced it so far: the one
+    // in force still the old one, both ends beside it. The new one has a space and specials.
+    let (old, new) = ("old-pw", "p@ss w$rd!'#;`ls` {}*");
+    let secret = root.path().join("secret");
+    std::fs::write(secret.join("password"), format!("{old}\n")).expect("Secret");
+    std::fs::write(secret.join("password.old"), old).expect("Secret");
+    std::fs::write(secret.join("password.new"), new).expect("Secret");
+    let mut pod = start(&script, root.path(), 0);
+    role(port, old).await;
+    assert!(auth(port, new).await.is_ok(), "the new password is refused");
+    let mut c = conn(port, old).await.expect("connect");
+    let masterauth: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("masterauth")
+        .query_async(&mut c)
+        .await
+        .expect("CONFIG GET");
+    assert_eq!(masterauth[1], old, "it presents the password in force");
+
+    // The rotation ended: only the new one, in force.
+    pod.kill9();
+    std::fs::write(secret.join("password"), new).expect("Secret");
+    std::fs::remove_file(secret.join("password.old")).expect("Secret");
+    std::fs::remove_file(secret.join("password.new")).expect("Secret");
+    let _pod = start(&script, root.path(), 1);
+    wait_for("the pod to take the new password", T, || async {
+        auth(port, new).await.ok()
+    })
+    .await;
+    assert!(
+        auth(port, old).await.is_err(),
+        "the old password still works"
+    );
 }

@@ -5,6 +5,7 @@
 //! may hold a failover back, and that is the epoch's safety.
 
 mod cause;
+pub mod rotation;
 mod store;
 
 use std::{

@@ -91,24 +91,9 @@ pub async fn patch_status(
     let previous = previous
         .and_then(|s| serde_json::to_value(s).ok())
         .unwrap_or_default();
-    let mut fields = serde_json::Map::new();
-    if let Some(next) = value.as_object() {
-        for (key, value) in next {
-            if previous.get(key) != Some(value) {
-                fields.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    if let Some(previous) = previous.as_object() {
-        for key in previous.keys() {
-            if value.get(key).is_none_or(serde_json::Value::is_null) {
-                fields.insert(key.clone(), serde_json::Value::Null);
-            }
-        }
-    }
-    if fields.is_empty() {
+    let Some(fields) = merge_diff(&previous, &value) else {
         return Ok(());
-    }
+    };
     let api: Api<Failover> = Api::namespaced(client.clone(), &names.namespace);
     let patch = serde_json::json!({ "status": fields });
     api.patch_status(
@@ -118,6 +103,41 @@ pub async fn patch_status(
     )
     .await
     .map(|_| ())
+}
+
+/// The JSON merge patch (RFC 7386) that turns `previous` into `next`: changed fields only,
+/// nested objects field by field, and a field gone (or null) as null, so that it is removed
+/// from the object too. None when nothing changed.
+pub fn merge_diff(
+    previous: &serde_json::Value,
+    next: &serde_json::Value,
+) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    match (previous.as_object(), next.as_object()) {
+        (Some(previous), Some(next)) => {
+            let mut fields = serde_json::Map::new();
+            for (key, value) in next {
+                match previous.get(key) {
+                    Some(old) if old == value => {}
+                    Some(old) if old.is_object() && value.is_object() => {
+                        if let Some(diff) = merge_diff(old, value) {
+                            fields.insert(key.clone(), diff);
+                        }
+                    }
+                    _ => {
+                        fields.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+            for (key, old) in previous {
+                if !old.is_null() && next.get(key).is_none_or(Value::is_null) {
+                    fields.insert(key.clone(), Value::Null);
+                }
+            }
+            (!fields.is_empty()).then_some(Value::Object(fields))
+        }
+        _ => (previous != next).then(|| next.clone()),
+    }
 }
 
 /// Deletes a pod so that its StatefulSet starts it again (its start script regenerating its
@@ -177,4 +197,30 @@ pub async fn replace_status(
     patch_status(client, names, previous.as_ref(), &next).await?;
     instance.remember_status(next);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::merge_diff;
+
+    #[test]
+    fn a_merge_diff_removes_nested_fields_and_is_empty_when_nothing_changed() {
+        let previous = json!({"phase": "Ready", "monitor": {"policy": "manual", "oldPasswordSecret": "s"}, "gone": null});
+        let next = json!({"phase": "Ready", "monitor": {"policy": "manual"}, "gone": null});
+        assert_eq!(
+            merge_diff(&previous, &next),
+            Some(json!({"monitor": {"oldPasswordSecret": null}}))
+        );
+        assert_eq!(merge_diff(&next, &next), None);
+        assert_eq!(
+            merge_diff(
+                &next,
+                &json!({"phase": "Creating", "monitor": {"policy": "manual"}})
+            ),
+            Some(json!({"phase": "Creating"}))
+        );
+        assert_eq!(merge_diff(&json!(null), &next), Some(next.clone()));
+    }
 }

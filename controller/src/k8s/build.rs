@@ -9,8 +9,8 @@ use k8s_openapi::{
         apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
         core::v1::{
             Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-            EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, GRPCAction, KeyToPath,
-            Lifecycle, LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
+            EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, GRPCAction, Lifecycle,
+            LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
             PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
             PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret,
             SecretKeySelector, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection,
@@ -180,6 +180,41 @@ pub fn password_secret(failover: &Failover, password: &str) -> Secret {
         string_data: Some([("password".to_owned(), password.to_owned())].into()),
         type_: Some("Opaque".into()),
         ..Secret::default()
+    }
+}
+
+/// The controller's copy of a password, which the pods mount (`k8s::password`): made from the
+/// user's Secret, then changed only by a rotation.
+pub fn password_in_force_secret(
+    failover: &Failover,
+    name: &str,
+    whose: super::password::Whose,
+    password: &str,
+) -> Secret {
+    let component = match whose {
+        super::password::Whose::Instance => COMPONENT_DATA,
+        super::password::Whose::Sentinel => super::sentinel_objects::COMPONENT_SENTINEL,
+    };
+    Secret {
+        metadata: owned_meta(failover, name.to_owned(), component),
+        string_data: Some([(super::password::KEY.to_owned(), password.to_owned())].into()),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
+}
+
+/// The controller's copy of a password, every key: `password`, and during a rotation
+/// `password.old` and `password.new`. Mounted whole (not by subPath) so that the kubelet
+/// brings each change to the running pod.
+pub fn password_in_force_volume(secret: String) -> Volume {
+    Volume {
+        name: "password".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            default_mode: Some(0o400),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
     }
 }
 
@@ -413,23 +448,6 @@ pub fn token_volume() -> Volume {
     }
 }
 
-pub fn secret_volume(secret: &str) -> Volume {
-    Volume {
-        name: "password".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.into()),
-            items: Some(vec![KeyToPath {
-                key: "password".into(),
-                path: "password".into(),
-                mode: Some(0o400),
-            }]),
-            default_mode: Some(0o400),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    }
-}
-
 pub fn memory_volume(name: &str) -> Volume {
     Volume {
         name: name.into(),
@@ -453,15 +471,33 @@ pub fn read_password(dir: &str) -> String {
     )
 }
 
+/// Shell lines (inside the config's `{ }`, indented by two) that, while a rotation is under way
+/// (the Secret has `password.old`), make the default user accept every password of it by hash
+/// (this `user` line overrides `requirepass`), so that a pod (re)started at any step works
+/// with the old and the new one alike.
+pub fn accept_rotating(dir: &str) -> String {
+    format!(
+        "if [ -s {dir}/password.old ]; then\n    \
+         printf 'user default on'\n    \
+         for f in {dir}/password {dir}/password.old {dir}/password.new; do\n      \
+         if [ -s \"$f\" ]; then printf ' #%s' \"$(printf '%s' \"$(cat \"$f\")\" | sha256sum | cut -d' ' -f1)\"; fi\n    \
+         done\n    \
+         printf ' ~* &* +@all\\n'\n  \
+         fi\n  "
+    )
+}
+
 /// The shell that starts Valkey: the ConfigMap's valkey.conf plus the password and the
 /// announced name, written to a memory-backed file readable by Valkey's user only.
 fn valkey_start_script(names: &Names) -> String {
     format!(
         "set -eu\numask 077\n{password}\
          {{ cat {CONFIG_DIR}/valkey.conf\n  printf 'requirepass \"%s\"\\nmasterauth \"%s\"\\n' \"$P\" \"$P\"\n  \
+         {accept}\
          printf 'replica-announce-ip %s\\n' \"$POD_NAME.{headless}.{namespace}.svc\"\n}} > {RUN_DIR}/valkey.conf\n\
          exec valkey-server {RUN_DIR}/valkey.conf\n",
         password = read_password(SECRET_DIR),
+        accept = accept_rotating(SECRET_DIR),
         headless = names.headless(),
         namespace = names.namespace,
     )
@@ -575,7 +611,7 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
             }),
             ..Volume::default()
         },
-        secret_volume(&names.password()),
+        password_in_force_volume(names.password_in_force()),
         memory_volume("run"),
         token_volume(),
         tls_objects::controller_ca_volume(&names),

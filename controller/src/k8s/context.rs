@@ -196,6 +196,18 @@ pub struct Instance {
     hot_started: AtomicBool,
     /// The agents run for its external Sentinel set, if it uses one.
     pub external: Mutex<Option<super::external_set::Running>>,
+    /// Its password rotations, if one runs: the instance's, and its embedded sentinels'.
+    rotation: Rotating,
+    sentinel_rotation: Rotating,
+}
+
+/// A password rotation of one instance.
+#[derive(Debug, Default)]
+pub struct Rotating {
+    /// A rotation task runs.
+    pub running: AtomicBool,
+    /// Both passwords work (the status names the old one) until the rotation ends.
+    pub shown: AtomicBool,
 }
 
 impl Instance {
@@ -212,6 +224,8 @@ impl Instance {
             status_lock: tokio::sync::Mutex::new(()),
             hot_started: AtomicBool::new(false),
             external: Mutex::default(),
+            rotation: Rotating::default(),
+            sentinel_rotation: Rotating::default(),
         }
     }
 
@@ -263,6 +277,21 @@ impl Instance {
             *slot = None;
         }
         super::external_set::stop(self);
+    }
+
+    /// The rotation of `whose` password.
+    pub fn rotating(&self, whose: super::password::Whose) -> &Rotating {
+        match whose {
+            super::password::Whose::Instance => &self.rotation,
+            super::password::Whose::Sentinel => &self.sentinel_rotation,
+        }
+    }
+
+    /// The password in force changed (a rotation committed it).
+    pub fn set_password(&self, password: String) {
+        if let Ok(mut slot) = self.password.write() {
+            *slot = Some(password);
+        }
     }
 
     pub fn password(&self) -> Option<String> {

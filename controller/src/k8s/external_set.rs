@@ -44,6 +44,34 @@ fn tls_field() -> &'static str {
     "spec.sentinel.sentinelReference.auth.tlsSecret"
 }
 
+/// The instance's password where the external set's agents read it (under the work dir
+/// `ensure` made private); returns the file.
+pub fn write_instance_password(
+    ctx: &Context,
+    names: &Names,
+    password: &str,
+) -> Result<std::path::PathBuf, String> {
+    let file = instance_password_path(ctx, names);
+    if std::fs::read(&file).ok().as_deref() != Some(password.as_bytes()) {
+        write_atomic(&file, password.as_bytes()).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    Ok(file)
+}
+
+/// The instance's password file of a running external set, if there is one.
+pub fn work_file(ctx: &Context, names: &Names) -> Option<std::path::PathBuf> {
+    let file = instance_password_path(ctx, names);
+    file.exists().then_some(file)
+}
+
+fn instance_password_path(ctx: &Context, names: &Names) -> std::path::PathBuf {
+    ctx.settings
+        .work_dir
+        .join(&names.namespace)
+        .join(&names.instance)
+        .join("instance-password")
+}
+
 /// Runs (or restarts, or stops) the agents for the instance's external set.
 /// `sentinel_password` is the set's password, as the cold path read it.
 pub async fn ensure(
@@ -71,7 +99,9 @@ pub async fn ensure(
     let nodes = external::nodes(&names.instance, reference);
     let username = auth.and_then(|a| a.username.clone());
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (&nodes, &username, password, sentinel_password, &tls_files).hash(&mut hasher);
+    // The instance's password is not in it: the agents read it from its file at each command,
+    // and a rotation rewrites that file (`write_instance_password`).
+    (&nodes, &username, sentinel_password, &tls_files).hash(&mut hasher);
     (&ctx.settings.in_process_hub, &ctx.settings.controller_ca).hash(&mut hasher);
     let fingerprint = hasher.finish();
     let unchanged = instance
@@ -80,6 +110,7 @@ pub async fn ensure(
         .map(|r| r.as_ref().is_some_and(|r| r.fingerprint == fingerprint))
         .unwrap_or(false);
     if unchanged {
+        write_instance_password(ctx, names, password).map_err(Error::WorkDir)?;
         return Ok(());
     }
 
@@ -94,8 +125,8 @@ pub async fn ensure(
     private_dir(&ctx.settings.work_dir).map_err(Error::WorkDir)?;
     private_dir(&ctx.settings.work_dir.join(&names.namespace)).map_err(Error::WorkDir)?;
     private_dir(&dir).map_err(Error::WorkDir)?;
-    let instance_password_file = dir.join("instance-password");
-    write(&instance_password_file, password.as_bytes()).map_err(Error::WorkDir)?;
+    let instance_password_file =
+        write_instance_password(ctx, names, password).map_err(Error::WorkDir)?;
     let sentinel_password_file = match sentinel_password {
         Some(p) => {
             let file = dir.join("sentinel-password");

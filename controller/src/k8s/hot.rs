@@ -20,7 +20,9 @@ use super::{
     ANNOTATION_SWITCHOVER, LABEL_ROLE, Names, SENTINEL_PORT, VALKEY_PORT,
     apply::{self, patch_status, publish, restart_pod},
     context::{Context, Instance},
-    is_paused, status,
+    is_paused,
+    password::Whose,
+    status,
 };
 use crate::{
     core::{Desired, Durable, NodeSpec},
@@ -413,6 +415,15 @@ async fn write_status(
             }),
         }),
         tls_secret: super::tls_objects::data_secret(failover),
+        old_password_secret: [Whose::Instance, Whose::Sentinel]
+            .into_iter()
+            .find(|w| {
+                instance
+                    .rotating(*w)
+                    .shown
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .map(|w| w.in_force(names)),
         now: Timestamp::now(),
     });
     let (previous, volatile_due) = {

@@ -12,6 +12,7 @@ pub mod hub_tls;
 pub mod leader;
 pub mod metrics;
 pub mod network_policy;
+pub mod password;
 pub mod reconcile;
 pub mod recreate;
 pub mod requests;
@@ -124,6 +125,11 @@ impl Names {
     }
     pub fn password(&self) -> String {
         format!("{}-password", self.instance)
+    }
+
+    /// The controller's copy of the password, which the pods mount (`k8s::password`).
+    pub fn password_in_force(&self) -> String {
+        format!("{}-password-in-force", self.instance)
     }
     pub fn controller_ca(&self) -> String {
         format!("{}-controller-ca", self.instance)

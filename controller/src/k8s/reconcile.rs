@@ -16,7 +16,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
     runtime::{controller::Action, events::EventType},
 };
 use tracing::{Instrument, info, info_span, warn};
@@ -29,6 +29,7 @@ use super::{
     external_set,
     hot::{self, key_of},
     is_paused, network_policy,
+    password::{self, Whose},
     recreate::{self, SetApplied},
     roll, sentinel_objects, services, status, tls_objects, tls_secret, volumes,
 };
@@ -178,7 +179,22 @@ async fn reconcile_inner(
     network_policy::client_namespaces(failover).map_err(Error::InvalidSpec)?;
     let sentinel_password = check_secrets(failover, ctx, &names).await?;
     check_node_ports(failover, ctx, instance, &names).await?;
-    let password = ensure_password(failover, ctx, &names).await?;
+    let wanted = password::wanted(failover, ctx, &names).await?;
+    let in_force = password::in_force(failover, ctx, &names, Whose::Instance, &wanted).await?;
+    let password = in_force.password.clone();
+    // An embedded Sentinel set's own password has a copy the sentinels mount too.
+    let embedded = failover
+        .spec
+        .sentinel
+        .as_ref()
+        .is_some_and(|s| s.sentinel_reference.is_none());
+    let sentinel_in_force = match sentinel_password.as_deref().filter(|_| embedded) {
+        Some(wanted) => Some((
+            wanted.to_owned(),
+            password::in_force(failover, ctx, &names, Whose::Sentinel, wanted).await?,
+        )),
+        None => None,
+    };
     let paused = is_paused(failover);
     // The hot path goes on from here, whatever becomes of the applies.
     if let Ok(mut hot) = instance.hot.lock() {
@@ -198,6 +214,16 @@ async fn reconcile_inner(
         .await?;
         instance.accept(failover.clone(), password);
     }
+    // A changed password Secret is rotated in; the cold path looks again until it is done.
+    let settled = paused || {
+        let shared = ctx.instance(&instance.key);
+        let rotate = |whose, next| password::rotate(ctx, &shared, failover, &names, whose, next);
+        let instance_settled = rotate(Whose::Instance, password::next(&wanted, &in_force));
+        let sentinel_settled = sentinel_in_force.as_ref().is_none_or(|(wanted, in_force)| {
+            rotate(Whose::Sentinel, password::next(wanted, in_force))
+        });
+        instance_settled && sentinel_settled
+    };
     // A master on an ordinal the spec scaled away keeps its pod until the hot path has
     // switched it over; the cold path looks again shortly.
     let master = match instance.driver.lock().await.as_ref() {
@@ -221,6 +247,9 @@ async fn reconcile_inner(
     }
     if kept > failover.spec.replicas {
         return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    if !settled {
+        return Ok(Action::requeue(Duration::from_secs(5)));
     }
     Ok(Action::requeue(RESYNC))
 }
@@ -321,6 +350,7 @@ fn paused_status(
         pods: &ctx.pods.data_pods(names),
         sentinel: None,
         tls_secret: tls_objects::data_secret(failover),
+        old_password_secret: None,
         now: Timestamp::now(),
     });
     status::keep_transition_times(&mut next, previous.as_ref());
@@ -583,25 +613,14 @@ async fn check_secrets(
         what: format!("Secret {name}"),
         source,
     })?;
-    match found {
-        Some(secret) if secret_value(&secret).is_some() => Ok(secret_value(&secret)),
-        _ => Err(Error::MissingSecret {
+    match found.and_then(|secret| password::value(&secret, password::KEY)) {
+        Some(password) => Ok(Some(password)),
+        None => Err(Error::MissingSecret {
             field,
             name,
             namespace: names.namespace.clone(),
         }),
     }
-}
-
-fn secret_value(secret: &Secret) -> Option<String> {
-    let from_data = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("password"))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok());
-    from_data
-        .or_else(|| secret.string_data.as_ref()?.get("password").cloned())
-        .filter(|p| !p.is_empty())
 }
 
 /// A NodePort of the pool that another Service already holds is reported, naming it. This
@@ -660,49 +679,6 @@ async fn check_node_ports(
         cold.node_ports_checked = generation;
     }
     Ok(())
-}
-
-/// The instance's password: read from its Secret, which is created (from a CSPRNG) only when
-/// absent and never overwritten.
-async fn ensure_password(
-    failover: &Failover,
-    ctx: &Context,
-    names: &Names,
-) -> Result<String, Error> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let name = names.password();
-    let existing = secrets.get_opt(&name).await.map_err(|source| Error::Read {
-        what: format!("Secret {name}"),
-        source,
-    })?;
-    if let Some(password) = existing.as_ref().and_then(secret_value) {
-        return Ok(password);
-    }
-    let password = build::generate_password();
-    let secret = build::password_secret(failover, &password);
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
-            info!(secret = %name, "generated the instance's password");
-            Ok(password)
-        }
-        // Someone (another pass) created it first: use theirs.
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            let secret = secrets.get(&name).await.map_err(|source| Error::Read {
-                what: format!("Secret {name}"),
-                source,
-            })?;
-            secret_value(&secret).ok_or(Error::MissingSecret {
-                field: "status.passwordSecret",
-                name,
-                namespace: names.namespace.clone(),
-            })
-        }
-        Err(source) => Err(Error::Apply {
-            kind: "Secret".into(),
-            name,
-            source,
-        }),
-    }
 }
 
 /// Ordered cleanup on deletion: the PVCs go too unless storage.retainAfterDeleted; then the

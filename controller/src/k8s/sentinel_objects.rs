@@ -17,7 +17,7 @@ use super::{
     AGENT_PORT, Names, SENTINEL_PORT, Settings,
     build::{
         agent_container, anti_affinity, container_security, memory_volume, pdb, pod_security,
-        pull_policy, secret_volume, token_volume,
+        pull_policy, token_volume,
     },
     owned_meta, selector,
     services::{client_service, headless},
@@ -67,8 +67,10 @@ fn start_script(names: &Names, with_password: bool, tls: bool) -> String {
     let password = if with_password {
         format!(
             "{read}\
-             printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n",
+             printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n\
+             {{ {accept}}} >> /data/sentinel.conf\n",
             read = super::build::read_password(SECRET_DIR),
+            accept = super::build::accept_rotating(SECRET_DIR),
         )
     } else {
         String::new()
@@ -165,14 +167,17 @@ pub fn objects(
         volumes.push(tls_objects::tls_volume(secret));
         mounts.push(tls_objects::tls_mount());
     }
-    if let Some(secret) = &password_secret {
+    if password_secret.is_some() {
         mounts.push(VolumeMount {
             name: "password".into(),
             mount_path: SECRET_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
-        volumes.push(secret_volume(secret));
+        // The controller's copy, which a rotation changes step by step (`k8s::password`).
+        volumes.push(super::build::password_in_force_volume(
+            super::password::Whose::Sentinel.in_force(&names),
+        ));
     }
     let container = Container {
         name: "sentinel".into(),
@@ -252,7 +257,7 @@ pub fn objects(
         });
     volumes.push(Volume {
         name: "instance-password".into(),
-        ..secret_volume(&names.password())
+        ..super::build::password_in_force_volume(names.password_in_force())
     });
     let mut template_labels = select.clone();
     template_labels.extend(super::labels(&names, COMPONENT_SENTINEL));
@@ -381,9 +386,20 @@ mod tests {
         );
         assert!(script.contains("sentinel sentinel-pass"), "{script}");
         assert_eq!(pod.containers[1].name, "agent");
-        assert!(pod.volumes.iter().flatten().any(|v| {
-            v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("sentinel-pw")
-        }));
+        // The sentinels mount the controller's copy of their password, not the user's Secret
+        // (a rotation changes the copy step by step).
+        let mounted: Vec<_> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.secret.as_ref()?.secret_name.as_deref())
+            .collect();
+        assert!(
+            mounted.contains(&"demo-sentinel-password-in-force")
+                && mounted.contains(&"demo-password-in-force")
+                && !mounted.contains(&"sentinel-pw"),
+            "{mounted:?}"
+        );
         let names: Vec<_> = services
             .iter()
             .filter_map(|s| s.metadata.name.clone())

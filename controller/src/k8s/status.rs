@@ -89,6 +89,9 @@ pub struct Inputs<'a> {
     pub sentinel: Option<SentinelInputs>,
     /// The TLS Secret the data nodes serve from, when TLS is on.
     pub tls_secret: Option<String>,
+    /// While a password rotation lets both passwords in: the Secret that holds the old one
+    /// (key `password.old`).
+    pub old_password_secret: Option<String>,
     pub now: Timestamp,
 }
 
@@ -333,6 +336,7 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
             ..MonitorStatus::default()
         },
     };
+    status.monitor.old_password_secret = inputs.old_password_secret.clone();
     status
 }
 
@@ -425,6 +429,7 @@ mod tests {
             pods: &[],
             sentinel: None,
             tls_secret: None,
+            old_password_secret: None,
             now: Timestamp::UNIX_EPOCH,
         }
     }

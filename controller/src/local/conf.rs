@@ -75,10 +75,7 @@ impl Passwords {
     }
 }
 
-pub fn sha256_hex(text: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
-}
+pub use valkey_agent::passwords::sha256_hex;
 
 /// What a data node's valkey.conf is made of.
 #[derive(Debug)]

@@ -11,91 +11,54 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{info, warn};
-use valkey_proto::v1::{
-    AclSetUser, ConfigSet, NodeKind, PasswordRef, command::Action, password_ref::Owner,
-};
+use tracing::warn;
+use valkey_proto::v1::NodeKind;
 
 use super::{
     Flight, Runtime,
-    conf::{new_password_path, old_password_path, sha256_hex},
+    conf::{new_password_path, old_password_path},
     random_secret, write_atomic,
 };
-use crate::hub::{Hub, InstanceKey};
+use crate::{
+    driver::{
+        StoreError,
+        rotation::{PasswordStore, Rotation},
+    },
+    hub::Hub,
+};
 
-/// The password a rotation moves to, as commands name it: each agent reads it from
-/// `<file>.new`, which the rotation writes before its first command.
-fn next(owner: Owner) -> PasswordRef {
-    PasswordRef {
-        owner: owner as i32,
-        next: true,
-    }
-}
-
-/// How long one agent has to carry out one step.
-const STEP_DEADLINE: Duration = Duration::from_secs(5);
-
-/// One password rotation, in the order that never cuts anyone off: both passwords are written
-/// beside the one in force first (`<file>.old`, shown as `status.monitor.oldPasswordSecret`,
-/// and `<file>.new`), so that a process (re)started at any step accepts both; every target
-/// accepts both, the clients switch (`switches`), the password file (which the agents re-read
-/// when refused, and every config is generated from) takes the new one, and only then do the
-/// targets drop the old one.
-struct Rotation {
-    what: &'static str,
-    old: String,
-    new: String,
+/// The local runtime keeps a rotation's passwords in files beside the one in force
+/// (`<file>.old`, `<file>.new`): every config is generated from them and the agents read them.
+struct Files {
     in_force: PathBuf,
-    targets: Vec<String>,
-    switches: Vec<(String, Action)>,
 }
 
-impl Rotation {
-    async fn run(
-        self,
-        hub: Hub,
-        key: InstanceKey,
-        flight: Arc<Flight>,
-        epoch: u64,
-    ) -> Result<(), String> {
-        let send = |pod: String, action: Action| {
-            let (hub, key, flight) = (hub.clone(), key.clone(), flight.clone());
-            async move { run_step(&hub, &key, &flight, epoch, &pod, action).await }
-        };
-        let accept = |hashes: Vec<String>| {
-            Action::AclSetUser(AclSetUser {
-                username: "default".into(),
-                enabled: true,
-                password_sha256: hashes,
-                rules: vec!["~*".into(), "&*".into(), "+@all".into()],
-            })
-        };
-        let (old_file, new_file) = (
-            old_password_path(&self.in_force),
+fn written(path: &Path, text: &str) -> Result<(), StoreError> {
+    write_atomic(path, text.as_bytes()).map_err(StoreError::new)
+}
+
+impl PasswordStore for Files {
+    async fn begin(&self, old: &str, new: &str) -> Result<(), StoreError> {
+        written(&old_password_path(&self.in_force), old)?;
+        written(&new_password_path(&self.in_force), new)
+    }
+
+    async fn commit(&self, new: &str) -> Result<(), StoreError> {
+        written(&self.in_force, new)
+    }
+
+    async fn finish(&self) -> Result<(), StoreError> {
+        for path in [
             new_password_path(&self.in_force),
-        );
-        for (file, password) in [(&old_file, &self.old), (&new_file, &self.new)] {
-            write_atomic(file, password.as_bytes())
-                .map_err(|e| format!("{}: {e}", file.display()))?;
+            old_password_path(&self.in_force),
+        ] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::new(e));
+                }
+                _ => {}
+            }
         }
-        for pod in &self.targets {
-            send(
-                pod.clone(),
-                accept(vec![sha256_hex(&self.old), sha256_hex(&self.new)]),
-            )
-            .await?;
-        }
-        for (pod, action) in self.switches {
-            send(pod, action).await?;
-        }
-        write_atomic(&self.in_force, self.new.as_bytes())
-            .map_err(|e| format!("{}: {e}", self.in_force.display()))?;
-        for pod in &self.targets {
-            send(pod.clone(), accept(vec![sha256_hex(&self.new)])).await?;
-        }
-        let _ = std::fs::remove_file(&new_file);
-        let _ = std::fs::remove_file(&old_file);
-        info!(what = self.what, "password rotated");
         Ok(())
     }
 }
@@ -127,35 +90,17 @@ pub(super) fn start_rotation(
         .filter(|n| connected.nodes.get(&n.name).is_some_and(|o| o.connected))
         .map(|n| n.name.clone())
         .collect();
-    let mut switches: Vec<(String, Action)> = targets
-        .iter()
-        .map(|pod| {
-            let masterauth = Action::ConfigSet(ConfigSet {
-                password_params: [("masterauth".to_owned(), next(Owner::Instance))].into(),
-                ..ConfigSet::default()
-            });
-            (pod.clone(), masterauth)
-        })
-        .collect();
-    if let Some(sd) = &runtime.sentinel {
-        for pod in connected_sentinels(runtime, hub) {
-            let auth = Action::SentinelSet(valkey_proto::v1::SentinelSet {
-                name: sd.name.clone(),
-                password_params: [("auth-pass".to_owned(), next(Owner::Instance))].into(),
-                ..Default::default()
-            });
-            switches.push((pod, auth));
-        }
-    }
-    let rotation = Rotation {
-        what: "instance",
+    let rotation = Rotation::instance(
         old,
         new,
-        in_force: runtime.password_file.clone(),
         targets,
-        switches,
+        connected_sentinels(runtime, hub),
+        runtime.sentinel.as_ref().map(|sd| sd.name.as_str()),
+    );
+    let files = Files {
+        in_force: runtime.password_file.clone(),
     };
-    spawn_rotation(rotation, runtime, hub, flight, |f| &f.rotating);
+    spawn_rotation(rotation, files, runtime, hub, flight, |f| &f.rotating);
     Ok("password rotation started".into())
 }
 
@@ -169,6 +114,7 @@ pub(super) fn connected_sentinels(runtime: &Runtime, hub: &Hub) -> Vec<String> {
 
 fn spawn_rotation(
     rotation: Rotation,
+    files: Files,
     runtime: &Runtime,
     hub: &Hub,
     flight: &Arc<Flight>,
@@ -178,7 +124,10 @@ fn spawn_rotation(
     let epoch = runtime.state.durable.epoch;
     tokio::spawn(async move {
         let what = rotation.what;
-        if let Err(err) = rotation.run(hub, key, flight.clone(), epoch).await {
+        if let Err(err) = rotation
+            .run(&files, &flight.engine, &hub, &key, epoch)
+            .await
+        {
             // The old password stays accepted (`.old` kept): nothing is cut off; retried later.
             warn!(what, error = %err, "password rotation stopped; both passwords still work");
             if let Ok(mut failed) = flight.rotation_failed.lock() {
@@ -223,52 +172,11 @@ pub(super) fn maybe_rotate_sentinel_password(runtime: &Runtime, hub: &Hub, fligh
         return;
     }
     flight.sentinel_rotating.store(true, Ordering::SeqCst);
-    let switches = targets
-        .iter()
-        .map(|pod| {
-            let pass = valkey_proto::v1::SentinelConfigSet {
-                password_params: [("sentinel-pass".to_owned(), next(Owner::Sentinel))].into(),
-                ..Default::default()
-            };
-            (pod.clone(), Action::SentinelConfigSet(pass))
-        })
-        .collect();
-    let rotation = Rotation {
-        what: "sentinel",
-        old: current,
-        new: wanted,
+    let rotation = Rotation::sentinel(current, wanted, targets);
+    let files = Files {
         in_force: in_force.clone(),
-        targets,
-        switches,
     };
-    spawn_rotation(rotation, runtime, hub, flight, |f| &f.sentinel_rotating);
-}
-
-/// Sends one step's command under `epoch` and waits until it is done (see
-/// [`crate::engine::Engine::run_command`]). A node that restarts meanwhile comes back
-/// accepting both passwords, so the step is retried for about 20 s rather than the rotation
-/// stopped; every step is idempotent.
-async fn run_step(
-    hub: &Hub,
-    key: &InstanceKey,
-    flight: &Flight,
-    epoch: u64,
-    pod: &str,
-    action: Action,
-) -> Result<(), String> {
-    use backon::Retryable;
-    let once = || {
-        flight
-            .engine
-            .run_command(hub, key, epoch, pod, action.clone(), STEP_DEADLINE)
-    };
-    once.retry(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(12),
-    )
-    .notify(|err, after| warn!(pod, error = %err, ?after, "rotation step not done; retrying"))
-    .await
-    .map(|_| ())
+    spawn_rotation(rotation, files, runtime, hub, flight, |f| {
+        &f.sentinel_rotating
+    });
 }

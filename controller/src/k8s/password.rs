@@ -1,0 +1,381 @@
+//! The instance's password in a cluster. The user's Secret (`<name>-password`) holds the
+//! password wanted; the pods mount the controller's own copy (`<name>-password-in-force`),
+//! which changes only in the order of a rotation ([`crate::driver::rotation`]): its
+//! `password.old` and `password.new` keys are added first (a pod started from then on accepts
+//! both), `password` becomes the new one once every node accepts both, and the two extra keys
+//! go once every node has dropped the old one. A changed Secret is rotated that way, with no
+//! restart; the kubelet's lag in syncing the Secret volume is waited out step by step.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, atomic::Ordering},
+};
+
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{
+    Names, build,
+    context::{Context, Instance},
+    external_set,
+    reconcile::Error,
+};
+use crate::{
+    crd::Failover,
+    driver::{
+        StoreError,
+        rotation::{PasswordStore, Rotation},
+    },
+};
+
+pub const KEY: &str = "password";
+pub const OLD_KEY: &str = "password.old";
+pub const NEW_KEY: &str = "password.new";
+
+/// Whose password: the instance's (data nodes check it, replicas and Sentinel present it), or
+/// an embedded Sentinel set's own (the sentinels check it and present it to each other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    Instance,
+    Sentinel,
+}
+
+impl Whose {
+    /// The controller's copy that the pods mount.
+    pub fn in_force(self, names: &Names) -> String {
+        match self {
+            Whose::Instance => names.password_in_force(),
+            Whose::Sentinel => format!("{}-password-in-force", names.sentinel()),
+        }
+    }
+
+    fn field(self) -> &'static str {
+        match self {
+            Whose::Instance => "status.passwordSecret",
+            Whose::Sentinel => "spec.sentinel.access.defaultPasswordSecret",
+        }
+    }
+}
+
+/// The controller's copy, as the pods see it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InForce {
+    pub password: String,
+    /// Both ends of a rotation under way.
+    pub rotating: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for InForce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InForce")
+            .field("rotating", &self.rotating.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The non-empty value of `key` (from `data` or `stringData`), without trailing newlines.
+pub fn value(secret: &Secret, key: &str) -> Option<String> {
+    let from_data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok());
+    from_data
+        .or_else(|| secret.string_data.as_ref()?.get(key).cloned())
+        .map(|p| p.trim_end_matches(['\r', '\n']).to_owned())
+        .filter(|p| !p.is_empty())
+}
+
+impl InForce {
+    fn of(secret: &Secret) -> Option<Self> {
+        Some(InForce {
+            password: value(secret, KEY)?,
+            rotating: value(secret, OLD_KEY).zip(value(secret, NEW_KEY)),
+        })
+    }
+}
+
+/// What to do about the password now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Steady,
+    /// Rotate from the first to the second (a rotation under way is finished first, whatever
+    /// the Secret says now; a later change is rotated after it).
+    Rotate(String, String),
+}
+
+/// Pure: the wanted password against the one in force.
+pub fn next(wanted: &str, in_force: &InForce) -> Next {
+    match &in_force.rotating {
+        Some((old, new)) => Next::Rotate(old.clone(), new.clone()),
+        None if wanted != in_force.password => {
+            Next::Rotate(in_force.password.clone(), wanted.to_owned())
+        }
+        None => Next::Steady,
+    }
+}
+
+/// The Secret `name`, read; or, when absent, `make()` created and returned. When another pass
+/// creates it first, theirs is read.
+async fn read_or_create(
+    secrets: &Api<Secret>,
+    name: &str,
+    make: impl FnOnce() -> Secret,
+) -> Result<Secret, Error> {
+    let read = |source| Error::Read {
+        what: format!("Secret {name}"),
+        source,
+    };
+    if let Some(found) = secrets.get_opt(name).await.map_err(read)? {
+        return Ok(found);
+    }
+    let secret = make();
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(secret = %name, "created");
+            Ok(secret)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            secrets.get(name).await.map_err(read)
+        }
+        Err(source) => Err(Error::Apply {
+            kind: "Secret".into(),
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The user's Secret: read, and created (from a CSPRNG) only when absent, never overwritten.
+pub async fn wanted(failover: &Failover, ctx: &Context, names: &Names) -> Result<String, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let name = names.password();
+    let secret = read_or_create(&secrets, &name, || {
+        build::password_secret(failover, &build::generate_password())
+    })
+    .await?;
+    value(&secret, KEY).ok_or(Error::MissingSecret {
+        field: "status.passwordSecret",
+        name,
+        namespace: names.namespace.clone(),
+    })
+}
+
+/// The controller's copy, created from `wanted` when absent (a new instance, or one made
+/// before the copy existed).
+pub async fn in_force(
+    failover: &Failover,
+    ctx: &Context,
+    names: &Names,
+    whose: Whose,
+    wanted: &str,
+) -> Result<InForce, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let name = whose.in_force(names);
+    let secret = read_or_create(&secrets, &name, || {
+        build::password_in_force_secret(failover, &name, whose, wanted)
+    })
+    .await?;
+    InForce::of(&secret).ok_or_else(|| Error::InvalidSecret {
+        field: whose.field(),
+        name: name.clone(),
+        message: "the controller's copy has no password: delete it to make it again".into(),
+    })
+}
+
+/// Starts the rotation `next` asks for, unless one runs. It waits (returning false) until the
+/// agent of every data node and sentinel is connected: one left out would keep presenting the
+/// old password after it is dropped. Returns whether the password is settled.
+pub fn rotate(
+    ctx: &Context,
+    instance: &Arc<Instance>,
+    failover: &Failover,
+    names: &Names,
+    whose: Whose,
+    next: Next,
+) -> bool {
+    let Next::Rotate(old, new) = next else {
+        return true;
+    };
+    let flags = instance.rotating(whose);
+    if flags.running.load(Ordering::SeqCst) {
+        return false;
+    }
+    let data: Vec<String> = (0..failover.spec.replicas).map(|i| names.pod(i)).collect();
+    let sentinel = super::hot::sentinel_desired(failover, names);
+    let connected = |kind| {
+        ctx.hub
+            .observe_kind(&instance.key, kind)
+            .into_iter()
+            .filter(|(_, o)| o.connected)
+            .map(|(pod, _)| pod)
+            .collect::<Vec<_>>()
+    };
+    let data_up = connected(valkey_proto::v1::NodeKind::Data);
+    let sentinels = connected(valkey_proto::v1::NodeKind::Sentinel);
+    let wanted_sentinels = sentinel.as_ref().map_or(0, |s| s.sentinel_addrs.len());
+    let missing: Vec<&String> = data.iter().filter(|p| !data_up.contains(p)).collect();
+    if !missing.is_empty() || sentinels.len() < wanted_sentinels {
+        info!(
+            ?whose,
+            ?missing,
+            sentinels = sentinels.len(),
+            wanted_sentinels,
+            "password rotation waits for every agent"
+        );
+        return false;
+    }
+    let epoch = super::status::durable_from(instance.status().as_ref()).epoch;
+    let rotation = match whose {
+        Whose::Instance => Rotation::instance(
+            old,
+            new,
+            data,
+            sentinels,
+            sentinel.as_ref().map(|s| s.name.as_str()),
+        ),
+        Whose::Sentinel => Rotation::sentinel(old, new, sentinels),
+    };
+    let store = SecretStore {
+        secrets: Api::namespaced(ctx.client.clone(), &names.namespace),
+        name: whose.in_force(names),
+        whose,
+        instance: instance.clone(),
+        external: external_set::work_file(ctx, names).filter(|_| whose == Whose::Instance),
+    };
+    let hub = ctx.hub.clone();
+    flags.running.store(true, Ordering::SeqCst);
+    let span = info_span!("password_rotation", namespace = %names.namespace, failover = %names.instance, ?whose);
+    tokio::spawn(
+        async move {
+            let instance = store.instance.clone();
+            let engine = {
+                let mut slot = instance.driver.lock().await;
+                instance.seeded_driver(&mut slot);
+                slot.as_ref().map(|d| d.engine().clone()).unwrap_or_default()
+            };
+            if let Err(err) = rotation
+                .run(&store, &engine, &hub, &instance.key, epoch)
+                .await
+            {
+                warn!(error = %err, "password rotation stopped; both passwords still work, retried at the next reconcile");
+            }
+            instance.rotating(whose).running.store(false, Ordering::SeqCst);
+        }
+        .instrument(span),
+    );
+    false
+}
+
+/// The controller's copy of the password, which the pods mount.
+struct SecretStore {
+    secrets: Api<Secret>,
+    name: String,
+    whose: Whose,
+    instance: Arc<Instance>,
+    /// Where an external Sentinel set's in-process agents read it, when one runs.
+    external: Option<std::path::PathBuf>,
+}
+
+impl SecretStore {
+    async fn patch(&self, data: BTreeMap<&str, Option<&str>>) -> Result<(), StoreError> {
+        let data: BTreeMap<&str, Option<ByteString>> = data
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|v| ByteString(v.as_bytes().to_vec()))))
+            .collect();
+        self.secrets
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "data": data })),
+            )
+            .await
+            .map(|_| ())
+            .map_err(StoreError::new)
+    }
+}
+
+impl PasswordStore for SecretStore {
+    async fn begin(&self, old: &str, new: &str) -> Result<(), StoreError> {
+        self.patch([(OLD_KEY, Some(old)), (NEW_KEY, Some(new))].into())
+            .await
+    }
+
+    async fn commit(&self, new: &str) -> Result<(), StoreError> {
+        self.patch([(KEY, Some(new))].into()).await?;
+        if let Some(file) = &self.external {
+            crate::local::write_atomic(file, new.as_bytes()).map_err(StoreError::new)?;
+        }
+        if self.whose == Whose::Instance {
+            self.instance.set_password(new.to_owned());
+        }
+        // Both passwords work from here until `finish`: the status says so.
+        self.instance
+            .rotating(self.whose)
+            .shown
+            .store(true, Ordering::SeqCst);
+        self.instance.request_report();
+        Ok(())
+    }
+
+    async fn finish(&self) -> Result<(), StoreError> {
+        self.patch([(OLD_KEY, None), (NEW_KEY, None)].into())
+            .await?;
+        self.instance
+            .rotating(self.whose)
+            .shown
+            .store(false, Ordering::SeqCst);
+        self.instance.request_report();
+        info!(whose = ?self.whose, "password rotated");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_force(password: &str, rotating: Option<(&str, &str)>) -> InForce {
+        InForce {
+            password: password.into(),
+            rotating: rotating.map(|(o, n)| (o.into(), n.into())),
+        }
+    }
+
+    #[test]
+    fn a_changed_secret_is_rotated_and_one_under_way_is_finished_first() {
+        assert_eq!(next("a", &in_force("a", None)), Next::Steady);
+        assert_eq!(
+            next("b", &in_force("a", None)),
+            Next::Rotate("a".into(), "b".into())
+        );
+        // Stopped half-way (committed or not): the same rotation again, even if the Secret
+        // moved on meanwhile; the next one follows.
+        for password in ["a", "b"] {
+            assert_eq!(
+                next("c", &in_force(password, Some(("a", "b")))),
+                Next::Rotate("a".into(), "b".into())
+            );
+        }
+    }
+
+    #[test]
+    fn the_copy_is_read_without_trailing_newlines_and_empty_keys_do_not_count() {
+        let secret = Secret {
+            data: Some(
+                [
+                    (KEY.to_owned(), ByteString(b"one\n".to_vec())),
+                    (OLD_KEY.to_owned(), ByteString(b"one".to_vec())),
+                    (NEW_KEY.to_owned(), ByteString(Vec::new())),
+                ]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        assert_eq!(InForce::of(&secret), Some(in_force("one", None)));
+    }
+}
