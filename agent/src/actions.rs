@@ -263,6 +263,20 @@ pub(crate) async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
         let _: String = local.query(&set).await.map_err(reply_is_invalid)?;
     }
     let mut note = String::new();
+    // A replica tells its master where it is reached (REPLCONF listening-port, and the IP it
+    // announces) only when its link is made: a changed announce takes effect by making the
+    // link again (a partial resync; nothing is lost).
+    let announce_changed = params.iter().any(|(key, value)| {
+        key.starts_with("replica-announce-") && current.get(key.as_str()) != Some(*value)
+    });
+    if announce_changed {
+        let killed: Result<i64, _> = local
+            .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("master"))
+            .await;
+        if matches!(killed, Ok(n) if n > 0) {
+            note.push_str("; master link made again to announce it");
+        }
+    }
     if config.rewrite && !unchanged {
         match local
             .query::<String>(redis::cmd("CONFIG").arg("REWRITE"))

@@ -106,6 +106,11 @@ pub fn data_state(info: &HashMap<&str, &str>, config: &HashMap<String, String>) 
         min_replicas_to_write: conf("min-replicas-to-write"),
         min_replicas_max_lag: conf("min-replicas-max-lag"),
         replica_priority: conf("replica-priority"),
+        replica_announce_ip: config
+            .get("replica-announce-ip")
+            .cloned()
+            .unwrap_or_default(),
+        replica_announce_port: conf("replica-announce-port"),
         version: info
             .get("valkey_version")
             .or_else(|| info.get("redis_version"))

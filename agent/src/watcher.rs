@@ -196,7 +196,9 @@ impl Watcher {
             .arg("GET")
             .arg("min-replicas-to-write")
             .arg("min-replicas-max-lag")
-            .arg("replica-priority");
+            .arg("replica-priority")
+            .arg("replica-announce-ip")
+            .arg("replica-announce-port");
         let (text, config): (String, HashMap<String, String>) = self.local.pipe(&pipe).await?;
         let mut data = info::data_state(&parse_info(&text), &config);
         let synced_replica =

@@ -34,6 +34,9 @@ pub struct Desired {
     pub replica_silence_s: i64,
     /// Settings kept on every node with CONFIG SET (fencing and user settings).
     pub live_config: BTreeMap<String, String>,
+    /// Each node announces its `host` and `port` (replica-announce-ip/-port, kept with CONFIG
+    /// SET): the address clients outside the cluster reach it at (NodePort, LoadBalancer).
+    pub announce: bool,
 }
 
 /// What the controller currently knows of one node.
@@ -451,20 +454,25 @@ pub(crate) fn converge(desired: &Desired, observed: &Observed, master: &NodeSpec
         let Some(obs) = observed.nodes.get(&node.name).filter(|o| is_up(o)) else {
             continue;
         };
-        if node.name != master.name && !follows(obs, master) {
-            plan.commands.push((node.name.clone(), replica_of(master)));
-        }
+        let relink = node.name != master.name && !follows(obs, master);
         if let Some(d) = data(obs) {
             let current = BTreeMap::from([
                 ("min-replicas-to-write", d.min_replicas_to_write.to_string()),
                 ("min-replicas-max-lag", d.min_replicas_max_lag.to_string()),
             ]);
-            let drift: std::collections::HashMap<String, String> = desired
+            let mut drift: std::collections::HashMap<String, String> = desired
                 .live_config
                 .iter()
                 .filter(|(k, v)| current.get(k.as_str()).is_some_and(|c| c != *v))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
+            if desired.announce
+                && (d.replica_announce_ip != node.host
+                    || d.replica_announce_port != u32::from(node.port))
+            {
+                drift.insert("replica-announce-ip".into(), node.host.clone());
+                drift.insert("replica-announce-port".into(), node.port.to_string());
+            }
             if !drift.is_empty() {
                 plan.commands.push((
                     node.name.clone(),
@@ -474,6 +482,10 @@ pub(crate) fn converge(desired: &Desired, observed: &Observed, master: &NodeSpec
                     }),
                 ));
             }
+        }
+        // After the settings: a replica announces itself to its master as it links.
+        if relink {
+            plan.commands.push((node.name.clone(), replica_of(master)));
         }
     }
 }

@@ -203,9 +203,34 @@ pub fn decide(
         .iter()
         .find(|n| n.host == host && u32::from(n.port) == port)
     else {
-        plan.notes.push(format!(
-            "Sentinel names {host}:{port} master, which is not a node of this instance"
-        ));
+        // The nodes' addresses changed (outside access turned on or off, a new load balancer
+        // address): Sentinel still names an old one. When our master is the one node serving
+        // as master and no failover runs, it is handed to every sentinel at its address now.
+        let masters: Vec<&NodeSpec> = desired
+            .nodes
+            .iter()
+            .filter(|n| {
+                observed
+                    .nodes
+                    .get(&n.name)
+                    .is_some_and(|o| is_up(o) && role(o) == Role::Master)
+            })
+            .collect();
+        match (durable.master.as_deref(), masters.as_slice()) {
+            (Some(ours), [only]) if only.name == ours && !failover_in_progress(&views) => {
+                plan.notes.push(format!(
+                    "Sentinel names {host}:{port} master, an address {ours} no longer has: \
+                     monitoring it at {}:{} again",
+                    only.host, only.port
+                ));
+                for view in &views {
+                    plan.commands.extend(monitor(sd, only, view.pod));
+                }
+            }
+            _ => plan.notes.push(format!(
+                "Sentinel names {host}:{port} master, which is not a node of this instance"
+            )),
+        }
         return plan;
     };
     // Follow Sentinel: its master becomes ours, under a new epoch when it changed.
@@ -734,6 +759,26 @@ mod tests {
             "{plan:?}"
         );
         assert!(!plan.commands.iter().any(|(p, _)| p == "s0" || p == "s1"));
+    }
+
+    #[test]
+    fn a_master_whose_address_changed_is_monitored_again_at_the_new_one() {
+        // Sentinel names 127.0.0.1:6999, which no node has any longer; n0 is the one master.
+        let s = sentinels(vec![vec![(6999, 3)], vec![(6999, 3)], vec![(6999, 3)]]);
+        let plan = decide(&desired(), &sd(), &at("n0"), &healthy(), &s, 0);
+        let monitored: Vec<&str> = plan
+            .commands
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::SentinelMonitor(m) if m.port == 7000))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(monitored, ["s0", "s1", "s2"], "{plan:?}");
+        // Two nodes claim master: nothing is handed over on a guess.
+        let mut two = healthy();
+        two.nodes
+            .insert("n1".into(), node(Role::Master, 0, 5, ProcessState::Up));
+        let plan = decide(&desired(), &sd(), &at("n0"), &two, &s, 0);
+        assert!(plan.commands.is_empty(), "{plan:?}");
     }
 
     #[test]

@@ -583,6 +583,8 @@ fn on_loopback(mut pod: Pod, ports: &BTreeMap<String, u16>) -> Pod {
     };
     let status = pod.status.get_or_insert_with(PodStatus::default);
     status.pod_ip = Some("127.0.0.1".into());
+    // Its node is this machine too (a NodePort is reached on the node's IP).
+    status.host_ip = Some("127.0.0.1".into());
     let spec = pod.spec.get_or_insert_with(PodSpec::default);
     if !spec.containers.iter().any(|c| c.name == "valkey") {
         spec.containers.push(Container {

@@ -10,13 +10,15 @@ use std::{collections::HashMap, time::Duration};
 
 use kube::api::{Patch, PatchParams};
 use valkey_controller::crd::{
-    Failover, FailoverSpec, SentinelMonitorNode, SentinelReference, SentinelSettings,
+    Failover, FailoverSpec, InstanceAccess, SentinelMonitorNode, SentinelReference,
+    SentinelSettings, ServiceType,
 };
 use valkey_e2e::{
     k8s::{
         FakeCluster, NS, Nodes, failover, ordinal, ready, start_nodes, three, with_demo_password,
     },
     procs::{Sentinel, Valkey},
+    proxy::RoleProxy,
     wait_for,
 };
 
@@ -88,12 +90,19 @@ struct Setup {
 /// Another application's master, watched by the three sentinels of the set as `other`; then
 /// Failover `demo` (three nodes) referencing the set.
 async fn external_set() -> Setup {
+    let cluster = with_demo_password().await;
+    let nodes = start_nodes(&cluster);
+    external_set_on(cluster, nodes, InstanceAccess::default()).await
+}
+
+/// The same, with `demo`'s nodes already running and reached through `access`.
+async fn external_set_on(cluster: FakeCluster, nodes: Nodes, access: InstanceAccess) -> Setup {
     let other = Valkey::start("other");
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::monitoring("other", other.port, 2, 5000))
         .collect();
-    let cluster = with_demo_password().await;
     let spec = FailoverSpec {
+        access,
         sentinel: Some(SentinelSettings {
             quorum: Some(2),
             monitor_config: [("down-after-milliseconds".to_owned(), "1000".to_owned())].into(),
@@ -114,7 +123,6 @@ async fn external_set() -> Setup {
     };
     cluster.create(&failover("demo", spec)).await;
     cluster.create_pods(NS, "demo", 3).await;
-    let nodes = start_nodes(&cluster);
     Setup {
         cluster,
         nodes,
@@ -247,4 +255,85 @@ async fn a_shared_external_set_fails_an_instance_over_after_kill_9() {
         )
         .await;
     assert_eq!(nodes.keys(&old).await, 20);
+}
+
+/// With `serviceType: NodePort`, each node is reached at its node's IP and its pool port (here
+/// 127.0.0.1 and a forwarder standing in for kube-proxy): it announces that address, replicas
+/// follow the master there, Sentinel names it to clients, and the status shows it.
+#[tokio::test]
+async fn node_port_addresses_reach_valkey_sentinel_and_the_status() {
+    let cluster = with_demo_password().await;
+    let nodes = start_nodes(&cluster);
+    let mut node_ports = Vec::new();
+    for valkey in &nodes.valkeys {
+        let addr = valkey.addr();
+        node_ports.push(RoleProxy::start(move || std::future::ready(Some(addr.clone()))).await);
+    }
+    let ports: Vec<u16> = node_ports.iter().map(|p| p.port).collect();
+    let access = InstanceAccess {
+        service_type: ServiceType::NodePort,
+        ports: Some(
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        ..InstanceAccess::default()
+    };
+    let Setup {
+        cluster,
+        nodes,
+        sentinels,
+        _other,
+    } = external_set_on(cluster, nodes, access).await;
+    let master = ready_master(&cluster).await;
+    let master_port = ports[ordinal(&master)];
+
+    // Sentinel answers clients with the outside address.
+    for sentinel in &sentinels {
+        let mut conn = sentinel
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let addr: Vec<String> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(MONITOR)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(addr, ["127.0.0.1".to_owned(), master_port.to_string()]);
+    }
+    let status = cluster.failover(NS, "demo").await.status.expect("status");
+    for (i, valkey) in nodes.valkeys.iter().enumerate() {
+        let mut conn = valkey.conn().await;
+        let announced: HashMap<String, String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("replica-announce-*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            announced["replica-announce-ip"], "127.0.0.1",
+            "{}",
+            valkey.name
+        );
+        assert_eq!(announced["replica-announce-port"], ports[i].to_string());
+        let node = &status.nodes[i];
+        assert_eq!(
+            (node.ip.as_str(), node.port),
+            ("127.0.0.1", i32::from(ports[i]))
+        );
+        if i != ordinal(&master) {
+            let info = valkey.info("replication").await;
+            assert_eq!(
+                info["master_port"],
+                master_port.to_string(),
+                "{}",
+                valkey.name
+            );
+            assert_eq!(info["master_link_status"], "up");
+        }
+    }
 }

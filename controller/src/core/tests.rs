@@ -19,6 +19,7 @@ pub(crate) fn desired(n: u32) -> Desired {
         hang_timeout_ms: 3000,
         replica_silence_s: 3,
         live_config: BTreeMap::new(),
+        announce: false,
     }
 }
 

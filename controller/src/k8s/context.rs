@@ -199,6 +199,8 @@ pub struct Instance {
     /// Its password rotations, if one runs: the instance's, and its embedded sentinels'.
     rotation: Rotating,
     sentinel_rotation: Rotating,
+    /// Its per-pod Services as outside clients reach them (`k8s::outside`), by pod.
+    exposed: RwLock<BTreeMap<String, super::outside::Exposed>>,
 }
 
 /// A password rotation of one instance.
@@ -226,6 +228,7 @@ impl Instance {
             external: Mutex::default(),
             rotation: Rotating::default(),
             sentinel_rotation: Rotating::default(),
+            exposed: RwLock::default(),
         }
     }
 
@@ -277,6 +280,24 @@ impl Instance {
             *slot = None;
         }
         super::external_set::stop(self);
+    }
+
+    /// The per-pod Services as the cold path last read them; a change wakes the hot path.
+    pub fn set_exposed(&self, exposed: BTreeMap<String, super::outside::Exposed>) {
+        let changed = match self.exposed.write() {
+            Ok(mut slot) if *slot != exposed => {
+                *slot = exposed;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.wake();
+        }
+    }
+
+    pub fn exposed(&self) -> BTreeMap<String, super::outside::Exposed> {
+        self.exposed.read().map(|e| e.clone()).unwrap_or_default()
     }
 
     /// The rotation of `whose` password.

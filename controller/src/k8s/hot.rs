@@ -176,6 +176,7 @@ async fn decide_on(
         &names,
         &ctx.hub,
         &pods,
+        &instance.exposed(),
         driver.durable().master.as_deref(),
         ctx.hang_timeout,
     );
@@ -224,6 +225,7 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
             &names,
             &ctx.hub,
             &pods,
+            &instance.exposed(),
             durable.master.as_deref(),
             ctx.hang_timeout,
         );
@@ -424,6 +426,15 @@ async fn write_status(
                     .load(std::sync::atomic::Ordering::SeqCst)
             })
             .map(|w| w.in_force(names)),
+        announced: if desired.announce {
+            desired
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), (n.host.clone(), n.port)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        },
         now: Timestamp::now(),
     });
     let (previous, volatile_due) = {
@@ -534,16 +545,22 @@ pub fn key_of(names: &Names) -> InstanceKey {
 /// A master on an ordinal the spec scaled away stays, `retiring`, with every ordinal below it,
 /// until the driver has moved its role (a planned switchover first, as in the local runtime);
 /// the cold path keeps the StatefulSet that large meanwhile ([`kept_replicas`]).
+///
+/// Reached from outside the cluster (`k8s::outside`), a node is at its outside address once
+/// that is known (the controller read it from the API, so no vouching is needed), and every
+/// node is kept announcing its address.
 pub fn desired(
     failover: &Failover,
     names: &Names,
     hub: &Hub,
     pods: &[Pod],
+    outside: &BTreeMap<String, super::outside::Exposed>,
     master: Option<&str>,
     hang_timeout: std::time::Duration,
 ) -> Desired {
     let key = key_of(names);
     let wanted = failover.spec.replicas;
+    let outside_addrs = super::outside::addresses(failover, pods, outside);
     Desired {
         nodes: (0..kept_replicas(failover, names, master))
             .map(|ordinal| {
@@ -556,6 +573,7 @@ pub fn desired(
                     .map_or((dns.clone(), VALKEY_PORT as u16), |h| {
                         (h.announce_host, h.announce_port as u16)
                     });
+                let (host, port) = outside_addrs.get(&pod).cloned().unwrap_or((host, port));
                 NodeSpec {
                     host,
                     name: pod,
@@ -568,6 +586,7 @@ pub fn desired(
         hang_timeout_ms: hang_timeout.as_millis() as u64,
         replica_silence_s: (hang_timeout.as_secs() as i64).max(2),
         live_config: live_config(&failover.spec),
+        announce: super::outside::is_outside(failover),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod hub_tls;
 pub mod leader;
 pub mod metrics;
 pub mod network_policy;
+pub mod outside;
 pub mod password;
 pub mod reconcile;
 pub mod recreate;

@@ -28,7 +28,7 @@ use super::{
     context::{Applied, Context, Instance},
     external_set,
     hot::{self, key_of},
-    is_paused, network_policy,
+    is_paused, network_policy, outside,
     password::{self, Whose},
     recreate::{self, SetApplied},
     roll, sentinel_objects, services, status, tls_objects, tls_secret, volumes,
@@ -232,6 +232,7 @@ async fn reconcile_inner(
     };
     let kept = hot::kept_replicas(failover, &names, master.as_deref());
     let recreating = apply_objects(ctx, instance, failover, &names, paused, kept).await?;
+    outside::refresh(ctx, instance, failover, &names).await?;
     volumes::expand(ctx, instance, failover, &names).await?;
     sweep_pod_services(ctx, instance, &names, kept).await?;
     if paused {
@@ -351,6 +352,7 @@ fn paused_status(
         sentinel: None,
         tls_secret: tls_objects::data_secret(failover),
         old_password_secret: None,
+        announced: Default::default(),
         now: Timestamp::now(),
     });
     status::keep_transition_times(&mut next, previous.as_ref());

@@ -7,6 +7,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
+use std::collections::BTreeMap;
+
 use valkey_proto::v1::Role;
 
 use super::Names;
@@ -92,6 +94,8 @@ pub struct Inputs<'a> {
     /// While a password rotation lets both passwords in: the Secret that holds the old one
     /// (key `password.old`).
     pub old_password_secret: Option<String>,
+    /// The address each node announces to clients outside the cluster, where it does.
+    pub announced: BTreeMap<String, (String, u16)>,
     pub now: Timestamp,
 }
 
@@ -162,10 +166,16 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
         status.nodes.push(ValkeyNode {
             id: data.map(|d| d.run_id.clone()).unwrap_or_default(),
             role,
-            ip: pod
-                .and_then(|p| p.status.as_ref()?.pod_ip.clone())
-                .unwrap_or_default(),
-            port: super::VALKEY_PORT,
+            ip: match inputs.announced.get(&pod_name) {
+                Some((host, _)) => host.clone(),
+                None => pod
+                    .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+                    .unwrap_or_default(),
+            },
+            port: inputs
+                .announced
+                .get(&pod_name)
+                .map_or(super::VALKEY_PORT, |(_, port)| i32::from(*port)),
             master_ref: data
                 .filter(|d| d.role() == Role::Replica && d.master_port > 1)
                 .map(|d| format!("{}:{}", d.master_host, d.master_port)),
@@ -430,6 +440,7 @@ mod tests {
             sentinel: None,
             tls_secret: None,
             old_password_secret: None,
+            announced: BTreeMap::new(),
             now: Timestamp::UNIX_EPOCH,
         }
     }

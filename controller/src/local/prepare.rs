@@ -183,6 +183,8 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         hang_timeout_ms: options.hang_timeout.as_millis() as u64,
         replica_silence_s: (options.hang_timeout.as_secs() as i64).max(2),
         live_config: crate::engine::live_config(&manifest.spec),
+        // Everything is on loopback: the addresses the nodes announce at start are right.
+        announce: false,
     };
     let driver = Driver::new(key.clone(), state.durable.clone());
     let tls = tls::LocalTls::prepare(&dir, manifest.spec.access.enable_tls, options.cert_lifetime)?;

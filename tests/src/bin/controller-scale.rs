@@ -95,6 +95,7 @@ async fn serve() {
                 ("min-replicas-max-lag".to_owned(), "5".to_owned()),
             ]
             .into(),
+            announce: false,
         };
         let plan = engine.plan(
             &hub,

@@ -1,0 +1,167 @@
+//! Outside access. With `access.serviceType` NodePort or LoadBalancer, each data node announces
+//! the address clients outside the cluster reach it at, not its pod DNS name: its node's IP
+//! and its per-pod Service's NodePort, or that Service's load-balancer address and 6379. The
+//! failover core then points replicas, Sentinel (whose `get-master-addr-by-name` answers with
+//! it) and the status at that address, and keeps `replica-announce-ip`/`-port` on each node.
+//! The cold path reads the per-pod Services (one list per pass, only for such instances); the
+//! node IPs come from the pod cache.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::{Api, ResourceExt, api::ListParams};
+
+use super::{
+    LABEL_INSTANCE, Names, VALKEY_PORT,
+    context::{Context, Instance},
+    reconcile::Error,
+};
+use crate::crd::{Failover, ServiceType};
+
+/// What a per-pod Service (named as its pod) gives outside clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exposed {
+    pub node_port: Option<u16>,
+    /// The load balancer's IP or hostname, once it has one.
+    pub ingress: Option<String>,
+}
+
+/// Whether the instance is reached from outside the cluster.
+pub fn is_outside(failover: &Failover) -> bool {
+    failover.spec.access.service_type != ServiceType::ClusterIP
+}
+
+fn exposed(service: &Service) -> Exposed {
+    let node_port = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref()?.first()?.node_port)
+        .and_then(|p| u16::try_from(p).ok());
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref()?.ingress.as_ref()?.first().cloned())
+        .and_then(|i| i.ip.or(i.hostname));
+    Exposed { node_port, ingress }
+}
+
+/// Pure: each pod's outside address, where it is known yet (a NodePort needs the pod's node,
+/// a LoadBalancer its address).
+pub fn addresses(
+    failover: &Failover,
+    pods: &[Pod],
+    services: &BTreeMap<String, Exposed>,
+) -> BTreeMap<String, (String, u16)> {
+    let kind = failover.spec.access.service_type;
+    services
+        .iter()
+        .filter_map(|(pod, exposed)| {
+            let address = match kind {
+                ServiceType::ClusterIP => None,
+                ServiceType::NodePort => {
+                    let node_ip = pods
+                        .iter()
+                        .find(|p| p.name_any() == *pod)
+                        .and_then(|p| p.status.as_ref()?.host_ip.clone())?;
+                    Some((node_ip, exposed.node_port?))
+                }
+                ServiceType::LoadBalancer => Some((exposed.ingress.clone()?, VALKEY_PORT as u16)),
+            };
+            address.map(|a| (pod.clone(), a))
+        })
+        .collect()
+}
+
+/// Reads the instance's per-pod Services into `instance` (nothing, and no request, for an
+/// instance reached only inside the cluster).
+pub async fn refresh(
+    ctx: &Context,
+    instance: &Instance,
+    failover: &Failover,
+    names: &Names,
+) -> Result<(), Error> {
+    if !is_outside(failover) {
+        instance.set_exposed(BTreeMap::new());
+        return Ok(());
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let listed = api
+        .list(&ListParams::default().labels(&format!("{LABEL_INSTANCE}={}", names.instance)))
+        .await
+        .map_err(|source| Error::Read {
+            what: "Services".into(),
+            source,
+        })?;
+    let pods: Vec<String> = (0..failover.spec.replicas).map(|i| names.pod(i)).collect();
+    instance.set_exposed(
+        listed
+            .items
+            .iter()
+            .filter(|s| pods.contains(&s.name_any()))
+            .map(|s| (s.name_any(), exposed(s)))
+            .collect(),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::PodStatus;
+
+    use super::*;
+    use crate::crd::{FailoverSpec, InstanceAccess};
+
+    fn failover(kind: ServiceType) -> Failover {
+        Failover::new(
+            "demo",
+            FailoverSpec {
+                access: InstanceAccess {
+                    service_type: kind,
+                    ..InstanceAccess::default()
+                },
+                ..FailoverSpec::default()
+            },
+        )
+    }
+
+    fn pod(name: &str, host_ip: Option<&str>) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        pod.status = Some(PodStatus {
+            host_ip: host_ip.map(str::to_owned),
+            ..PodStatus::default()
+        });
+        pod
+    }
+
+    #[test]
+    fn a_node_port_is_announced_on_its_pods_node_and_a_load_balancer_at_its_address() {
+        let services = BTreeMap::from([
+            (
+                "demo-0".to_owned(),
+                Exposed {
+                    node_port: Some(30001),
+                    ingress: Some("203.0.113.7".into()),
+                },
+            ),
+            (
+                "demo-1".to_owned(),
+                Exposed {
+                    node_port: Some(30002),
+                    ingress: None,
+                },
+            ),
+        ]);
+        let pods = [pod("demo-0", Some("10.0.0.5")), pod("demo-1", None)];
+        assert_eq!(
+            addresses(&failover(ServiceType::NodePort), &pods, &services),
+            BTreeMap::from([("demo-0".to_owned(), ("10.0.0.5".to_owned(), 30001))]),
+            "a pod not scheduled yet has no node IP: not announced yet"
+        );
+        assert_eq!(
+            addresses(&failover(ServiceType::LoadBalancer), &pods, &services),
+            BTreeMap::from([("demo-0".to_owned(), ("203.0.113.7".to_owned(), 6379))]),
+        );
+        assert!(addresses(&failover(ServiceType::ClusterIP), &pods, &services).is_empty());
+    }
+}
