@@ -264,6 +264,28 @@ impl Watcher {
                     .push(info::sentinel_master(master, replicas, sentinels));
             }
         }
+        let announce: Vec<HashMap<String, String>> = self
+            .local
+            .pipe(
+                redis::pipe()
+                    .cmd("SENTINEL")
+                    .arg("CONFIG")
+                    .arg("GET")
+                    .arg("announce-ip")
+                    .cmd("SENTINEL")
+                    .arg("CONFIG")
+                    .arg("GET")
+                    .arg("announce-port"),
+            )
+            .await?;
+        for setting in announce {
+            if let Some(ip) = setting.get("announce-ip") {
+                state.announce_ip.clone_from(ip);
+            }
+            if let Some(port) = setting.get("announce-port") {
+                state.announce_port = port.parse().unwrap_or_default();
+            }
+        }
         self.memory.observe(&state.run_id, 0, false);
         state.restarted = self.memory.restarted;
         Ok(state)

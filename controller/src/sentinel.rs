@@ -25,6 +25,9 @@ pub struct SentinelDesired {
     /// The sentinels' own announced addresses (host, port): any other sentinel a sentinel
     /// remembers is stale.
     pub sentinel_addrs: Vec<(String, u32)>,
+    /// Sentinels (by pod) kept announcing an address of the controller's choosing
+    /// (announce-ip/-port): the one clients outside the cluster reach them at.
+    pub announce: BTreeMap<String, (String, u32)>,
 }
 
 /// What one sentinel says of this instance's master.
@@ -32,6 +35,8 @@ pub struct SentinelDesired {
 pub struct SentinelView<'a> {
     pub pod: &'a str,
     pub master: Option<&'a SentinelMaster>,
+    /// The address it announces to its peers.
+    pub announce: (&'a str, u32),
 }
 
 fn views<'a>(
@@ -50,6 +55,7 @@ fn views<'a>(
             Some(SentinelView {
                 pod,
                 master: state.masters.iter().find(|m| m.name == sd.name),
+                announce: (state.announce_ip.as_str(), state.announce_port),
             })
         })
         .collect()
@@ -254,7 +260,25 @@ pub fn decide(
         plan.durable = Some(next);
     }
 
-    // Heal: every sentinel monitors the instance, with the desired settings.
+    // Heal: every sentinel announces the address it is reached at (when that is ours to
+    // choose), and monitors the instance, with the desired settings.
+    for view in &views {
+        if let Some((host, port)) = sd.announce.get(view.pod)
+            && (view.announce.0 != host || view.announce.1 != *port)
+        {
+            plan.commands.push((
+                view.pod.to_owned(),
+                Action::SentinelConfigSet(valkey_proto::v1::SentinelConfigSet {
+                    params: [
+                        ("announce-ip".to_owned(), host.clone()),
+                        ("announce-port".to_owned(), port.to_string()),
+                    ]
+                    .into(),
+                    ..Default::default()
+                }),
+            ));
+        }
+    }
     for view in &views {
         match view.master {
             None => {
@@ -425,6 +449,7 @@ mod tests {
                 ("127.0.0.1".into(), 26380),
                 ("127.0.0.1".into(), 26381),
             ],
+            announce: BTreeMap::new(),
         }
     }
 

@@ -673,6 +673,38 @@ pub fn start_sentinel_pods(cluster: &FakeCluster, password: &str) -> SentinelPod
     SentinelPods { sentinels, agents }
 }
 
+impl FakeCluster {
+    /// The Pod objects of `demo`'s embedded sentinels as the StatefulSet would make them, on
+    /// this machine (pod and node IP 127.0.0.1).
+    pub async fn create_sentinel_pods(&self, pods: &SentinelPods) {
+        for (i, sentinel) in pods.sentinels.iter().enumerate() {
+            let name = format!("demo-sentinel-{i}");
+            if let Ok(mut ports) = self.valkey_ports.lock() {
+                ports.insert(name.clone(), sentinel.port);
+            }
+            let pod = Pod {
+                metadata: ObjectMeta {
+                    name: Some(name),
+                    namespace: Some(NS.into()),
+                    labels: Some(
+                        [
+                            (LABEL_INSTANCE.to_owned(), "demo".to_owned()),
+                            (LABEL_COMPONENT.to_owned(), "sentinel".to_owned()),
+                        ]
+                        .into(),
+                    ),
+                    ..ObjectMeta::default()
+                },
+                ..Pod::default()
+            };
+            self.api::<Pod>(NS)
+                .create(&PostParams::default(), &pod)
+                .await
+                .expect("create a sentinel pod");
+        }
+    }
+}
+
 /// An empty cluster with `demo`'s password Secret (the password the test Valkeys use).
 pub async fn with_demo_password() -> FakeCluster {
     let cluster = FakeCluster::start().await;
@@ -759,4 +791,27 @@ impl FakeCluster {
             .collect();
         SecretMount(tasks)
     }
+}
+
+/// NodePorts on this machine: a forwarder per address (standing in for kube-proxy), and the
+/// `serviceType: NodePort` access whose pool is their ports, in order.
+pub async fn node_ports(
+    addrs: impl IntoIterator<Item = String>,
+) -> (
+    Vec<crate::proxy::RoleProxy>,
+    valkey_controller::crd::InstanceAccess,
+) {
+    let mut forwarders = Vec::new();
+    for addr in addrs {
+        forwarders.push(
+            crate::proxy::RoleProxy::start(move || std::future::ready(Some(addr.clone()))).await,
+        );
+    }
+    let pool: Vec<String> = forwarders.iter().map(|p| p.port.to_string()).collect();
+    let access = valkey_controller::crd::InstanceAccess {
+        service_type: valkey_controller::crd::ServiceType::NodePort,
+        ports: Some(pool.join(",")),
+        ..Default::default()
+    };
+    (forwarders, access)
 }

@@ -11,14 +11,14 @@ use std::{collections::HashMap, time::Duration};
 use kube::api::{Patch, PatchParams};
 use valkey_controller::crd::{
     Failover, FailoverSpec, InstanceAccess, SentinelMonitorNode, SentinelReference,
-    SentinelSettings, ServiceType,
+    SentinelSettings,
 };
 use valkey_e2e::{
     k8s::{
-        FakeCluster, NS, Nodes, failover, ordinal, ready, start_nodes, three, with_demo_password,
+        FakeCluster, NS, Nodes, failover, node_ports, ordinal, ready, start_nodes, three,
+        with_demo_password,
     },
     procs::{Sentinel, Valkey},
-    proxy::RoleProxy,
     wait_for,
 };
 
@@ -264,23 +264,8 @@ async fn a_shared_external_set_fails_an_instance_over_after_kill_9() {
 async fn node_port_addresses_reach_valkey_sentinel_and_the_status() {
     let cluster = with_demo_password().await;
     let nodes = start_nodes(&cluster);
-    let mut node_ports = Vec::new();
-    for valkey in &nodes.valkeys {
-        let addr = valkey.addr();
-        node_ports.push(RoleProxy::start(move || std::future::ready(Some(addr.clone()))).await);
-    }
-    let ports: Vec<u16> = node_ports.iter().map(|p| p.port).collect();
-    let access = InstanceAccess {
-        service_type: ServiceType::NodePort,
-        ports: Some(
-            ports
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        ..InstanceAccess::default()
-    };
+    let (forwarders, access) = node_ports(nodes.valkeys.iter().map(|v| v.addr())).await;
+    let ports: Vec<u16> = forwarders.iter().map(|p| p.port).collect();
     let Setup {
         cluster,
         nodes,
@@ -336,4 +321,48 @@ async fn node_port_addresses_reach_valkey_sentinel_and_the_status() {
             assert_eq!(info["master_link_status"], "up");
         }
     }
+}
+
+/// A planned switchover (the annotation) through the shared set: another node takes over with
+/// every acknowledged write, and every sentinel names it.
+#[tokio::test]
+async fn a_switchover_through_a_shared_external_set_keeps_every_write() {
+    let Setup {
+        cluster,
+        nodes,
+        sentinels,
+        _other,
+    } = external_set().await;
+    let old = ready_master(&cluster).await;
+    nodes.acked_writes(&old, 20).await;
+    cluster
+        .api::<Failover>(NS)
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": {
+                valkey_controller::k8s::ANNOTATION_SWITCHOVER: "any",
+            }}})),
+        )
+        .await
+        .expect("annotate");
+    let switched = cluster
+        .reconcile_until(NS, "demo", "the switchover", T, |f| {
+            ready(f)
+                && f.status
+                    .as_ref()
+                    .and_then(|s| s.master.as_ref())
+                    .is_some_and(|m| *m != old)
+        })
+        .await;
+    let new = switched.status.expect("status").master.expect("master");
+    assert_eq!(nodes.keys(&new).await, 20, "no acknowledged write lost");
+    let port = nodes.valkeys[ordinal(&new)].port.to_string();
+    every_sentinel_has(
+        &cluster,
+        &sentinels,
+        "every sentinel names it",
+        &[("port", &port)],
+    )
+    .await;
 }

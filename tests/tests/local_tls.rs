@@ -274,7 +274,14 @@ async fn a_renewal_restarts_the_sentinels_one_at_a_time_and_causes_no_failover()
     let ca_file = instance.dir.join("tls").join("ca.crt");
     let mut before = Vec::new();
     for sentinel in &status.monitor.nodes {
-        before.push(served_certificate(&ca_file, &sentinel.addr).await);
+        // On a loaded machine the first renewal may already be restarting this sentinel: wait
+        // for it to serve (the renewal after this one is then the one waited for below).
+        before.push(
+            wait_for(&format!("{} to serve", sentinel.pod), T, || {
+                try_served_certificate(&ca_file, &sentinel.addr)
+            })
+            .await,
+        );
     }
     for (sentinel, cert) in status.monitor.nodes.iter().zip(&before) {
         wait_for(

@@ -386,6 +386,11 @@ impl PodCache {
 
     /// The data pods of one instance.
     pub fn data_pods(&self, names: &Names) -> Vec<Pod> {
+        self.pods_of(names, super::build::COMPONENT_DATA)
+    }
+
+    /// The pods of one instance's `component` (data, sentinel).
+    pub fn pods_of(&self, names: &Names, component: &str) -> Vec<Pod> {
         let Ok(pods) = self.pods.read() else {
             return Vec::new();
         };
@@ -394,8 +399,7 @@ impl PodCache {
             .take_while(|((ns, name, _), _)| *ns == instance.0 && *name == instance.1)
             .map(|(_, pod)| pod)
             .filter(|pod| {
-                pod.labels().get(super::LABEL_COMPONENT).map(String::as_str)
-                    == Some(super::build::COMPONENT_DATA)
+                pod.labels().get(super::LABEL_COMPONENT).map(String::as_str) == Some(component)
             })
             .map(|pod| (**pod).clone())
             .collect()

@@ -180,7 +180,11 @@ async fn decide_on(
         driver.durable().master.as_deref(),
         ctx.hang_timeout,
     );
-    let sentinel = sentinel_desired(failover, &names);
+    let sentinel = sentinel_desired(
+        failover,
+        &names,
+        &super::outside::sentinel_addresses(ctx, instance, failover, &names),
+    );
     let target = Target {
         desired: &desired,
         sentinel: sentinel.as_ref(),
@@ -229,7 +233,11 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
             durable.master.as_deref(),
             ctx.hang_timeout,
         );
-        let sentinel = sentinel_desired(&failover, &names);
+        let sentinel = sentinel_desired(
+            &failover,
+            &names,
+            &super::outside::sentinel_addresses(ctx, instance, &failover, &names),
+        );
         write_status(
             ctx,
             instance,
@@ -560,7 +568,12 @@ pub fn desired(
 ) -> Desired {
     let key = key_of(names);
     let wanted = failover.spec.replicas;
-    let outside_addrs = super::outside::addresses(failover, pods, outside);
+    let outside_addrs = super::outside::addresses(
+        failover.spec.access.service_type,
+        pods,
+        outside,
+        VALKEY_PORT,
+    );
     Desired {
         nodes: (0..kept_replicas(failover, names, master))
             .map(|ordinal| {
@@ -633,7 +646,14 @@ fn vouched(pod: Option<&Pod>, dns: &str, host: &str, port: u32) -> bool {
 }
 
 /// How Sentinel watches the instance (policy sentinel).
-pub fn sentinel_desired(failover: &Failover, names: &Names) -> Option<SentinelDesired> {
+///
+/// `outside`: the embedded sentinels' outside addresses, by pod (`k8s::outside`): where one is
+/// known, the sentinel is kept announcing it and its peers are expected there.
+pub fn sentinel_desired(
+    failover: &Failover,
+    names: &Names,
+    outside: &BTreeMap<String, (String, u16)>,
+) -> Option<SentinelDesired> {
     let settings = failover.spec.sentinel.as_ref()?;
     let sentinel_addrs = match &settings.sentinel_reference {
         Some(reference) => reference
@@ -644,7 +664,10 @@ pub fn sentinel_desired(failover: &Failover, names: &Names) -> Option<SentinelDe
         None => (0..settings.count())
             .map(|i| {
                 let pod = format!("{}-{i}", names.sentinel());
-                (names.sentinel_host(&pod), SENTINEL_PORT as u32)
+                match outside.get(&pod) {
+                    Some((host, port)) => (host.clone(), u32::from(*port)),
+                    None => (names.sentinel_host(&pod), SENTINEL_PORT as u32),
+                }
             })
             .collect(),
     };
@@ -653,6 +676,10 @@ pub fn sentinel_desired(failover: &Failover, names: &Names) -> Option<SentinelDe
         quorum: settings.quorum_or_default(),
         monitor_config: settings.monitor_config_or_default(),
         sentinel_addrs,
+        announce: outside
+            .iter()
+            .map(|(pod, (host, port))| (pod.clone(), (host.clone(), u32::from(*port))))
+            .collect(),
     })
 }
 

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::{Api, ResourceExt, api::ListParams};
 
 use super::{
-    LABEL_INSTANCE, Names, VALKEY_PORT,
+    LABEL_INSTANCE, Names, SENTINEL_PORT,
     context::{Context, Instance},
     reconcile::Error,
 };
@@ -26,9 +26,35 @@ pub struct Exposed {
     pub ingress: Option<String>,
 }
 
-/// Whether the instance is reached from outside the cluster.
+/// Whether the instance's data nodes are reached from outside the cluster.
 pub fn is_outside(failover: &Failover) -> bool {
     failover.spec.access.service_type != ServiceType::ClusterIP
+}
+
+/// How an embedded Sentinel set's sentinels are reached (`sentinel.access.serviceType`).
+pub fn sentinel_kind(failover: &Failover) -> ServiceType {
+    super::sentinel_objects::embedded(failover)
+        .and_then(|s| s.access.as_ref())
+        .map_or(ServiceType::ClusterIP, |a| a.access.service_type)
+}
+
+/// The sentinels' outside addresses, by pod, where known.
+pub fn sentinel_addresses(
+    ctx: &Context,
+    instance: &Instance,
+    failover: &Failover,
+    names: &Names,
+) -> BTreeMap<String, (String, u16)> {
+    match sentinel_kind(failover) {
+        ServiceType::ClusterIP => BTreeMap::new(),
+        kind => addresses(
+            kind,
+            &ctx.pods
+                .pods_of(names, super::sentinel_objects::COMPONENT_SENTINEL),
+            &instance.exposed(),
+            SENTINEL_PORT,
+        ),
+    }
 }
 
 fn exposed(service: &Service) -> Exposed {
@@ -48,11 +74,11 @@ fn exposed(service: &Service) -> Exposed {
 /// Pure: each pod's outside address, where it is known yet (a NodePort needs the pod's node,
 /// a LoadBalancer its address).
 pub fn addresses(
-    failover: &Failover,
+    kind: ServiceType,
     pods: &[Pod],
     services: &BTreeMap<String, Exposed>,
+    port: i32,
 ) -> BTreeMap<String, (String, u16)> {
-    let kind = failover.spec.access.service_type;
     services
         .iter()
         .filter_map(|(pod, exposed)| {
@@ -65,7 +91,7 @@ pub fn addresses(
                         .and_then(|p| p.status.as_ref()?.host_ip.clone())?;
                     Some((node_ip, exposed.node_port?))
                 }
-                ServiceType::LoadBalancer => Some((exposed.ingress.clone()?, VALKEY_PORT as u16)),
+                ServiceType::LoadBalancer => Some((exposed.ingress.clone()?, port as u16)),
             };
             address.map(|a| (pod.clone(), a))
         })
@@ -80,7 +106,11 @@ pub async fn refresh(
     failover: &Failover,
     names: &Names,
 ) -> Result<(), Error> {
-    if !is_outside(failover) {
+    let sentinels = match sentinel_kind(failover) {
+        ServiceType::ClusterIP => 0,
+        _ => super::sentinel_objects::embedded(failover).map_or(0, |s| s.count()),
+    };
+    if !is_outside(failover) && sentinels == 0 {
         instance.set_exposed(BTreeMap::new());
         return Ok(());
     }
@@ -92,7 +122,10 @@ pub async fn refresh(
             what: "Services".into(),
             source,
         })?;
-    let pods: Vec<String> = (0..failover.spec.replicas).map(|i| names.pod(i)).collect();
+    let pods: Vec<String> = (0..failover.spec.replicas)
+        .map(|i| names.pod(i))
+        .chain((0..sentinels).map(|i| format!("{}-{i}", names.sentinel())))
+        .collect();
     instance.set_exposed(
         listed
             .items
@@ -109,20 +142,6 @@ mod tests {
     use k8s_openapi::api::core::v1::PodStatus;
 
     use super::*;
-    use crate::crd::{FailoverSpec, InstanceAccess};
-
-    fn failover(kind: ServiceType) -> Failover {
-        Failover::new(
-            "demo",
-            FailoverSpec {
-                access: InstanceAccess {
-                    service_type: kind,
-                    ..InstanceAccess::default()
-                },
-                ..FailoverSpec::default()
-            },
-        )
-    }
 
     fn pod(name: &str, host_ip: Option<&str>) -> Pod {
         let mut pod = Pod::default();
@@ -154,14 +173,14 @@ mod tests {
         ]);
         let pods = [pod("demo-0", Some("10.0.0.5")), pod("demo-1", None)];
         assert_eq!(
-            addresses(&failover(ServiceType::NodePort), &pods, &services),
+            addresses(ServiceType::NodePort, &pods, &services, 6379),
             BTreeMap::from([("demo-0".to_owned(), ("10.0.0.5".to_owned(), 30001))]),
             "a pod not scheduled yet has no node IP: not announced yet"
         );
         assert_eq!(
-            addresses(&failover(ServiceType::LoadBalancer), &pods, &services),
+            addresses(ServiceType::LoadBalancer, &pods, &services, 6379),
             BTreeMap::from([("demo-0".to_owned(), ("203.0.113.7".to_owned(), 6379))]),
         );
-        assert!(addresses(&failover(ServiceType::ClusterIP), &pods, &services).is_empty());
+        assert!(addresses(ServiceType::ClusterIP, &pods, &services, 6379).is_empty());
     }
 }

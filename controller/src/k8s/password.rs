@@ -206,7 +206,7 @@ pub fn rotate(
         return false;
     }
     let data: Vec<String> = (0..failover.spec.replicas).map(|i| names.pod(i)).collect();
-    let sentinel = super::hot::sentinel_desired(failover, names);
+    let sentinel = super::hot::sentinel_desired(failover, names, &BTreeMap::new());
     let connected = |kind| {
         ctx.hub
             .observe_kind(&instance.key, kind)

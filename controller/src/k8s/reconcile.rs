@@ -633,7 +633,10 @@ async fn check_node_ports(
     instance: &Instance,
     names: &Names,
 ) -> Result<(), Error> {
-    let pool = crate::validate::node_port_pool(&failover.spec).map_err(Error::InvalidSpec)?;
+    let mut pool = crate::validate::node_port_pool(&failover.spec).map_err(Error::InvalidSpec)?;
+    pool.extend(
+        crate::validate::sentinel_node_port_pool(&failover.spec).map_err(Error::InvalidSpec)?,
+    );
     let generation = failover.metadata.generation;
     let checked = instance
         .cold

@@ -323,7 +323,7 @@ pub fn objects(
         .as_ref()
         .map(|a| a.access.clone())
         .unwrap_or_default();
-    let services = vec![
+    let mut services = vec![
         headless(
             failover,
             names.sentinel_headless(),
@@ -336,9 +336,31 @@ pub fn objects(
             names.sentinel(),
             COMPONENT_SENTINEL,
             selector(&names, COMPONENT_SENTINEL),
-            vec![port],
+            vec![port.clone()],
         ),
     ];
+    // Reached from outside the cluster: one Service per sentinel (named as its pod), on its
+    // NodePort from `sentinel.access.ports`, whose address the sentinel announces.
+    if access.service_type != crate::crd::ServiceType::ClusterIP {
+        // The spec was validated: an invalid pool never gets here.
+        let pool = crate::validate::sentinel_node_port_pool(&failover.spec).unwrap_or_default();
+        for ordinal in 0..sentinel.count() {
+            let pod = format!("{}-{ordinal}", names.sentinel());
+            let mut select = selector(&names, COMPONENT_SENTINEL);
+            select.insert("statefulset.kubernetes.io/pod-name".into(), pod.clone());
+            services.push(client_service(
+                failover,
+                &access,
+                pod,
+                COMPONENT_SENTINEL,
+                select,
+                vec![ServicePort {
+                    node_port: pool.get(ordinal as usize).copied(),
+                    ..port.clone()
+                }],
+            ));
+        }
+    }
     let budget = pdb(failover, COMPONENT_SENTINEL, names.sentinel());
     (vec![config], vec![statefulset], services, vec![budget])
 }

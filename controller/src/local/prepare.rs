@@ -247,6 +247,8 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
                     .map(|p| ("127.0.0.1".to_owned(), u32::from(p.valkey)))
                     .chain(external.iter().map(|n| (n.host.clone(), u32::from(n.port))))
                     .collect(),
+                // On loopback every sentinel is reached where it says it is.
+                announce: Default::default(),
             }),
             None => None,
         },

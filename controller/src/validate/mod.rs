@@ -8,7 +8,7 @@ mod text;
 
 use std::collections::BTreeMap;
 
-use crate::crd::{FailoverSpec, SentinelSettings, ServiceType};
+use crate::crd::{FailoverSpec, InstanceAccess, SentinelSettings, ServiceType};
 pub use privilege::Admission;
 pub use text::{MAX_VALUE_LEN, REFUSED_KEYS, is_dns_label};
 
@@ -149,6 +149,7 @@ pub fn validate_admitted(
         check_resources("spec.exporter.resources", exporter.resources.as_ref())?;
     }
     node_port_pool(spec)?;
+    sentinel_node_port_pool(spec)?;
     check_references(spec)?;
     for (i, module) in spec.modules.iter().enumerate() {
         text::check_module_path(&format!("spec.modules[{i}].path"), &module.path)?;
@@ -210,18 +211,45 @@ fn check_resources(
 /// The NodePort pool (`spec.access.ports`): one port per pod, no repeats, only with
 /// serviceType NodePort. Empty when no pool is given.
 pub fn node_port_pool(spec: &FailoverSpec) -> Result<Vec<i32>, Invalid> {
-    const FIELD: &str = "spec.access.ports";
-    let Some(text) = spec.access.ports.as_deref() else {
+    pool("spec.access.ports", &spec.access, spec.replicas)
+}
+
+/// An embedded Sentinel set's NodePort pool (`spec.sentinel.access.ports`): one port per
+/// sentinel, none that the data pods' pool holds too.
+pub fn sentinel_node_port_pool(spec: &FailoverSpec) -> Result<Vec<i32>, Invalid> {
+    const FIELD: &str = "spec.sentinel.access.ports";
+    let Some((sentinel, access)) = spec
+        .sentinel
+        .as_ref()
+        .filter(|s| s.sentinel_reference.is_none())
+        .and_then(|s| Some((s, s.access.as_ref()?)))
+    else {
         return Ok(Vec::new());
     };
-    if spec.access.service_type != ServiceType::NodePort {
-        return Err(invalid(FIELD, "a NodePort pool needs serviceType NodePort"));
+    let ports = pool(FIELD, &access.access, sentinel.count())?;
+    let data = node_port_pool(spec)?;
+    if let Some(port) = ports.iter().find(|p| data.contains(p)) {
+        return Err(invalid(
+            FIELD,
+            format!("port {port} is in spec.access.ports too"),
+        ));
+    }
+    Ok(ports)
+}
+
+/// A NodePort pool at `field` of `access`: one port for each of `count` pods.
+fn pool(field: &'static str, access: &InstanceAccess, count: i32) -> Result<Vec<i32>, Invalid> {
+    let Some(text) = access.ports.as_deref() else {
+        return Ok(Vec::new());
+    };
+    if access.service_type != ServiceType::NodePort {
+        return Err(invalid(field, "a NodePort pool needs serviceType NodePort"));
     }
     let mut ports = Vec::new();
     for part in text.split(',') {
         let bad = || {
             invalid(
-                FIELD,
+                field,
                 format!("{part:?} is not a port or a range like 30001-30003"),
             )
         };
@@ -239,15 +267,15 @@ pub fn node_port_pool(spec: &FailoverSpec) -> Result<Vec<i32>, Invalid> {
     let mut sorted = ports.clone();
     sorted.sort_unstable();
     if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-        return Err(invalid(FIELD, format!("port {} is listed twice", w[0])));
+        return Err(invalid(field, format!("port {} is listed twice", w[0])));
     }
-    if ports.len() != spec.replicas as usize {
+    if ports.len() != count as usize {
         return Err(invalid(
-            FIELD,
+            field,
             format!(
                 "must hold one port per pod: {} port(s) for {} pod(s)",
                 ports.len(),
-                spec.replicas
+                count
             ),
         ));
     }

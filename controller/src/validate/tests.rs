@@ -40,6 +40,50 @@ fn a_good_spec_passes() {
 }
 
 #[test]
+fn a_sentinel_node_port_pool_holds_one_port_per_sentinel_none_of_the_data_pools() {
+    let with_pools = |data: &str, sentinels: &str| {
+        let mut s = spec();
+        s.access = InstanceAccess {
+            service_type: ServiceType::NodePort,
+            ports: Some(data.into()),
+            ..InstanceAccess::default()
+        };
+        s.sentinel = Some(SentinelSettings {
+            access: Some(crate::crd::SentinelInstanceAccess {
+                access: InstanceAccess {
+                    service_type: ServiceType::NodePort,
+                    ports: Some(sentinels.into()),
+                    ..InstanceAccess::default()
+                },
+                ..Default::default()
+            }),
+            ..SentinelSettings::default()
+        });
+        s
+    };
+    let good = with_pools("30001-30003", "30011-30013");
+    assert_eq!(validate("demo", &good), Ok(()));
+    assert_eq!(
+        sentinel_node_port_pool(&good),
+        Ok(vec![30011, 30012, 30013])
+    );
+    for (bad, says) in [
+        (
+            with_pools("30001-30003", "30011-30012"),
+            "one port per pod: 2 port(s) for 3",
+        ),
+        (
+            with_pools("30001-30003", "30003,30011,30012"),
+            "port 30003 is in spec.access.ports too",
+        ),
+    ] {
+        let err = validate("demo", &bad).expect_err("refused");
+        assert_eq!(err.field, "spec.sentinel.access.ports", "{err:?}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+#[test]
 fn errors_name_the_field() {
     let mut cases: Vec<(FailoverSpec, &str)> = Vec::new();
     let mut s = spec();
