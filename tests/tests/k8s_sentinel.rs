@@ -80,6 +80,35 @@ async fn ready_master(cluster: &FakeCluster) -> String {
     up.status.expect("status").master.expect("master")
 }
 
+/// Reconciles until another node than `old` is master; checks that it holds the 20
+/// acknowledged writes and that every sentinel names it. Returns it.
+async fn took_over(
+    cluster: &FakeCluster,
+    nodes: &Nodes,
+    sentinels: &[Sentinel],
+    old: &str,
+) -> String {
+    let after = cluster
+        .reconcile_until(NS, "demo", "another master", T, |f| {
+            f.status
+                .as_ref()
+                .and_then(|s| s.master.as_ref())
+                .is_some_and(|m| m != old)
+        })
+        .await;
+    let new = after.status.expect("status").master.expect("master");
+    assert_eq!(nodes.keys(&new).await, 20, "no acknowledged write lost");
+    let port = nodes.valkeys[ordinal(&new)].port.to_string();
+    every_sentinel_has(
+        cluster,
+        sentinels,
+        "every sentinel names it",
+        &[("port", &port)],
+    )
+    .await;
+    new
+}
+
 struct Setup {
     cluster: FakeCluster,
     nodes: Nodes,
@@ -221,24 +250,7 @@ async fn a_shared_external_set_fails_an_instance_over_after_kill_9() {
     every_sentinel_has(&cluster, &sentinels, "monitored", &[("port", &port)]).await;
     nodes.acked_writes(&old, 20).await;
     nodes.valkeys[ordinal(&old)].kill9();
-    let after = cluster
-        .reconcile_until(NS, "demo", "another master", T, |f| {
-            f.status
-                .as_ref()
-                .and_then(|s| s.master.as_ref())
-                .is_some_and(|m| *m != old)
-        })
-        .await;
-    let new = after.status.expect("status").master.expect("master");
-    assert_eq!(nodes.keys(&new).await, 20, "no acknowledged write lost");
-    let port = nodes.valkeys[ordinal(&new)].port.to_string();
-    every_sentinel_has(
-        &cluster,
-        &sentinels,
-        "every sentinel names it",
-        &[("port", &port)],
-    )
-    .await;
+    let new = took_over(&cluster, &nodes, &sentinels, &old).await;
 
     // Healing: the old master comes back with its data and follows the new one.
     nodes.valkeys[ordinal(&old)].restart();
@@ -346,23 +358,5 @@ async fn a_switchover_through_a_shared_external_set_keeps_every_write() {
         )
         .await
         .expect("annotate");
-    let switched = cluster
-        .reconcile_until(NS, "demo", "the switchover", T, |f| {
-            ready(f)
-                && f.status
-                    .as_ref()
-                    .and_then(|s| s.master.as_ref())
-                    .is_some_and(|m| *m != old)
-        })
-        .await;
-    let new = switched.status.expect("status").master.expect("master");
-    assert_eq!(nodes.keys(&new).await, 20, "no acknowledged write lost");
-    let port = nodes.valkeys[ordinal(&new)].port.to_string();
-    every_sentinel_has(
-        &cluster,
-        &sentinels,
-        "every sentinel names it",
-        &[("port", &port)],
-    )
-    .await;
+    took_over(&cluster, &nodes, &sentinels, &old).await;
 }
