@@ -205,7 +205,10 @@ pub fn rotate(
     if flags.running.load(Ordering::SeqCst) {
         return false;
     }
-    let data: Vec<String> = (0..failover.spec.replicas).map(|i| names.pod(i)).collect();
+    // Every data pod still running, a master kept past a scale-down included.
+    let master = instance.status().and_then(|s| s.master);
+    let kept = super::hot::kept_replicas(failover, names, master.as_deref());
+    let data: Vec<String> = (0..kept).map(|i| names.pod(i)).collect();
     let sentinel = super::hot::sentinel_desired(failover, names, &BTreeMap::new());
     let connected = |kind| {
         ctx.hub
