@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use valkey_proto::v1::{
     PasswordRef, ProcessState, Promote, Role, SentinelFailover, SentinelMaster, SentinelMonitor,
-    SentinelSet, command::Action, password_ref,
+    SentinelPeer, SentinelSet, command::Action, password_ref,
 };
 
 use crate::core::{
@@ -117,15 +117,17 @@ fn knows_replicas(desired: &Desired, master: &str, view: &SentinelView) -> bool 
         .iter()
         .filter(|n| n.name != master && !n.retiring)
         .all(|n| {
-            m.replicas.iter().any(|r| {
-                r.host == n.host
-                    && r.port == u32::from(n.port)
-                    && !r
-                        .flags
-                        .iter()
-                        .any(|f| f == "s_down" || f == "o_down" || f == "disconnected")
+            replica_at(m, &n.host, u32::from(n.port)).is_some_and(|r| {
+                !r.flags
+                    .iter()
+                    .any(|f| f == "s_down" || f == "o_down" || f == "disconnected")
             })
         })
+}
+
+/// The replica a sentinel lists at `host`:`port` for this monitor, if it lists one.
+pub fn replica_at<'a>(m: &'a SentinelMaster, host: &str, port: u32) -> Option<&'a SentinelPeer> {
+    m.replicas.iter().find(|r| r.host == host && r.port == port)
 }
 
 /// How many sentinels could fail the instance (whose master is `master`) over now: the

@@ -287,13 +287,8 @@ pub fn start_sentinel(
                 .as_ref()
                 .and_then(|r| r.sentinel.as_ref())
                 .and_then(|s| s.masters.iter().find(|m| m.name == monitor))
-                .is_some_and(|m| {
-                    m.replicas.iter().any(|r| {
-                        (r.host.as_str(), r.port) == target_addr
-                            && r.master_link_up
-                            && r.flags.iter().all(|f| f == "slave")
-                    })
-                })
+                .and_then(|m| crate::sentinel::replica_at(m, target_addr.0, target_addr.1))
+                .is_some_and(|r| r.master_link_up && r.flags.iter().all(|f| f == "slave"))
         })
         .map(|(pod, _)| pod)
         .ok_or_else(|| {

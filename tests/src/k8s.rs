@@ -815,3 +815,31 @@ pub async fn node_ports(
     };
     (forwarders, access)
 }
+
+/// `demo`'s spec for three nodes and an embedded Sentinel set reached through `access`, whose
+/// own password is the Secret `sentinel-pw`, created here holding `password`.
+pub async fn embedded_sentinels_with_password(
+    cluster: &FakeCluster,
+    password: &str,
+    access: valkey_controller::crd::InstanceAccess,
+) -> FailoverSpec {
+    cluster
+        .api::<Secret>(NS)
+        .create(
+            &PostParams::default(),
+            &password_secret("sentinel-pw", password),
+        )
+        .await
+        .expect("the sentinels' password Secret");
+    FailoverSpec {
+        sentinel: Some(valkey_controller::crd::SentinelSettings {
+            access: Some(valkey_controller::crd::SentinelInstanceAccess {
+                access,
+                default_password_secret: Some("sentinel-pw".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..three()
+    }
+}

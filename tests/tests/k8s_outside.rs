@@ -7,13 +7,11 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::PostParams;
-use valkey_controller::crd::{FailoverSpec, SentinelInstanceAccess, SentinelSettings};
+use k8s_openapi::api::core::v1::Service;
 use valkey_e2e::{
     k8s::{
-        NS, failover, node_ports, password_secret, start_nodes, start_sentinel_pods, three,
-        with_demo_password,
+        NS, embedded_sentinels_with_password, failover, node_ports, start_nodes,
+        start_sentinel_pods, with_demo_password,
     },
     wait_for,
 };
@@ -24,11 +22,6 @@ const SP: &str = "sentinel-password";
 #[tokio::test]
 async fn sentinel_node_ports_are_announced_and_the_sentinels_find_each_other_there() {
     let cluster = with_demo_password().await;
-    cluster
-        .api::<Secret>(NS)
-        .create(&PostParams::default(), &password_secret("sentinel-pw", SP))
-        .await
-        .expect("secret");
     let _nodes = start_nodes(&cluster);
     let pods = start_sentinel_pods(&cluster, SP);
     cluster.create_sentinel_pods(&pods).await;
@@ -39,17 +32,7 @@ async fn sentinel_node_ports_are_announced_and_the_sentinels_find_each_other_the
     )
     .await;
     let ports: Vec<u16> = forwarders.iter().map(|p| p.port).collect();
-    let spec = FailoverSpec {
-        sentinel: Some(SentinelSettings {
-            access: Some(SentinelInstanceAccess {
-                access,
-                default_password_secret: Some("sentinel-pw".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..three()
-    };
+    let spec = embedded_sentinels_with_password(&cluster, SP, access).await;
     cluster.create(&failover("demo", spec)).await;
     cluster.create_pods(NS, "demo", 3).await;
 

@@ -16,14 +16,15 @@ use std::{
 };
 
 use k8s_openapi::{ByteString, api::core::v1::Secret};
-use kube::api::{Patch, PatchParams, PostParams};
-use valkey_controller::crd::{Failover, FailoverSpec, SentinelInstanceAccess, SentinelSettings};
+use kube::api::{Patch, PatchParams};
+use redis::aio::MultiplexedConnection;
+use valkey_controller::crd::Failover;
 use valkey_e2e::{
     k8s::{
-        FakeCluster, NS, failover, ordinal, password_secret, ready, start_nodes,
-        start_sentinel_pods, three, three_running_nodes, with_demo_password,
+        FakeCluster, NS, embedded_sentinels_with_password, failover, ordinal, ready, start_nodes,
+        start_sentinel_pods, three_running_nodes, with_demo_password,
     },
-    procs::PASSWORD,
+    procs::{PASSWORD, Sentinel},
     wait_for,
 };
 
@@ -141,6 +142,24 @@ async fn copy_holds(cluster: &FakeCluster, name: &str, password: &str) {
     assert!(!data.contains_key("password.old") && !data.contains_key("password.new"));
 }
 
+async fn sentinel_conn(sentinel: &Sentinel, password: &str) -> MultiplexedConnection {
+    sentinel
+        .client_with(password)
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect with the password")
+}
+
+/// The process's run id (a restart changes it).
+async fn run_id(conn: &mut MultiplexedConnection) -> String {
+    let info: redis::InfoDict = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .expect("INFO");
+    info.get("run_id").expect("run_id")
+}
+
 #[tokio::test]
 async fn a_changed_instance_secret_is_rotated_with_a_writer_running_and_no_write_refused() {
     let (cluster, nodes) = three_running_nodes().await;
@@ -203,13 +222,9 @@ async fn a_changed_instance_secret_is_rotated_with_a_writer_running_and_no_write
         let client =
             redis::Client::open(format!("redis://:{NEW}@127.0.0.1:{}/", valkey.port)).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(
-            info.contains(&format!("run_id:{}", run_ids[i])),
+        assert_eq!(
+            run_id(&mut conn).await,
+            run_ids[i],
             "{}: restarted",
             valkey.name
         );
@@ -244,24 +259,7 @@ async fn a_changed_sentinel_secret_is_rotated_on_every_sentinel_with_none_restar
     const OLD_SP: &str = "sentinel-password-one";
     const NEW_SP: &str = "sentinel-password-two";
     let cluster = with_demo_password().await;
-    cluster
-        .api::<Secret>(NS)
-        .create(
-            &PostParams::default(),
-            &password_secret("sentinel-pw", OLD_SP),
-        )
-        .await
-        .expect("secret");
-    let spec = FailoverSpec {
-        sentinel: Some(SentinelSettings {
-            access: Some(SentinelInstanceAccess {
-                default_password_secret: Some("sentinel-pw".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..three()
-    };
+    let spec = embedded_sentinels_with_password(&cluster, OLD_SP, Default::default()).await;
     cluster.create(&failover("demo", spec)).await;
     cluster.create_pods(NS, "demo", 3).await;
     let nodes = start_nodes(&cluster);
@@ -295,22 +293,7 @@ async fn a_changed_sentinel_secret_is_rotated_on_every_sentinel_with_none_restar
         .await;
     let mut run_ids = Vec::new();
     for sentinel in &pods.sentinels {
-        let mut conn = sentinel
-            .client_with(OLD_SP)
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        run_ids.push(
-            info.lines()
-                .find(|l| l.starts_with("run_id:"))
-                .unwrap()
-                .to_owned(),
-        );
+        run_ids.push(run_id(&mut sentinel_conn(sentinel, OLD_SP).await).await);
     }
 
     change_secret(&cluster, "sentinel-pw", NEW_SP).await;
@@ -335,17 +318,12 @@ async fn a_changed_sentinel_secret_is_rotated_on_every_sentinel_with_none_restar
             auth(sentinel.port, OLD_SP).await.is_err(),
             "the old one works"
         );
-        let mut conn = sentinel
-            .client_with(NEW_SP)
-            .get_multiplexed_async_connection()
-            .await
-            .expect("the new one");
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(info.contains(&run_ids[i]), "sentinel {i} restarted");
+        let mut conn = sentinel_conn(sentinel, NEW_SP).await;
+        assert_eq!(
+            run_id(&mut conn).await,
+            run_ids[i],
+            "sentinel {i} restarted"
+        );
         // It presents the new one to its peers.
         let pass: Vec<String> = redis::cmd("SENTINEL")
             .arg("CONFIG")

@@ -217,6 +217,15 @@ impl Hub {
         }
     }
 
+    /// The pods of one kind of an instance whose agent is connected now.
+    pub fn connected_pods(&self, instance: &InstanceKey, kind: NodeKind) -> Vec<String> {
+        self.observe_kind(instance, kind)
+            .into_iter()
+            .filter(|(_, o)| o.connected)
+            .map(|(pod, _)| pod)
+            .collect()
+    }
+
     /// What the hub knows of one instance's pods of one kind, by pod name.
     pub fn observe_kind(
         &self,

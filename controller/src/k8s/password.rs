@@ -205,21 +205,17 @@ pub fn rotate(
     if flags.running.load(Ordering::SeqCst) {
         return false;
     }
+    let durable = super::status::durable_from(instance.status().as_ref());
     // Every data pod still running, a master kept past a scale-down included.
-    let master = instance.status().and_then(|s| s.master);
-    let kept = super::hot::kept_replicas(failover, names, master.as_deref());
+    let kept = super::hot::kept_replicas(failover, names, durable.master.as_deref());
     let data: Vec<String> = (0..kept).map(|i| names.pod(i)).collect();
     let sentinel = super::hot::sentinel_desired(failover, names, &BTreeMap::new());
-    let connected = |kind| {
-        ctx.hub
-            .observe_kind(&instance.key, kind)
-            .into_iter()
-            .filter(|(_, o)| o.connected)
-            .map(|(pod, _)| pod)
-            .collect::<Vec<_>>()
-    };
-    let data_up = connected(valkey_proto::v1::NodeKind::Data);
-    let sentinels = connected(valkey_proto::v1::NodeKind::Sentinel);
+    let data_up = ctx
+        .hub
+        .connected_pods(&instance.key, valkey_proto::v1::NodeKind::Data);
+    let sentinels = ctx
+        .hub
+        .connected_pods(&instance.key, valkey_proto::v1::NodeKind::Sentinel);
     let wanted_sentinels = sentinel.as_ref().map_or(0, |s| s.sentinel_addrs.len());
     let missing: Vec<&String> = data.iter().filter(|p| !data_up.contains(p)).collect();
     if !missing.is_empty() || sentinels.len() < wanted_sentinels {
@@ -232,7 +228,7 @@ pub fn rotate(
         );
         return false;
     }
-    let epoch = super::status::durable_from(instance.status().as_ref()).epoch;
+    let epoch = durable.epoch;
     let rotation = match whose {
         Whose::Instance => Rotation::instance(
             old,

@@ -94,7 +94,7 @@ pub(super) fn start_rotation(
         old,
         new,
         targets,
-        connected_sentinels(runtime, hub),
+        hub.connected_pods(&runtime.key, NodeKind::Sentinel),
         runtime.sentinel.as_ref().map(|sd| sd.name.as_str()),
     );
     let files = Files {
@@ -102,14 +102,6 @@ pub(super) fn start_rotation(
     };
     spawn_rotation(rotation, files, runtime, hub, flight, |f| &f.rotating);
     Ok("password rotation started".into())
-}
-
-pub(super) fn connected_sentinels(runtime: &Runtime, hub: &Hub) -> Vec<String> {
-    hub.observe_kind(&runtime.key, NodeKind::Sentinel)
-        .into_iter()
-        .filter(|(_, o)| o.connected)
-        .map(|(pod, _)| pod)
-        .collect()
 }
 
 fn spawn_rotation(
@@ -167,7 +159,7 @@ pub(super) fn maybe_rotate_sentinel_password(runtime: &Runtime, hub: &Hub, fligh
         .lock()
         .map(|t| t.is_some_and(|t| t.elapsed() < Duration::from_secs(5)))
         .unwrap_or(false);
-    let targets = connected_sentinels(runtime, hub);
+    let targets = hub.connected_pods(&runtime.key, NodeKind::Sentinel);
     if recently_failed || targets.len() < runtime.state.sentinels.len() {
         return;
     }
