@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The tests, on a fresh Debian machine or an equipped one: installs what they need when it is
 # missing (valkey-server and valkey-sentinel from bookworm-backports, kubectl, kubernetes-validate,
-# cargo-nextest), then runs every test. Extra arguments go to `cargo nextest run`.
+# iproute2 for the partition tests, cargo-nextest), then runs every test. Extra arguments go to
+# `cargo nextest run`. The partition tests need root (network namespaces); without it they say
+# so and pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,7 @@ missing=()
 command -v valkey-server >/dev/null && command -v valkey-sentinel >/dev/null || missing+=(valkey)
 command -v kubectl >/dev/null || missing+=(kubectl)
 command -v kubernetes-validate >/dev/null || missing+=(kubernetes-validate)
+command -v ip >/dev/null || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing what the tests need: ${missing[*]}" >&2
   if [ "$(id -u)" -eq 0 ]; then
@@ -16,11 +19,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   elif command -v sudo >/dev/null; then
     as_root=(sudo)
   else
-    echo "missing ${missing[*]}, and installing them needs root: run 'bash .ci/install-valkey.sh && bash .ci/install-k8s-tools.sh' as root" >&2
+    echo "missing ${missing[*]}, and installing them needs root: run 'bash .ci/install-valkey.sh && bash .ci/install-k8s-tools.sh && bash .ci/install-net-tools.sh' as root" >&2
     exit 1
   fi
   "${as_root[@]}" bash .ci/install-valkey.sh
   "${as_root[@]}" bash .ci/install-k8s-tools.sh
+  "${as_root[@]}" bash .ci/install-net-tools.sh
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

@@ -9,6 +9,7 @@ pub mod executor;
 pub mod fence;
 pub mod health;
 pub mod info;
+pub mod lease;
 pub mod link;
 pub mod local;
 pub mod metrics;
@@ -81,6 +82,13 @@ pub async fn run(
     watcher.probe_once().await;
     let watcher_task = tokio::spawn(watcher.run());
     let clients_task = tokio::spawn(clients::run(config.clone(), shared.clone()));
+    let lease_task = (config.mode == config::Mode::Data).then(|| {
+        tokio::spawn(lease::run(
+            config.clone(),
+            shared.clone(),
+            snapshots.clone(),
+        ))
+    });
     let tls_task = tokio::spawn(tls::watch(config.clone(), metrics.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -115,6 +123,7 @@ pub async fn run(
             metrics.clone(),
             seq.clone(),
             grpc_addr.to_string(),
+            shared.clone(),
         );
         tokio::spawn(link.run(stop_rx.clone()))
     });
@@ -141,6 +150,9 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
     watcher_task.abort();
     clients_task.abort();
+    if let Some(task) = lease_task {
+        task.abort();
+    }
     tls_task.abort();
     health_task.abort();
     if let Some(task) = metrics_task {

@@ -29,7 +29,7 @@ use crate::{
     executor::Executor,
     fence::Fence,
     metrics::Metrics,
-    watcher::{Snapshot, now_ms},
+    watcher::{Shared, Snapshot, now_ms},
 };
 
 /// Bumped if the meaning of v1 messages ever changes incompatibly.
@@ -58,6 +58,7 @@ pub struct Link {
     results_rx: mpsc::Receiver<CommandResult>,
     undelivered: VecDeque<CommandResult>,
     agent_address: String,
+    shared: Arc<Shared>,
 }
 
 fn is_master(snapshot: &Snapshot) -> bool {
@@ -80,6 +81,7 @@ impl Link {
         metrics: Metrics,
         seq: Arc<AtomicU64>,
         agent_address: String,
+        shared: Arc<Shared>,
     ) -> Self {
         let (results_tx, results_rx) = mpsc::channel(64);
         Self {
@@ -94,6 +96,7 @@ impl Link {
             results_rx,
             undelivered: VecDeque::new(),
             agent_address,
+            shared,
         }
     }
 
@@ -155,6 +158,7 @@ impl Link {
     fn numbered(&self, mut report: StateReport) -> StateReport {
         report.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         report.epoch = self.fence.epoch();
+        report.lease_request_ms = self.shared.lease.request_stamp();
         report
     }
 
@@ -294,6 +298,9 @@ impl Link {
                         }
                         debug!(?heartbeat_every, "welcomed by the controller");
                     }
+                    Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Lease(lease)) })) => {
+                        self.shared.lease.grant(lease.request_ms, lease.lease_ms);
+                    }
                     Ok(Some(ControllerMessage { msg: None })) => {
                         warn!("ignoring an empty or unknown message from the controller");
                     }
@@ -327,7 +334,7 @@ impl Link {
                         report_now = true;
                     } else {
                         let last_seq = self.seq.load(Ordering::Relaxed);
-                        if !send(Msg::Heartbeat(Heartbeat { last_seq, sent_at_ms: now_ms() })).await {
+                        if !send(Msg::Heartbeat(Heartbeat { last_seq, sent_at_ms: now_ms(), lease_request_ms: self.shared.lease.request_stamp() })).await {
                             break End::Lost { established: true };
                         }
                         self.metrics.sent("heartbeat");

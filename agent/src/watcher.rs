@@ -43,6 +43,8 @@ pub struct Shared {
     pub probe_now: Notify,
     /// When this node stopped being master: its clients are moved off.
     pub demotions: crate::clients::Demotions,
+    /// The master's write lease (see [`crate::lease`]).
+    pub lease: crate::lease::Lease,
 }
 
 impl Shared {
@@ -219,6 +221,7 @@ impl Watcher {
         data.restarted_empty = memory.restarted && memory.prior_had_data && empty;
         data.never_synced = !memory.had_data && empty && data.repl_offset <= 0 && !synced_replica;
         data.writes_paused = self.shared.writes_paused();
+        data.fenced = self.shared.lease.fenced();
         if let Err(err) = self.fence.remember(&memory.run_id, memory.had_data) {
             warn!(error = %err, "cannot persist what the agent knows of its valkey");
         }
@@ -316,6 +319,8 @@ impl Watcher {
             health: Some(health),
             data: self.last_data.clone(),
             sentinel: self.last_sentinel.clone(),
+            // Stamped by the link when sent.
+            lease_request_ms: 0,
         };
         self.note_transitions(&report);
         let significant = significant_view(&report);

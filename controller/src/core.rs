@@ -48,6 +48,10 @@ pub struct NodeObs {
     pub unhealthy_ms: u64,
     /// The agent's latest report.
     pub report: Option<StateReport>,
+    /// Milliseconds since the node was last sent a write lease (None: never).
+    pub lease_granted_ms: Option<u64>,
+    /// How many write leases it was sent (to tell whether one went out since).
+    pub lease_grants: u64,
 }
 
 /// Everything observed, by node name.
@@ -103,15 +107,22 @@ pub struct Plan {
     pub restarts: Vec<String>,
     /// Things worth an Event / a log line.
     pub notes: Vec<String>,
+    /// The node to grant the master's write lease to from now on (see [`crate::lease`]).
+    pub lease_holder: Option<String>,
 }
 
 pub(crate) fn data(obs: &NodeObs) -> Option<&valkey_proto::v1::DataState> {
     obs.report.as_ref()?.data.as_ref()
 }
 
-/// Connected, and its Valkey answers.
+/// An agent heard from less recently than this (3 heartbeats) is silent, whatever its stream
+/// says: a partition leaves a TCP stream open, unaware, for many seconds.
+pub const AGENT_SILENT_MS: u64 = 1_500;
+
+/// Connected and heard from lately, and its Valkey answers.
 pub(crate) fn is_up(obs: &NodeObs) -> bool {
     obs.connected
+        && obs.unhealthy_ms < AGENT_SILENT_MS
         && obs
             .report
             .as_ref()
@@ -372,13 +383,23 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
         && master_obs.unhealthy_ms >= desired.hang_timeout_ms
         && replicas_lost_master(desired, observed, master)
     {
-        Some((
-            Cause::Unresponsive,
-            format!(
-                "master {} unresponsive for {} ms and its replicas lost it",
-                master.name, master_obs.unhealthy_ms
-            ),
-        ))
+        // Cut off, it may still take writes until its lease lapses and it fences itself.
+        match crate::lease::lapsed(observed, master) {
+            Ok(()) => Some((
+                Cause::Unresponsive,
+                format!(
+                    "master {} unresponsive for {} ms and its replicas lost it",
+                    master.name, master_obs.unhealthy_ms
+                ),
+            )),
+            Err(why) => {
+                plan.notes.push(format!(
+                    "master {} unresponsive; no failover until its write lease lapses: {why}",
+                    master.name
+                ));
+                None
+            }
+        }
     } else {
         None
     };

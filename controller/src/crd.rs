@@ -373,6 +373,10 @@ pub struct ValkeyNode {
     pub lag: i64,
     #[serde(default)]
     pub link_up: bool,
+    /// A master whose write lease lapsed (cut off from the controller and its replicas): its
+    /// agent paused writes until the controller grants the lease again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fenced: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -79,6 +79,7 @@ mod tests {
                 process: process.into(),
                 ..StateReport::default()
             }),
+            ..NodeObs::default()
         }
     }
 

@@ -19,6 +19,7 @@ use crate::{
     core::{self, Desired, Durable, Plan},
     credentials,
     hub::{Hub, InstanceKey},
+    lease,
     sentinel::SentinelDesired,
 };
 
@@ -84,15 +85,35 @@ impl Engine {
     ) -> Plan {
         let mut observed = hub.observe(key);
         observed.switchover_in_flight = self.switchover.load(Ordering::SeqCst);
-        let mut plan = match sentinel {
-            None => core::decide(desired, durable, &observed, now_ms),
-            // A Sentinel switchover runs its own steps; the core waits for them.
-            Some(_) if observed.switchover_in_flight => Plan::default(),
-            Some(sd) => {
-                let sentinels = hub.observe_kind(key, NodeKind::Sentinel);
-                crate::sentinel::decide(desired, sd, durable, &observed, &sentinels, now_ms)
+        let sentinels = sentinel.map(|_| hub.observe_kind(key, NodeKind::Sentinel));
+        let mut plan = match (sentinel, &sentinels) {
+            (Some(sd), Some(sentinels)) if !observed.switchover_in_flight => {
+                crate::sentinel::decide(desired, sd, durable, &observed, sentinels, now_ms)
             }
+            // A Sentinel switchover runs its own steps; the core waits for them.
+            (Some(_), _) => Plan::default(),
+            (None, _) => core::decide(desired, durable, &observed, now_ms),
         };
+        let after = plan.durable.as_ref().unwrap_or(durable).master.as_deref();
+        plan.lease_holder = match (sentinel, &sentinels) {
+            (Some(sd), Some(sentinels)) => lease::holder_sentinel(desired, sd, after, sentinels),
+            _ => lease::holder_manual(desired, after),
+        };
+        // The master is moving: no grant may go to the old one from here on, and none may
+        // have gone since it was observed (the decision would rest on a stale view).
+        if let Some(old) = durable.master.as_deref()
+            && Some(old) != after
+        {
+            let seen = observed.nodes.get(old).map_or(0, |o| o.lease_grants);
+            if !hub.revoke_lease(key, old, seen) {
+                return Plan {
+                    notes: vec![format!(
+                        "{old} was granted its write lease meanwhile; deciding again"
+                    )],
+                    ..Plan::default()
+                };
+            }
+        }
         let repairs = credentials::repairs(desired, durable, &observed);
         plan.notes.extend(repairs.notes);
         plan.restarts = repairs

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod external;
 pub mod hub;
 pub mod k8s;
+pub mod lease;
 pub mod local;
 pub mod manifest;
 pub mod sentinel;

@@ -144,6 +144,13 @@ enum LocalCommand {
         #[arg(long, env = "VALKEY_LOCAL_CERT_LIFETIME_SECS", default_value_t = 90 * 24 * 3600,
               value_parser = clap::value_parser!(u64).range(10..))]
         cert_lifetime_secs: u64,
+        /// Run a pod in a Linux network namespace of its own: POD=NETNS_PATH,IPV4 (repeated).
+        /// For the partition tests and partition-bench; needs --hub-host.
+        #[arg(long, hide = true)]
+        netns: Vec<String>,
+        /// The address the hub listens on and agents dial (with --netns).
+        #[arg(long, hide = true)]
+        hub_host: Option<String>,
     },
     /// Show the status of a running `local up`.
     Status {
@@ -284,6 +291,8 @@ fn main() -> ExitCode {
                     hang_timeout_ms,
                     probe_interval_ms,
                     cert_lifetime_secs,
+                    netns,
+                    hub_host,
                 } => local::up(
                     UpOptions {
                         manifest: file,
@@ -291,6 +300,7 @@ fn main() -> ExitCode {
                         hang_timeout: Duration::from_millis(hang_timeout_ms),
                         probe_interval_ms,
                         cert_lifetime: Duration::from_secs(cert_lifetime_secs),
+                        hosts: local::hosts::Hosts::parse(&netns, hub_host)?,
                     },
                     valkey_agent::termination(),
                 )

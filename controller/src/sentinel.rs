@@ -39,7 +39,7 @@ pub struct SentinelView<'a> {
     pub announce: (&'a str, u32),
 }
 
-fn views<'a>(
+pub(crate) fn views<'a>(
     sd: &SentinelDesired,
     sentinels: &'a BTreeMap<String, NodeObs>,
 ) -> Vec<SentinelView<'a>> {

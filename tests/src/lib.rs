@@ -10,6 +10,8 @@ pub mod hub;
 pub mod k8s;
 pub mod local;
 pub mod monitor;
+pub mod netns;
+pub mod partition;
 pub mod procs;
 pub mod proxy;
 pub mod soak;

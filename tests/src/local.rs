@@ -54,6 +54,8 @@ pub struct LocalInstance {
     extra: Vec<String>,
     /// `RUST_LOG` of the controller and the agents it starts.
     log_level: String,
+    /// The network namespace the controller runs in (see [`crate::netns`]).
+    netns: Option<crate::netns::Host>,
     // Last: dropped after the processes, so their logs can still be printed.
     _tmp: TempDir,
 }
@@ -88,6 +90,24 @@ impl LocalInstance {
         files: &[(&str, &str)],
         log_level: &str,
     ) -> Self {
+        Self::up_full(manifest_yaml, extra, files, log_level, None)
+    }
+
+    /// Starts the controller inside `host`'s network namespace, with `extra` flags (`--netns`
+    /// for its nodes).
+    pub fn up_in(manifest_yaml: &str, extra: &[String], host: &crate::netns::Host) -> Self {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let level = std::env::var("PARTITION_LOG").unwrap_or_else(|_| "info".into());
+        Self::up_full(manifest_yaml, &extra, &[], &level, Some(host.clone()))
+    }
+
+    fn up_full(
+        manifest_yaml: &str,
+        extra: &[&str],
+        files: &[(&str, &str)],
+        log_level: &str,
+        netns: Option<crate::netns::Host>,
+    ) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("local-")
             .tempdir()
@@ -102,6 +122,7 @@ impl LocalInstance {
             past: Vec::new(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             log_level: log_level.to_owned(),
+            netns,
         };
         for (path, content) in files {
             let path = instance.dir.join(path);
@@ -128,6 +149,9 @@ impl LocalInstance {
         std::fs::create_dir_all(&self.dir).expect("instance dir");
         let mut cmd = Self::command(&self.manifest, &self.dir);
         cmd.args(&self.extra).env("RUST_LOG", &self.log_level);
+        if let Some(host) = &self.netns {
+            crate::netns::command_in(&mut cmd, host);
+        }
         let log = self.dir.join(format!("controller.{}.log", self.past.len()));
         self.proc = Some(Proc::spawn("valkey-controller local up", &mut cmd, &log));
     }

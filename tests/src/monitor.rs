@@ -17,6 +17,8 @@ use redis::AsyncCommands;
 pub struct Monitor {
     stop: Arc<AtomicBool>,
     double: Arc<AtomicU64>,
+    /// Microseconds covered by those rounds (each from the round before it).
+    double_us: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,9 +31,12 @@ impl Monitor {
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let double = Arc::new(AtomicU64::new(0));
-        let (stop_flag, double_ref) = (stop.clone(), double.clone());
+        let double_us = Arc::new(AtomicU64::new(0));
+        let (stop_flag, double_ref, double_us_ref) =
+            (stop.clone(), double.clone(), double_us.clone());
         let task = tokio::spawn(async move {
             let mut conns: Vec<Option<redis::aio::MultiplexedConnection>> = vec![None; nodes.len()];
+            let mut previous = Instant::now();
             while !stop_flag.load(Ordering::Relaxed) {
                 let round = Instant::now();
                 let mut writable = 0;
@@ -73,18 +78,34 @@ impl Monitor {
                 }
                 if writable >= 2 {
                     double_ref.fetch_add(1, Ordering::Relaxed);
+                    double_us_ref
+                        .fetch_add(previous.elapsed().as_micros() as u64, Ordering::Relaxed);
                 }
+                previous = Instant::now();
                 let left = Duration::from_millis(20).saturating_sub(round.elapsed());
                 tokio::time::sleep(left).await;
             }
         });
-        Self { stop, double, task }
+        Self {
+            stop,
+            double,
+            double_us,
+            task,
+        }
     }
 
     /// Stops, and returns the number of rounds with two writable masters.
     pub async fn finish(self) -> u64 {
+        self.finish_timed().await.0
+    }
+
+    /// Stops, and returns the rounds with two writable masters and the time they covered.
+    pub async fn finish_timed(self) -> (u64, Duration) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
-        self.double.load(Ordering::Relaxed)
+        (
+            self.double.load(Ordering::Relaxed),
+            Duration::from_micros(self.double_us.load(Ordering::Relaxed)),
+        )
     }
 }

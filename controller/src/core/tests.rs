@@ -35,6 +35,7 @@ fn up(data: DataState) -> NodeObs {
             }),
             ..StateReport::default()
         }),
+        ..NodeObs::default()
     }
 }
 
@@ -393,12 +394,15 @@ fn a_hung_master_fails_over_only_after_the_timeout_and_when_replicas_agree() {
         );
         assert_eq!(promotes(&plan).len(), usize::from(fails_over));
     }
-    // A link reported down counts as lost, too.
+    // A link reported down (for long enough that the master fenced itself) counts as lost.
     let obs = observed(&[
         ("n0", hung(5_000)),
         (
             "n1",
-            with(replica(7000, 1), |o| data_mut(o).master_link_up = false),
+            with(replica(7000, 1), |o| {
+                data_mut(o).master_link_up = false;
+                data_mut(o).master_link_down_s = 2;
+            }),
         ),
     ]);
     assert_eq!(
@@ -597,6 +601,7 @@ fn arb_obs() -> impl Strategy<Value = NodeObs> {
                     }),
                     ..StateReport::default()
                 }),
+                ..NodeObs::default()
             },
         )
 }

@@ -21,7 +21,7 @@ pub use store::{DurableStore, StoreError};
 use crate::{
     core::{Desired, Durable, PendingSwitchover},
     engine::Engine,
-    hub::{Hub, InstanceKey},
+    hub::{Hub, InstanceKey, LeaseHolder},
     sentinel::SentinelDesired,
     switchover::{self, Refused},
 };
@@ -126,6 +126,13 @@ impl Driver {
             outcome.master_changed = master_change(&self.durable, &next);
             self.durable = next;
         }
+        hub.hold_lease(
+            &self.key,
+            plan.lease_holder.map(|pod| LeaseHolder {
+                pod,
+                epoch: self.durable.epoch,
+            }),
+        );
         if !plan.commands.is_empty() {
             outcome.decided = Some(observed_at.elapsed());
             // Names and pods only: some commands carry a password.

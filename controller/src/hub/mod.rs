@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 use valkey_proto::v1::{
-    AgentMessage, Command, CommandResult, ControllerMessage, Hello, NodeKind, ProcessState,
+    AgentMessage, Command, CommandResult, ControllerMessage, Hello, Lease, NodeKind, ProcessState,
     StateReport, Welcome,
     agent_hub_server::{AgentHub, AgentHubServer},
     agent_message::Msg,
@@ -102,6 +102,16 @@ struct Node {
     report: Option<StateReport>,
     /// When the node was last seen connected with its Valkey up.
     last_good: Option<Instant>,
+    /// When this node was last sent a write lease, and how many it was sent.
+    granted_at: Option<Instant>,
+    grants: u64,
+}
+
+/// Who holds an instance's write lease: the pod, and the epoch it holds it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub pod: String,
+    pub epoch: u64,
 }
 
 /// Something the hub wants the runtime to know.
@@ -126,6 +136,8 @@ struct Inner {
     events: mpsc::UnboundedSender<HubEvent>,
     sessions: AtomicU64,
     heartbeat: Duration,
+    /// The node of each instance that is granted the write lease (locked after `nodes`).
+    leases: Mutex<HashMap<InstanceKey, LeaseHolder>>,
 }
 
 /// The hub; cheap to clone.
@@ -171,6 +183,7 @@ impl Hub {
                 events,
                 sessions: AtomicU64::new(0),
                 heartbeat,
+                leases: Mutex::default(),
             }),
             auth: Arc::new(auth),
         };
@@ -249,6 +262,10 @@ impl Hub {
                                 .map(|t| now.saturating_duration_since(t).as_millis() as u64)
                                 .unwrap_or(u64::MAX),
                             report: node.report.clone(),
+                            lease_granted_ms: node
+                                .granted_at
+                                .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                            lease_grants: node.grants,
                         };
                         (pod.clone(), obs)
                     })
@@ -316,6 +333,76 @@ impl Hub {
         }
     }
 
+    /// Who is granted the write lease of `instance` from now on (None: nobody). A change of
+    /// holder takes effect at once: no grant goes to the previous one after this returns.
+    pub fn hold_lease(&self, instance: &InstanceKey, holder: Option<LeaseHolder>) {
+        if let Ok(mut leases) = self.inner.leases.lock() {
+            match holder {
+                Some(holder) => {
+                    if leases.get(instance) != Some(&holder) {
+                        debug!(instance = %instance.name, pod = %holder.pod, epoch = holder.epoch, "write lease holder");
+                        leases.insert(instance.clone(), holder);
+                    }
+                }
+                None => {
+                    leases.remove(instance);
+                }
+            }
+        }
+    }
+
+    /// Takes the write lease away from `pod` before another node is promoted, provided it was
+    /// sent no grant since it was observed with `grants_seen` of them; false if it was (the
+    /// observation is stale, and the decision must be made again).
+    pub fn revoke_lease(&self, instance: &InstanceKey, pod: &str, grants_seen: u64) -> bool {
+        let Ok(nodes) = self.inner.nodes.lock() else {
+            return false;
+        };
+        let grants = nodes
+            .get(&(instance.clone(), pod.to_owned()))
+            .map_or(0, |n| n.grants);
+        if grants != grants_seen {
+            return false;
+        }
+        if let Ok(mut leases) = self.inner.leases.lock()
+            && leases.get(instance).is_some_and(|h| h.pod == pod)
+        {
+            leases.remove(instance);
+        }
+        true
+    }
+
+    /// Answers a report's or heartbeat's lease request when its node holds the lease.
+    fn grant(&self, key: &(InstanceKey, String), node: &mut Node, request_ms: u64) {
+        if request_ms == 0 {
+            return;
+        }
+        let Some(holder) = self
+            .inner
+            .leases
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&key.0).cloned())
+            .filter(|h| h.pod == key.1 && crate::lease::grantable(node.report.as_ref()))
+        else {
+            return;
+        };
+        let Some(tx) = &node.tx else { return };
+        let lease = ControllerMessage {
+            msg: Some(controller_message::Msg::Lease(Lease {
+                request_ms,
+                lease_ms: crate::lease::LEASE_MS as u32,
+                epoch: holder.epoch,
+            })),
+        };
+        // Counted as sent even if the queue is full: the controller's wait must cover it.
+        node.granted_at = Some(Instant::now());
+        node.grants += 1;
+        if tx.try_send(Ok(lease)).is_err() {
+            debug!(pod = %key.1, "lease grant not queued (stream full or closing)");
+        }
+    }
+
     fn on_message(&self, key: &(InstanceKey, String), session: u64, msg: Msg) {
         match msg {
             Msg::Report(report) => {
@@ -325,19 +412,24 @@ impl Hub {
                     if report.process() == ProcessState::Up {
                         node.last_good = Some(Instant::now());
                     }
+                    let request = report.lease_request_ms;
                     node.report = Some(report);
+                    self.grant(key, node, request);
                 }
                 self.touch(&key.0);
             }
-            Msg::Heartbeat(_) => {
+            Msg::Heartbeat(heartbeat) => {
                 if let Ok(mut nodes) = self.inner.nodes.lock()
                     && let Some(node) = nodes.get_mut(key).filter(|n| n.session == session)
-                    && node
+                {
+                    if node
                         .report
                         .as_ref()
                         .is_some_and(|r| r.process() == ProcessState::Up)
-                {
-                    node.last_good = Some(Instant::now());
+                    {
+                        node.last_good = Some(Instant::now());
+                    }
+                    self.grant(key, node, heartbeat.lease_request_ms);
                 }
             }
             Msg::Result(result) => {
@@ -433,7 +525,10 @@ impl AgentHub for Hub {
                     session,
                     tx: Some(tx),
                     report: previous.as_ref().and_then(|p| p.report.clone()),
-                    last_good: previous.and_then(|p| p.last_good),
+                    last_good: previous.as_ref().and_then(|p| p.last_good),
+                    // A new stream does not forget what the previous one was granted.
+                    granted_at: previous.as_ref().and_then(|p| p.granted_at),
+                    grants: previous.map_or(0, |p| p.grants),
                 },
             );
         }

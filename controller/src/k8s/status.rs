@@ -190,6 +190,7 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
                 _ => 0,
             },
             link_up: data.is_some_and(|d| d.master_link_up),
+            fenced: data.is_some_and(|d| d.fenced),
         });
     }
     let masters = status
@@ -410,6 +411,7 @@ mod tests {
                 }),
                 ..StateReport::default()
             }),
+            ..NodeObs::default()
         }
     }
 

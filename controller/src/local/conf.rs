@@ -81,6 +81,8 @@ pub use valkey_agent::passwords::sha256_hex;
 #[derive(Debug)]
 pub struct ValkeyConf<'a> {
     pub port: u16,
+    /// The `bind` addresses; the first is the one announced to the master.
+    pub bind: &'a str,
     pub dir: &'a Path,
     pub log: &'a Path,
     pub passwords: &'a Passwords,
@@ -105,13 +107,15 @@ impl ValkeyConf<'_> {
     pub fn render(&self) -> String {
         let mut conf = format!(
             "# Written by valkey-controller local up before every start; edits are overwritten.\n\
-             {ports}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+             {ports}bind {bind}\nprotected-mode no\ndir {dir}\n\
              {acl}masterauth {master_auth}\n\
              appendonly yes\nappendfsync everysec\nsave \"\"\n\
              repl-ping-replica-period 1\nrepl-diskless-sync yes\nrepl-diskless-sync-delay 0\n\
              replicaof 127.0.0.1 1\n\
-             replica-announce-ip 127.0.0.1\nlogfile {log}\n",
+             replica-announce-ip {announce}\nlogfile {log}\n",
             ports = port_lines(self.port, self.tls),
+            bind = self.bind,
+            announce = self.bind.split_whitespace().next().unwrap_or("127.0.0.1"),
             dir = quote(&self.dir.display().to_string()),
             acl = self.passwords.acl_line(),
             master_auth = quote(&self.passwords.in_force),
@@ -128,6 +132,8 @@ impl ValkeyConf<'_> {
 #[derive(Debug)]
 pub struct SentinelConf<'a> {
     pub port: u16,
+    /// The `bind` addresses of a first file.
+    pub bind: &'a str,
     pub dir: &'a Path,
     pub log: &'a Path,
     /// The sentinels' own password, when they have one.
@@ -157,9 +163,10 @@ impl SentinelConf<'_> {
     pub fn render(&self, existing: Option<&str>) -> String {
         let Some(existing) = existing else {
             let mut conf = format!(
-                "{ports}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                "{ports}bind {bind}\nprotected-mode no\ndir {dir}\n\
                  sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n{auth}",
                 ports = port_lines(self.port, self.tls),
+                bind = self.bind,
                 dir = quote(&self.dir.display().to_string()),
                 log = quote(&self.log.display().to_string()),
                 auth = self.auth_lines(),
@@ -198,6 +205,7 @@ mod tests {
 
     fn valkey(passwords: &Passwords) -> String {
         ValkeyConf {
+            bind: "127.0.0.1",
             port: 7000,
             dir: Path::new("/d"),
             log: Path::new("/l"),
@@ -251,6 +259,7 @@ mod tests {
                        sentinel sentinel-pass stale\nrequirepass stale\nsentinel known-sentinel m 127.0.0.1 9 abc\n";
         let pw = passwords(&["now"]);
         let conf = SentinelConf {
+            bind: "127.0.0.1",
             port: 26379,
             dir: Path::new("/d"),
             log: Path::new("/l"),
@@ -274,6 +283,7 @@ mod tests {
         let files = TlsFiles::in_dir("/w/tls");
         let pw = passwords(&["p"]);
         let conf = ValkeyConf {
+            bind: "127.0.0.1",
             port: 7000,
             dir: Path::new("/d"),
             log: Path::new("/l"),
@@ -296,6 +306,7 @@ mod tests {
         // A sentinel that ran without TLS gets TLS lines instead of its old port line.
         let learned = "port 26379\nsentinel monitor m 127.0.0.1 7000 2\ntls-port 1\n";
         let sentinel = SentinelConf {
+            bind: "127.0.0.1",
             port: 26379,
             dir: Path::new("/d"),
             log: Path::new("/l"),

@@ -80,6 +80,9 @@ pub struct NodeStatus {
     pub retiring: bool,
     pub valkey_pid: Option<u32>,
     pub agent_pid: Option<u32>,
+    /// A master whose write lease lapsed: its agent paused writes.
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +215,7 @@ pub fn status(
                 retiring: node.retiring,
                 valkey_pid: pids.get(&node.name).and_then(|p| p.0),
                 agent_pid: pids.get(&node.name).and_then(|p| p.1),
+                fenced: data.is_some_and(|d| d.fenced),
             }
         })
         .collect();
@@ -295,7 +299,9 @@ pub fn render(status: &Status) -> String {
             n.pod,
             n.role,
             n.addr,
-            if n.connected {
+            if n.connected && n.fenced {
+                "fenced"
+            } else if n.connected {
                 n.process.as_str()
             } else {
                 "no-agent"

@@ -4,6 +4,7 @@
 
 pub mod conf;
 pub mod control;
+pub mod hosts;
 mod ports;
 mod prepare;
 mod procs;
@@ -104,6 +105,8 @@ pub struct UpOptions {
     pub probe_interval_ms: u64,
     /// Lifetime of the certificates the runtime issues (renewed at two thirds of it).
     pub cert_lifetime: Duration,
+    /// Where each node runs (loopback unless `--netns`).
+    pub hosts: hosts::Hosts,
 }
 
 /// The two processes of one node.
@@ -125,6 +128,7 @@ struct Runtime {
     valkey_bin: PathBuf,
     agent_bin: PathBuf,
     hub_addr: std::net::SocketAddr,
+    hosts: hosts::Hosts,
     probe_interval_ms: u64,
     procs: BTreeMap<String, NodeProcs>,
     /// The hot path; `state.durable` mirrors its durable state after every pass.
@@ -211,7 +215,12 @@ impl Runtime {
                     .state
                     .sentinels
                     .iter()
-                    .map(|(pod, ports)| (pod.clone(), format!("127.0.0.1:{}", ports.valkey)))
+                    .map(|(pod, ports)| {
+                        (
+                            pod.clone(),
+                            format!("{}:{}", self.hosts.ip(pod), ports.valkey),
+                        )
+                    })
                     .chain(external)
                     .map(|(pod, addr)| {
                         let obs = observed.get(&pod);
@@ -292,12 +301,13 @@ pub async fn up(
     let mut runtime = prepare(&options).await?;
     let token = secret_file(&runtime.token_file)?;
     let (hub, mut hub_events) = Hub::new(StaticToken(token.clone()), Duration::from_millis(500));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let hub_at = format!("{}:0", runtime.hosts.hub());
+    let listener = tokio::net::TcpListener::bind(&hub_at)
         .await
-        .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
+        .map_err(io("binding the hub on", Path::new(&hub_at)))?;
     runtime.hub_addr = listener
         .local_addr()
-        .map_err(io("binding the hub on", Path::new("127.0.0.1:0")))?;
+        .map_err(io("binding the hub on", Path::new(&hub_at)))?;
     // The hub speaks TLS only, with a certificate from the working dir's CA.
     let server_task = {
         let (hub, cert) = (hub.clone(), runtime.tls.hub.clone());

@@ -171,7 +171,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
             Some(NodeSpec {
                 name: pod.clone(),
                 ordinal,
-                host: "127.0.0.1".into(),
+                host: options.hosts.ip(pod).to_owned(),
                 port: ports.valkey,
                 retiring: ordinal >= replicas,
             })
@@ -187,7 +187,12 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         announce: false,
     };
     let driver = Driver::new(key.clone(), state.durable.clone());
-    let tls = tls::LocalTls::prepare(&dir, manifest.spec.access.enable_tls, options.cert_lifetime)?;
+    let tls = tls::LocalTls::prepare(
+        &dir,
+        manifest.spec.access.enable_tls,
+        options.cert_lifetime,
+        options.hosts.names(),
+    )?;
     let runtime = Runtime {
         password_file: dir.join("password"),
         token_file: dir.join("agent-token"),
@@ -199,6 +204,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         valkey_bin,
         agent_bin,
         hub_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        hosts: options.hosts.clone(),
         probe_interval_ms: options.probe_interval_ms,
         procs: BTreeMap::new(),
         driver,
@@ -243,8 +249,8 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
                 sentinel_addrs: runtime
                     .state
                     .sentinels
-                    .values()
-                    .map(|p| ("127.0.0.1".to_owned(), u32::from(p.valkey)))
+                    .iter()
+                    .map(|(pod, p)| (options.hosts.ip(pod).to_owned(), u32::from(p.valkey)))
                     .chain(external.iter().map(|n| (n.host.clone(), u32::from(n.port))))
                     .collect(),
                 // On loopback every sentinel is reached where it says it is.

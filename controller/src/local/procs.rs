@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -13,8 +14,9 @@ use tracing::{info, warn};
 use super::{
     LocalError, NodePorts, NodeProcs, Runtime,
     conf::{self, Passwords},
+    hosts::listening,
     io,
-    supervisor::{Supervised, log_path, port_in_use},
+    supervisor::{Supervised, log_path},
     write_atomic,
 };
 
@@ -25,8 +27,10 @@ impl Runtime {
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let passwords =
             Passwords::read(&self.password_file).map_err(io("reading", &self.password_file))?;
+        let bind = self.hosts.bind(pod);
         let conf = conf::ValkeyConf {
             port: ports.valkey,
+            bind: &bind,
             dir: &node_dir,
             log: &log_path(&self.dir, &format!("{pod}.valkey")),
             passwords: &passwords,
@@ -54,8 +58,10 @@ impl Runtime {
         };
         let existing = std::fs::read_to_string(&path).ok();
         let empty = BTreeMap::new();
+        let bind = self.hosts.bind(pod);
         let conf = conf::SentinelConf {
             port: ports.valkey,
+            bind: &bind,
             dir: &node_dir,
             log: &log_path(&self.dir, &format!("{pod}.sentinel")),
             passwords: passwords.as_ref(),
@@ -94,12 +100,15 @@ impl Runtime {
             _ => ("valkey-server", self.valkey_bin.clone(), "valkey.conf"),
         };
         let conf = self.node_dir(pod).join(conf);
+        let netns = self.hosts.netns(pod).map(Path::to_owned);
+        let ip = self.hosts.ip(pod);
         let valkey = Supervised::new(
             format!("{pod} {what}"),
             program,
             vec![conf.display().to_string()],
             log_path(&self.dir, &format!("{pod}.{what}-stdout")),
-        );
+        )
+        .in_netns(netns.clone());
         let mut agent_args: Vec<String> = if sentinel {
             let mut args = vec![
                 "--mode".into(),
@@ -119,7 +128,7 @@ impl Runtime {
         };
         agent_args.extend([
             "--valkey-addr".into(),
-            format!("127.0.0.1:{}", ports.valkey),
+            format!("{ip}:{}", ports.valkey),
             "--controller-addr".into(),
             format!("https://{}", self.hub_addr),
             "--controller-ca-file".into(),
@@ -135,9 +144,9 @@ impl Runtime {
             "--data-dir".into(),
             self.node_dir(pod).join("agent").display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{}", ports.agent),
+            format!("{ip}:{}", ports.agent),
             "--metrics-listen".into(),
-            format!("127.0.0.1:{}", ports.metrics),
+            format!("{ip}:{}", ports.metrics),
             "--probe-interval-ms".into(),
             self.probe_interval_ms.to_string(),
             "--reconnect-max-ms".into(),
@@ -158,7 +167,8 @@ impl Runtime {
             self.agent_bin.clone(),
             agent_args,
             log_path(&self.dir, &format!("{pod}.agent")),
-        );
+        )
+        .in_netns(netns);
         NodeProcs { valkey, agent }
     }
 
@@ -195,7 +205,7 @@ impl Runtime {
         }
         for (pod, ports) in started {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !port_in_use(ports.valkey) && Instant::now() < deadline {
+            while !listening(self.hosts.ip(&pod), ports.valkey) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             if let Some(procs) = self.procs.get_mut(&pod) {

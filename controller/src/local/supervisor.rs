@@ -29,6 +29,11 @@ pub enum SpawnError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot open network namespace {path} (--netns): {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One supervised process: how to start it, and its current child.
@@ -41,6 +46,8 @@ pub struct Supervised {
     child: Option<Child>,
     died_at: Option<Instant>,
     pub restarts: u32,
+    /// Started in this network namespace (see [`super::hosts`]).
+    netns: Option<PathBuf>,
 }
 
 impl Supervised {
@@ -53,7 +60,14 @@ impl Supervised {
             child: None,
             died_at: None,
             restarts: 0,
+            netns: None,
         }
+    }
+
+    /// Runs the process in a network namespace of its own (`None`: this one).
+    pub fn in_netns(mut self, netns: Option<PathBuf>) -> Self {
+        self.netns = netns;
+        self
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -83,10 +97,24 @@ impl Supervised {
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        // SAFETY: the closure only makes one async-signal-safe prctl(2) call.
+        let netns = match &self.netns {
+            Some(path) => Some(
+                super::hosts::open(path).map_err(|source| SpawnError::Netns {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        // SAFETY: the closure only makes async-signal-safe calls: prctl(2), and setns(2) on a
+        // file opened before the fork.
         unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+                match &netns {
+                    Some(file) => super::hosts::enter(file),
+                    None => Ok(()),
+                }
             });
         }
         let child = cmd.spawn().map_err(|source| SpawnError::Spawn {

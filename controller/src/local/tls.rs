@@ -15,9 +15,11 @@ use super::{LocalError, io, write_atomic};
 use crate::tls::{CA_LIFETIME, Ca, Issued, TlsFiles, Validity, serve::ServerCert};
 use valkey_agent::config::ValkeyTls;
 
-/// Every name a local process is reached by.
-fn local_names() -> Vec<String> {
-    vec!["127.0.0.1".into(), "localhost".into()]
+/// Every name a local process is reached by: loopback, and the addresses of `--netns`.
+fn local_names(extra: &[String]) -> Vec<String> {
+    let mut names = vec!["127.0.0.1".into(), "localhost".into()];
+    names.extend(extra.iter().cloned());
+    names
 }
 
 #[derive(Debug)]
@@ -30,6 +32,8 @@ pub struct LocalTls {
     pub hub: Arc<ServerCert>,
     lifetime: Duration,
     last_check: std::time::Instant,
+    /// Addresses beside loopback that the certificates name.
+    names: Vec<String>,
 }
 
 fn bad_cert(path: &Path, why: impl std::fmt::Display) -> LocalError {
@@ -40,15 +44,20 @@ fn bad_cert(path: &Path, why: impl std::fmt::Display) -> LocalError {
     }
 }
 
-fn issue(ca: &Ca, lifetime: Duration, path: &Path) -> Result<Issued, LocalError> {
-    ca.issue(&local_names(), lifetime)
+fn issue(ca: &Ca, names: &[String], lifetime: Duration, path: &Path) -> Result<Issued, LocalError> {
+    ca.issue(&local_names(names), lifetime)
         .map_err(|e| bad_cert(path, e))
 }
 
 impl LocalTls {
     /// Loads or makes the CA, issues the hub's certificate, and (with `instance_tls`) makes
     /// sure the instance's certificate is there and not due for renewal.
-    pub fn prepare(dir: &Path, instance_tls: bool, lifetime: Duration) -> Result<Self, LocalError> {
+    pub fn prepare(
+        dir: &Path,
+        instance_tls: bool,
+        lifetime: Duration,
+        names: Vec<String>,
+    ) -> Result<Self, LocalError> {
         use std::os::unix::fs::PermissionsExt;
         let tls_dir = dir.join("tls");
         std::fs::create_dir_all(&tls_dir).map_err(io("creating", &tls_dir))?;
@@ -69,7 +78,7 @@ impl LocalTls {
                 ca
             }
         };
-        let hub = issue(&ca, lifetime, &ca_file)?;
+        let hub = issue(&ca, &names, lifetime, &ca_file)?;
         let tls = Self {
             hub: ServerCert::new(&hub).map_err(|e| bad_cert(&ca_file, e))?,
             instance: instance_tls.then(|| TlsFiles::in_dir(&tls_dir.display().to_string())),
@@ -77,6 +86,7 @@ impl LocalTls {
             ca_file,
             lifetime,
             last_check: std::time::Instant::now(),
+            names,
         };
         if instance_tls {
             tls.renew_instance(false)?;
@@ -105,7 +115,7 @@ impl LocalTls {
         if !(force || due || key_missing) {
             return Ok(false);
         }
-        let issued = issue(&self.ca, self.lifetime, cert)?;
+        let issued = issue(&self.ca, &self.names, self.lifetime, cert)?;
         let key = Path::new(&files.key);
         write_atomic(key, issued.key_pem.as_bytes()).map_err(io("writing", key))?;
         write_atomic(cert, issued.cert_pem.as_bytes()).map_err(io("writing", cert))?;
@@ -125,7 +135,7 @@ impl LocalTls {
         }
         if self
             .hub
-            .renew_if_due(&self.ca, &local_names(), self.lifetime)
+            .renew_if_due(&self.ca, &local_names(&self.names), self.lifetime)
             .map_err(|e| bad_cert(&self.ca_file, e))?
         {
             info!("renewed the hub's TLS certificate");
@@ -241,7 +251,8 @@ mod tests {
         assert_eq!(tls.ca_file, secret.join("ca.crt"));
         assert!(tls.client.is_none() && tls.served.is_none());
         // Half a client certificate is refused, naming the missing file.
-        let issued = issue(&ca, CERT_LIFETIME_FOR_TESTS, &secret).unwrap_or_else(|e| panic!("{e}"));
+        let issued =
+            issue(&ca, &[], CERT_LIFETIME_FOR_TESTS, &secret).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(secret.join("tls.crt"), &issued.cert_pem).unwrap_or_else(|e| panic!("{e}"));
         let half = error(dir.path());
         assert!(

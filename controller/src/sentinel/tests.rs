@@ -38,6 +38,7 @@ fn node(role: Role, of: u16, keys: u64, process: ProcessState) -> NodeObs {
             }),
             ..StateReport::default()
         }),
+        ..NodeObs::default()
     }
 }
 
@@ -65,6 +66,7 @@ fn sentinel(masters: Vec<(u16, u64)>) -> NodeObs {
             }),
             ..StateReport::default()
         }),
+        ..NodeObs::default()
     }
 }
 

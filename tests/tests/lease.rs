@@ -1,0 +1,109 @@
+//! The master's write lease through the local runtime, with real processes: a controller
+//! outage alone leaves writes flowing (the replicas' acknowledgements keep the lease), while a
+//! master that also loses its replicas pauses writes within the lease, long before
+//! `min-replicas-max-lag` would refuse them, and writes again once the controller grants it.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{collections::BTreeSet, time::Duration};
+
+use nix::sys::signal::Signal;
+use redis::AsyncCommands;
+use valkey_controller::lease::LEASE_MS;
+use valkey_e2e::{
+    local::{LocalInstance, assert_every_node_holds, manifest, master_of, signal},
+    wait_for,
+};
+
+const T: Duration = Duration::from_secs(30);
+/// How long one write may take before it counts as blocked (a fence pauses, it does not
+/// refuse).
+const BLOCKED: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn a_controller_outage_alone_does_not_stop_writes_and_a_master_cut_off_from_all_fences() {
+    let mut instance = LocalInstance::up(&manifest(3));
+    let status = instance.wait_healthy(3, T).await;
+    let (master, addr, _) = master_of(&status);
+    let mut acked = BTreeSet::new();
+    let mut next = 0u64;
+    let mut conn = instance.conn(&addr).await;
+
+    // The controller stops (as if its node froze): no grant reaches the master for three
+    // leases, and every write is still taken at once.
+    let controller = instance.proc_mut().expect("controller");
+    controller.signal(Signal::SIGSTOP);
+    let outage = tokio::time::Instant::now();
+    while outage.elapsed() < Duration::from_millis(3 * LEASE_MS) {
+        next += 1;
+        let write =
+            tokio::time::timeout(BLOCKED, conn.set::<_, _, ()>(format!("w{next}"), next)).await;
+        match write {
+            Ok(Ok(())) => {
+                acked.insert(next);
+            }
+            other => panic!(
+                "write {next} during a controller outage, {:?} in: {other:?}",
+                outage.elapsed()
+            ),
+        }
+    }
+
+    // Now the replicas stop too: the master has no evidence left that it still holds the role.
+    // Its agent pauses writes: the next write blocks instead of being refused (NOREPLICAS,
+    // which min-replicas-max-lag would give only after 5 s) or taken.
+    let replicas: Vec<u32> = status
+        .nodes
+        .iter()
+        .filter(|n| n.pod != master)
+        .filter_map(|n| n.valkey_pid)
+        .collect();
+    for pid in &replicas {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    loop {
+        next += 1;
+        let write =
+            tokio::time::timeout(BLOCKED, conn.set::<_, _, ()>(format!("w{next}"), next)).await;
+        match write {
+            Ok(Ok(())) => {
+                acked.insert(next);
+            }
+            Ok(Err(err)) => panic!("write {next} refused instead of paused: {err}"),
+            Err(_) => break,
+        }
+    }
+
+    // The replicas come back: that alone does not lift the fence (one of them could have been
+    // told to follow another master meanwhile). The controller's grant does.
+    for pid in &replicas {
+        signal(*pid, Signal::SIGCONT);
+    }
+    let controller = instance.proc_mut().expect("controller");
+    controller.signal(Signal::SIGCONT);
+    let status = instance.wait_healthy(3, T).await;
+    assert_eq!(
+        master_of(&status).0,
+        master,
+        "no failover: the master never went away"
+    );
+    assert!(status.nodes.iter().all(|n| !n.fenced), "{status:?}");
+    let mut conn = instance.conn(&addr).await;
+    wait_for("a write to be taken again", T, || {
+        next += 1;
+        let key = next;
+        let mut conn = conn.clone();
+        async move {
+            let write = tokio::time::timeout(BLOCKED, conn.set::<_, _, ()>(format!("w{key}"), key));
+            matches!(write.await, Ok(Ok(()))).then_some(())
+        }
+    })
+    .await;
+    acked.insert(next);
+    let _: i64 = redis::cmd("WAIT")
+        .arg(2)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .expect("WAIT");
+    assert_every_node_holds(&instance, &status, &acked, "after the outage").await;
+}
