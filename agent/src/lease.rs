@@ -104,13 +104,25 @@ enum Step {
     Unpause,
 }
 
-fn step(state: &mut State, master: bool, now: Instant) -> Step {
-    if !master {
-        if state.fenced {
+/// What the local Valkey is, as far as the fence cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    Master,
+    Replica,
+    /// Down, hung or not read yet: nothing is sent to it (a command queued in a hung Valkey
+    /// would run when it resumes).
+    Unknown,
+}
+
+fn step(state: &mut State, serving: Serving, now: Instant) -> Step {
+    match serving {
+        Serving::Unknown => return Step::Nothing,
+        Serving::Replica if state.fenced => {
             state.fenced = false;
             return Step::Unpause;
         }
-        return Step::Nothing;
+        Serving::Replica => return Step::Nothing,
+        Serving::Master => {}
     }
     let lease = Duration::from_millis(state.lease_ms);
     let granted = state.granted_until.is_some_and(|u| u > now);
@@ -141,14 +153,14 @@ fn pause_ms(lease_ms: u64) -> u64 {
     lease_ms * 4
 }
 
-/// Whether the local Valkey answers, and whether it is a master.
-fn serving(snapshot: &Snapshot) -> (bool, bool) {
+fn serving(snapshot: &Snapshot) -> Serving {
     let report = &snapshot.report;
-    let master = report
-        .data
-        .as_ref()
-        .is_some_and(|d| d.role() == Role::Master);
-    (report.process() == ProcessState::Up, master)
+    match report.data.as_ref().map(|d| d.role()) {
+        _ if report.process() != ProcessState::Up => Serving::Unknown,
+        Some(Role::Master) => Serving::Master,
+        Some(Role::Replica) => Serving::Replica,
+        _ => Serving::Unknown,
+    }
 }
 
 /// Runs the fence (and the replicas' renewals) for the agent's life.
@@ -177,18 +189,21 @@ pub async fn run(
             _ = tick.tick() => {}
             changed = snapshots.changed() => if changed.is_err() { return },
         }
-        let (up, master) = serving(&snapshots.borrow());
+        let serving = serving(&snapshots.borrow());
         let now = Instant::now();
-        if up {
-            if master && was_replica {
+        match serving {
+            Serving::Master if was_replica => {
                 // Just promoted by an authority (the controller or Sentinel): that is
                 // evidence, and gives the replicas a lease's length to link. (A hung master
-                // that comes back is not promoted: it gets none.)
+                // that comes back was not promoted: it gets none.)
                 shared.lease.evidence(now);
+                was_replica = false;
             }
-            was_replica = !master;
+            Serving::Master => {}
+            Serving::Replica => was_replica = true,
+            Serving::Unknown => {}
         }
-        let master = up && master;
+        let master = serving == Serving::Master;
         renewing.store(
             master && shared.lease.armed() && !shared.lease.fenced(),
             std::sync::atomic::Ordering::Relaxed,
@@ -197,7 +212,7 @@ pub async fn run(
             .lease
             .state
             .lock()
-            .map(|mut s| step(&mut s, master, now))
+            .map(|mut s| step(&mut s, serving, now))
         else {
             return;
         };
@@ -276,23 +291,39 @@ mod tests {
     fn a_master_without_grant_or_acknowledgement_for_the_lease_pauses_writes() {
         let t0 = Instant::now();
         let mut state = armed(t0);
-        assert_eq!(step(&mut state, true, t0), Step::Nothing);
+        assert_eq!(step(&mut state, Serving::Master, t0), Step::Nothing);
         assert_eq!(
-            step(&mut state, true, t0 + Duration::from_millis(1499)),
+            step(
+                &mut state,
+                Serving::Master,
+                t0 + Duration::from_millis(1499)
+            ),
             Step::Nothing
         );
         assert_eq!(
-            step(&mut state, true, t0 + Duration::from_millis(1500)),
+            step(
+                &mut state,
+                Serving::Master,
+                t0 + Duration::from_millis(1500)
+            ),
             Step::Fence(6000)
         );
         assert!(state.fenced);
         // Renewed before it runs out, not on every tick.
         assert_eq!(
-            step(&mut state, true, t0 + Duration::from_millis(1600)),
+            step(
+                &mut state,
+                Serving::Master,
+                t0 + Duration::from_millis(1600)
+            ),
             Step::Nothing
         );
         assert_eq!(
-            step(&mut state, true, t0 + Duration::from_millis(3000)),
+            step(
+                &mut state,
+                Serving::Master,
+                t0 + Duration::from_millis(3000)
+            ),
             Step::Pause(6000)
         );
     }
@@ -303,11 +334,19 @@ mod tests {
         let mut state = armed(t0);
         state.evidence_at = Some(t0 + Duration::from_millis(1400));
         assert_eq!(
-            step(&mut state, true, t0 + Duration::from_millis(2800)),
+            step(
+                &mut state,
+                Serving::Master,
+                t0 + Duration::from_millis(2800)
+            ),
             Step::Nothing
         );
         assert_eq!(
-            step(&mut state, true, t0 + Duration::from_millis(2900)),
+            step(
+                &mut state,
+                Serving::Master,
+                t0 + Duration::from_millis(2900)
+            ),
             Step::Fence(6000)
         );
     }
@@ -317,16 +356,25 @@ mod tests {
         let t0 = Instant::now();
         let mut state = armed(t0);
         let later = t0 + Duration::from_millis(2000);
-        assert!(matches!(step(&mut state, true, later), Step::Fence(_)));
+        assert!(matches!(
+            step(&mut state, Serving::Master, later),
+            Step::Fence(_)
+        ));
         state.evidence_at = Some(later);
-        assert_ne!(step(&mut state, true, later), Step::Unpause);
+        assert_ne!(step(&mut state, Serving::Master, later), Step::Unpause);
         state.granted_until = Some(later + Duration::from_millis(100));
-        assert_eq!(step(&mut state, true, later), Step::Unpause);
+        assert_eq!(step(&mut state, Serving::Master, later), Step::Unpause);
         assert!(!state.fenced);
 
         let mut state = armed(t0);
-        assert!(matches!(step(&mut state, true, later), Step::Fence(_)));
-        assert_eq!(step(&mut state, false, later), Step::Unpause);
+        assert!(matches!(
+            step(&mut state, Serving::Master, later),
+            Step::Fence(_)
+        ));
+        // Hung or down: nothing is queued for it, and the fence stays.
+        assert_eq!(step(&mut state, Serving::Unknown, later), Step::Nothing);
+        assert!(state.fenced);
+        assert_eq!(step(&mut state, Serving::Replica, later), Step::Unpause);
     }
 
     #[test]
@@ -334,7 +382,7 @@ mod tests {
         let t0 = Instant::now();
         let mut state = State::default();
         assert_eq!(
-            step(&mut state, true, t0 + Duration::from_secs(60)),
+            step(&mut state, Serving::Master, t0 + Duration::from_secs(60)),
             Step::Nothing
         );
     }

@@ -80,14 +80,9 @@ async fn up() -> (LocalInstance, RoleProxy, ConnectionManager) {
     let proxy = RoleProxy::for_local(instance.dir.clone()).await;
     let mut conn = pooled(&instance, &proxy).await;
     let _: () = conn.set("before", 1).await.expect("a first write");
-    // On every replica, and reported: a failover needs a replica the controller knows has
-    // data (with every node empty, a crashed master is promoted back, being all there is).
-    let _: i64 = redis::cmd("WAIT")
-        .arg(2)
-        .arg(5000)
-        .query_async(&mut conn)
-        .await
-        .expect("WAIT");
+    // On every replica, as their agents report: a failover needs a replica the controller
+    // knows has data (with every node empty, a crashed master is promoted back, being all
+    // there is).
     instance
         .wait_status("every node to report the first write", T, |s| {
             s.nodes.iter().all(|n| n.keys >= 1)

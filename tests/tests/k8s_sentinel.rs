@@ -134,7 +134,7 @@ async fn external_set_on(cluster: FakeCluster, nodes: Nodes, access: InstanceAcc
         access,
         sentinel: Some(SentinelSettings {
             quorum: Some(2),
-            monitor_config: [("down-after-milliseconds".to_owned(), "1000".to_owned())].into(),
+            monitor_config: [("down-after-milliseconds".to_owned(), "2000".to_owned())].into(),
             sentinel_reference: Some(SentinelReference {
                 nodes: sentinels
                     .iter()
@@ -204,7 +204,7 @@ async fn every_monitor_config_key_and_the_quorum_change_live() {
         &cluster,
         &sentinels,
         "the first settings",
-        &[("quorum", "2"), ("down-after-milliseconds", "1000")],
+        &[("quorum", "2"), ("down-after-milliseconds", "2000")],
     )
     .await;
     cluster

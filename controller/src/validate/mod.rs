@@ -442,6 +442,18 @@ fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
                 format!("must be a positive whole number, got {value:?}"),
             ));
         }
+        // A cut-off master fences itself within the write lease: Sentinel must not promote
+        // another node sooner.
+        let fenced_within = crate::lease::LEASE_MS + crate::lease::MARGIN_MS;
+        if key == "down-after-milliseconds" && value.parse::<u64>().is_ok_and(|n| n < fenced_within)
+        {
+            return Err(invalid(
+                format!("spec.sentinel.monitorConfig.{key}"),
+                format!(
+                    "must be at least {fenced_within} (the master's write lease and its margin, so that a cut-off master has paused writes before Sentinel promotes another node), got {value}"
+                ),
+            ));
+        }
     }
     text::check_config_map(
         "spec.sentinel.customConfigs",

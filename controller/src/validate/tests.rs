@@ -158,6 +158,13 @@ fn errors_name_the_field() {
         ..Default::default()
     });
     cases.push((s, "spec.sentinel.monitorConfig.down-after"));
+    // Sooner than a cut-off master fences itself.
+    let mut s = spec();
+    s.sentinel = Some(SentinelSettings {
+        monitor_config: [("down-after-milliseconds".to_owned(), "1999".to_owned())].into(),
+        ..Default::default()
+    });
+    cases.push((s, "spec.sentinel.monitorConfig.down-after-milliseconds"));
     let mut s = spec();
     s.sentinel = Some(SentinelSettings {
         sentinel_reference: Some(SentinelReference {
