@@ -48,7 +48,8 @@ pub struct NodeObs {
     pub unhealthy_ms: u64,
     /// The agent's latest report.
     pub report: Option<StateReport>,
-    /// Milliseconds since the node was last sent a write lease (None: never).
+    /// Milliseconds since the node was last sent a write lease, or since this controller
+    /// started if it sent none (its predecessor may have); None: not known to the hub.
     pub lease_granted_ms: Option<u64>,
     /// How many write leases it was sent (to tell whether one went out since).
     pub lease_grants: u64,

@@ -463,20 +463,32 @@ pub async fn missing_with_prefix(
     keys: &BTreeSet<u64>,
 ) -> Vec<u64> {
     let mut conn = instance.conn(addr).await;
-    let keys: Vec<u64> = keys.iter().copied().collect();
+    let names: Vec<String> = keys.iter().map(|k| format!("{prefix}{k}")).collect();
+    let missing: BTreeSet<String> = missing_keys(&mut conn, &names).await.into_iter().collect();
+    keys.iter()
+        .copied()
+        .filter(|k| missing.contains(&format!("{prefix}{k}")))
+        .collect()
+}
+
+/// The keys of `keys` that do not exist on the node behind `conn` (EXISTS, 1000 at a time).
+pub async fn missing_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &[String],
+) -> Vec<String> {
     let mut missing = Vec::new();
     for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
         for k in chunk {
-            pipe.exists(format!("{prefix}{k}"));
+            pipe.exists(k);
         }
-        let exists: Vec<bool> = pipe.query_async(&mut conn).await.expect("EXISTS");
+        let exists: Vec<bool> = pipe.query_async(conn).await.expect("EXISTS");
         missing.extend(
             chunk
                 .iter()
                 .zip(exists)
                 .filter(|(_, e)| !e)
-                .map(|(k, _)| *k),
+                .map(|(k, _)| k.clone()),
         );
     }
     missing

@@ -12,7 +12,7 @@
 //! Service following the role label would.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     process::Command,
     sync::{
         Arc, Mutex,
@@ -354,22 +354,7 @@ impl Cluster {
         let mut conn = connect(&self.url(&self.nodes[i]))
             .await
             .expect("a node to check");
-        let mut missing = Vec::new();
-        for chunk in keys.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for k in chunk {
-                pipe.exists(k);
-            }
-            let exists: Vec<bool> = pipe.query_async(&mut conn).await.expect("EXISTS");
-            missing.extend(
-                chunk
-                    .iter()
-                    .zip(exists)
-                    .filter(|(_, e)| !e)
-                    .map(|(k, _)| k.clone()),
-            );
-        }
-        missing
+        crate::local::missing_keys(&mut conn, keys).await
     }
 }
 
@@ -425,8 +410,30 @@ impl Writers {
         }
     }
 
-    fn acked(&self) -> Vec<Ack> {
-        self.acks.lock().map(|a| a.clone()).unwrap_or_default()
+    /// Acknowledgements so far, by writer (`<group>:plain`, `<group>:wait`).
+    fn per_writer(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        if let Ok(acks) = self.acks.lock() {
+            for ack in acks.iter() {
+                let writer = ack.key.rsplit_once(':').map_or("", |(w, _)| w);
+                *counts.entry(writer.to_owned()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Waits until every writer has had `more` writes acknowledged from now on.
+    async fn wait_each(&self, more: usize, what: &str) {
+        let before = self.per_writer();
+        crate::wait_for(what, T, || {
+            let now = self.per_writer();
+            let done = now.len() == GROUPS.len() * 2
+                && now
+                    .iter()
+                    .all(|(w, n)| *n >= before.get(w).copied().unwrap_or(0) + more);
+            async move { done.then_some(()) }
+        })
+        .await;
     }
 
     fn finish(self) -> Vec<Ack> {
@@ -536,23 +543,15 @@ pub async fn run(system: System, scenario: Scenario) -> Report {
     let cluster = Cluster::start(system).await;
     let master = cluster.master().await;
     let writers = Writers::start(&cluster);
-    crate::wait_for("both groups' writes to be acknowledged", T, || {
-        let acks = writers.acked();
-        async move {
-            GROUPS
-                .iter()
-                .all(|g| acks.iter().filter(|a| a.key.starts_with(g)).count() >= 20)
-                .then_some(())
-        }
-    })
-    .await;
+    writers.wait_each(20, "every writer's first writes").await;
     let password = cluster.password.clone();
     let monitor = Monitor::start(cluster.nodes.clone(), move |addr| {
         client(&format!("redis://:{password}@{addr}/"))
     });
     let m = node_host(master);
     let replicas: Vec<&str> = (0..3).filter(|i| *i != master).map(node_host).collect();
-    let begun = Instant::now();
+    // From the moment the partition is in place (each cut is a few `ip` commands).
+    let mut begun = Instant::now();
     match scenario {
         Scenario::MasterIsolated => cluster.net.isolate(m, &["ca"]),
         Scenario::ControllerIsolated => cluster.net.isolate("ctl", &[]),
@@ -562,8 +561,11 @@ pub async fn run(system: System, scenario: Scenario) -> Report {
             .split(&[m, "ca"], &[replicas[0], replicas[1], "ctl", "cb"]),
         Scenario::MasterAgentIsolated => cluster.net.cut(m, "ctl"),
         Scenario::Flapping => {
-            for _ in 0..4 {
+            for round in 0..4 {
                 cluster.net.isolate(m, &["ca"]);
+                if round == 0 {
+                    begun = Instant::now();
+                }
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 cluster.net.heal();
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -571,6 +573,7 @@ pub async fn run(system: System, scenario: Scenario) -> Report {
         }
     }
     if scenario != Scenario::Flapping {
+        begun = Instant::now();
         tokio::time::sleep(hold(system)).await;
     }
     cluster.net.heal();
@@ -581,12 +584,9 @@ pub async fn run(system: System, scenario: Scenario) -> Report {
     )
     .await;
     // Writes go on a moment after healing, so that the time to recover counts.
-    let healed = writers.acked().len();
-    crate::wait_for("writes after healing", T, || {
-        let more = writers.acked().len() > healed + 40;
-        async move { more.then_some(()) }
-    })
-    .await;
+    writers
+        .wait_each(10, "every writer's writes after healing")
+        .await;
     let acks = writers.finish();
     let (two_masters_rounds, two_masters) = monitor.finish_timed().await;
     crate::wait_for("the last writes to reach every replica", T, || {
@@ -618,7 +618,13 @@ pub async fn run(system: System, scenario: Scenario) -> Report {
         lost.extend(cluster.missing(i, &keys).await);
     }
     let lost_plain: Vec<&&Ack> = plain.iter().filter(|a| lost.contains(&a.key)).collect();
-    let mut times: Vec<Instant> = acks.iter().map(|a| a.at).filter(|t| *t >= begun).collect();
+    // Availability as the application keeps it: a write acknowledged and later lost was not
+    // available.
+    let mut times: Vec<Instant> = acks
+        .iter()
+        .filter(|a| a.at >= begun && !lost.contains(&a.key))
+        .map(|a| a.at)
+        .collect();
     times.insert(0, begun);
     times.sort();
     let unavailable = times

@@ -19,6 +19,14 @@ const T: Duration = Duration::from_secs(30);
 /// refuse).
 const BLOCKED: Duration = Duration::from_secs(1);
 
+/// Writes key `w<n>`, giving up (Err(Elapsed)) when it is not answered in [`BLOCKED`].
+async fn write(
+    conn: &mut redis::aio::MultiplexedConnection,
+    n: u64,
+) -> Result<redis::RedisResult<()>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(BLOCKED, conn.set::<_, _, ()>(format!("w{n}"), n)).await
+}
+
 #[tokio::test]
 async fn a_controller_outage_alone_does_not_stop_writes_and_a_master_cut_off_from_all_fences() {
     let mut instance = LocalInstance::up(&manifest(3));
@@ -35,9 +43,7 @@ async fn a_controller_outage_alone_does_not_stop_writes_and_a_master_cut_off_fro
     let outage = tokio::time::Instant::now();
     while outage.elapsed() < Duration::from_millis(3 * LEASE_MS) {
         next += 1;
-        let write =
-            tokio::time::timeout(BLOCKED, conn.set::<_, _, ()>(format!("w{next}"), next)).await;
-        match write {
+        match write(&mut conn, next).await {
             Ok(Ok(())) => {
                 acked.insert(next);
             }
@@ -62,9 +68,7 @@ async fn a_controller_outage_alone_does_not_stop_writes_and_a_master_cut_off_fro
     }
     loop {
         next += 1;
-        let write =
-            tokio::time::timeout(BLOCKED, conn.set::<_, _, ()>(format!("w{next}"), next)).await;
-        match write {
+        match write(&mut conn, next).await {
             Ok(Ok(())) => {
                 acked.insert(next);
             }
@@ -92,10 +96,7 @@ async fn a_controller_outage_alone_does_not_stop_writes_and_a_master_cut_off_fro
         next += 1;
         let key = next;
         let mut conn = conn.clone();
-        async move {
-            let write = tokio::time::timeout(BLOCKED, conn.set::<_, _, ()>(format!("w{key}"), key));
-            matches!(write.await, Ok(Ok(()))).then_some(())
-        }
+        async move { matches!(write(&mut conn, key).await, Ok(Ok(()))).then_some(()) }
     })
     .await;
     acked.insert(next);

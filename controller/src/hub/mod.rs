@@ -138,6 +138,9 @@ struct Inner {
     heartbeat: Duration,
     /// The node of each instance that is granted the write lease (locked after `nodes`).
     leases: Mutex<HashMap<InstanceKey, LeaseHolder>>,
+    /// A controller that just started (or just became leader) cannot know what its
+    /// predecessor granted: every node counts as granted a lease at this moment.
+    started: Mutex<Instant>,
 }
 
 /// The hub; cheap to clone.
@@ -184,6 +187,7 @@ impl Hub {
                 sessions: AtomicU64::new(0),
                 heartbeat,
                 leases: Mutex::default(),
+                started: Mutex::new(Instant::now()),
             }),
             auth: Arc::new(auth),
         };
@@ -246,6 +250,11 @@ impl Hub {
         kind: NodeKind,
     ) -> std::collections::BTreeMap<String, NodeObs> {
         let now = Instant::now();
+        let started = self
+            .inner
+            .started
+            .lock()
+            .map_or_else(|_| Instant::now(), |t| *t);
         self.inner
             .nodes
             .lock()
@@ -262,9 +271,12 @@ impl Hub {
                                 .map(|t| now.saturating_duration_since(t).as_millis() as u64)
                                 .unwrap_or(u64::MAX),
                             report: node.report.clone(),
-                            lease_granted_ms: node
-                                .granted_at
-                                .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                            lease_granted_ms: Some(
+                                now.saturating_duration_since(
+                                    node.granted_at.map_or(started, |t| t.max(started)),
+                                )
+                                .as_millis() as u64,
+                            ),
                             lease_grants: node.grants,
                         };
                         (pod.clone(), obs)
@@ -330,6 +342,14 @@ impl Hub {
     fn forget(&self, id: &str) {
         if let Ok(mut pending) = self.inner.pending.lock() {
             pending.remove(id);
+        }
+    }
+
+    /// This process now leads: whatever a previous leader granted may still hold, so no
+    /// node's lease counts as lapsed before a lease and its margin from now.
+    pub fn leading(&self) {
+        if let Ok(mut started) = self.inner.started.lock() {
+            *started = Instant::now();
         }
     }
 

@@ -135,6 +135,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     info!("leading");
+    hub.leading();
     set_leader_label(&client, &options, true).await;
 
     let hub_listener = tokio::net::TcpListener::bind(options.hub_listen)
