@@ -241,7 +241,15 @@ pub async fn run(
                 Step::Unpause => info!("write lease granted again; writes resumed"),
                 _ => debug!(?action, "write fence renewed"),
             },
-            Err(err) => warn!(error = %err, ?action, "cannot apply the write fence"),
+            Err(err) => {
+                warn!(error = %err, ?action, "cannot apply the write fence; trying again");
+                if matches!(action, Step::Fence(_) | Step::Pause(_))
+                    && let Ok(mut state) = shared.lease.state.lock()
+                {
+                    // The next tick pauses again.
+                    state.paused_at = None;
+                }
+            }
         }
         // The next report says so.
         shared.probe_now.notify_one();

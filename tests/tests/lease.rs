@@ -108,3 +108,63 @@ async fn a_controller_outage_alone_does_not_stop_writes_and_a_master_cut_off_fro
         .expect("WAIT");
     assert_every_node_holds(&instance, &status, &acked, "after the outage").await;
 }
+
+/// Under policy sentinel the controller vouches for the master only while it hears a quorum
+/// of sentinels naming it: with every sentinel and both replicas stopped, the master has no
+/// evidence left, fences itself, and says so through its agent, which the controller still
+/// hears; once the sentinels answer again, the grant lifts the fence.
+#[tokio::test]
+async fn under_sentinel_a_master_nobody_vouches_for_fences_and_says_so() {
+    let manifest = include_str!("../../deploy/examples/failover.yaml");
+    let instance = LocalInstance::up(manifest);
+    let status = instance
+        .wait_status(
+            "every sentinel naming the master and knowing both replicas",
+            T,
+            |s| {
+                s.master.is_some()
+                    && s.monitor.nodes.len() == 3
+                    && s.monitor
+                        .nodes
+                        .iter()
+                        .all(|m| m.connected && m.replicas == Some(2) && m.master == s.master_addr)
+            },
+        )
+        .await;
+    let (master, addr, _) = master_of(&status);
+    let mut stopped: Vec<u32> = status
+        .nodes
+        .iter()
+        .filter(|n| n.pod != master)
+        .filter_map(|n| n.valkey_pid)
+        .collect();
+    stopped.extend(status.monitor.nodes.iter().filter_map(|m| m.sentinel_pid));
+    for pid in &stopped {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    let fenced = instance
+        .wait_status("the master to report itself fenced", T, |s| {
+            s.nodes
+                .iter()
+                .any(|n| n.pod == master && n.fenced && n.connected)
+        })
+        .await;
+    assert_eq!(fenced.master.as_deref(), Some(master.as_str()));
+    let mut conn = instance.conn(&addr).await;
+    assert!(
+        write(&mut conn, 1).await.is_err(),
+        "a fenced master's writes wait"
+    );
+    for pid in &stopped {
+        signal(*pid, Signal::SIGCONT);
+    }
+    instance
+        .wait_status("the fence lifted by a grant", T, |s| {
+            s.nodes
+                .iter()
+                .any(|n| n.pod == master && !n.fenced && n.role == "master")
+        })
+        .await;
+    let mut conn = instance.conn(&addr).await;
+    assert!(matches!(write(&mut conn, 2).await, Ok(Ok(()))));
+}
