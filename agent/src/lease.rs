@@ -88,8 +88,17 @@ impl Lease {
         self.state.lock().map(|s| s.fenced).unwrap_or(false)
     }
 
-    fn armed(&self) -> bool {
-        self.state.lock().map(|s| s.lease_ms > 0).unwrap_or(false)
+    /// Whether to ask the replicas now: under the rule, and the controller's grant has less
+    /// than half a lease left (grants come every heartbeat, so this means it is not heard).
+    /// Asking only then keeps the replication stream, and the offsets, still while idle.
+    fn wants_acknowledgements(&self, now: Instant) -> bool {
+        self.state
+            .lock()
+            .map(|s| {
+                let half = Duration::from_millis(s.lease_ms / 2);
+                s.lease_ms > 0 && !s.fenced && s.granted_until.is_none_or(|u| u < now + half)
+            })
+            .unwrap_or(false)
     }
 }
 
@@ -205,7 +214,7 @@ pub async fn run(
         }
         let master = serving == Serving::Master;
         renewing.store(
-            master && shared.lease.armed() && !shared.lease.fenced(),
+            master && shared.lease.wants_acknowledgements(now),
             std::sync::atomic::Ordering::Relaxed,
         );
         let Ok(action) = shared
@@ -256,8 +265,9 @@ pub async fn run(
     }
 }
 
-/// While this node is an armed, unfenced master: a replicated PUBLISH and `WAIT 1`, every
-/// [`RENEW_EVERY`]; an acknowledgement renews the lease from the moment the request was sent.
+/// While this node is an unfenced master the controller is not heard granting: a replicated
+/// PUBLISH and `WAIT 1`, every [`RENEW_EVERY`]; an acknowledgement renews the lease from the
+/// moment the request was sent.
 async fn renew(mut conn: Local, shared: Arc<Shared>, renewing: Arc<std::sync::atomic::AtomicBool>) {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -383,6 +393,18 @@ mod tests {
         assert_eq!(step(&mut state, Serving::Unknown, later), Step::Nothing);
         assert!(state.fenced);
         assert_eq!(step(&mut state, Serving::Replica, later), Step::Unpause);
+    }
+
+    #[test]
+    fn replicas_are_asked_only_when_the_controller_is_not_heard() {
+        let lease = Lease::default();
+        let now = Instant::now();
+        // Never granted: not under the rule.
+        assert!(!lease.wants_acknowledgements(now));
+        lease.grant(lease.request_stamp(), 1500);
+        assert!(!lease.wants_acknowledgements(Instant::now()));
+        // Less than half the lease left: the controller's grants stopped coming.
+        assert!(lease.wants_acknowledgements(Instant::now() + Duration::from_millis(800)));
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! under a Sentinel policy: what each promises, see docs/failover.md). A writer finds the
 //! master by asking every node it can reach for its `ROLE`, as a Sentinel-aware client or a
 //! Service following the role label would.
+//!
+//! To look into a run: `PARTITION_DEBUG=1` prints the controller's status and logs after it,
+//! and `PARTITION_LOG` sets `RUST_LOG` for the controller and its agents.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
