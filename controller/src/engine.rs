@@ -106,10 +106,13 @@ impl Engine {
         {
             let seen = observed.nodes.get(old).map_or(0, |o| o.lease_grants);
             if !hub.revoke_lease(key, old, seen) {
+                // It is heard again: it keeps the lease (it was the holder, or it would not
+                // have been granted one).
                 return Plan {
                     notes: vec![format!(
                         "{old} was granted its write lease meanwhile; deciding again"
                     )],
+                    lease_holder: Some(old.to_owned()),
                     ..Plan::default()
                 };
             }

@@ -1,6 +1,7 @@
 //! The agent hub facing clients that are not well-behaved agents: connections that never
 //! authenticate, oversized Hellos, a hub full of them, and a pod answering a command sent to
-//! another. The real hub, served over TLS on loopback, and raw gRPC clients.
+//! another; and the write lease's grants. The real hub, served over TLS on loopback, and raw
+//! gRPC clients.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{sync::Arc, time::Duration};
@@ -9,15 +10,16 @@ use tokio::{io::AsyncReadExt, net::TcpStream, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use valkey_controller::{
     hub::{
-        Hub, InstanceKey, StaticToken,
+        Hub, InstanceKey, LeaseHolder, StaticToken,
         limits::{Gate, Limits},
     },
     tls::{CA_LIFETIME, Ca, serve::ServerCert},
 };
 use valkey_e2e::{flood::hub_channel, wait_for};
 use valkey_proto::v1::{
-    AgentMessage, Command, CommandResult, ControllerMessage, Hello, NodeKind, Promote,
-    agent_hub_client::AgentHubClient, agent_message::Msg, command::Action, controller_message,
+    AgentMessage, Command, CommandResult, ControllerMessage, DataState, Hello, Lease, NodeKind,
+    ProcessState, Promote, Role, StateReport, agent_hub_client::AgentHubClient, agent_message::Msg,
+    command::Action, controller_message,
 };
 
 const T: Duration = Duration::from_secs(15);
@@ -257,4 +259,96 @@ async fn a_result_from_another_pod_does_not_answer_a_command() {
     a_tx.send(answer("done by demo-0")).await.unwrap();
     let result = sent.await.unwrap().expect("demo-0's result");
     assert_eq!(result.message, "done by demo-0");
+}
+
+/// A report from a data node: `process` and role master, asking for the lease with `stamp`.
+fn lease_request(stamp: u64, process: ProcessState) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Msg::Report(StateReport {
+            process: process as i32,
+            lease_request_ms: stamp,
+            data: Some(DataState {
+                role: Role::Master as i32,
+                ..DataState::default()
+            }),
+            ..StateReport::default()
+        })),
+    }
+}
+
+/// The next write lease the hub sends, skipping its Welcome.
+async fn next_lease(inbound: &mut tonic::Streaming<ControllerMessage>) -> Lease {
+    loop {
+        let message = tokio::time::timeout(T, inbound.message())
+            .await
+            .expect("a message in time")
+            .expect("the stream")
+            .expect("a message");
+        if let Some(controller_message::Msg::Lease(lease)) = message.msg {
+            return lease;
+        }
+    }
+}
+
+/// The write lease goes only to the holder, and only while it reports its Valkey up as master;
+/// a revocation based on a view older than the last grant is refused.
+#[tokio::test]
+async fn the_write_lease_goes_only_to_its_holder_and_a_stale_revocation_is_refused() {
+    let served = serve(Limits::default()).await;
+    let (tx, mut inbound) = attach(&served, hello("demo-0", TOKEN)).await.unwrap();
+    let hub = &served.hub;
+    let grants = || {
+        hub.observe(&demo())
+            .nodes
+            .get("demo-0")
+            .map_or(0, |o| o.lease_grants)
+    };
+    // Not the holder yet: request 1 gets nothing. Then it is: request 2 is answered, echoing
+    // the agent's own stamp, and the first lease to arrive is that one.
+    tx.send(lease_request(1, ProcessState::Up)).await.unwrap();
+    wait_for("the first report", T, || async {
+        hub.observe(&demo())
+            .nodes
+            .get("demo-0")
+            .and_then(|o| o.report.as_ref())
+            .map(|_| ())
+    })
+    .await;
+    let holder = LeaseHolder {
+        pod: "demo-0".into(),
+        epoch: 3,
+    };
+    hub.hold_lease(&demo(), Some(holder.clone()));
+    tx.send(lease_request(2, ProcessState::Up)).await.unwrap();
+    let lease = next_lease(&mut inbound).await;
+    assert_eq!((lease.request_ms, lease.epoch), (2, 3));
+    assert_eq!(
+        u64::from(lease.lease_ms),
+        valkey_controller::lease::LEASE_MS
+    );
+    // A hung Valkey is granted nothing: the next lease answers the request after it.
+    tx.send(lease_request(3, ProcessState::Hung)).await.unwrap();
+    tx.send(lease_request(4, ProcessState::Up)).await.unwrap();
+    assert_eq!(next_lease(&mut inbound).await.request_ms, 4);
+    // Seen with 2 grants: a revocation that saw fewer is refused, one that saw both is done,
+    // and no grant follows it.
+    wait_for("two grants counted", T, || async {
+        (grants() == 2).then_some(())
+    })
+    .await;
+    assert!(!hub.revoke_lease(&demo(), "demo-0", 1));
+    assert!(hub.revoke_lease(&demo(), "demo-0", 2));
+    tx.send(lease_request(5, ProcessState::Up)).await.unwrap();
+    wait_for("request 5 to be read", T, || async {
+        hub.observe(&demo())
+            .nodes
+            .get("demo-0")
+            .and_then(|o| o.report.as_ref())
+            .filter(|r| r.lease_request_ms == 5)
+            .map(|_| ())
+    })
+    .await;
+    hub.hold_lease(&demo(), Some(holder));
+    tx.send(lease_request(6, ProcessState::Up)).await.unwrap();
+    assert_eq!(next_lease(&mut inbound).await.request_ms, 6);
 }
