@@ -228,45 +228,33 @@ impl Cluster {
             } else {
                 format!("replicaof {master} 6379\n")
             };
-            let conf = node_dir.join("valkey.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "port 6379\nbind {ip}\nprotected-mode no\ndir {d}\nrequirepass {password}\nmasterauth {password}\n\
-                     appendonly yes\nrepl-ping-replica-period 1\nreplica-announce-ip {ip}\n{replicaof}",
-                    ip = host.ip,
-                    d = node_dir.display()
-                ),
-            )
-            .expect("valkey.conf");
-            let mut cmd = Command::new("valkey-server");
-            cmd.arg(&conf);
-            command_in(&mut cmd, &host);
-            plain.push(Proc::spawn(
-                &format!("n{i} valkey-server"),
-                &mut cmd,
-                &node_dir.join("valkey.log"),
+            let valkey = format!(
+                "port 6379\nbind {ip}\nprotected-mode no\ndir {d}\nrequirepass {password}\nmasterauth {password}\n\
+                 appendonly yes\nrepl-ping-replica-period 1\nreplica-announce-ip {ip}\n{replicaof}",
+                ip = host.ip,
+                d = node_dir.display()
+            );
+            plain.push(spawn_with_conf(
+                "valkey-server",
+                i,
+                &node_dir,
+                &valkey,
+                &host,
             ));
-            let sentinel_conf = node_dir.join("sentinel.conf");
-            std::fs::write(
-                &sentinel_conf,
-                format!(
-                    "port 26379\nbind {ip}\nprotected-mode no\ndir {d}\n\
-                     sentinel monitor m {master} 6379 2\nsentinel auth-pass m {password}\n\
-                     sentinel down-after-milliseconds m {DOWN_AFTER_MS}\nsentinel failover-timeout m 10000\n\
-                     sentinel parallel-syncs m 1\n",
-                    ip = host.ip,
-                    d = node_dir.display()
-                ),
-            )
-            .expect("sentinel.conf");
-            let mut cmd = Command::new("valkey-sentinel");
-            cmd.arg(&sentinel_conf);
-            command_in(&mut cmd, &host);
-            plain.push(Proc::spawn(
-                &format!("n{i} valkey-sentinel"),
-                &mut cmd,
-                &node_dir.join("sentinel.log"),
+            let sentinel = format!(
+                "port 26379\nbind {ip}\nprotected-mode no\ndir {d}\n\
+                 sentinel monitor m {master} 6379 2\nsentinel auth-pass m {password}\n\
+                 sentinel down-after-milliseconds m {DOWN_AFTER_MS}\nsentinel failover-timeout m 10000\n\
+                 sentinel parallel-syncs m 1\n",
+                ip = host.ip,
+                d = node_dir.display()
+            );
+            plain.push(spawn_with_conf(
+                "valkey-sentinel",
+                i,
+                &node_dir,
+                &sentinel,
+                &host,
             ));
         }
         let nodes: Vec<String> = (0..3)
@@ -359,6 +347,27 @@ impl Cluster {
             .expect("a node to check");
         crate::local::missing_keys(&mut conn, keys).await
     }
+}
+
+/// Writes `conf` to `<dir>/<program>.conf` and starts `program` with it in `host`'s namespace,
+/// logging to `<dir>/<program>.log`.
+fn spawn_with_conf(
+    program: &str,
+    i: usize,
+    dir: &std::path::Path,
+    conf: &str,
+    host: &crate::netns::Host,
+) -> Proc {
+    let path = dir.join(format!("{program}.conf"));
+    std::fs::write(&path, conf).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut cmd = Command::new(program);
+    cmd.arg(&path);
+    command_in(&mut cmd, host);
+    Proc::spawn(
+        &format!("n{i} {program}"),
+        &mut cmd,
+        &dir.join(format!("{program}.log")),
+    )
 }
 
 async fn connect(url: &str) -> Option<MultiplexedConnection> {
