@@ -6,10 +6,11 @@
 //! connections hang as they do on a real network, and healing removes the routes. Needs root;
 //! [`Net::unavailable`] says why not otherwise. Everything is removed on drop.
 
+use valkey_controller::local::hosts;
+
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    os::fd::AsFd,
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -193,31 +194,25 @@ pub fn spawn_in<T: Send + 'static>(
     host: &Host,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let path = host.path();
+    let (file, ns) = (open(host), host.ns.clone());
     std::thread::spawn(move || {
-        enter(&path);
+        hosts::enter(&file).unwrap_or_else(|e| panic!("setns {ns}: {e}"));
         f()
     })
 }
 
-/// Moves the calling thread (or a child between fork and exec) into the namespace at `path`.
-fn enter(path: &std::path::Path) {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+/// `host`'s namespace, opened for [`hosts::enter`].
+fn open(host: &Host) -> std::fs::File {
+    hosts::open(&host.path()).unwrap_or_else(|e| panic!("{}: {e}", host.path().display()))
 }
 
-/// Makes `cmd` start inside `host`'s namespace.
+/// Makes `cmd` start inside `host`'s namespace, as `local up --netns` starts its nodes.
 #[allow(unsafe_code)]
 pub fn command_in(cmd: &mut Command, host: &Host) {
     use std::os::unix::process::CommandExt;
-    let file = std::fs::File::open(host.path())
-        .unwrap_or_else(|e| panic!("{}: {e}", host.path().display()));
+    let file = open(host);
     // SAFETY: the closure only calls setns(2) on a file opened before the fork.
     unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(move || hosts::enter(&file));
     }
 }
