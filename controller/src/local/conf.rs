@@ -81,14 +81,22 @@ pub use valkey_agent::passwords::sha256_hex;
 #[derive(Debug)]
 pub struct ValkeyConf<'a> {
     pub port: u16,
-    /// The `bind` addresses; the first is the one announced to the master.
-    pub bind: &'a str,
+    /// The node's address (`--netns`), or loopback: bound, and announced to its master.
+    pub host: &'a str,
     pub dir: &'a Path,
     pub log: &'a Path,
     pub passwords: &'a Passwords,
     pub custom: &'a BTreeMap<String, String>,
     /// TLS only, with these files.
     pub tls: Option<&'a TlsFiles>,
+}
+
+/// The `bind` line's addresses: `host`, and loopback too (the agent beside it may use either).
+fn bind_addresses(host: &str) -> String {
+    match host {
+        super::hosts::LOOPBACK => host.to_owned(),
+        _ => format!("{host} {}", super::hosts::LOOPBACK),
+    }
 }
 
 /// The port lines: plaintext, or TLS only.
@@ -114,8 +122,8 @@ impl ValkeyConf<'_> {
              replicaof 127.0.0.1 1\n\
              replica-announce-ip {announce}\nlogfile {log}\n",
             ports = port_lines(self.port, self.tls),
-            bind = self.bind,
-            announce = self.bind.split_whitespace().next().unwrap_or("127.0.0.1"),
+            bind = bind_addresses(self.host),
+            announce = self.host,
             dir = quote(&self.dir.display().to_string()),
             acl = self.passwords.acl_line(),
             master_auth = quote(&self.passwords.in_force),
@@ -132,8 +140,8 @@ impl ValkeyConf<'_> {
 #[derive(Debug)]
 pub struct SentinelConf<'a> {
     pub port: u16,
-    /// The `bind` addresses of a first file.
-    pub bind: &'a str,
+    /// The sentinel's address (`--netns`), or loopback: bound in a first file.
+    pub host: &'a str,
     pub dir: &'a Path,
     pub log: &'a Path,
     /// The sentinels' own password, when they have one.
@@ -166,7 +174,7 @@ impl SentinelConf<'_> {
                 "{ports}bind {bind}\nprotected-mode no\ndir {dir}\n\
                  sentinel resolve-hostnames yes\nsentinel announce-hostnames no\nlogfile {log}\n{auth}",
                 ports = port_lines(self.port, self.tls),
-                bind = self.bind,
+                bind = bind_addresses(self.host),
                 dir = quote(&self.dir.display().to_string()),
                 log = quote(&self.log.display().to_string()),
                 auth = self.auth_lines(),
@@ -203,17 +211,35 @@ mod tests {
         }
     }
 
-    fn valkey(passwords: &Passwords) -> String {
+    fn valkey_conf(passwords: &Passwords) -> ValkeyConf<'_> {
         ValkeyConf {
-            bind: "127.0.0.1",
+            host: "127.0.0.1",
             port: 7000,
             dir: Path::new("/d"),
             log: Path::new("/l"),
             passwords,
-            custom: &BTreeMap::new(),
+            custom: &EMPTY,
             tls: None,
         }
-        .render()
+    }
+
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+
+    fn valkey(passwords: &Passwords) -> String {
+        valkey_conf(passwords).render()
+    }
+
+    #[test]
+    fn a_node_in_a_namespace_of_its_own_binds_and_announces_its_address() {
+        let passwords = passwords(&["pw"]);
+        let conf = ValkeyConf {
+            host: "10.1.0.2",
+            ..valkey_conf(&passwords)
+        }
+        .render();
+        assert!(conf.contains("\nbind 10.1.0.2 127.0.0.1\n"), "{conf}");
+        assert!(conf.contains("\nreplica-announce-ip 10.1.0.2\n"), "{conf}");
+        assert!(valkey(&passwords).contains("\nbind 127.0.0.1\n"));
     }
 
     #[test]
@@ -259,7 +285,7 @@ mod tests {
                        sentinel sentinel-pass stale\nrequirepass stale\nsentinel known-sentinel m 127.0.0.1 9 abc\n";
         let pw = passwords(&["now"]);
         let conf = SentinelConf {
-            bind: "127.0.0.1",
+            host: "127.0.0.1",
             port: 26379,
             dir: Path::new("/d"),
             log: Path::new("/l"),
@@ -283,7 +309,7 @@ mod tests {
         let files = TlsFiles::in_dir("/w/tls");
         let pw = passwords(&["p"]);
         let conf = ValkeyConf {
-            bind: "127.0.0.1",
+            host: "127.0.0.1",
             port: 7000,
             dir: Path::new("/d"),
             log: Path::new("/l"),
@@ -306,7 +332,7 @@ mod tests {
         // A sentinel that ran without TLS gets TLS lines instead of its old port line.
         let learned = "port 26379\nsentinel monitor m 127.0.0.1 7000 2\ntls-port 1\n";
         let sentinel = SentinelConf {
-            bind: "127.0.0.1",
+            host: "127.0.0.1",
             port: 26379,
             dir: Path::new("/d"),
             log: Path::new("/l"),

@@ -83,14 +83,6 @@ impl Hosts {
             .chain(self.hub.clone())
             .collect()
     }
-
-    /// The `bind` line's addresses for `pod`.
-    pub fn bind(&self, pod: &str) -> String {
-        match self.ip(pod) {
-            LOOPBACK => LOOPBACK.to_owned(),
-            ip => format!("{ip} {LOOPBACK}"),
-        }
-    }
 }
 
 /// Opens a namespace for [`enter`]; done before the fork, so that the child only calls setns.
@@ -130,7 +122,6 @@ mod tests {
         assert_eq!(hosts.ip("demo-0"), "10.1.0.2");
         assert_eq!(hosts.ip("demo-1"), LOOPBACK);
         assert_eq!(hosts.netns("demo-0"), Some(Path::new("/run/netns/a")));
-        assert_eq!(hosts.bind("demo-0"), "10.1.0.2 127.0.0.1");
         assert_eq!(hosts.hub(), "10.1.0.9");
         let err = Hosts::parse(&["demo-0=/run/netns/a".into()], Some("10.1.0.9".into()))
             .expect_err("no ip");

@@ -27,10 +27,9 @@ impl Runtime {
         std::fs::create_dir_all(&node_dir).map_err(io("creating", &node_dir))?;
         let passwords =
             Passwords::read(&self.password_file).map_err(io("reading", &self.password_file))?;
-        let bind = self.hosts.bind(pod);
         let conf = conf::ValkeyConf {
             port: ports.valkey,
-            bind: &bind,
+            host: self.hosts.ip(pod),
             dir: &node_dir,
             log: &log_path(&self.dir, &format!("{pod}.valkey")),
             passwords: &passwords,
@@ -58,10 +57,9 @@ impl Runtime {
         };
         let existing = std::fs::read_to_string(&path).ok();
         let empty = BTreeMap::new();
-        let bind = self.hosts.bind(pod);
         let conf = conf::SentinelConf {
             port: ports.valkey,
-            bind: &bind,
+            host: self.hosts.ip(pod),
             dir: &node_dir,
             log: &log_path(&self.dir, &format!("{pod}.sentinel")),
             passwords: passwords.as_ref(),
