@@ -15,10 +15,12 @@ use std::{
 use crate::procs::{Agent, AgentOpts, PASSWORD, Sentinel, Valkey};
 use k8s_openapi::{
     ByteString,
+    api::core::v1::{Affinity, NodeAffinity, NodeSelector, ResourceRequirements},
     api::{
         core::v1::{Pod, Secret},
         events::v1::Event,
     },
+    apimachinery::pkg::api::resource::Quantity,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -31,7 +33,10 @@ use kube::{
 };
 use kube_fake_client::ClientBuilder;
 use valkey_controller::{
-    crd::{Failover, FailoverSpec, Phase},
+    crd::{
+        Exporter, Failover, FailoverSpec, IpFamily, Phase, SentinelInstanceAccess,
+        SentinelSettings, ServiceType, Storage, ValkeyModule,
+    },
     hub::{Hub, StaticToken},
     k8s::{
         LABEL_COMPONENT, LABEL_INSTANCE, Settings,
@@ -842,4 +847,68 @@ pub async fn embedded_sentinels_with_password(
         }),
         ..three()
     }
+}
+
+/// An example of `deploy/examples/`, as a Failover (with a uid, as the API server gives it).
+pub fn example(file: &str) -> Failover {
+    let text = std::fs::read_to_string(crate::apiserver::repo().join("deploy/examples").join(file))
+        .expect(file);
+    let mut failover: Failover = serde_yaml::from_str(&text).expect(file);
+    failover.metadata.uid = Some("0b5e8c1e-0000-4000-8000-000000000001".into());
+    failover
+}
+
+/// A spec that uses every option the builders read.
+pub fn everything() -> Failover {
+    let memory = |q: &str| [("memory".to_owned(), Quantity(q.into()))].into();
+    let mut spec = FailoverSpec {
+        replicas: 3,
+        resources: Some(ResourceRequirements {
+            requests: Some(memory("512Mi")),
+            limits: Some(memory("1Gi")),
+            ..Default::default()
+        }),
+        storage: Some(Storage {
+            storage_class_name: Some("fast".into()),
+            annotations: [("backup".to_owned(), "daily".to_owned())].into(),
+            ..Storage::default()
+        }),
+        exporter: Some(Exporter::default()),
+        modules: vec![ValkeyModule {
+            path: "valkey-json".into(),
+            args: vec![],
+        }],
+        affinity: Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![Default::default()],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        pod_annotations: [("team".to_owned(), "cache".to_owned())].into(),
+        node_selector: [("disk".to_owned(), "ssd".to_owned())].into(),
+        sentinel: Some(SentinelSettings {
+            replicas: Some(5),
+            access: Some(SentinelInstanceAccess {
+                default_password_secret: Some("sentinel-pw".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..FailoverSpec::default()
+    };
+    spec.access.service_type = ServiceType::NodePort;
+    spec.access.ports = Some("31000-31002".into());
+    spec.access.ip_family_prefer = Some(IpFamily::IPv6);
+    spec.access.annotations = [("lb".to_owned(), "internal".to_owned())].into();
+    spec.access.enable_tls = true;
+    spec.access.cert_issuer = Some("letsencrypt".into());
+    spec.custom_configs
+        .insert("maxmemory-policy".into(), "allkeys-lru".into());
+    let mut failover = Failover::new("everything", spec);
+    failover.metadata.namespace = Some("prod".into());
+    failover.metadata.uid = Some("0b5e8c1e-0000-4000-8000-000000000002".into());
+    failover
 }

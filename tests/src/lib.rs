@@ -5,6 +5,8 @@
 //! This crate is test support: it panics with a clear message where a test could not go on.
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
+pub mod apiserver;
+pub mod cluster;
 pub mod flood;
 pub mod hub;
 pub mod k8s;

@@ -295,15 +295,31 @@ impl Sentinel {
     }
 
     fn start_with(extra_conf: &str) -> Self {
-        Self::start_listening(|port| format!("port {port}\n"), extra_conf)
+        Self::start_at_with(free_port(), extra_conf)
+    }
+
+    fn start_at_with(port: u16, extra_conf: &str) -> Self {
+        Self::start_listening_at(port, |port| format!("port {port}\n"), extra_conf)
+    }
+
+    /// A sentinel with no password on a given port.
+    pub fn start_at(port: u16) -> Self {
+        Self::start_at_with(port, "")
+    }
+
+    /// [`Sentinel::with_password`] on a given port.
+    pub fn with_password_at(port: u16, password: &str) -> Self {
+        Self::start_at_with(port, &Self::password_conf(password))
     }
 
     /// A sentinel of an embedded set: it requires `password` of its clients and presents it
     /// to its peers, as the sentinel pod's start script sets it up.
     pub fn with_password(password: &str) -> Self {
-        Self::start_with(&format!(
-            "requirepass \"{password}\"\nsentinel sentinel-pass \"{password}\"\n"
-        ))
+        Self::start_with(&Self::password_conf(password))
+    }
+
+    fn password_conf(password: &str) -> String {
+        format!("requirepass \"{password}\"\nsentinel sentinel-pass \"{password}\"\n")
     }
 
     /// Its process.
@@ -330,11 +346,14 @@ impl Sentinel {
     }
 
     fn start_listening(listen: impl Fn(u16) -> String, extra_conf: &str) -> Self {
+        Self::start_listening_at(free_port(), listen, extra_conf)
+    }
+
+    fn start_listening_at(port: u16, listen: impl Fn(u16) -> String, extra_conf: &str) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("sentinel-")
             .tempdir()
             .expect("temp dir");
-        let port = free_port();
         let conf = format!(
             "{}bind 127.0.0.1\nprotected-mode no\ndir {}\nsentinel resolve-hostnames yes\n{extra_conf}",
             listen(port),
@@ -439,10 +458,15 @@ pub fn agent_bin() -> PathBuf {
 
 impl Agent {
     pub fn start(opts: AgentOpts) -> Self {
+        Self::start_at(opts, (free_port(), free_port()))
+    }
+
+    /// Starts with its gRPC and metrics servers on the given ports.
+    pub fn start_at(opts: AgentOpts, (grpc, metrics): (u16, u16)) -> Self {
         let mut agent = Self {
             opts,
-            grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
             proc: None,
             past: Vec::new(),
         };

@@ -28,8 +28,25 @@ pub struct RoleProxy {
 }
 
 impl RoleProxy {
-    /// Routes to the master that `route` names ("host:port").
+    /// Routes to the master that `route` names ("host:port"), once it names one.
     pub async fn start<F, Fut>(route: F) -> Self
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Option<String>> + Send,
+    {
+        let proxy = Self::follow(route, ROUTE_POLL).await;
+        crate::wait_for(
+            "the proxy to know a master",
+            Duration::from_secs(30),
+            || async { proxy.routes_to() },
+        )
+        .await;
+        proxy
+    }
+
+    /// Routes each new connection to where `route`, asked every `poll`, last named; refuses
+    /// connections while it names nothing.
+    pub async fn follow<F, Fut>(route: F, poll: Duration) -> Self
     where
         F: Fn() -> Fut + Send + 'static,
         Fut: Future<Output = Option<String>> + Send,
@@ -46,7 +63,7 @@ impl RoleProxy {
                     *known.lock().unwrap() = Some(addr);
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(ROUTE_POLL) => {}
+                    _ = tokio::time::sleep(poll) => {}
                     _ = stop_rx.changed() => return,
                 }
             }
@@ -77,18 +94,11 @@ impl RoleProxy {
                 });
             }
         });
-        let proxy = Self {
+        Self {
             port,
             route: current,
             stop,
-        };
-        crate::wait_for(
-            "the proxy to know a master",
-            Duration::from_secs(30),
-            || async { proxy.routes_to() },
-        )
-        .await;
-        proxy
+        }
     }
 
     /// Routes to the master the local runtime's status names.

@@ -9,18 +9,11 @@ use std::{path::Path, process::Command};
 
 use serde::Deserialize;
 
-use k8s_openapi::{
-    api::core::v1::{Affinity, NodeAffinity, NodeSelector, ResourceRequirements},
-    apimachinery::pkg::api::resource::Quantity,
-};
 use valkey_controller::{
-    crd::{
-        Exporter, Failover, FailoverSpec, IpFamily, SentinelInstanceAccess, SentinelSettings,
-        ServiceType, Storage, ValkeyModule,
-    },
     k8s::{Settings, build, render, tls_objects},
     tls::{CA_LIFETIME, Ca},
 };
+use valkey_e2e::k8s::{everything, example};
 
 const KUBERNETES: &str = "1.33.0";
 
@@ -62,68 +55,6 @@ fn write_yaml(dir: &Path, name: &str, objects: &[serde_json::Value]) -> std::pat
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
     path
-}
-
-fn example(file: &str) -> Failover {
-    let text = std::fs::read_to_string(repo().join("deploy/examples").join(file)).expect(file);
-    let mut failover: Failover = serde_yaml::from_str(&text).expect(file);
-    failover.metadata.uid = Some("0b5e8c1e-0000-4000-8000-000000000001".into());
-    failover
-}
-
-/// A spec that uses every option the builders read.
-fn everything() -> Failover {
-    let memory = |q: &str| [("memory".to_owned(), Quantity(q.into()))].into();
-    let mut spec = FailoverSpec {
-        replicas: 3,
-        resources: Some(ResourceRequirements {
-            requests: Some(memory("512Mi")),
-            limits: Some(memory("1Gi")),
-            ..Default::default()
-        }),
-        storage: Some(Storage {
-            storage_class_name: Some("fast".into()),
-            annotations: [("backup".to_owned(), "daily".to_owned())].into(),
-            ..Storage::default()
-        }),
-        exporter: Some(Exporter::default()),
-        modules: vec![ValkeyModule {
-            path: "valkey-json".into(),
-            args: vec![],
-        }],
-        affinity: Some(Affinity {
-            node_affinity: Some(NodeAffinity {
-                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                    node_selector_terms: vec![Default::default()],
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        pod_annotations: [("team".to_owned(), "cache".to_owned())].into(),
-        node_selector: [("disk".to_owned(), "ssd".to_owned())].into(),
-        sentinel: Some(SentinelSettings {
-            replicas: Some(5),
-            access: Some(SentinelInstanceAccess {
-                default_password_secret: Some("sentinel-pw".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..FailoverSpec::default()
-    };
-    spec.access.service_type = ServiceType::NodePort;
-    spec.access.ports = Some("31000-31002".into());
-    spec.access.ip_family_prefer = Some(IpFamily::IPv6);
-    spec.access.annotations = [("lb".to_owned(), "internal".to_owned())].into();
-    spec.access.enable_tls = true;
-    spec.access.cert_issuer = Some("letsencrypt".into());
-    spec.custom_configs
-        .insert("maxmemory-policy".into(), "allkeys-lru".into());
-    let mut failover = Failover::new("everything", spec);
-    failover.metadata.namespace = Some("prod".into());
-    failover.metadata.uid = Some("0b5e8c1e-0000-4000-8000-000000000002".into());
-    failover
 }
 
 #[test]
