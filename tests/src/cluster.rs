@@ -32,7 +32,7 @@ use kube::{
 use nix::sys::signal::Signal;
 use valkey_controller::{
     crd::Failover,
-    k8s::{LABEL_COMPONENT, LABEL_INSTANCE, TOKEN_AUDIENCE},
+    k8s::{LABEL_COMPONENT, LABEL_INSTANCE, LABEL_ROLE, TOKEN_AUDIENCE},
 };
 
 use crate::{
@@ -148,7 +148,11 @@ impl Cluster {
         let mut cmd = Command::new(crate::local::bin("valkey-controller"));
         cmd.env_clear()
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info,valkey_controller=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("CLUSTER_LOG")
+                    .unwrap_or_else(|_| "info,valkey_controller=debug".into()),
+            )
             .args(["run", "--hub-listen"])
             .arg(format!("127.0.0.1:{hub_port}"))
             .arg("--http-listen")
@@ -276,6 +280,70 @@ impl Cluster {
             .sum()
     }
 
+    /// Pod name -> its `valkey.buf.red/role` label.
+    pub async fn role_labels(&self, name: &str) -> BTreeMap<String, String> {
+        self.api::<Pod>()
+            .list(
+                &ListParams::default()
+                    .labels(&format!("{LABEL_INSTANCE}={name},{LABEL_COMPONENT}=data")),
+            )
+            .await
+            .expect("pods")
+            .items
+            .into_iter()
+            .map(|p| {
+                let role = p.labels().get(LABEL_ROLE).cloned().unwrap_or_default();
+                (p.name_any(), role)
+            })
+            .collect()
+    }
+
+    /// A client that writes through the read-write Service, as an application does: each
+    /// (re)connect goes to the pod labelled `role=master`.
+    pub fn writer(&self, name: &str, wait_replicas: i64) -> crate::local::Writer {
+        let pods: Api<Pod> = self.api();
+        let running = self.kubelet.pods.clone();
+        let selector = format!("{LABEL_INSTANCE}={name},{LABEL_ROLE}=master");
+        crate::local::Writer::following(
+            move || {
+                let (pods, running, selector) = (pods.clone(), running.clone(), selector.clone());
+                async move {
+                    let listed = pods
+                        .list(&ListParams::default().labels(&selector))
+                        .await
+                        .ok()?;
+                    let [pod] = listed.items.as_slice() else {
+                        return None;
+                    };
+                    let port = running
+                        .lock()
+                        .ok()?
+                        .get(&pod.name_any())?
+                        .valkey
+                        .as_ref()?
+                        .port;
+                    redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{port}/")).ok()
+                }
+            },
+            "w",
+            wait_replicas,
+            Duration::from_millis(2),
+        )
+    }
+
+    /// Keys `w<n>` of `acked` that the pod's Valkey does not hold.
+    pub async fn missing(&self, pod: &str, acked: &std::collections::BTreeSet<u64>) -> Vec<String> {
+        let port = self.kubelet.valkey_port(pod);
+        let client =
+            redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{port}/")).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {pod}: {e}"));
+        let keys: Vec<String> = acked.iter().map(|i| format!("w{i}")).collect();
+        crate::local::missing_keys(&mut conn, &keys).await
+    }
+
     /// The pod that the Failover's status names master.
     pub async fn master(&self, name: &str) -> Option<String> {
         self.failover(name).await.status?.master
@@ -351,9 +419,10 @@ fn rbac_for(plane: &ControlPlane, install: Install, ns: &str) -> String {
 #[derive(Debug)]
 pub struct RunningPod {
     pub uid: String,
+    // First: dropped before the Valkey or sentinel whose dir holds its log.
+    pub agent: Agent,
     pub valkey: Option<Valkey>,
     pub sentinel: Option<Sentinel>,
-    pub agent: Agent,
 }
 
 /// The StatefulSet controller and the kubelet, for the test namespace: every 100 ms it makes
@@ -439,10 +508,18 @@ async fn sync(
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .map(|p| (p.name_any(), p))
         .collect();
-    // Processes of pods that are gone (or were made anew) stop.
+    // Processes of pods that are gone (or were made anew) stop; a container whose process
+    // died starts again (restartPolicy Always), on the same port and data dir.
     if let Ok(mut running) = running.lock() {
         running
             .retain(|name, pod| existing.get(name).and_then(|p| p.uid()) == Some(pod.uid.clone()));
+        for pod in running.values_mut() {
+            if let Some(valkey) = pod.valkey.as_mut()
+                && !valkey.running()
+            {
+                valkey.restart();
+            }
+        }
     }
     let mut wanted = Vec::new();
     for set in &sets.items {
@@ -718,8 +795,20 @@ async fn start_pod(
             agent,
         });
     }
+    // The pod's password volume (the controller's copy of the instance's Secret) must exist.
+    volume_files(admin, ns, pod, "password").await?;
+    // Its valkey.conf, as the ConfigMap holds it (every node starts as a replica of nobody):
+    // the harness's arguments override the port, the address and persistence (a restart
+    // comes back empty, the harshest case).
+    let config = volume_files(admin, ns, pod, "config").await?;
+    // The data volume is the Valkey's own dir here (`--dir`).
+    let conf: String = String::from_utf8_lossy(config.get("valkey.conf")?)
+        .lines()
+        .filter(|l| !l.starts_with("dir "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let port = declared_port(pod, "valkey", "valkey")?;
-    let valkey = Valkey::start_at(&name, port, &[]);
+    let valkey = Valkey::start_with_conf(&name, port, &conf);
     let mut opts = base(port, valkey.dir.join("agent"));
     opts.password_file = Some(valkey.password_file());
     let agent = Agent::start_at(opts, agent_ports);

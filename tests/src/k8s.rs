@@ -26,10 +26,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::{ListParams, PostParams},
-    runtime::{
-        controller::Action,
-        events::{Recorder, Reporter},
-    },
+    runtime::{controller::Action, events::Reporter},
 };
 use kube_fake_client::ClientBuilder;
 use valkey_controller::{
@@ -230,7 +227,7 @@ impl FakeCluster {
         let metrics = Arc::new(valkey_controller::k8s::metrics::Metrics::default());
         let controller_client =
             requests::counting(interposed(client.clone(), faults.clone()), metrics.clone());
-        let recorder = Recorder::new(
+        let recorder = valkey_controller::k8s::events::Recorder::new(
             controller_client.clone(),
             Reporter {
                 controller: "valkey-operator".into(),

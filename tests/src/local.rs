@@ -556,28 +556,49 @@ impl Writer {
         wait_replicas: i64,
         pace: Duration,
     ) -> Self {
+        let master = move || {
+            let dir = dir.clone();
+            async move {
+                let status = control::request(&dir, &Request::Status)
+                    .await
+                    .ok()
+                    .and_then(|r| r.status);
+                let addr = status.and_then(|s| s.master_addr)?;
+                let password = std::fs::read_to_string(dir.join("password"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                Some(valkey_client(&dir, &addr, &password))
+            }
+        };
+        Self::following(master, prefix, wait_replicas, pace)
+    }
+
+    /// Writes to the master `master` names (a client for it), asked again at every
+    /// (re)connect, as an application behind a Service or Sentinel would.
+    pub fn following<F, Fut>(
+        master: F,
+        prefix: &'static str,
+        wait_replicas: i64,
+        pace: Duration,
+    ) -> Self
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Option<redis::Client>> + Send,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(BTreeSet::new()));
         let acked_count = Arc::new(AtomicU64::new(0));
         let (stop_flag, acked_set, count) = (stop.clone(), acked.clone(), acked_count.clone());
         let task = tokio::spawn(async move {
             let mut i = 0u64;
-            let mut conn: Option<(String, redis::aio::MultiplexedConnection)> = None;
+            let mut conn: Option<redis::aio::MultiplexedConnection> = None;
             while !stop_flag.load(Ordering::Relaxed) {
                 if conn.is_none() {
-                    let status = control::request(&dir, &Request::Status)
-                        .await
-                        .ok()
-                        .and_then(|r| r.status);
-                    let Some(addr) = status.and_then(|s| s.master_addr) else {
+                    let Some(client) = master().await else {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                         continue;
                     };
-                    let password = std::fs::read_to_string(dir.join("password"))
-                        .unwrap_or_default()
-                        .trim()
-                        .to_owned();
-                    let client = valkey_client(&dir, &addr, &password);
                     let config = redis::AsyncConnectionConfig::new()
                         .set_connection_timeout(Some(Duration::from_millis(500)))
                         .set_response_timeout(Some(Duration::from_millis(3000)));
@@ -585,14 +606,14 @@ impl Writer {
                         .get_multiplexed_async_connection_with_config(&config)
                         .await
                     {
-                        Ok(c) => conn = Some((addr, c)),
+                        Ok(c) => conn = Some(c),
                         Err(_) => {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                             continue;
                         }
                     }
                 }
-                let Some((_, c)) = conn.as_mut() else {
+                let Some(c) = conn.as_mut() else {
                     continue;
                 };
                 i += 1;

@@ -148,6 +148,10 @@ pub struct Valkey {
     pub port: u16,
     pub dir: PathBuf,
     extra: Vec<String>,
+    /// A config read first (the arguments override what it says), written anew at every
+    /// start, as a pod's start script does: what CONFIG REWRITE (Sentinel) left in the file
+    /// is not trusted across a restart.
+    conf: Option<String>,
     proc: Option<Proc>,
     past: Vec<Proc>,
     // Last: dropped after the processes, so their logs can still be printed.
@@ -165,17 +169,30 @@ impl Valkey {
 
     /// Starts on a given port.
     pub fn start_at(name: &str, port: u16, extra: &[&str]) -> Self {
+        Self::start_conf(name, port, None, extra)
+    }
+
+    /// Starts on a given port with `conf` as its config file (written into its dir anew at
+    /// every start), the harness's arguments overriding it: loopback, its own dir,
+    /// [`PASSWORD`], no persistence.
+    pub fn start_with_conf(name: &str, port: u16, conf: &str) -> Self {
+        Self::start_conf(name, port, Some(conf), &[])
+    }
+
+    fn start_conf(name: &str, port: u16, conf: Option<&str>, extra: &[&str]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("valkey-{name}-"))
             .tempdir()
             .expect("temp dir");
         std::fs::write(tmp.path().join("password"), PASSWORD).expect("write password file");
+        let conf = conf.map(str::to_owned);
         let mut valkey = Self {
             name: name.to_owned(),
             port,
             dir: tmp.path().to_owned(),
             _tmp: tmp,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            conf,
             proc: None,
             past: Vec::new(),
         };
@@ -185,6 +202,11 @@ impl Valkey {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new("valkey-server");
+        if let Some(conf) = &self.conf {
+            let path = self.dir.join("valkey.conf");
+            std::fs::write(&path, conf).expect("write valkey.conf");
+            cmd.arg(path);
+        }
         cmd.arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
@@ -227,6 +249,11 @@ impl Valkey {
             proc.kill9();
             self.past.push(proc);
         }
+    }
+
+    /// Whether its process runs (it was not killed, and has not exited).
+    pub fn running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(|p| p.exited().is_none())
     }
 
     /// Starts again on the same port and dir (with no persistence: empty, unless an RDB was

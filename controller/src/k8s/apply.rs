@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::events::{Event, EventType, Recorder},
+    runtime::events::EventType,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
@@ -163,20 +163,16 @@ pub async fn restart_pod(
 
 /// Records an Event on the Failover; a failure is logged, never fatal.
 pub async fn publish(
-    recorder: &Recorder,
+    recorder: &super::events::Recorder,
     failover: &Failover,
     type_: EventType,
     reason: &str,
     note: &str,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(err) = recorder.publish(&event, &failover.object_ref(&())).await {
+    if let Err(err) = recorder
+        .publish(type_, reason, note, &failover.object_ref(&()))
+        .await
+    {
         warn!(failover = %failover.name_any(), error = %err, reason, "could not record an Event");
     }
 }

@@ -12,10 +12,10 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Client, ResourceExt, runtime::events::Recorder};
+use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 
-use super::{Names, Settings, metrics::Metrics, status};
+use super::{Names, Settings, events::Recorder, metrics::Metrics, status};
 use crate::{
     crd::{Failover, FailoverStatus},
     driver::Driver,
@@ -100,6 +100,8 @@ impl Context {
     /// An owned object changed (a watch event): the Failover to reconcile, unless it is the
     /// object as this controller last applied it (then nothing changed). A record whose object
     /// someone else changed is forgotten, so that the next pass applies it again.
+    /// `update_revision` is a StatefulSet's; only the data StatefulSet's (named as the
+    /// instance) is the revision the data pods roll to: the sentinels' StatefulSet has its own.
     pub fn owned_changed(
         &self,
         kind: &str,
@@ -115,6 +117,7 @@ impl Context {
         };
         let mut cold = instance.cold.lock().ok()?;
         let mut changed = false;
+        let update_revision = update_revision.filter(|_| meta.name.as_ref() == Some(&key.name));
         if update_revision.is_some() && cold.update_revision != update_revision {
             cold.update_revision = update_revision;
             changed = true;
@@ -403,5 +406,54 @@ impl PodCache {
             })
             .map(|pod| (**pod).clone())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn set(name: &str, version: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("prod".into()),
+            resource_version: Some(version.into()),
+            labels: Some([(super::super::LABEL_INSTANCE.to_owned(), "demo".to_owned())].into()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_data_statefulsets_revision_is_the_one_data_pods_roll_to() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let (hub, _events) = Hub::new(crate::hub::StaticToken("t".into()), Duration::from_secs(1));
+        let recorder = super::super::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        );
+        let ctx = Context::new(client, hub, Settings::default(), recorder);
+        let key = InstanceKey {
+            namespace: "prod".into(),
+            name: "demo".into(),
+        };
+        let instance = ctx.instance(&key);
+        let revision = |i: &Instance| i.cold.lock().ok().and_then(|c| c.update_revision.clone());
+        ctx.owned_changed("StatefulSet", &set("demo", "1"), Some("demo-aaa".into()));
+        assert_eq!(revision(&instance).as_deref(), Some("demo-aaa"));
+        // The sentinels' StatefulSet reports its own revision: the data pods' stays.
+        ctx.owned_changed(
+            "StatefulSet",
+            &set("demo-sentinel", "2"),
+            Some("demo-sentinel-bbb".into()),
+        );
+        assert_eq!(revision(&instance).as_deref(), Some("demo-aaa"));
     }
 }

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod auth;
 pub mod build;
 pub mod context;
+pub mod events;
 pub mod external_set;
 pub mod hot;
 pub mod hub_tls;

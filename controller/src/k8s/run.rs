@@ -18,7 +18,7 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::{
         Controller, WatchStreamExt,
-        events::{Recorder, Reporter},
+        events::Reporter,
         reflector::{self, ObjectRef},
         watcher,
     },
@@ -167,7 +167,7 @@ pub async fn run(
         client.clone(),
         hub.clone(),
         settings,
-        Recorder::new(client.clone(), reporter),
+        super::events::Recorder::new(client.clone(), reporter),
     );
     context.ca = Some(ca);
     context.in_process_token = in_process_token;

@@ -163,11 +163,7 @@ async fn apiserver() {
 /// once a second the API requests counted so far (`requests verb=n ...`).
 async fn serve_k8s(instances: usize) {
     use k8s_openapi::api::core::v1::Pod;
-    use kube::{
-        Api,
-        api::PostParams,
-        runtime::events::{Recorder, Reporter},
-    };
+    use kube::{Api, api::PostParams, runtime::events::Reporter};
     use valkey_controller::{
         crd::{Failover, FailoverSpec},
         k8s::{
@@ -241,7 +237,7 @@ async fn serve_k8s(instances: usize) {
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     serve_hub(&hub, listener);
-    let recorder = Recorder::new(
+    let recorder = valkey_controller::k8s::events::Recorder::new(
         client.clone(),
         Reporter {
             controller: "valkey-operator".into(),
