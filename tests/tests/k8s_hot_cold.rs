@@ -271,7 +271,7 @@ async fn reports_that_only_move_offsets_cost_no_api_write() {
         .filter(|(k, n)| requests_before.get(k) != Some(n))
         .collect();
     assert_eq!(cluster.writes(), writes, "new requests: {new:?}");
-    // The offsets are in the status at most every 30 s: not yet.
+    // Offsets alone are never written: they ride along with the next settled change.
     let status = cluster.failover(NS, "demo").await.status.expect("status");
     assert!(
         status

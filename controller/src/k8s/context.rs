@@ -8,7 +8,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -30,8 +30,6 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub hang_timeout: Duration,
-    /// Volatile status fields (offsets, lag) are written at most this often per instance.
-    pub volatile_every: Duration,
     /// Pods of every instance, as the pod watch (or a test) last saw them.
     pub pods: PodCache,
     /// Each instance gets a hot loop of its own (off in tests that drive passes by hand).
@@ -59,7 +57,6 @@ impl Context {
             recorder,
             metrics: Arc::default(),
             hang_timeout: Duration::from_secs(5),
-            volatile_every: Duration::from_secs(30),
             pods: PodCache::default(),
             hot_loops: true,
             ca: None,
@@ -168,8 +165,6 @@ pub struct Cold {
 pub struct Hot {
     /// The status as last written (or read back at start).
     pub status: Option<FailoverStatus>,
-    /// When volatile fields were last written.
-    pub volatile_written: Option<Instant>,
     /// customConfigs last applied with CONFIG SET.
     pub live: Option<BTreeMap<String, String>>,
     /// The spec's latest version was refused (the message names the field): the status says

@@ -1,11 +1,11 @@
 //! The Kubernetes side of the hot path: one failover pass of the shared [`Driver`], woken by
 //! the hub for one instance, with the durable state persisted as one status patch. Around it
 //! only what failover needs in a cluster: Events for its decisions, role labels (patched only
-//! when a role changes), live settings, and the status, whose volatile fields (offsets, lag)
-//! are written at most every [`Context::volatile_every`]. Nothing here applies objects or
-//! waits for them: that is the cold path's job ([`super::reconcile`]).
+//! when a role changes), live settings, and the status, written only when something but its
+//! volatile fields (offsets, lag) changed. Nothing here applies objects or waits for them:
+//! that is the cold path's job ([`super::reconcile`]).
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
@@ -371,7 +371,9 @@ async fn label_roles(
 }
 
 /// The status from what the agents report: written at once when anything but the volatile
-/// fields changed, and with them at most every `volatile_every`.
+/// fields changed, with the volatile fields as they are then. Offsets alone never cost a
+/// write: they move with every write and, on an idle instance, with every replication ping
+/// (once a second); live offsets are in the agents' metrics.
 #[allow(clippy::too_many_arguments)]
 async fn write_status(
     ctx: &Context,
@@ -445,20 +447,14 @@ async fn write_status(
         },
         now: Timestamp::now(),
     });
-    let (previous, volatile_due) = {
-        let hot = instance.hot.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            hot.status.clone(),
-            hot.volatile_written
-                .is_none_or(|t| t.elapsed() >= ctx.volatile_every),
-        )
-    };
+    let previous = instance
+        .hot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .status
+        .clone();
     status::keep_transition_times(&mut next, previous.as_ref());
-    if previous.as_ref() == Some(&next) {
-        return Ok(());
-    }
-    let settled_changed = previous.as_ref().map(status::settled) != Some(status::settled(&next));
-    if !settled_changed && !volatile_due {
+    if previous.as_ref().map(status::settled) == Some(status::settled(&next)) {
         return Ok(());
     }
     patch_status(&ctx.client, names, previous.as_ref(), &next)
@@ -476,7 +472,6 @@ async fn write_status(
     }
     if let Ok(mut hot) = instance.hot.lock() {
         hot.status = Some(next);
-        hot.volatile_written = Some(Instant::now());
     }
     Ok(())
 }
