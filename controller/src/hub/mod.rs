@@ -287,6 +287,22 @@ impl Hub {
     }
 
     /// The announced address of a pod, as its agent said hello.
+    /// Ends the stream of `pod`'s agent, if one is open, telling it why: its pod is gone, so
+    /// whatever it says is no longer a pod's (it may reconnect: its token is reviewed again).
+    pub fn disconnect(&self, instance: &InstanceKey, pod: &str, why: &str) {
+        let tx = self.inner.nodes.lock().ok().and_then(|mut nodes| {
+            nodes
+                .get_mut(&(instance.clone(), pod.to_owned()))?
+                .tx
+                .take()
+        });
+        if let Some(tx) = tx {
+            info!(pod = %pod, failover = %instance.name, why, "closing an agent's stream");
+            let _ = tx.try_send(Err(Status::unauthenticated(why.to_owned())));
+            self.touch(instance);
+        }
+    }
+
     pub fn hello(&self, instance: &InstanceKey, pod: &str) -> Option<Hello> {
         let nodes = self.inner.nodes.lock().ok()?;
         nodes

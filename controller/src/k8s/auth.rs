@@ -1,7 +1,9 @@
 //! Agent authentication in a cluster: the agent presents its projected service-account token
 //! (audience `valkey-controller`); the controller asks the API server who it is (TokenReview)
 //! and accepts it only for a pod of the Failover the agent names, in that pod's namespace.
-//! Anything else is refused and counted.
+//! Anything else is refused and counted. An accepted review is reused until the token expires.
+//! A token whose pod the pod watch saw deleted is refused at once, by the reuse and even when
+//! the API server, which caches its own checks for a few seconds, still passes it.
 
 use std::sync::Arc;
 
@@ -14,6 +16,8 @@ use crate::hub::{AuthFuture, Authenticator};
 
 /// The TokenReview extra field that names the pod a projected token was issued for.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+/// ... and that pod's uid.
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 
 #[derive(Clone)]
 pub struct TokenReviewAuth {
@@ -21,6 +25,8 @@ pub struct TokenReviewAuth {
     metrics: Arc<Metrics>,
     /// Accepted reviews, reused until their token expires.
     cache: Arc<TokenCache>,
+    /// The pods the pod watch sees, and the ones it saw deleted.
+    pods: super::context::PodCache,
 }
 
 impl std::fmt::Debug for TokenReviewAuth {
@@ -30,11 +36,12 @@ impl std::fmt::Debug for TokenReviewAuth {
 }
 
 impl TokenReviewAuth {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>, pods: super::context::PodCache) -> Self {
         TokenReviewAuth {
             client,
             metrics,
             cache: Arc::default(),
+            pods,
         }
     }
 
@@ -43,7 +50,11 @@ impl TokenReviewAuth {
         // The cached review is checked against this Hello like a fresh one: a token reused by
         // another pod, or for another Failover, is refused all the same.
         if let Some(status) = self.cache.get(&hello.token, now) {
-            return verify(hello, Some(&status));
+            if !bound_pod_deleted(&self.pods, &status) {
+                return verify(hello, Some(&status));
+            }
+            self.cache.forget(&hello.token);
+            return Err(deleted_pod(hello));
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -58,6 +69,15 @@ impl TokenReviewAuth {
             .await
             .map_err(|e| format!("TokenReview failed: {e}"))?;
         verify(hello, reviewed.status.as_ref())?;
+        // The API server caches its own token checks for a few seconds: a token whose pod
+        // this controller already saw deleted is refused even if it still passes there.
+        if reviewed
+            .status
+            .as_ref()
+            .is_some_and(|status| bound_pod_deleted(&self.pods, status))
+        {
+            return Err(deleted_pod(hello));
+        }
         if let Some(status) = reviewed.status {
             self.cache.put(&hello.token, status, now);
         }
@@ -113,6 +133,24 @@ pub fn verify(hello: &Hello, status: Option<&TokenReviewStatus>) -> Result<(), S
         ));
     }
     Ok(())
+}
+
+/// Whether the pod a reviewed token was bound to (by uid) was seen deleted.
+fn bound_pod_deleted(pods: &super::context::PodCache, status: &TokenReviewStatus) -> bool {
+    status
+        .user
+        .as_ref()
+        .and_then(|u| u.extra.as_ref())
+        .and_then(|e| e.get(POD_UID_EXTRA))
+        .and_then(|v| v.first())
+        .is_some_and(|uid| pods.was_deleted(uid))
+}
+
+fn deleted_pod(hello: &Hello) -> String {
+    format!(
+        "{}/{}: the pod this token was bound to was deleted",
+        hello.namespace, hello.pod_name
+    )
 }
 
 /// Pods of Failover `f` are `f-N` (data) and `f-sentinel-N`.

@@ -8,7 +8,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -342,7 +342,15 @@ impl Instance {
 #[derive(Debug, Default, Clone)]
 pub struct PodCache {
     pods: Arc<RwLock<PodsByInstance>>,
+    /// The uids of pods seen deleted lately (at most [`DELETED_KEPT`], none older than
+    /// [`DELETED_FOR`]): a token bound to one of them is refused whatever else vouches for it.
+    deleted: Arc<Mutex<std::collections::VecDeque<(Instant, String)>>>,
 }
+
+/// How many deleted pods are remembered, and for how long (an agent token's review is reused
+/// for at most 10 minutes, and the API server's own token cache is shorter).
+const DELETED_KEPT: usize = 4096;
+const DELETED_FOR: Duration = Duration::from_secs(15 * 60);
 
 /// (namespace, instance label, pod name) -> pod.
 type PodsByInstance = BTreeMap<(String, String, String), Arc<Pod>>;
@@ -367,9 +375,39 @@ impl PodCache {
     }
 
     pub fn delete(&self, namespace: &str, name: &str) {
+        let mut gone = Vec::new();
         if let Ok(mut pods) = self.pods.write() {
-            pods.retain(|(ns, _, pod), _| !(ns == namespace && pod == name));
+            pods.retain(|(ns, _, pod), object| {
+                let keep = !(ns == namespace && pod == name);
+                if !keep {
+                    gone.extend(object.metadata.uid.clone());
+                }
+                keep
+            });
         }
+        self.remember_deleted(gone);
+    }
+
+    /// Remembers pods seen deleted (a watch's Delete event), by uid.
+    pub fn remember_deleted(&self, uids: impl IntoIterator<Item = String>) {
+        if let Ok(mut deleted) = self.deleted.lock() {
+            let now = Instant::now();
+            deleted.extend(uids.into_iter().map(|uid| (now, uid)));
+            while deleted
+                .front()
+                .is_some_and(|(at, _)| deleted.len() > DELETED_KEPT || at.elapsed() > DELETED_FOR)
+            {
+                deleted.pop_front();
+            }
+        }
+    }
+
+    /// Whether the pod with this uid was seen deleted.
+    pub fn was_deleted(&self, uid: &str) -> bool {
+        self.deleted.lock().is_ok_and(|d| {
+            d.iter()
+                .any(|(at, u)| u == uid && at.elapsed() <= DELETED_FOR)
+        })
     }
 
     /// Replaces everything (a watch restarted with a fresh list).

@@ -83,10 +83,13 @@ pub async fn run(
     // The agents this process runs itself (an external Sentinel set's) present their own
     // token; every other agent is reviewed by the API server.
     let in_process_token = Arc::new(super::build::generate_password());
+    // The pod watch's cache, shared with the authenticator: a cached review holds only while
+    // its pod is there.
+    let pods = PodCache::default();
     let (hub, mut hub_events) = Hub::new(
         crate::external::InProcessToken::new(
             in_process_token.clone(),
-            TokenReviewAuth::new(client.clone(), metrics.clone()),
+            TokenReviewAuth::new(client.clone(), metrics.clone(), pods.clone()),
         ),
         Duration::from_millis(500),
     );
@@ -170,6 +173,7 @@ pub async fn run(
         super::events::Recorder::new(client.clone(), reporter),
     );
     context.ca = Some(ca);
+    context.pods = pods;
     context.in_process_token = in_process_token;
     context.metrics = metrics;
     context.hang_timeout = options.hang_timeout;
@@ -318,6 +322,19 @@ fn cache_pods(
                 }
                 watcher::Event::Delete(pod) => {
                     cache.delete(&pod.namespace().unwrap_or_default(), &pod.name_any());
+                    // A deleted pod's agent speaks for no pod: its stream ends, and its token
+                    // (bound to the deleted pod) is refused when it comes back.
+                    if let (Some(namespace), Some(name)) =
+                        (pod.namespace(), pod.labels().get(LABEL_INSTANCE))
+                    {
+                        let key = InstanceKey {
+                            namespace,
+                            name: name.clone(),
+                        };
+                        context
+                            .hub
+                            .disconnect(&key, &pod.name_any(), "its pod was deleted");
+                    }
                     Some(pod)
                 }
                 watcher::Event::Init => {

@@ -18,8 +18,8 @@ const MAX_ENTRIES: usize = 16_384;
 /// How long a token without a readable expiry is trusted without a new review.
 const DEFAULT_TTL: Duration = Duration::from_secs(60);
 
-/// Longest a review is reused, whatever the token says: a token revoked early (its pod
-/// deleted) is refused again within this.
+/// Longest a review is reused, whatever the token says. A token whose pod is deleted is
+/// refused at once all the same: [`super::auth`] reuses no review of a pod seen deleted.
 const MAX_TTL: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, Default)]
@@ -65,6 +65,13 @@ impl TokenCache {
             if entries.len() < MAX_ENTRIES {
                 entries.insert(digest(token), (until, status));
             }
+        }
+    }
+
+    /// Drops the review of `token` (its pod is gone: the API server must be asked again).
+    pub fn forget(&self, token: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(&digest(token));
         }
     }
 
