@@ -523,12 +523,17 @@ async fn sync(
     }
     let mut wanted = Vec::new();
     for set in &sets.items {
+        if set.metadata.deletion_timestamp.is_some() {
+            orphan(&statefulsets, &pods, set, &existing).await;
+            continue;
+        }
         let replicas = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let revision = revision(set);
         for ordinal in 0..replicas {
             let name = format!("{}-{ordinal}", set.name_any());
             wanted.push(name.clone());
             let pod = match existing.get(&name) {
+                Some(pod) if pod.owner_references().is_empty() => adopt(&pods, set, pod).await,
                 Some(pod) => pod.clone(),
                 None => match create_pod(admin, ns, set, &name, &revision).await {
                     Some(pod) => pod,
@@ -547,22 +552,90 @@ async fn sync(
             .lock()
             .map(|r| {
                 r.keys()
-                    .filter(|n| n.starts_with(&format!("{}-", set.name_any())))
+                    .filter(|n| {
+                        n.strip_prefix(&format!("{}-", set.name_any()))
+                            .is_some_and(|o| o.chars().all(|c| c.is_ascii_digit()))
+                    })
                     .count()
             })
             .unwrap_or(0);
         report_set(&statefulsets, set, &revision, ready as i32).await;
     }
     // Pods past a StatefulSet's replicas (a scale-down) are deleted, as its controller does.
+    let live: Vec<String> = sets
+        .items
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .filter_map(|s| s.uid())
+        .collect();
     for (name, pod) in &existing {
-        let owned_by_set = pod
+        let owned_by_live_set = pod
             .owner_references()
             .iter()
-            .any(|o| o.kind == "StatefulSet");
-        if owned_by_set && !wanted.contains(name) {
+            .any(|o| o.kind == "StatefulSet" && live.contains(&o.uid));
+        if owned_by_live_set && !wanted.contains(name) {
             let _ = pods.delete(name, &DeleteParams::default()).await;
         }
     }
+}
+
+/// The garbage collector's part in an orphaning deletion: the set's pods lose their owner
+/// reference, then its `orphan` finalizer goes and the API server removes it.
+async fn orphan(
+    sets: &Api<StatefulSet>,
+    pods: &Api<Pod>,
+    set: &StatefulSet,
+    existing: &BTreeMap<String, Pod>,
+) {
+    if !set.finalizers().iter().any(|f| f == "orphan") {
+        return;
+    }
+    let uid = set.uid();
+    for pod in existing.values() {
+        if pod
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref())
+        {
+            let patch = serde_json::json!({ "metadata": { "ownerReferences": null } });
+            let _ = pods
+                .patch(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await;
+        }
+    }
+    let kept: Vec<&String> = set.finalizers().iter().filter(|f| *f != "orphan").collect();
+    let patch = serde_json::json!({ "metadata": { "finalizers": kept } });
+    let _ = sets
+        .patch(
+            &set.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await;
+}
+
+/// The StatefulSet controller adopts a pod of its name that nobody owns.
+async fn adopt(pods: &Api<Pod>, set: &StatefulSet, pod: &Pod) -> Pod {
+    let owner = OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "StatefulSet".into(),
+        name: set.name_any(),
+        uid: set.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    let patch = serde_json::json!({ "metadata": { "ownerReferences": [owner] } });
+    pods.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .unwrap_or_else(|_| pod.clone())
 }
 
 /// The StatefulSet's revision: a hash of its pod template, as `controller-revision-hash`.

@@ -19,9 +19,18 @@ use super::{
 };
 use crate::crd::Failover;
 
-/// What the API server says when an update touches a StatefulSet field it keeps fixed
+/// What older API servers say when an update touches a StatefulSet field they keep fixed
 /// (apps/v1 validation, `ValidateStatefulSetUpdate`).
 pub const FORBIDDEN_UPDATE: &str = "updates to statefulset spec for fields other than";
+
+/// The fields a StatefulSet keeps fixed. Newer API servers (1.37 among them) refuse a change
+/// to one of them field by field, as `<field>: Invalid value: ...: field is immutable`.
+pub const FIXED_FIELDS: [&str; 4] = [
+    "spec.volumeClaimTemplates",
+    "spec.selector",
+    "spec.serviceName",
+    "spec.podManagementPolicy",
+];
 
 /// What became of one StatefulSet.
 #[derive(Debug)]
@@ -33,10 +42,18 @@ pub enum SetApplied {
     Recreating,
 }
 
-/// The API server refused to change a field it keeps fixed.
+/// The API server refused to change a field it keeps fixed, in either wording.
 pub fn is_forbidden_update(err: &kube::Error) -> bool {
-    matches!(err, kube::Error::Api(status)
-        if status.code == 422 && status.message.contains(FORBIDDEN_UPDATE))
+    let kube::Error::Api(status) = err else {
+        return false;
+    };
+    let fixed = |field: &str| FIXED_FIELDS.iter().any(|f| field.starts_with(f));
+    let immutable_cause = status
+        .details
+        .iter()
+        .flat_map(|d| &d.causes)
+        .any(|cause| fixed(&cause.field) && cause.message.contains("field is immutable"));
+    status.code == 422 && (status.message.contains(FORBIDDEN_UPDATE) || immutable_cause)
 }
 
 /// Applies `set`; when the API server refuses because a fixed field changed, deletes the
@@ -112,5 +129,37 @@ mod tests {
             "spec.template.spec.containers[0].image: Required value"
         )));
         assert!(!is_forbidden_update(&refusal(409, fixed)));
+    }
+
+    /// Kubernetes 1.37's wording: field by field, with the field in the status's causes.
+    #[test]
+    fn a_fixed_field_refused_as_immutable_recreates() {
+        let immutable = |field: &str| {
+            let mut err = refusal(
+                422,
+                &format!(
+                    "StatefulSet.apps \"demo\" is invalid: {field}: Invalid value: [...]: field is immutable"
+                ),
+            );
+            if let kube::Error::Api(status) = &mut err {
+                status.details = Some(kube::core::response::StatusDetails {
+                    causes: vec![kube::core::response::StatusCause {
+                        reason: "FieldValueInvalid".into(),
+                        message: "Invalid value: [...]: field is immutable".into(),
+                        field: field.into(),
+                    }],
+                    name: "demo".into(),
+                    group: "apps".into(),
+                    kind: "statefulsets".into(),
+                    uid: String::new(),
+                    retry_after_seconds: 0,
+                });
+            }
+            err
+        };
+        assert!(is_forbidden_update(&immutable("spec.volumeClaimTemplates")));
+        assert!(is_forbidden_update(&immutable("spec.selector")));
+        // An immutable field that recreating would not change is not a reason to.
+        assert!(!is_forbidden_update(&immutable("metadata.name")));
     }
 }
