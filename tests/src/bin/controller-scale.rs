@@ -22,8 +22,11 @@
 //!   command arriving at a replica, over a storm of 200 failovers spread over 10 s (p50, p99,
 //!   max; with `--k8s` it includes the durable status write).
 //!
-//! Run: `cargo build --release --workspace --bins && target/release/controller-scale [--k8s]
-//! [N ...]` (N agents; default 300 1500 3000; needs `ulimit -n` above 2 N).
+//! - `controller-scale --k8s --real`: the same against the real API server (kube-apiserver and
+//!   etcd from tests/apiserver/, started by the child; no latency added).
+//!
+//! Run: `cargo build --release --workspace --bins && target/release/controller-scale [--k8s
+//! [--real]] [N ...]` (N agents; default 300 1500 3000; needs `ulimit -n` above 2 N).
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{
@@ -159,9 +162,10 @@ async fn apiserver() {
     axum::serve(listener, app).await.expect("serve");
 }
 
-/// The real Kubernetes path against the in-memory API server; prints the hub's port, then
-/// once a second the API requests counted so far (`requests verb=n ...`).
-async fn serve_k8s(instances: usize) {
+/// The real Kubernetes path against the in-memory API server, or with `real` against the
+/// real one (kube-apiserver and etcd, no added latency); prints the hub's port, then once a
+/// second the API requests counted so far (`requests verb=n ...`).
+async fn serve_k8s(instances: usize, real: Option<&valkey_e2e::apiserver::ControlPlane>) {
     use k8s_openapi::api::core::v1::Pod;
     use kube::{Api, api::PostParams, runtime::events::Reporter};
     use valkey_controller::{
@@ -176,24 +180,46 @@ async fn serve_k8s(instances: usize) {
     };
 
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // The API server, in a process of its own.
-    let exe = std::env::current_exe().expect("exe");
-    let mut server = tokio::process::Command::new(exe)
-        .arg("apiserver")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the API server");
-    let mut out = tokio::io::BufReader::new(server.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
-        .await
-        .expect("API server port");
-    let url: http::Uri = format!("http://127.0.0.1:{}", line.trim())
-        .parse()
-        .expect("url");
-    let config = kube::Config::new(url);
-    let fake = kube::Client::try_from(config).expect("client");
+    // The API server: the real one, or the in-memory one in a process of its own.
+    let (fake, server) = match real {
+        Some(plane) => {
+            let admin = plane.admin().await;
+            let namespace = k8s_openapi::api::core::v1::Namespace {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(NAMESPACE.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+                .create(&PostParams::default(), &namespace)
+                .await
+                .expect("namespace");
+            (admin, None)
+        }
+        None => {
+            let exe = std::env::current_exe().expect("exe");
+            let mut server = tokio::process::Command::new(exe)
+                .arg("apiserver")
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn the API server");
+            let mut out = tokio::io::BufReader::new(server.stdout.take().expect("stdout"));
+            let mut line = String::new();
+            tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+                .await
+                .expect("API server port");
+            let url: http::Uri = format!("http://127.0.0.1:{}", line.trim())
+                .parse()
+                .expect("url");
+            let config = kube::Config::new(url);
+            (
+                kube::Client::try_from(config).expect("client"),
+                Some(server),
+            )
+        }
+    };
     // The objects a cluster would hold before the controller starts: the Failovers, and the
     // pods the StatefulSet controller makes (written directly: not the controller's requests).
     let failovers: Api<Failover> = Api::namespaced(fake.clone(), NAMESPACE);
@@ -214,6 +240,15 @@ async fn serve_k8s(instances: usize) {
             .expect("Failover");
         for ordinal in 0..3 {
             let mut pod = Pod::default();
+            // A pod the real API server takes: one container.
+            pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                containers: vec![k8s_openapi::api::core::v1::Container {
+                    name: "valkey".into(),
+                    image: Some("valkey/valkey:8.0".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
             pod.metadata.name = Some(format!("{name}-{ordinal}"));
             pod.metadata.namespace = Some(NAMESPACE.into());
             pod.metadata.labels = Some(
@@ -537,11 +572,14 @@ struct Measured {
     failovers: usize,
 }
 
-async fn measure(agents: usize, k8s: bool) -> Measured {
+async fn measure(agents: usize, k8s: bool, real: bool) -> Measured {
     let exe = std::env::current_exe().expect("exe");
     let mut command = tokio::process::Command::new(exe);
     if k8s {
         command.arg("serve-k8s").arg((agents / 3).to_string());
+        if real {
+            command.arg("real");
+        }
     } else {
         command.arg("serve");
     }
@@ -756,12 +794,19 @@ fn main() {
         Some("apiserver") => return runtime.block_on(apiserver()),
         Some("serve-k8s") => {
             let instances = args.get(1).and_then(|n| n.parse().ok()).expect("instances");
-            return runtime.block_on(serve_k8s(instances));
+            // Started on the main thread, which outlives its processes' use.
+            let plane = (args.get(2).map(String::as_str) == Some("real"))
+                .then(valkey_e2e::apiserver::ControlPlane::start);
+            return runtime.block_on(serve_k8s(instances, plane.as_ref()));
         }
         _ => {}
     }
     let k8s = args.first().map(String::as_str) == Some("--k8s");
     if k8s {
+        args.remove(0);
+    }
+    let real = args.first().map(String::as_str) == Some("--real");
+    if real {
         args.remove(0);
     }
     let sizes: Vec<usize> = if args.is_empty() {
@@ -773,7 +818,7 @@ fn main() {
     };
     let mut rows = Vec::new();
     for agents in sizes {
-        let result = runtime.block_on(measure(agents, k8s));
+        let result = runtime.block_on(measure(agents, k8s, real));
         eprintln!(
             "{} agents: RSS {:.1} MiB, CPU {:.1}%, decision p50 {:.2} ms p99 {:.2} ms",
             result.agents, result.rss_mib, result.cpu_percent, result.p50_ms, result.p99_ms
