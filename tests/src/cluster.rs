@@ -21,7 +21,6 @@ use k8s_openapi::{
             ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, Secret,
             Volume,
         },
-        events::v1::Event,
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
@@ -247,20 +246,16 @@ impl Cluster {
 
     /// Events of the test namespace: (type, reason, note).
     pub async fn events(&self) -> Vec<(String, String, String)> {
-        self.api::<Event>()
-            .list(&ListParams::default())
+        crate::k8s::events_in(&self.api()).await
+    }
+
+    /// Sets an annotation of Failover `name` (as a user would, with a merge patch).
+    pub async fn annotate(&self, name: &str, key: &str, value: &str) {
+        let patch = serde_json::json!({ "metadata": { "annotations": { key: value } } });
+        self.api::<Failover>()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .map(|e| {
-                (
-                    e.type_.unwrap_or_default(),
-                    e.reason.unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                )
-            })
-            .collect()
+            .unwrap_or_else(|e| panic!("annotate Failover {name}: {e}"));
     }
 
     /// The leading controller's API requests so far, by (verb, resource), from its /metrics.
@@ -269,15 +264,6 @@ impl Cluster {
             .await
             .expect("controller /metrics");
         parse_requests(&text)
-    }
-
-    /// Writes (anything but get, list and watch) among `requests`.
-    pub fn writes(requests: &BTreeMap<(String, String), u64>) -> u64 {
-        requests
-            .iter()
-            .filter(|((verb, _), _)| !matches!(verb.as_str(), "get" | "list" | "watch"))
-            .map(|(_, n)| n)
-            .sum()
     }
 
     /// Pod name -> its `valkey.buf.red/role` label.

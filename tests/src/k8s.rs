@@ -340,11 +340,7 @@ impl FakeCluster {
 
     /// Writes (anything but get, list, watch) the controller made so far.
     pub fn writes(&self) -> u64 {
-        self.requests()
-            .iter()
-            .filter(|((verb, _), _)| !matches!(verb.as_str(), "get" | "list" | "watch"))
-            .map(|(_, n)| n)
-            .sum()
+        writes(&self.requests())
     }
 
     /// Reconcile passes (as the controller runs them on every report) until `check` holds.
@@ -429,21 +425,34 @@ impl FakeCluster {
 
     /// Events recorded in a namespace: (type, reason, note).
     pub async fn events(&self, namespace: &str) -> Vec<(String, String, String)> {
-        self.api::<Event>(namespace)
-            .list(&ListParams::default())
-            .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .map(|e| {
-                (
-                    e.type_.unwrap_or_default(),
-                    e.reason.unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                )
-            })
-            .collect()
+        events_in(&self.api(namespace)).await
     }
+}
+
+/// The Events `api` lists: (type, reason, note).
+pub async fn events_in(api: &Api<Event>) -> Vec<(String, String, String)> {
+    api.list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Writes (anything but get, list and watch) among requests counted by (verb, resource).
+pub fn writes(requests: &BTreeMap<(String, String), u64>) -> u64 {
+    requests
+        .iter()
+        .filter(|((verb, _), _)| !matches!(verb.as_str(), "get" | "list" | "watch"))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// What the API server answers an update of a StatefulSet field it keeps fixed.

@@ -12,13 +12,13 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use valkey_controller::{
-    crd::{Failover, FailoverSpec, Phase},
+    crd::{Failover, Phase},
     k8s::TOKEN_AUDIENCE,
 };
 use valkey_e2e::{
     apiserver,
     cluster::{Cluster, pod_from_template},
-    k8s::failover,
+    k8s::{failover, three},
     procs::{Agent, AgentOpts, Valkey},
     wait_for,
 };
@@ -95,15 +95,7 @@ fn agent(cluster: &Cluster, valkey: &Valkey, name: &str, token: &str) -> Agent {
 async fn agent_tokens_are_reviewed_by_the_api_server_and_a_deleted_pods_token_is_refused() {
     let cluster = Cluster::start().await;
     cluster.with_password("demo").await;
-    cluster
-        .create(failover(
-            "demo",
-            FailoverSpec {
-                replicas: 3,
-                ..FailoverSpec::default()
-            },
-        ))
-        .await;
+    cluster.create(failover("demo", three())).await;
     cluster
         .wait("demo", "Ready", Duration::from_secs(60), ready)
         .await;

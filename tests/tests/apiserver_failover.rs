@@ -7,10 +7,7 @@
 
 use std::time::Duration;
 
-use kube::{
-    ResourceExt,
-    api::{Patch, PatchParams},
-};
+use kube::ResourceExt;
 use valkey_controller::{
     crd::{Failover, FailoverSpec, Phase, SentinelSettings},
     k8s::ANNOTATION_SWITCHOVER,
@@ -74,17 +71,7 @@ async fn switchover_and_kill_9(install: Install, sentinel: bool, wait_replicas: 
     writer.wait_more(50).await;
 
     // A planned switchover through the annotation.
-    cluster
-        .api::<Failover>()
-        .patch(
-            "demo",
-            &PatchParams::default(),
-            &Patch::Merge(
-                &serde_json::json!({"metadata": {"annotations": {ANNOTATION_SWITCHOVER: "any"}}}),
-            ),
-        )
-        .await
-        .expect("annotate");
+    cluster.annotate("demo", ANNOTATION_SWITCHOVER, "any").await;
     let switched = cluster
         .wait("demo", "the switchover", T, |f| {
             f.status.as_ref().is_some_and(|s| {

@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use valkey_controller::crd::{Failover, FailoverSpec, Phase};
+use valkey_controller::crd::{Failover, Phase};
 use valkey_e2e::{
     cluster::{Cluster, Install},
-    k8s::failover,
+    k8s::{failover, three},
     wait_for,
 };
 
@@ -51,15 +51,7 @@ async fn only_the_leader_acts_and_the_other_takes_over_after_a_kill_9() {
     .await;
     cluster.start_controller("controller-b").await;
     cluster.with_password("demo").await;
-    cluster
-        .create(failover(
-            "demo",
-            FailoverSpec {
-                replicas: 3,
-                ..FailoverSpec::default()
-            },
-        ))
-        .await;
+    cluster.create(failover("demo", three())).await;
     let up = cluster
         .wait("demo", "Ready", Duration::from_secs(60), ready)
         .await;

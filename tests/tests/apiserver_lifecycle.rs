@@ -21,19 +21,16 @@ use valkey_controller::{
     crd::{Failover, FailoverSpec, Phase, Storage},
     k8s::LABEL_INSTANCE,
 };
-use valkey_e2e::{cluster::Cluster, k8s::failover, wait_for};
+use valkey_e2e::{
+    cluster::Cluster,
+    k8s::{failover, three, writes},
+    wait_for,
+};
 
 const T: Duration = Duration::from_secs(60);
 
 fn ready(f: &Failover) -> bool {
     f.status.as_ref().is_some_and(|s| s.phase == Phase::Ready)
-}
-
-fn three() -> FailoverSpec {
-    FailoverSpec {
-        replicas: 3,
-        ..FailoverSpec::default()
-    }
 }
 
 /// The controller's requests but its Lease's (renewed every 5 s whatever happens) and watches.
@@ -100,10 +97,10 @@ async fn a_ready_instance_costs_no_writes_and_the_watch_wakes_only_on_spec_chang
     cluster.wait("demo", "Ready", T, ready).await;
     // Settled: the Ready Event and the last status writes are out.
     let settled = wait_for("the controller's writes to settle", T, || async {
-        let before = Cluster::writes(&requests(&cluster).await);
+        let before = writes(&requests(&cluster).await);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = requests(&cluster).await;
-        (Cluster::writes(&after) == before).then_some(after)
+        (writes(&after) == before).then_some(after)
     })
     .await;
 
@@ -158,17 +155,7 @@ async fn a_ready_instance_costs_no_writes_and_the_watch_wakes_only_on_spec_chang
     );
 
     // An annotation change does wake it (a full cold pass), and that pass writes nothing.
-    cluster
-        .api::<Failover>()
-        .patch(
-            "demo",
-            &PatchParams::default(),
-            &Patch::Merge(
-                &serde_json::json!({"metadata": {"annotations": {"example.com/poke": "1"}}}),
-            ),
-        )
-        .await
-        .expect("annotate");
+    cluster.annotate("demo", "example.com/poke", "1").await;
     let passed = wait_for(
         "a cold pass on the annotation",
         Duration::from_secs(10),
@@ -182,8 +169,8 @@ async fn a_ready_instance_costs_no_writes_and_the_watch_wakes_only_on_spec_chang
     tokio::time::sleep(Duration::from_secs(60)).await;
     let minute = requests(&cluster).await;
     assert_eq!(
-        Cluster::writes(&minute),
-        Cluster::writes(&settled),
+        writes(&minute),
+        writes(&settled),
         "writes in steady state: before {settled:?}\nafter a cold pass {passed:?}\nafter a minute {minute:?}"
     );
 

@@ -92,3 +92,115 @@ async fn a_fixed_statefulset_field_is_changed_by_recreating_the_set_around_runni
     assert!(!notes.is_empty(), "no RecreatingStatefulSet Event");
     cluster.wait("demo", "Ready still", T, ready).await;
 }
+
+/// Binds each PVC of the test namespace to a PersistentVolume of its size, as the PV
+/// controller would once a volume is provisioned: the PV, the claim's `volumeName`, its status.
+async fn bind_claims(cluster: &Cluster, class: &str) {
+    use k8s_openapi::api::core::v1::{
+        HostPathVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+        PersistentVolumeSpec,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let pvcs = cluster.api::<PersistentVolumeClaim>();
+    let pvs: kube::Api<PersistentVolume> = kube::Api::all(cluster.admin.clone());
+    for pvc in pvcs.list(&ListParams::default()).await.expect("PVCs").items {
+        let name = pvc.name_any();
+        let pv_name = format!("{}-{name}", cluster.ns);
+        let pv = PersistentVolume {
+            metadata: kube::api::ObjectMeta {
+                name: Some(pv_name.clone()),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeSpec {
+                capacity: Some([("storage".to_owned(), Quantity("1Gi".into()))].into()),
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: Some(class.into()),
+                host_path: Some(HostPathVolumeSource {
+                    path: format!("/tmp/{pv_name}"),
+                    type_: None,
+                }),
+                claim_ref: Some(ObjectReference {
+                    namespace: Some(cluster.ns.clone()),
+                    name: Some(name.clone()),
+                    uid: pvc.uid(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        pvs.create(&kube::api::PostParams::default(), &pv)
+            .await
+            .expect("create the PV");
+        let bind = serde_json::json!({ "spec": { "volumeName": pv_name } });
+        pvcs.patch(&name, &PatchParams::default(), &Patch::Merge(&bind))
+            .await
+            .expect("bind the claim");
+        let bound = serde_json::json!({ "status": {
+            "phase": "Bound",
+            "accessModes": ["ReadWriteOnce"],
+            "capacity": { "storage": "1Gi" },
+        }});
+        pvcs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&bound))
+            .await
+            .expect("the claim's status");
+    }
+}
+
+#[tokio::test]
+async fn a_larger_capacity_grows_bound_claims_where_the_storage_class_allows() {
+    use k8s_openapi::api::{core::v1::PersistentVolumeClaim, storage::v1::StorageClass};
+    let cluster = Cluster::start().await;
+    cluster.with_password("demo").await;
+    let class = format!("grow-{}", cluster.ns);
+    let storage_class = StorageClass {
+        metadata: kube::api::ObjectMeta {
+            name: Some(class.clone()),
+            ..Default::default()
+        },
+        provisioner: "example.com/none".into(),
+        allow_volume_expansion: Some(true),
+        ..Default::default()
+    };
+    kube::Api::<StorageClass>::all(cluster.admin.clone())
+        .create(&kube::api::PostParams::default(), &storage_class)
+        .await
+        .expect("StorageClass");
+    let spec = FailoverSpec {
+        replicas: 3,
+        storage: Some(Storage {
+            storage_class_name: Some(class.clone()),
+            capacity: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "1Gi".into(),
+            )),
+            ..Storage::default()
+        }),
+        ..FailoverSpec::default()
+    };
+    cluster.create(failover("demo", spec)).await;
+    cluster.wait("demo", "Ready", T, ready).await;
+    bind_claims(&cluster, &class).await;
+    cluster
+        .api::<Failover>()
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"storage": {"capacity": "2Gi"}}})),
+        )
+        .await
+        .expect("patch");
+    let pvcs = cluster.api::<PersistentVolumeClaim>();
+    wait_for("every claim to ask for 2Gi", T, || async {
+        let claims = pvcs.list(&ListParams::default()).await.ok()?.items;
+        claims
+            .iter()
+            .all(|c| {
+                c.spec
+                    .as_ref()
+                    .and_then(|s| s.resources.as_ref()?.requests.as_ref()?.get("storage"))
+                    .is_some_and(|q| q.0 == "2Gi")
+            })
+            .then_some(())
+    })
+    .await;
+}
