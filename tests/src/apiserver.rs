@@ -155,7 +155,7 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 pki.sa_key.display()
             ))
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--service-cluster-ip-range=10.0.0.0/16")
             // Loopback cannot be the kubernetes Service's endpoint, and nothing here needs it.
             .arg("--endpoint-reconciler-type=none")
             .arg("--allow-privileged=true")
@@ -367,6 +367,13 @@ pub async fn request_token(
 pub async fn test_namespace(admin: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
     use rand::RngExt;
     let name = format!("{prefix}-{:08x}", rand::rng().random::<u32>());
+    create_namespace(admin, &name, labels).await;
+    name
+}
+
+/// Namespace `name` labelled `labels`, with its `default` service account.
+pub async fn create_namespace(admin: &Client, name: &str, labels: &[(&str, &str)]) {
+    let name = name.to_owned();
     let namespace = Namespace {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -395,7 +402,6 @@ pub async fn test_namespace(admin: &Client, prefix: &str, labels: &[(&str, &str)
         .create(&PostParams::default(), &account)
         .await
         .unwrap_or_else(|e| panic!("create {name}/default service account: {e}"));
-    name
 }
 
 /// Whether the Failover CRD is Established.

@@ -286,7 +286,6 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// The announced address of a pod, as its agent said hello.
     /// Ends the stream of `pod`'s agent, if one is open, telling it why: its pod is gone, so
     /// whatever it says is no longer a pod's (it may reconnect: its token is reviewed again).
     pub fn disconnect(&self, instance: &InstanceKey, pod: &str, why: &str) {
@@ -303,6 +302,7 @@ impl Hub {
         }
     }
 
+    /// The announced address of a pod, as its agent said hello.
     pub fn hello(&self, instance: &InstanceKey, pod: &str) -> Option<Hello> {
         let nodes = self.inner.nodes.lock().ok()?;
         nodes

@@ -184,17 +184,7 @@ async fn serve_k8s(instances: usize, real: Option<&valkey_e2e::apiserver::Contro
     let (fake, server) = match real {
         Some(plane) => {
             let admin = plane.admin().await;
-            let namespace = k8s_openapi::api::core::v1::Namespace {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(NAMESPACE.into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
-                .create(&PostParams::default(), &namespace)
-                .await
-                .expect("namespace");
+            valkey_e2e::apiserver::create_namespace(&admin, NAMESPACE, &[]).await;
             (admin, None)
         }
         None => {
@@ -239,25 +229,30 @@ async fn serve_k8s(instances: usize, real: Option<&valkey_e2e::apiserver::Contro
             .await
             .expect("Failover");
         for ordinal in 0..3 {
-            let mut pod = Pod::default();
-            // A pod the real API server takes: one container.
-            pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-                containers: vec![k8s_openapi::api::core::v1::Container {
-                    name: "valkey".into(),
-                    image: Some("valkey/valkey:8.0".into()),
+            // A pod the real API server takes too: one container.
+            let pod = Pod {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(format!("{name}-{ordinal}")),
+                    namespace: Some(NAMESPACE.into()),
+                    labels: Some(
+                        [
+                            (LABEL_INSTANCE.to_owned(), name.clone()),
+                            (LABEL_COMPONENT.to_owned(), "data".to_owned()),
+                        ]
+                        .into(),
+                    ),
                     ..Default::default()
-                }],
+                },
+                spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                    containers: vec![k8s_openapi::api::core::v1::Container {
+                        name: "valkey".into(),
+                        image: Some("valkey/valkey:8.0".into()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
                 ..Default::default()
-            });
-            pod.metadata.name = Some(format!("{name}-{ordinal}"));
-            pod.metadata.namespace = Some(NAMESPACE.into());
-            pod.metadata.labels = Some(
-                [
-                    (LABEL_INSTANCE.to_owned(), name.clone()),
-                    (LABEL_COMPONENT.to_owned(), "data".to_owned()),
-                ]
-                .into(),
-            );
+            };
             pods.create(&PostParams::default(), &pod)
                 .await
                 .expect("pod");
@@ -886,10 +881,10 @@ fn main() {
         println!(
             "{} instances{}: steady state {:.5} API requests per instance per second; decision p99 {:.2} ms",
             last.agents / 3,
-            if k8s {
-                " (Kubernetes path, 10 ms API latency)"
-            } else {
-                " (no Kubernetes API)"
+            match (k8s, real) {
+                (true, true) => " (Kubernetes path, the real API server)",
+                (true, false) => " (Kubernetes path, 10 ms API latency)",
+                _ => " (no Kubernetes API)",
             },
             total / (last.agents / 3) as f64,
             last.p99_ms
