@@ -266,22 +266,10 @@ impl Cluster {
         parse_requests(&text)
     }
 
-    /// Pod name -> its `valkey.buf.red/role` label.
+    /// Pod name -> its `valkey.buf.red/role` label, for the data pods of Failover `name`.
     pub async fn role_labels(&self, name: &str) -> BTreeMap<String, String> {
-        self.api::<Pod>()
-            .list(
-                &ListParams::default()
-                    .labels(&format!("{LABEL_INSTANCE}={name},{LABEL_COMPONENT}=data")),
-            )
-            .await
-            .expect("pods")
-            .items
-            .into_iter()
-            .map(|p| {
-                let role = p.labels().get(LABEL_ROLE).cloned().unwrap_or_default();
-                (p.name_any(), role)
-            })
-            .collect()
+        let selector = format!("{LABEL_INSTANCE}={name},{LABEL_COMPONENT}=data");
+        crate::k8s::role_labels(&self.api(), &ListParams::default().labels(&selector)).await
     }
 
     /// A client that writes through the read-write Service, as an application does: each

@@ -446,6 +446,25 @@ pub async fn events_in(api: &Api<Event>) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Pod name -> its `valkey.buf.red/role` label, for the pods `api` lists with `params`.
+pub async fn role_labels(api: &Api<Pod>, params: &ListParams) -> BTreeMap<String, String> {
+    use kube::ResourceExt;
+    api.list(params)
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .map(|p| {
+            let role = p
+                .labels()
+                .get(valkey_controller::k8s::LABEL_ROLE)
+                .cloned()
+                .unwrap_or_default();
+            (p.name_any(), role)
+        })
+        .collect()
+}
+
 /// Writes (anything but get, list and watch) among requests counted by (verb, resource).
 pub fn writes(requests: &BTreeMap<(String, String), u64>) -> u64 {
     requests

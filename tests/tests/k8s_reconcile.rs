@@ -25,7 +25,7 @@ use kube::{
 use nix::sys::signal::Signal;
 use valkey_controller::{
     crd::{Failover, NodeRole, Phase, SentinelInstanceAccess, SentinelSettings, Storage},
-    k8s::{ANNOTATION_PAUSED, ANNOTATION_SWITCHOVER, FINALIZER, LABEL_INSTANCE, LABEL_ROLE},
+    k8s::{ANNOTATION_PAUSED, ANNOTATION_SWITCHOVER, FINALIZER, LABEL_INSTANCE},
 };
 use valkey_e2e::{
     k8s::{FakeCluster, NS, failover, ordinal, password_secret, ready, three, three_running_nodes},
@@ -199,18 +199,7 @@ async fn the_seed_example_gets_its_sentinels() {
 }
 
 async fn role_labels(cluster: &FakeCluster) -> BTreeMap<String, String> {
-    cluster
-        .api::<Pod>(NS)
-        .list(&ListParams::default())
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .map(|p| {
-            let role = p.labels().get(LABEL_ROLE).cloned().unwrap_or_default();
-            (p.name_any(), role)
-        })
-        .collect()
+    valkey_e2e::k8s::role_labels(&cluster.api(NS), &ListParams::default()).await
 }
 
 #[tokio::test]
