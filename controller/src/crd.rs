@@ -183,8 +183,9 @@ pub struct SentinelSettings {
     pub image_pull_policy: Option<PullPolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
-    /// Sentinels: odd, at least 3 (default 3).
+    /// Sentinels: odd, at least 3 (default 3), at most 9.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 9))]
     pub replicas: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -240,8 +241,8 @@ pub struct SentinelInstanceAccess {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SentinelReference {
-    /// At least 3 sentinels.
-    #[schemars(length(min = 3))]
+    /// At least 3 sentinels, at most 9.
+    #[schemars(length(min = 3, max = 9))]
     pub nodes: Vec<SentinelMonitorNode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<Authorization>,

@@ -110,6 +110,37 @@ async fn the_api_server_refuses_a_spec_that_breaks_each_cel_rule_with_its_messag
             ),
         }
     }
+    // The schema's bounds: at most 9 sentinels, embedded or referenced.
+    let nodes: Vec<String> = (0..10)
+        .map(|i| format!("{{ip: 10.0.0.{i}, port: 26379}}"))
+        .collect();
+    for (i, (spec, field)) in [
+        (
+            "sentinel: {replicas: 11}".to_owned(),
+            "spec.sentinel.replicas",
+        ),
+        (
+            format!(
+                "sentinel: {{sentinelReference: {{nodes: [{}]}}}}",
+                nodes.join(", ")
+            ),
+            "spec.sentinel.sentinelReference.nodes",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let yaml = format!(
+            "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata: {{name: bound-{i}, namespace: {ns}}}\nspec: {{replicas: 3, {spec}}}\n"
+        );
+        match plane.kubectl_with_input(&["create", "-f", "-"], Some(&yaml)) {
+            Ok(out) => panic!("the API server took {spec}: {out}"),
+            Err(refusal) => assert!(
+                refusal.contains(field),
+                "{spec}: refused without naming {field}:\n{refusal}"
+            ),
+        }
+    }
     // And the same spec within the rules is taken.
     let yaml = format!(
         "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata: {{name: cel-ok, namespace: {ns}}}\nspec: {{replicas: 3, sentinel: {{replicas: 5, quorum: 3, monitorConfig: {{down-after-milliseconds: '5000'}}}}}}\n"

@@ -396,12 +396,20 @@ fn check_references(spec: &FailoverSpec) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The most sentinels an instance is watched by, embedded or external: a quorum of more is
+/// slower to agree and buys no safety; the bound keeps a manifest from making the controller
+/// run (or talk to) thousands.
+pub const MAX_SENTINELS: usize = 9;
+
 fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
     if let Some(reference) = &sentinel.sentinel_reference {
-        if reference.nodes.len() < 3 {
+        if !(3..=MAX_SENTINELS).contains(&reference.nodes.len()) {
             return Err(invalid(
                 "spec.sentinel.sentinelReference.nodes",
-                format!("needs at least 3 sentinels, got {}", reference.nodes.len()),
+                format!(
+                    "needs 3 to {MAX_SENTINELS} sentinels, got {}",
+                    reference.nodes.len()
+                ),
             ));
         }
         for (i, node) in reference.nodes.iter().enumerate() {
@@ -414,10 +422,10 @@ fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
         }
     } else {
         let replicas = sentinel.count();
-        if replicas < 3 || replicas % 2 == 0 {
+        if replicas < 3 || replicas % 2 == 0 || replicas as usize > MAX_SENTINELS {
             return Err(invalid(
                 "spec.sentinel.replicas",
-                format!("must be odd and at least 3, got {replicas}"),
+                format!("must be odd, 3 to {MAX_SENTINELS}, got {replicas}"),
             ));
         }
     }

@@ -136,7 +136,7 @@ fn errors_name_the_field() {
     let mut s = spec();
     s.access.ports = Some("30001-30003".into());
     cases.push((s, "spec.access.ports"));
-    for replicas in [1, 4] {
+    for replicas in [1, 4, 11, i32::MAX] {
         let mut s = spec();
         s.sentinel = Some(SentinelSettings {
             replicas: Some(replicas),
@@ -173,6 +173,22 @@ fn errors_name_the_field() {
                 port: 1,
                 flags: None,
             }],
+            auth: None,
+        }),
+        ..Default::default()
+    });
+    cases.push((s, "spec.sentinel.sentinelReference.nodes"));
+    // At most 9 sentinels in a reference (a 1,000-node one took the controller to 210 MB).
+    let mut s = spec();
+    s.sentinel = Some(SentinelSettings {
+        sentinel_reference: Some(SentinelReference {
+            nodes: (0..10)
+                .map(|i| SentinelMonitorNode {
+                    ip: format!("10.0.0.{i}"),
+                    port: 26379,
+                    flags: None,
+                })
+                .collect(),
             auth: None,
         }),
         ..Default::default()
