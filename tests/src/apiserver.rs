@@ -170,7 +170,11 @@ impl ControlPlane {
             procs: vec![apiserver, etcd],
             _tmp: Some(tmp),
         };
-        plane.write_kubeconfig(&pki, "kubeconfig.tmp");
+        let admin = serde_json::json!({
+            "client-certificate": pki.admin_cert,
+            "client-key": pki.admin_key,
+        });
+        plane.write_kubeconfig(admin, &plane.dir.join("kubeconfig.tmp"));
         plane.wait_ready();
         plane.install();
         std::fs::rename(plane.dir.join("kubeconfig.tmp"), plane.dir.join(KUBECONFIG))
@@ -178,25 +182,20 @@ impl ControlPlane {
         plane
     }
 
-    fn write_kubeconfig(&self, pki: &Pki, file: &str) {
+    /// A kubeconfig for this API server (trusting its CA) with `user`'s credentials.
+    fn write_kubeconfig(&self, user: serde_json::Value, file: &Path) {
         let kubeconfig = serde_json::json!({
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{ "name": "test", "cluster": {
                 "server": self.url,
-                "certificate-authority": pki.ca_cert,
+                "certificate-authority": self.dir.join("ca.crt"),
             }}],
-            "users": [{ "name": "admin", "user": {
-                "client-certificate": pki.admin_cert,
-                "client-key": pki.admin_key,
-            }}],
-            "contexts": [{ "name": "test", "context": { "cluster": "test", "user": "admin" }}],
+            "users": [{ "name": "user", "user": user }],
+            "contexts": [{ "name": "test", "context": { "cluster": "test", "user": "user" }}],
             "current-context": "test",
         });
-        std::fs::write(
-            self.dir.join(file),
-            serde_json::to_vec_pretty(&kubeconfig).expect("json"),
-        )
-        .expect("write kubeconfig");
+        std::fs::write(file, serde_json::to_vec_pretty(&kubeconfig).expect("json"))
+            .expect("write kubeconfig");
     }
 
     fn kubeconfig_path(&self) -> PathBuf {
@@ -298,35 +297,9 @@ impl ControlPlane {
         Client::try_from(config).expect("admin client")
     }
 
-    /// A client that presents `token` (and trusts the API server's CA), nothing else.
-    pub fn client_with_token(&self, token: &str) -> Client {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut config = Config::new(self.url.parse().expect("url"));
-        let ca = std::fs::read(self.dir.join("ca.crt")).expect("CA");
-        config.root_cert = Some(vec![pem_der(&ca)]);
-        config.auth_info.token = Some(token.to_owned().into());
-        Client::try_from(config).expect("token client")
-    }
-
     /// The kubeconfig a controller process uses: the API server and `token`, nothing else.
     pub fn kubeconfig_with_token(&self, token: &str, file: &Path) {
-        let kubeconfig = serde_json::json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{ "name": "test", "cluster": {
-                "server": self.url,
-                "certificate-authority": self.dir.join("ca.crt"),
-            }}],
-            "users": [{ "name": "sa", "user": { "token": token }}],
-            "contexts": [{ "name": "test", "context": { "cluster": "test", "user": "sa" }}],
-            "current-context": "test",
-        });
-        std::fs::write(file, serde_json::to_vec_pretty(&kubeconfig).expect("json"))
-            .expect("write kubeconfig");
-    }
-
-    /// The API server's log (when this process runs it).
-    pub fn log_text(&self) -> String {
-        self.procs.first().map(Proc::log_text).unwrap_or_default()
+        self.write_kubeconfig(serde_json::json!({ "token": token }), file);
     }
 }
 
@@ -415,21 +388,6 @@ pub async fn crd_established(admin: &Client) -> bool {
             c.iter()
                 .any(|c| c.type_ == "Established" && c.status == "True")
         })
-}
-
-/// The first certificate of a PEM bundle, DER.
-fn pem_der(pem: &[u8]) -> Vec<u8> {
-    use base64::Engine;
-    let text = String::from_utf8_lossy(pem);
-    let body: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .expect("PEM")
 }
 
 /// The control plane's keys and certificates, as files in its folder.

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod flood;
 pub mod hub;
 pub mod k8s;
+pub mod kubelet;
 pub mod local;
 pub mod monitor;
 pub mod netns;

@@ -64,6 +64,19 @@ async fn both_installs_and_every_example_are_accepted_and_the_crd_is_established
     }
 }
 
+/// `kubectl create` of Failover `name` with three nodes and `spec` (flow-style YAML fields).
+fn create_failover(
+    plane: &ControlPlane,
+    ns: &str,
+    name: &str,
+    spec: &str,
+) -> Result<String, String> {
+    let yaml = format!(
+        "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{replicas: 3, {spec}}}\n"
+    );
+    plane.kubectl_with_input(&["create", "-f", "-"], Some(&yaml))
+}
+
 /// Each `x-kubernetes-validations` rule of the CRD, broken once: the API server refuses the
 /// Failover with the rule's message.
 #[tokio::test]
@@ -99,16 +112,12 @@ async fn the_api_server_refuses_a_spec_that_breaks_each_cel_rule_with_its_messag
     let messages: std::collections::BTreeSet<&str> = cases.iter().map(|(_, m)| *m).collect();
     assert_eq!(messages.len(), rules, "a CEL rule of the CRD has no case");
     for (i, (spec, message)) in cases.iter().enumerate() {
-        let yaml = format!(
-            "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata: {{name: cel-{i}, namespace: {ns}}}\nspec: {{replicas: 3, {spec}}}\n"
+        let refusal = create_failover(&plane, &ns, &format!("cel-{i}"), spec)
+            .expect_err(&format!("the API server took {spec}"));
+        assert!(
+            refusal.contains(message),
+            "{spec}: refused without the rule's message {message:?}:\n{refusal}"
         );
-        match plane.kubectl_with_input(&["create", "-f", "-"], Some(&yaml)) {
-            Ok(out) => panic!("the API server took {spec}: {out}"),
-            Err(refusal) => assert!(
-                refusal.contains(message),
-                "{spec}: refused without the rule's message {message:?}:\n{refusal}"
-            ),
-        }
     }
     // The schema's bounds: at most 9 sentinels, embedded or referenced.
     let nodes: Vec<String> = (0..10)
@@ -130,23 +139,17 @@ async fn the_api_server_refuses_a_spec_that_breaks_each_cel_rule_with_its_messag
     .iter()
     .enumerate()
     {
-        let yaml = format!(
-            "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata: {{name: bound-{i}, namespace: {ns}}}\nspec: {{replicas: 3, {spec}}}\n"
+        let refusal = create_failover(&plane, &ns, &format!("bound-{i}"), spec)
+            .expect_err(&format!("the API server took {spec}"));
+        assert!(
+            refusal.contains(field),
+            "{spec}: refused without naming {field}:\n{refusal}"
         );
-        match plane.kubectl_with_input(&["create", "-f", "-"], Some(&yaml)) {
-            Ok(out) => panic!("the API server took {spec}: {out}"),
-            Err(refusal) => assert!(
-                refusal.contains(field),
-                "{spec}: refused without naming {field}:\n{refusal}"
-            ),
-        }
     }
     // And the same spec within the rules is taken.
-    let yaml = format!(
-        "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata: {{name: cel-ok, namespace: {ns}}}\nspec: {{replicas: 3, sentinel: {{replicas: 5, quorum: 3, monitorConfig: {{down-after-milliseconds: '5000'}}}}}}\n"
-    );
-    plane
-        .kubectl_with_input(&["create", "-f", "-"], Some(&yaml))
+    let valid =
+        "sentinel: {replicas: 5, quorum: 3, monitorConfig: {down-after-milliseconds: '5000'}}";
+    create_failover(&plane, &ns, "cel-ok", valid)
         .unwrap_or_else(|e| panic!("a valid spec was refused:\n{e}"));
 }
 

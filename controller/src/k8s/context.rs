@@ -389,7 +389,7 @@ impl PodCache {
     }
 
     /// Remembers pods seen deleted (a watch's Delete event), by uid.
-    pub fn remember_deleted(&self, uids: impl IntoIterator<Item = String>) {
+    fn remember_deleted(&self, uids: impl IntoIterator<Item = String>) {
         if let Ok(mut deleted) = self.deleted.lock() {
             let now = Instant::now();
             deleted.extend(uids.into_iter().map(|uid| (now, uid)));

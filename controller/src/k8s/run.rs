@@ -83,8 +83,8 @@ pub async fn run(
     // The agents this process runs itself (an external Sentinel set's) present their own
     // token; every other agent is reviewed by the API server.
     let in_process_token = Arc::new(super::build::generate_password());
-    // The pod watch's cache, shared with the authenticator: a cached review holds only while
-    // its pod is there.
+    // The pod watch's cache, shared with the authenticator: a token bound to a pod the watch
+    // saw deleted is refused.
     let pods = PodCache::default();
     let (hub, mut hub_events) = Hub::new(
         crate::external::InProcessToken::new(
@@ -322,19 +322,6 @@ fn cache_pods(
                 }
                 watcher::Event::Delete(pod) => {
                     cache.delete(&pod.namespace().unwrap_or_default(), &pod.name_any());
-                    // A deleted pod's agent speaks for no pod: its stream ends, and its token
-                    // (bound to the deleted pod) is refused when it comes back.
-                    if let (Some(namespace), Some(name)) =
-                        (pod.namespace(), pod.labels().get(LABEL_INSTANCE))
-                    {
-                        let key = InstanceKey {
-                            namespace,
-                            name: name.clone(),
-                        };
-                        context
-                            .hub
-                            .disconnect(&key, &pod.name_any(), "its pod was deleted");
-                    }
                     Some(pod)
                 }
                 watcher::Event::Init => {
@@ -350,14 +337,23 @@ fn cache_pods(
                     None
                 }
             };
-            if let Some(key) = touched.and_then(|pod| {
-                Some(InstanceKey {
+            if let Some((pod, key)) = touched.and_then(|pod| {
+                let key = InstanceKey {
                     namespace: pod.namespace()?,
                     name: pod.labels().get(LABEL_INSTANCE)?.clone(),
-                })
-            }) && let Some(instance) = context.known(&key)
-            {
-                instance.wake();
+                };
+                Some((pod, key))
+            }) {
+                if matches!(event, watcher::Event::Delete(_)) {
+                    // A deleted pod's agent speaks for no pod: its stream ends, and its token
+                    // (bound to the deleted pod) is refused when it comes back.
+                    context
+                        .hub
+                        .disconnect(&key, &pod.name_any(), "its pod was deleted");
+                }
+                if let Some(instance) = context.known(&key) {
+                    instance.wake();
+                }
             }
         }
         event
