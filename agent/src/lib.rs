@@ -11,6 +11,7 @@ pub mod health;
 pub mod info;
 pub mod lease;
 pub mod link;
+pub mod listen;
 pub mod local;
 pub mod metrics;
 pub mod passwords;
@@ -25,7 +26,6 @@ use std::{
 
 use anyhow::Context;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 use valkey_proto::v1::agent_state_server::AgentStateServer;
 
@@ -108,9 +108,12 @@ pub async fn run(
             seq: seq.clone(),
             fence: fence.clone(),
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = server_stop_rx.wait_for(|stop| *stop).await;
-        });
+        .serve_with_incoming_shutdown(
+            listen::gated(listener, listen::GRPC_CONNECTIONS),
+            async move {
+                let _ = server_stop_rx.wait_for(|stop| *stop).await;
+            },
+        );
     let server_task = tokio::spawn(server);
 
     let link_task = config.controller.clone().map(|controller| {

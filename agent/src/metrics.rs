@@ -150,8 +150,49 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `addr` until the task is dropped.
+/// The metrics listener's connections, gated (see [`crate::listen`]), as axum takes them.
+struct Gated {
+    incoming: std::pin::Pin<
+        Box<
+            dyn futures::Stream<
+                    Item = std::io::Result<valkey_netguard::Guarded<tokio::net::TcpStream>>,
+                > + Send,
+        >,
+    >,
+    addr: SocketAddr,
+}
+
+impl axum::serve::Listener for Gated {
+    type Io = valkey_netguard::Guarded<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        use futures::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => return (conn, self.addr),
+                // The gate retries failed accepts itself; it never ends while the listener
+                // lives.
+                Some(Err(_)) | None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+/// Serves `/metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    let gated = Gated {
+        incoming: Box::pin(crate::listen::gated(
+            listener,
+            crate::listen::METRICS_CONNECTIONS,
+        )),
+        addr,
+    };
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -167,7 +208,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::
             }
         }),
     );
-    axum::serve(listener, app).await
+    axum::serve(gated, app).await
 }
 
 /// Binds the metrics listener, so a port in use is reported at start.

@@ -192,7 +192,9 @@ impl TestHub {
                 );
             }
             Some(cert) => {
-                let gate = valkey_controller::hub::limits::Gate::new(Default::default());
+                let gate = valkey_controller::hub::limits::Gate::new(
+                    valkey_controller::hub::limits::Limits::default().gate(),
+                );
                 let incoming = valkey_controller::tls::serve::incoming(listener, cert, gate);
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
             }

@@ -219,8 +219,7 @@ impl FakeCluster {
                 .expect("hub certificate");
         let served = hub.clone();
         let server = tokio::spawn(async move {
-            let gate = valkey_controller::hub::limits::Gate::new(Default::default());
-            let _ = valkey_controller::hub::limits::serve(&served, listener, hub_cert, gate).await;
+            let _ = valkey_controller::hub::limits::serve(&served, listener, hub_cert).await;
         });
         let faults = Arc::new(ApiFaults::default());
         let work = tempfile::tempdir().expect("work dir");

@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 use tonic_health::pb::health_check_response::ServingStatus;
 use valkey_e2e::{
+    flood::connect_from,
     free_port,
     hub::{Event, TestHub, command},
     procs::{Agent, AgentOpts, Valkey},
@@ -391,4 +392,44 @@ async fn a_missing_password_is_reported_as_refused_credentials_not_as_serving() 
         agent.health("readiness").await,
         Some(ServingStatus::NotServing)
     );
+}
+
+/// Descriptors `pid` holds open.
+fn open_fds(pid: nix::unistd::Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A flood of idle connections to both of the agent's ports, from another address: the agent
+/// holds a bounded number of them (a descriptor limit of 1,024 is never reached), and its
+/// probes and scrapes still answer.
+#[tokio::test]
+async fn a_flood_of_idle_connections_to_the_agent_ports_is_capped_and_probes_still_answer() {
+    let a = Valkey::start("a");
+    let mut agent = Agent::start(AgentOpts::for_valkey(&a, None));
+    wait_for("the agent serving", T, || async {
+        (agent.health("").await == Some(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    let pid = agent.proc_mut().pid();
+    let before = open_fds(pid);
+    let intruder: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut flood = Vec::new();
+    for target in [agent.grpc, agent.metrics] {
+        for _ in 0..600 {
+            flood.push(connect_from(target, intruder).await.expect("connect"));
+        }
+    }
+    // 1,200 connections made; the agent keeps at most its caps (64 and 16) of them, and the
+    // closed ones' slots until they close.
+    let cap = before + 2 * (64 + 16);
+    wait_for("the agent's descriptors back under its caps", T, || async {
+        (open_fds(pid) <= cap).then_some(())
+    })
+    .await;
+    assert_eq!(agent.health("").await, Some(ServingStatus::Serving));
+    assert!(
+        agent.metrics_text().await.contains("valkey_agent"),
+        "no scrape under the flood"
+    );
+    drop(flood);
 }

@@ -24,10 +24,9 @@ async fn tls_hub(ca: &Ca) -> (Hub, std::net::SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let served = hub.clone();
-    tokio::spawn(async move {
-        let gate = valkey_controller::hub::limits::Gate::new(Default::default());
-        valkey_controller::hub::limits::serve(&served, listener, cert, gate).await
-    });
+    tokio::spawn(
+        async move { valkey_controller::hub::limits::serve(&served, listener, cert).await },
+    );
     (hub, addr)
 }
 

@@ -4,7 +4,10 @@
 //! gRPC clients.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use tokio::{io::AsyncReadExt, net::TcpStream, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,7 +18,10 @@ use valkey_controller::{
     },
     tls::{CA_LIFETIME, Ca, serve::ServerCert},
 };
-use valkey_e2e::{flood::hub_channel, wait_for};
+use valkey_e2e::{
+    flood::{Flood, connect_from, hub_channel},
+    wait_for,
+};
 use valkey_proto::v1::{
     AgentMessage, Command, CommandResult, ControllerMessage, DataState, Hello, Lease, NodeKind,
     ProcessState, Promote, Role, StateReport, agent_hub_client::AgentHubClient, agent_message::Msg,
@@ -39,11 +45,11 @@ async fn serve(limits: Limits) -> Served {
     let cert = ServerCert::new(&ca.issue(&["127.0.0.1".into()], CA_LIFETIME).unwrap()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let gate = Gate::new(limits);
+    let gate = Gate::new(limits.gate());
     let (served, g) = (hub.clone(), gate.clone());
-    tokio::spawn(
-        async move { valkey_controller::hub::limits::serve(&served, listener, cert, g).await },
-    );
+    tokio::spawn(async move {
+        valkey_controller::hub::limits::serve_gated(&served, listener, cert, &limits, g).await
+    });
     Served {
         hub,
         gate,
@@ -67,20 +73,24 @@ fn hello(pod: &str, token: &str) -> Hello {
     }
 }
 
+type Attached = (
+    mpsc::Sender<AgentMessage>,
+    tonic::Streaming<ControllerMessage>,
+);
+
 /// A gRPC client that says `hello` and returns its outbound side and the hub's replies.
-async fn attach(
-    served: &Served,
-    hello: Hello,
-) -> Result<
-    (
-        mpsc::Sender<AgentMessage>,
-        tonic::Streaming<ControllerMessage>,
-    ),
-    tonic::Status,
-> {
+async fn attach(served: &Served, hello: Hello) -> Result<Attached, tonic::Status> {
     let channel = hub_channel(served.addr, &served.ca.0.cert_pem)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    attach_on(channel, hello).await
+}
+
+/// Says `hello` on a stream of `channel`.
+async fn attach_on(
+    channel: tonic::transport::Channel,
+    hello: Hello,
+) -> Result<Attached, tonic::Status> {
     let (tx, rx) = mpsc::channel(8);
     tx.send(AgentMessage {
         msg: Some(Msg::Hello(hello)),
@@ -123,14 +133,14 @@ async fn when_unauthenticated_connections_fill_the_hub_the_oldest_make_room_for_
         idle.push(TcpStream::connect(served.addr).await.unwrap());
     }
     wait_for("eight unauthenticated connections", T, || async {
-        (served.gate.unauthenticated() == 8).then_some(())
+        (served.gate.unproven() == 8).then_some(())
     })
     .await;
     // A ninth: the oldest is closed for it, and no more than eight are held.
     idle.push(TcpStream::connect(served.addr).await.unwrap());
     assert!(closed_by_hub(&mut idle[0]).await, "the oldest was kept");
     wait_for("the oldest's slot given back", T, || async {
-        (served.gate.open() == 8 && served.gate.unauthenticated() == 8).then_some(())
+        (served.gate.open() == 8 && served.gate.unproven() == 8).then_some(())
     })
     .await;
 
@@ -153,9 +163,92 @@ async fn when_unauthenticated_connections_fill_the_hub_the_oldest_make_room_for_
     );
     // Authenticated, it holds no unauthenticated slot: 7 idle ones are left beside it.
     wait_for("7 idle connections and the agent", T, || async {
-        (served.gate.unauthenticated() == 7 && served.gate.open() == 8).then_some(())
+        (served.gate.unproven() == 7 && served.gate.open() == 8).then_some(())
     })
     .await;
+}
+
+/// The probe's attack: 16 TLS connections, each with the 4 streams the hub allows, none of
+/// which ever says hello. Each connection holds one Hello slot, not four, and an agent says
+/// hello beside them.
+#[tokio::test]
+async fn streams_that_never_say_hello_hold_one_slot_per_connection_and_an_agent_gets_in() {
+    let served = serve(Limits::default()).await;
+    let flood = Flood::silent(served.addr, served.ca.0.cert_pem.clone(), 16, None);
+    wait_for(
+        "3 of each connection's 4 silent streams refused",
+        T,
+        || async { (flood.counts.refused.load(Ordering::Relaxed) >= 48).then_some(()) },
+    )
+    .await;
+    assert_eq!(served.gate.unproven(), 16, "one slot per connection");
+    for pod in ["demo-0", "demo-1"] {
+        let attached = attach(&served, hello(pod, TOKEN)).await;
+        assert!(attached.is_ok(), "{pod} refused: {:?}", attached.err());
+    }
+    wait_for("both agents known", T, || async {
+        (served.hub.observe(&demo()).nodes.len() == 2).then_some(())
+    })
+    .await;
+}
+
+/// A flood of connections from one address, far beyond the cap, closes only its own: an
+/// agent from another address that connected before it says hello on its connection after.
+#[tokio::test]
+async fn a_flood_from_one_address_closes_only_its_own_connections() {
+    let served = serve(Limits {
+        max_unauthenticated: 8,
+        auth_deadline: Duration::from_secs(120),
+        ..Limits::default()
+    })
+    .await;
+    // The agent goes through a proxy that counts its connections: a channel whose connection
+    // is closed opens another, and only the count tells.
+    let (proxy, connections) = counting_proxy(served.addr).await;
+    let channel = hub_channel(proxy, &served.ca.0.cert_pem)
+        .await
+        .expect("TLS and HTTP/2");
+    let intruder: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(connect_from(served.addr, intruder).await.unwrap());
+    }
+    assert!(
+        closed_by_hub(&mut flood[0]).await,
+        "the flood kept its oldest"
+    );
+    wait_for("the cap held", T, || async {
+        (served.gate.unproven() == 8).then_some(())
+    })
+    .await;
+    let attached = attach_on(channel, hello("demo-0", TOKEN)).await;
+    assert!(attached.is_ok(), "{:?}", attached.err());
+    assert_eq!(
+        connections.load(Ordering::Relaxed),
+        1,
+        "the agent's first connection was closed for the flood"
+    );
+}
+
+/// A TCP proxy to `to` on a free loopback port, and how many connections it has accepted.
+async fn counting_proxy(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                if let Ok(mut server) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (addr, count)
 }
 
 #[tokio::test]

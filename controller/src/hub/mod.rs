@@ -129,8 +129,10 @@ struct Inner {
     /// Commands awaiting their result, by id: only the stream the command went out on may
     /// answer it.
     pending: Mutex<HashMap<String, Waiter>>,
-    /// Streams waiting for their Hello's check.
-    hellos: Arc<tokio::sync::Semaphore>,
+    /// Hellos being checked (their tokens reviewed) at once.
+    checks: tokio::sync::Semaphore,
+    /// Refused Hellos, logged at a bounded rate.
+    refused: Mutex<valkey_netguard::Throttle>,
     changed: watch::Sender<u64>,
     instances: tokio::sync::broadcast::Sender<InstanceKey>,
     events: mpsc::UnboundedSender<HubEvent>,
@@ -178,9 +180,8 @@ impl Hub {
             inner: Arc::new(Inner {
                 nodes: Mutex::default(),
                 pending: Mutex::default(),
-                hellos: Arc::new(tokio::sync::Semaphore::new(
-                    limits::Limits::default().pending_hellos,
-                )),
+                checks: tokio::sync::Semaphore::new(limits::Limits::default().concurrent_checks),
+                refused: Mutex::default(),
                 changed,
                 instances: tokio::sync::broadcast::channel(4096).0,
                 events,
@@ -512,8 +513,22 @@ impl Hub {
                 ));
             }
         };
-        if let Err(why) = self.auth.check(&hello).await {
-            warn!(pod = %hello.pod_name, namespace = %hello.namespace, "refused an agent: {why}");
+        // Only a Hello that arrived waits for a check: the checks in flight are bounded by
+        // how fast they are answered, not by how long a client keeps quiet.
+        let checked = match self.inner.checks.acquire().await {
+            Ok(_check) => self.auth.check(&hello).await,
+            Err(_) => Err("the hub is shutting down".to_owned()),
+        };
+        if let Err(why) = checked {
+            let logged = self.inner.refused.lock().ok().and_then(|mut t| t.hit());
+            if let Some(refused) = logged {
+                warn!(
+                    pod = %valkey_netguard::untrusted(&hello.pod_name),
+                    namespace = %valkey_netguard::untrusted(&hello.namespace),
+                    refused,
+                    "refused an agent: {}", valkey_netguard::untrusted(&why)
+                );
+            }
             return Err(Status::unauthenticated("the agent's token was refused"));
         }
         Ok(hello)
@@ -530,17 +545,21 @@ impl AgentHub for Hub {
     ) -> Result<Response<Self::AttachStream>, Status> {
         let conn = request.extensions().get::<limits::ConnInfo>().cloned();
         let mut inbound = request.into_inner();
-        // A bounded number of streams may be saying hello at once, each for a bounded time.
-        let Ok(_hello_slot) = self.inner.hellos.clone().try_acquire_owned() else {
-            return Err(Status::resource_exhausted(
-                "too many agents saying hello at once; retry",
-            ));
+        // One stream at a time may say hello on a connection that has not authenticated, for
+        // a bounded time; the gate bounds such connections, closing the oldest for new ones.
+        let _hello_slot = match &conn {
+            Some(conn) => Some(conn.turn().ok_or_else(|| {
+                Status::resource_exhausted(
+                    "another stream of this connection is saying hello; one at a time",
+                )
+            })?),
+            None => None,
         };
         let hello = tokio::time::timeout(HELLO_DEADLINE, self.accept_hello(&mut inbound))
             .await
             .map_err(|_| Status::deadline_exceeded("no accepted Hello in time"))??;
         if let Some(conn) = conn {
-            conn.authenticated();
+            conn.prove();
         }
         let key = key_of(&hello);
         let session = self.inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;

@@ -153,8 +153,7 @@ pub async fn run(
     let hub_cert = super::hub_tls::serve_cert(ca.clone(), &options.settings.controller_addr)?;
     let server = hub.clone();
     tokio::spawn(async move {
-        let gate = crate::hub::limits::Gate::new(Default::default());
-        let served = crate::hub::limits::serve(&server, hub_listener, hub_cert, gate).await;
+        let served = crate::hub::limits::serve(&server, hub_listener, hub_cert).await;
         if let Err(err) = served {
             error!(error = %err, "the agent hub stopped");
         }

@@ -312,14 +312,7 @@ pub async fn up(
     let server_task = {
         let (hub, cert) = (hub.clone(), runtime.tls.hub.clone());
         tokio::spawn(async move {
-            if let Err(err) = crate::hub::limits::serve(
-                &hub,
-                listener,
-                cert,
-                crate::hub::limits::Gate::new(Default::default()),
-            )
-            .await
-            {
+            if let Err(err) = crate::hub::limits::serve(&hub, listener, cert).await {
                 error!(error = %err, "the agent hub stopped");
             }
         })

@@ -15,10 +15,10 @@ use rustls::{
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{Ca, Issued, Validity};
-use crate::hub::limits::{Gate, Guarded, RefusalLog};
+use valkey_netguard::{Gate, Guarded, Throttle};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,7 +111,7 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
-        let mut refusals = RefusalLog::default();
+        let mut refusals = Throttle::default();
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -121,8 +121,13 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Some(admission) = gate.admit() else {
-                refusals.refused();
+            let Some(admission) = gate.admit(peer.ip()) else {
+                if let Some(refused) = refusals.hit() {
+                    warn!(
+                        refused,
+                        "the hub has no connection slot left; closing new connections"
+                    );
+                }
                 drop(stream);
                 continue;
             };
@@ -132,9 +137,10 @@ pub fn incoming(
             }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
+                let handshake_end = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
                 let deadline = admission
                     .deadline()
-                    .min(tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
+                    .map_or(handshake_end, |d| d.min(handshake_end));
                 let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
                 tokio::select! {
                     done = handshake => match done {
@@ -187,7 +193,7 @@ mod tests {
         let cert = ServerCert::new(&ca.issue(&names, Duration::from_secs(3600)).unwrap()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let gate = Gate::new(crate::hub::limits::Limits::default());
+        let gate = Gate::new(crate::hub::limits::Limits::default().gate());
         let mut accepted = Box::pin(incoming(listener, cert.clone(), gate));
         tokio::spawn(async move { while accepted.next().await.is_some() {} });
 
