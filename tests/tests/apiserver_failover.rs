@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use valkey_controller::{
     crd::{Failover, FailoverSpec, Phase, SentinelSettings},
@@ -67,6 +68,21 @@ async fn switchover_and_kill_9(install: Install, sentinel: bool, wait_replicas: 
         .and_then(|s| s.master.clone())
         .expect("a master");
     labels_follow(&cluster, &first).await;
+    if sentinel {
+        // No Secret named for the sentinels: one is generated, and the status names it for
+        // clients that discover the master through Sentinel.
+        let named = up
+            .status
+            .as_ref()
+            .and_then(|s| s.monitor.password_secret.clone());
+        assert_eq!(named.as_deref(), Some("demo-sentinel-password"));
+        let secret = cluster
+            .api::<Secret>()
+            .get("demo-sentinel-password")
+            .await
+            .expect("the sentinels' generated password Secret");
+        assert!(valkey_controller::k8s::password::value(&secret, "password").is_some());
+    }
     let writer = cluster.writer("demo", wait_replicas);
     writer.wait_more(50).await;
 

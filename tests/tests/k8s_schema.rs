@@ -70,9 +70,18 @@ fn every_generated_object_validates_against_the_kubernetes_schema() {
     ] {
         let name = failover.metadata.name.clone().expect("name");
         let mut objects = render(&failover, &settings).expect("valid");
-        objects.push(
-            serde_json::to_value(build::password_secret(&failover, "generated")).expect("json"),
-        );
+        // The password Secrets the controller generates: the instance's, and the embedded
+        // sentinels' when no Secret is named.
+        let names = valkey_controller::k8s::Names::of(&failover);
+        for (secret, component) in [
+            (names.password(), "data"),
+            (names.sentinel_password(), "sentinel"),
+        ] {
+            objects.push(
+                serde_json::to_value(build::generated_secret(&failover, &secret, component))
+                    .expect("json"),
+            );
+        }
         if failover.spec.access.enable_tls {
             // The Secret the controller issues when no certIssuer is named.
             let ca = Ca::generate("schema test CA", CA_LIFETIME).expect("CA");

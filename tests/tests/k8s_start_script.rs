@@ -8,8 +8,8 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use valkey_controller::{
-    crd::Failover,
-    k8s::{Settings, build},
+    crd::{Failover, SentinelSettings},
+    k8s::{Settings, build, sentinel_objects},
 };
 use valkey_e2e::{free_port, procs::Proc, wait_for};
 
@@ -220,4 +220,99 @@ async fn a_pod_restarted_mid_rotation_accepts_both_passwords_and_after_it_the_ne
         auth(port, old).await.is_err(),
         "the old password still works"
     );
+}
+
+/// The seed's example with an embedded Sentinel set and no `access.defaultPasswordSecret`:
+/// its sentinels still get a password (the Secret the controller generates, through its copy),
+/// and a client without it can neither re-point the monitor, nor touch the sentinels' users,
+/// nor shut one down. The sentinel pod's start script runs for real, under `sh`, with its
+/// mounts in a temp dir and a real valkey-sentinel.
+#[tokio::test]
+async fn embedded_sentinels_without_a_named_secret_refuse_clients_without_their_password() {
+    let mut failover: Failover =
+        serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
+    failover.spec.sentinel = Some(SentinelSettings::default());
+    let (configs, sets, _, _) =
+        sentinel_objects::objects(&failover, &Settings::default(), false, None);
+    let pod = sets[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod template");
+    let secret = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "password")
+        .and_then(|v| v.secret.as_ref())
+        .and_then(|s| s.secret_name.clone());
+    assert_eq!(
+        secret.as_deref(),
+        Some("example-failover-sentinel-password-in-force"),
+        "the sentinels mount no password"
+    );
+    let container = pod
+        .containers
+        .into_iter()
+        .find(|c| c.name == "sentinel")
+        .expect("sentinel container");
+    let root = tempfile::tempdir().expect("temp dir");
+    let at = |dir: &str| root.path().join(dir).display().to_string();
+    for dir in ["secret", "config", "data"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+    }
+    let password = "s3ntinel-pw";
+    std::fs::write(root.path().join("secret/password"), password).expect("Secret");
+    let conf = &configs[0].data.as_ref().expect("data")["sentinel.conf"];
+    assert!(conf.contains("protected-mode yes"), "{conf}");
+    // The data volume's mount, like the others, moves under the temp dir.
+    let conf = conf.replace("\ndir /data\n", &format!("\ndir {}\n", at("data")));
+    std::fs::write(root.path().join("config/sentinel.conf"), conf).expect("ConfigMap");
+    let port = free_port();
+    let script = container.command.expect("command")[2]
+        .replace("/etc/valkey-secret", &at("secret"))
+        .replace("/etc/sentinel", &at("config"))
+        .replace("/data", &at("data"))
+        .replace("port 26379\n", &format!("port {port}\nbind 127.0.0.1\n"));
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(&script)
+        .env("POD_NAME", "example-failover-sentinel-0");
+    let _sentinel = Proc::spawn("sentinel pod", &mut cmd, &root.path().join("pod.log"));
+
+    let mut with = wait_for("the sentinel to take its password", T, || async {
+        conn(port, password).await.ok()
+    })
+    .await;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut with)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    let mut without = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for attack in [
+        vec!["SENTINEL", "MONITOR", "evil", "127.0.0.1", "6379", "1"],
+        vec!["ACL", "SETUSER", "default", "on", "nopass", "+@all"],
+        vec!["SHUTDOWN", "NOSAVE"],
+    ] {
+        let refused: redis::RedisResult<redis::Value> = redis::cmd(attack[0])
+            .arg(&attack[1..])
+            .query_async(&mut without)
+            .await;
+        let err = refused.expect_err(&attack.join(" "));
+        assert!(
+            err.to_string().contains("NOAUTH"),
+            "{}: {err}",
+            attack.join(" ")
+        );
+    }
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut with)
+        .await
+        .expect("alive");
+    assert_eq!(pong, "PONG");
 }

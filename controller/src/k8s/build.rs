@@ -172,12 +172,12 @@ pub fn generate_password() -> String {
         .collect()
 }
 
-/// The instance's password Secret, created only when absent and never overwritten.
-pub fn password_secret(failover: &Failover, password: &str) -> Secret {
-    let names = Names::of(failover);
+/// A password Secret of ours (the instance's, or the embedded sentinels'), from a CSPRNG;
+/// created only when absent and never overwritten.
+pub fn generated_secret(failover: &Failover, name: &str, component: &str) -> Secret {
     Secret {
-        metadata: owned_meta(failover, names.password(), COMPONENT_DATA),
-        string_data: Some([("password".to_owned(), password.to_owned())].into()),
+        metadata: owned_meta(failover, name.to_owned(), component),
+        string_data: Some([("password".to_owned(), generate_password())].into()),
         type_: Some("Opaque".into()),
         ..Secret::default()
     }

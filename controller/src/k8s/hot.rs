@@ -403,11 +403,14 @@ async fn write_status(
         pods,
         sentinel: sentinel.map(|sd| status::SentinelInputs {
             monitor: sd.name.clone(),
-            password_secret: failover
-                .spec
-                .sentinel
-                .as_ref()
-                .and_then(|s| s.password_secret())
+            password_secret: super::sentinel_objects::password_secret(failover)
+                .or_else(|| {
+                    failover
+                        .spec
+                        .sentinel
+                        .as_ref()
+                        .and_then(|s| s.password_secret())
+                })
                 .map(|(_, name)| name),
             tls_secret: super::tls_objects::sentinel_secret(failover),
             nodes: sd

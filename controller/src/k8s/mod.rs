@@ -149,6 +149,11 @@ impl Names {
     pub fn sentinel(&self) -> String {
         format!("{}-sentinel", self.instance)
     }
+    /// The embedded sentinels' password, generated when `access.defaultPasswordSecret` names
+    /// none.
+    pub fn sentinel_password(&self) -> String {
+        format!("{}-password", self.sentinel())
+    }
     pub fn sentinel_headless(&self) -> String {
         format!("{}-sentinel-headless", self.instance)
     }

@@ -121,7 +121,7 @@ pub fn next(wanted: &str, in_force: &InForce) -> Next {
 
 /// The Secret `name`, read; or, when absent, `make()` created and returned. When another pass
 /// creates it first, theirs is read.
-async fn read_or_create(
+pub(super) async fn read_or_create(
     secrets: &Api<Secret>,
     name: &str,
     make: impl FnOnce() -> Secret,
@@ -155,7 +155,7 @@ pub async fn wanted(failover: &Failover, ctx: &Context, names: &Names) -> Result
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let name = names.password();
     let secret = read_or_create(&secrets, &name, || {
-        build::password_secret(failover, &build::generate_password())
+        build::generated_secret(failover, &name, build::COMPONENT_DATA)
     })
     .await?;
     value(&secret, KEY).ok_or(Error::MissingSecret {

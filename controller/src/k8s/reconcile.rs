@@ -602,15 +602,31 @@ async fn check_secrets(
     ctx: &Context,
     names: &Names,
 ) -> Result<Option<String>, Error> {
-    let Some((field, name)) = failover
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    // Embedded sentinels always have a password: generated when no Secret is named.
+    let named = failover
         .spec
         .sentinel
         .as_ref()
-        .and_then(|s| s.password_secret())
-    else {
+        .and_then(|s| s.password_secret());
+    if named.is_none()
+        && let Some((field, name)) = super::sentinel_objects::password_secret(failover)
+    {
+        let secret = password::read_or_create(&secrets, &name, || {
+            build::generated_secret(failover, &name, super::sentinel_objects::COMPONENT_SENTINEL)
+        })
+        .await?;
+        return password::value(&secret, password::KEY)
+            .map(Some)
+            .ok_or(Error::MissingSecret {
+                field,
+                name,
+                namespace: names.namespace.clone(),
+            });
+    }
+    let Some((field, name)) = named else {
         return Ok(None);
     };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let found = secrets.get_opt(&name).await.map_err(|source| Error::Read {
         what: format!("Secret {name}"),
         source,

@@ -37,12 +37,26 @@ pub fn embedded(failover: &Failover) -> Option<&SentinelSettings> {
         .filter(|s| s.sentinel_reference.is_none())
 }
 
+/// The Secret holding the embedded sentinels' own password, and the field that names it:
+/// the one `access.defaultPasswordSecret` names, else `<name>-sentinel-password`, which the
+/// controller generates. Embedded sentinels always have a password: without one, anyone on the
+/// pod network could re-point the monitor, take over the sentinels' users, or shut them down.
+pub fn password_secret(failover: &Failover) -> Option<(&'static str, String)> {
+    let sentinel = embedded(failover)?;
+    Some(sentinel.password_secret().unwrap_or_else(|| {
+        (
+            "spec.sentinel.access.defaultPasswordSecret",
+            Names::of(failover).sentinel_password(),
+        )
+    }))
+}
+
 /// sentinel.conf as first written. Sentinel rewrites its file with what it learns; the pod
 /// copies this template only when the file is absent. The controller then issues MONITOR.
 pub fn sentinel_conf(settings: &SentinelSettings) -> String {
     // The port lines (plaintext or TLS only) are written by the start script at every start.
     let mut conf = "# Written by the valkey operator; edit spec.sentinel.customConfigs instead.\n\
-                    protected-mode no\ndir /data\n\
+                    protected-mode yes\ndir /data\n\
                     sentinel resolve-hostnames yes\nsentinel announce-hostnames yes\n"
         .to_owned();
     for (key, value) in &settings.custom_configs {
@@ -63,18 +77,14 @@ fn port_lines(tls: bool) -> String {
 /// Where a sentinel pod's agent finds the instance's password.
 const INSTANCE_SECRET_DIR: &str = "/etc/valkey-instance-secret";
 
-fn start_script(names: &Names, with_password: bool, tls: bool) -> String {
-    let password = if with_password {
-        format!(
-            "{read}\
-             printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n\
-             {{ {accept}}} >> /data/sentinel.conf\n",
-            read = super::build::read_password(SECRET_DIR),
-            accept = super::build::accept_rotating(SECRET_DIR),
-        )
-    } else {
-        String::new()
-    };
+fn start_script(names: &Names, tls: bool) -> String {
+    let password = format!(
+        "{read}\
+         printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n\
+         {{ {accept}}} >> /data/sentinel.conf\n",
+        read = super::build::read_password(SECRET_DIR),
+        accept = super::build::accept_rotating(SECRET_DIR),
+    );
     format!(
         "set -eu\numask 077\n\
          [ -f /data/sentinel.conf ] || cp /etc/sentinel/sentinel.conf /data/sentinel.conf\n\
@@ -123,10 +133,6 @@ pub fn objects(
         data: Some([("sentinel.conf".to_owned(), sentinel_conf(sentinel))].into()),
         ..ConfigMap::default()
     };
-    let password_secret = sentinel
-        .access
-        .as_ref()
-        .and_then(|a| a.default_password_secret.clone());
     let image = sentinel
         .image
         .clone()
@@ -167,18 +173,17 @@ pub fn objects(
         volumes.push(tls_objects::tls_volume(secret));
         mounts.push(tls_objects::tls_mount());
     }
-    if password_secret.is_some() {
-        mounts.push(VolumeMount {
-            name: "password".into(),
-            mount_path: SECRET_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        // The controller's copy, which a rotation changes step by step (`k8s::password`).
-        volumes.push(super::build::password_in_force_volume(
-            super::password::Whose::Sentinel.in_force(&names),
-        ));
-    }
+    mounts.push(VolumeMount {
+        name: "password".into(),
+        mount_path: SECRET_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
+    // The controller's copy of the sentinels' password, which a rotation changes step by step
+    // (`k8s::password`).
+    volumes.push(super::build::password_in_force_volume(
+        super::password::Whose::Sentinel.in_force(&names),
+    ));
     let container = Container {
         name: "sentinel".into(),
         image: Some(image),
@@ -190,7 +195,7 @@ pub fn objects(
         command: Some(vec![
             "sh".into(),
             "-c".into(),
-            start_script(&names, password_secret.is_some(), tls_secret.is_some()),
+            start_script(&names, tls_secret.is_some()),
         ]),
         env: Some(vec![EnvVar {
             name: "POD_NAME".into(),
@@ -233,10 +238,7 @@ pub fn objects(
         "sentinel",
         SENTINEL_PORT,
         &announce,
-        password_secret
-            .as_ref()
-            .map(|_| format!("{SECRET_DIR}/password"))
-            .as_deref(),
+        Some(&format!("{SECRET_DIR}/password")),
         tls_secret.is_some(),
     );
     // The instance's password, for the agent only: it sets it as the monitor's auth-pass when
