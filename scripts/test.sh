@@ -3,7 +3,8 @@
 # missing (valkey-server and valkey-sentinel from bookworm-backports, kubectl, kubernetes-validate,
 # iproute2 for the partition tests, Go for the control plane, cargo-nextest), builds the cluster
 # tests' control plane (kube-apiserver and etcd from Go modules, cached outside the clone: see
-# tests/apiserver/build.sh), starts it for the whole run, then runs every test and stops it.
+# tests/apiserver/build.sh) and the metrics exporter (tests/exporter/build.sh), starts the
+# control plane for the whole run, then runs every test and stops it.
 # Extra arguments go to `cargo nextest run`. The partition tests need root (network
 # namespaces); without it they say so and pass.
 set -euo pipefail
@@ -35,6 +36,9 @@ fi
 # The control plane every cluster test shares (each test works in a namespace of its own).
 VALKEY_CONTROL_PLANE_BIN="$(bash tests/apiserver/build.sh)"
 export VALKEY_CONTROL_PLANE_BIN
+# The metrics exporter the data pods run, for the exporter test (tests/exporter/build.sh).
+VALKEY_TEST_EXPORTER_BIN="$(bash tests/exporter/build.sh)/redis_exporter"
+export VALKEY_TEST_EXPORTER_BIN
 cargo build --workspace --bins
 plane="$(mktemp -u "${TMPDIR:-/tmp}/valkey-control-plane.XXXXXX")"
 "${CARGO_TARGET_DIR:-target}/debug/control-plane" "$plane" &

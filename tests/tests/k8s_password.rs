@@ -140,6 +140,20 @@ async fn copy_holds(cluster: &FakeCluster, name: &str, password: &str) {
     let data = copy.data.expect("data");
     assert_eq!(data["password"].0, password.as_bytes());
     assert!(!data.contains_key("password.old") && !data.contains_key("password.new"));
+    // The instance's copy also holds the exporter's map, with the same password.
+    let exporter = data.get(valkey_controller::k8s::password::EXPORTER_KEY);
+    if name == "demo-password-in-force" {
+        let map = exporter.map(|m| String::from_utf8_lossy(&m.0).into_owned());
+        assert_eq!(
+            map,
+            Some(valkey_controller::k8s::password::exporter_map(password))
+        );
+    } else {
+        assert!(
+            exporter.is_none(),
+            "the sentinels' copy holds an exporter map"
+        );
+    }
 }
 
 async fn sentinel_conn(sentinel: &Sentinel, password: &str) -> MultiplexedConnection {

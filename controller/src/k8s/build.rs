@@ -13,9 +13,8 @@ use k8s_openapi::{
             LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
             PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
             PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret,
-            SecretKeySelector, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection,
-            Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
-            WeightedPodAffinityTerm,
+            SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
+            VolumeMount, VolumeProjection, VolumeResourceRequirements, WeightedPodAffinityTerm,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -195,9 +194,17 @@ pub fn password_in_force_secret(
         super::password::Whose::Instance => COMPONENT_DATA,
         super::password::Whose::Sentinel => super::sentinel_objects::COMPONENT_SENTINEL,
     };
+    let mut data: BTreeMap<String, String> =
+        [(super::password::KEY.to_owned(), password.to_owned())].into();
+    if whose == super::password::Whose::Instance {
+        data.insert(
+            super::password::EXPORTER_KEY.to_owned(),
+            super::password::exporter_map(password),
+        );
+    }
     Secret {
         metadata: owned_meta(failover, name.to_owned(), component),
-        string_data: Some([(super::password::KEY.to_owned(), password.to_owned())].into()),
+        string_data: Some(data),
         type_: Some("Opaque".into()),
         ..Secret::default()
     }
@@ -589,8 +596,8 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
                     .unwrap_or(settings.exporter_image.clone()),
             ),
             image_pull_policy: Some(pull_policy(exporter.image_pull_policy)),
-            env: Some(exporter_env(&names, tls_secret.is_some())),
-            volume_mounts: tls_secret.as_ref().map(|_| vec![tls_objects::tls_mount()]),
+            env: Some(exporter_env(tls_secret.is_some())),
+            volume_mounts: Some(exporter_mounts(tls_secret.is_some())),
             ports: Some(vec![port("metrics", EXPORTER_PORT)]),
             resources: exporter.resources.clone(),
             security_context: Some(
@@ -717,23 +724,20 @@ pub fn claim_capacity(spec: &FailoverSpec, storage: &Storage) -> Quantity {
 }
 
 /// The exporter's settings: the local Valkey (over TLS, verified against the instance's CA,
-/// when it serves TLS) and the password.
-fn exporter_env(names: &Names, tls: bool) -> Vec<EnvVar> {
+/// when it serves TLS), and its password from a map that holds the local address only, never
+/// as a plain password: redis_exporter sends a plain password to any target its `/scrape`
+/// endpoint is asked for (oliver006/redis_exporter#1104). The endpoint is off as well in the
+/// pinned version (v1.97.0); an older image named in `spec.exporter.image` ignores that
+/// setting, and the map still keeps the password to the local address.
+fn exporter_env(tls: bool) -> Vec<EnvVar> {
     let scheme = if tls { "rediss" } else { "redis" };
     let mut vars = vec![
         env("REDIS_ADDR", format!("{scheme}://127.0.0.1:{VALKEY_PORT}")),
-        EnvVar {
-            name: "REDIS_PASSWORD".into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: names.password(),
-                    key: "password".into(),
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        },
+        env(
+            "REDIS_PASSWORD_FILE",
+            format!("{SECRET_DIR}/{}", super::password::EXPORTER_KEY),
+        ),
+        env("REDIS_EXPORTER_DISABLE_SCRAPE_ENDPOINT", "true"),
     ];
     if tls {
         vars.push(env(
@@ -742,6 +746,21 @@ fn exporter_env(names: &Names, tls: bool) -> Vec<EnvVar> {
         ));
     }
     vars
+}
+
+/// The exporter's mounts: the controller's copy of the password (for its map), and the
+/// instance's TLS files when it serves TLS.
+fn exporter_mounts(tls: bool) -> Vec<VolumeMount> {
+    let mut mounts = vec![VolumeMount {
+        name: "password".into(),
+        mount_path: SECRET_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    if tls {
+        mounts.push(tls_objects::tls_mount());
+    }
+    mounts
 }
 
 /// One pod down at a time, voluntarily.

@@ -87,7 +87,7 @@ impl Default for Settings {
         Settings {
             valkey_image: "valkey/valkey:8.0".into(),
             agent_image: format!("ghcr.io/buf-red/valkey-agent:{}", env!("CARGO_PKG_VERSION")),
-            exporter_image: "oliver006/redis_exporter:v1.67.0".into(),
+            exporter_image: "oliver006/redis_exporter:v1.97.0".into(),
             controller_addr: "https://valkey-controller.valkey-system.svc:7070".into(),
             controller_ca: String::new(),
             admission: crate::validate::Admission::default(),
@@ -234,7 +234,7 @@ pub fn render(
 ) -> Result<Vec<serde_json::Value>, crate::validate::Invalid> {
     let names = Names::of(failover);
     crate::validate::validate_admitted(&names.instance, &failover.spec, settings.admission)?;
-    let clients = network_policy::client_namespaces(failover)?;
+    let allowed = network_policy::allowed(failover)?;
     let paused = is_paused(failover);
     let mut objects = Vec::new();
     let mut push = |value: Result<serde_json::Value, serde_json::Error>| {
@@ -254,7 +254,7 @@ pub fn render(
         push(serde_json::to_value(service));
     }
     push(serde_json::to_value(network_policy::network_policy(
-        failover, settings, clients,
+        failover, settings, allowed,
     )));
     push(serde_json::to_value(build::statefulset(
         failover, settings, paused,

@@ -1,12 +1,17 @@
-//! One NetworkPolicy per instance, over all its pods (data and sentinel): Valkey, Sentinel and
-//! metrics ports from the clients the user allows, the agent's gRPC port (health checks) from
-//! the controller only. Kubelet probes come from the node, which NetworkPolicy always admits.
+//! One NetworkPolicy per instance, over all its pods (data and sentinel): Valkey and Sentinel
+//! ports from the clients the user allows, metrics ports from the scrapers the user allows, the
+//! agent's gRPC port (health checks) from the controller only. Kubelet probes come from the
+//! node, which NetworkPolicy always admits.
 //!
 //! Which clients: by default every pod of the cluster. The annotation
 //! `valkey.buf.red/client-namespaces: "apps,batch"` narrows that to pods of those namespaces
 //! (and the instance's own). An instance exposed outside the cluster (a NodePort or
 //! LoadBalancer Service, for Valkey or Sentinel) or watched by an external Sentinel set is open
 //! to every source on those ports: its clients are not pods.
+//!
+//! Which scrapers: by default only pods of the instance's own namespace, since metrics show
+//! the topology (roles, addresses, offsets). The annotation
+//! `valkey.buf.red/metrics-namespaces: "monitoring"` adds the namespaces a Prometheus runs in.
 
 use k8s_openapi::{
     api::networking::v1::{
@@ -32,18 +37,39 @@ use crate::{
 /// Annotation: the namespaces (comma-separated) whose pods may reach the instance.
 pub const ANNOTATION_CLIENT_NAMESPACES: &str = "valkey.buf.red/client-namespaces";
 
+/// Annotation: the namespaces (comma-separated) whose pods may scrape the instance's metrics
+/// (the agents' and the exporters'), beside its own.
+pub const ANNOTATION_METRICS_NAMESPACES: &str = "valkey.buf.red/metrics-namespaces";
+
+/// Who the annotations let in, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowed {
+    /// Client namespaces; None: every pod of the cluster.
+    pub clients: Option<Vec<String>>,
+    /// Scraper namespaces beside the instance's own.
+    pub metrics: Vec<String>,
+}
+
+/// What the annotations allow, or the first that is invalid, named.
+pub fn allowed(failover: &Failover) -> Result<Allowed, Invalid> {
+    Ok(Allowed {
+        clients: namespaces(failover, ANNOTATION_CLIENT_NAMESPACES)?,
+        metrics: namespaces(failover, ANNOTATION_METRICS_NAMESPACES)?.unwrap_or_default(),
+    })
+}
+
 /// The label every namespace carries with its own name.
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// The label of the controller's pods (`deploy/base/controller.yaml`).
 const CONTROLLER_LABEL: (&str, &str) = ("app.kubernetes.io/name", "valkey-controller");
 
-/// The namespaces the annotation names, checked: None when it is absent.
-pub fn client_namespaces(failover: &Failover) -> Result<Option<Vec<String>>, Invalid> {
-    let Some(value) = failover.annotations().get(ANNOTATION_CLIENT_NAMESPACES) else {
+/// The namespaces the annotation `key` names, checked: None when it is absent.
+fn namespaces(failover: &Failover, key: &str) -> Result<Option<Vec<String>>, Invalid> {
+    let Some(value) = failover.annotations().get(key) else {
         return Ok(None);
     };
-    let field = format!("metadata.annotations[{ANNOTATION_CLIENT_NAMESPACES}]");
+    let field = format!("metadata.annotations[{key}]");
     let namespaces: Vec<String> = value
         .split(',')
         .map(str::trim)
@@ -53,7 +79,7 @@ pub fn client_namespaces(failover: &Failover) -> Result<Option<Vec<String>>, Inv
     if namespaces.is_empty() {
         return Err(Invalid {
             field,
-            message: "names no namespace; remove it to allow every pod of the cluster".into(),
+            message: "names no namespace; remove it for the default".into(),
         });
     }
     if let Some(bad) = namespaces.iter().find(|n| !is_dns_label(n)) {
@@ -110,22 +136,19 @@ fn cluster_peer() -> NetworkPolicyPeer {
     }
 }
 
-/// The instance's NetworkPolicy. `clients`: what [`client_namespaces`] returned.
-pub fn network_policy(
-    failover: &Failover,
-    settings: &Settings,
-    clients: Option<Vec<String>>,
-) -> NetworkPolicy {
+/// The instance's NetworkPolicy, admitting what [`allowed`] returned.
+pub fn network_policy(failover: &Failover, settings: &Settings, allowed: Allowed) -> NetworkPolicy {
     let names = Names::of(failover);
-    let peers = clients.map_or_else(
-        || vec![cluster_peer()],
-        |mut allowed| {
-            allowed.push(names.namespace.clone());
-            allowed.sort();
-            allowed.dedup();
-            vec![namespaces_peer(allowed)]
-        },
-    );
+    let with_own = |mut namespaces: Vec<String>| {
+        namespaces.push(names.namespace.clone());
+        namespaces.sort();
+        namespaces.dedup();
+        vec![namespaces_peer(namespaces)]
+    };
+    let peers = allowed
+        .clients
+        .map_or_else(|| vec![cluster_peer()], with_own);
+    let scrapers = with_own(allowed.metrics);
     let service_ports: &[i32] = if failover.spec.sentinel.is_some() {
         &[VALKEY_PORT, SENTINEL_PORT]
     } else {
@@ -169,7 +192,7 @@ pub fn network_policy(
                 },
                 NetworkPolicyIngressRule {
                     ports: ports(&[AGENT_METRICS_PORT, EXPORTER_PORT]),
-                    from: Some(peers),
+                    from: Some(scrapers),
                 },
                 NetworkPolicyIngressRule {
                     ports: ports(&[AGENT_PORT]),
@@ -213,8 +236,15 @@ mod tests {
      {
         let settings = Settings::default();
         let f = failover(BASE);
-        let policy = network_policy(&f, &settings, client_namespaces(&f).unwrap());
+        let policy = network_policy(&f, &settings, allowed(&f).unwrap());
         assert_eq!(rule_peers(&policy, VALKEY_PORT), Some(vec![cluster_peer()]));
+        // Metrics: the instance's own namespace only, by default.
+        for port in [AGENT_METRICS_PORT, EXPORTER_PORT] {
+            assert_eq!(
+                rule_peers(&policy, port),
+                Some(vec![namespaces_peer(vec!["prod".into()])])
+            );
+        }
         let agent = rule_peers(&policy, AGENT_PORT).unwrap();
         let ns = agent[0].namespace_selector.as_ref().unwrap();
         assert_eq!(
@@ -225,14 +255,26 @@ mod tests {
 
         let mut annotated = failover(BASE);
         annotated.metadata.annotations = Some(
-            [(
-                ANNOTATION_CLIENT_NAMESPACES.to_owned(),
-                "apps, batch".to_owned(),
-            )]
+            [
+                (
+                    ANNOTATION_CLIENT_NAMESPACES.to_owned(),
+                    "apps, batch".to_owned(),
+                ),
+                (
+                    ANNOTATION_METRICS_NAMESPACES.to_owned(),
+                    "monitoring".to_owned(),
+                ),
+            ]
             .into(),
         );
-        let clients = client_namespaces(&annotated).unwrap();
-        let policy = network_policy(&annotated, &settings, clients);
+        let policy = network_policy(&annotated, &settings, allowed(&annotated).unwrap());
+        assert_eq!(
+            rule_peers(&policy, EXPORTER_PORT),
+            Some(vec![namespaces_peer(vec![
+                "monitoring".into(),
+                "prod".into()
+            ])])
+        );
         assert_eq!(
             rule_peers(&policy, VALKEY_PORT),
             Some(vec![namespaces_peer(vec![
@@ -244,15 +286,16 @@ mod tests {
 
         // Exposed outside the cluster: every source on the service ports, not on the agent's.
         let exposed = failover(&format!("{BASE}  access:\n    serviceType: NodePort\n"));
-        let policy = network_policy(&exposed, &settings, None);
+        let policy = network_policy(&exposed, &settings, Allowed::default());
         assert_eq!(rule_peers(&policy, VALKEY_PORT), None);
         assert!(rule_peers(&policy, AGENT_PORT).is_some());
 
         // A bad annotation names itself.
-        let mut bad = failover(BASE);
-        bad.metadata.annotations =
-            Some([(ANNOTATION_CLIENT_NAMESPACES.to_owned(), "Apps!".to_owned())].into());
-        let err = client_namespaces(&bad).unwrap_err();
-        assert!(err.field.contains(ANNOTATION_CLIENT_NAMESPACES), "{err}");
+        for key in [ANNOTATION_CLIENT_NAMESPACES, ANNOTATION_METRICS_NAMESPACES] {
+            let mut bad = failover(BASE);
+            bad.metadata.annotations = Some([(key.to_owned(), "Apps!".to_owned())].into());
+            let err = allowed(&bad).unwrap_err();
+            assert!(err.field.contains(key), "{err}");
+        }
     }
 }

@@ -35,6 +35,16 @@ use crate::{
 pub const KEY: &str = "password";
 pub const OLD_KEY: &str = "password.old";
 pub const NEW_KEY: &str = "password.new";
+/// The exporter's password map (redis_exporter's `REDIS_PASSWORD_FILE`), in the instance's
+/// copy only.
+pub const EXPORTER_KEY: &str = "exporter.json";
+
+/// The exporter's password map: the password for the pod's own Valkey and nothing else, so
+/// that a scrape of any other target is sent no password.
+pub fn exporter_map(password: &str) -> String {
+    let local = |scheme: &str| format!("{scheme}://127.0.0.1:{}", super::VALKEY_PORT);
+    serde_json::json!({ local("redis"): password, local("rediss"): password }).to_string()
+}
 
 /// Whose password: the instance's (data nodes check it, replicas and Sentinel present it), or
 /// an embedded Sentinel set's own (the sentinels check it and present it to each other).
@@ -180,11 +190,25 @@ pub async fn in_force(
         build::password_in_force_secret(failover, &name, whose, wanted)
     })
     .await?;
-    InForce::of(&secret).ok_or_else(|| Error::InvalidSecret {
+    let in_force = InForce::of(&secret).ok_or_else(|| Error::InvalidSecret {
         field: whose.field(),
         name: name.clone(),
         message: "the controller's copy has no password: delete it to make it again".into(),
-    })
+    })?;
+    // A copy made before the exporter's map existed gets it once.
+    let map = exporter_map(&in_force.password);
+    if whose == Whose::Instance && value(&secret, EXPORTER_KEY).as_deref() != Some(map.as_str()) {
+        let data = serde_json::json!({ "data": { EXPORTER_KEY: ByteString(map.into_bytes()) } });
+        secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(data))
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "Secret".into(),
+                name: name.clone(),
+                source,
+            })?;
+    }
+    Ok(in_force)
 }
 
 /// Starts the rotation `next` asks for, unless one runs. It waits (returning false) until the
@@ -305,7 +329,12 @@ impl PasswordStore for SecretStore {
     }
 
     async fn commit(&self, new: &str) -> Result<(), StoreError> {
-        self.patch([(KEY, Some(new))].into()).await?;
+        let map = exporter_map(new);
+        let mut data: BTreeMap<&str, Option<&str>> = [(KEY, Some(new))].into();
+        if self.whose == Whose::Instance {
+            data.insert(EXPORTER_KEY, Some(&map));
+        }
+        self.patch(data).await?;
         if let Some(file) = &self.external {
             crate::local::write_atomic(file, new.as_bytes()).map_err(StoreError::new)?;
         }

@@ -176,7 +176,7 @@ async fn reconcile_inner(
     // Validate: nothing is applied from an invalid spec.
     validate_admitted(&names.instance, &failover.spec, ctx.settings.admission)
         .map_err(Error::InvalidSpec)?;
-    network_policy::client_namespaces(failover).map_err(Error::InvalidSpec)?;
+    network_policy::allowed(failover).map_err(Error::InvalidSpec)?;
     let sentinel_password = check_secrets(failover, ctx, &names).await?;
     check_node_ports(failover, ctx, instance, &names).await?;
     let wanted = password::wanted(failover, ctx, &names).await?;
@@ -462,8 +462,8 @@ async fn apply_objects(
     for service in services::data_services(failover).map_err(Error::InvalidSpec)? {
         results.push(done(apply_changed(ctx, instance, ns, &service).await));
     }
-    let clients = network_policy::client_namespaces(failover).map_err(Error::InvalidSpec)?;
-    let policy = network_policy::network_policy(failover, &ctx.settings, clients);
+    let allowed = network_policy::allowed(failover).map_err(Error::InvalidSpec)?;
+    let policy = network_policy::network_policy(failover, &ctx.settings, allowed);
     results.push(done(apply_changed(ctx, instance, ns, &policy).await));
     let mut data_set = build::statefulset(failover, &ctx.settings, paused);
     if let Some(spec) = data_set.spec.as_mut().filter(|_| !paused) {
