@@ -3,6 +3,7 @@
 //! API; what needs it (a Secret that must exist, a NodePort already taken) is checked where
 //! the objects are applied.
 
+mod conf_keys;
 mod privilege;
 mod text;
 
@@ -35,7 +36,8 @@ pub const OWNED_KEYS: &[&str] = &[
 ];
 const OWNED_PREFIXES: &[&str] = &["tls-", "cluster-"];
 
-/// sentinel.conf keys the operator owns.
+/// sentinel.conf keys the operator owns, or that touch the pod's filesystem (Sentinel unlinks
+/// a `unixsocket` path before it binds it).
 const SENTINEL_OWNED_KEYS: &[&str] = &[
     "port",
     "bind",
@@ -47,7 +49,14 @@ const SENTINEL_OWNED_KEYS: &[&str] = &[
     "logfile",
     "requirepass",
     "protected-mode",
+    "unixsocket",
+    "unixsocketperm",
+    "aclfile",
+    "masterauth",
+    "masteruser",
+    "replicaof",
 ];
+const SENTINEL_OWNED_PREFIXES: &[&str] = &["tls-", "cluster-"];
 
 /// monitorConfig keys and their defaults.
 pub const MONITOR_DEFAULTS: [(&str, &str); 3] = [
@@ -122,16 +131,6 @@ pub fn validate_admitted(
         OWNED_KEYS,
         OWNED_PREFIXES,
     )?;
-    for key in ["maxmemory", "repl-backlog-size"] {
-        if let Some(value) = spec.custom_configs.get(key)
-            && parse_memory(value).is_none()
-        {
-            return Err(invalid(
-                format!("spec.customConfigs.{key}"),
-                format!("{value:?} is not a size (e.g. 100mb, 1gb, 1048576)"),
-            ));
-        }
-    }
     check_resources("spec.resources", spec.resources.as_ref())?;
     if let Some(storage) = &spec.storage
         && let Some(capacity) = &storage.capacity
@@ -419,6 +418,15 @@ fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
                     "needs a host and a port 1..=65535",
                 ));
             }
+            let host = node.ip.as_str();
+            if host.parse::<std::net::IpAddr>().is_err()
+                && !is_dns_subdomain(&host.to_ascii_lowercase())
+            {
+                return Err(invalid(
+                    format!("spec.sentinel.sentinelReference.nodes[{i}].ip"),
+                    format!("{host:?} is not an IP address or a DNS name"),
+                ));
+            }
         }
     } else {
         let replicas = sentinel.count();
@@ -467,7 +475,7 @@ fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
         "spec.sentinel.customConfigs",
         &sentinel.custom_configs,
         SENTINEL_OWNED_KEYS,
-        &["tls-"],
+        SENTINEL_OWNED_PREFIXES,
     )?;
     check_metadata(
         "spec.sentinel",

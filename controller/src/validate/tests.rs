@@ -101,6 +101,65 @@ fn errors_name_the_field() {
     let mut s = spec();
     s.custom_configs.insert("maxmemory".into(), "lots".into());
     cases.push((s, "spec.customConfigs.maxmemory"));
+    // Upper case, an alias of an owned key, an alias of a free one, and values Valkey would
+    // refuse to load.
+    for (key, value) in [
+        ("MaxMemory", "lots"),
+        ("primaryauth", "x"),
+        ("primaryuser", "x"),
+        ("slave-priority", "10"),
+        ("save", "'900 1"),
+        ("save", "\"900 1\"x"),
+        ("appendonly", "true"),
+        ("maxmemory-policy", "#"),
+        ("hz", " "),
+    ] {
+        let mut s = spec();
+        s.custom_configs.insert(key.into(), value.into());
+        cases.push((
+            s,
+            Box::leak(format!("spec.customConfigs.{key}").into_boxed_str()),
+        ));
+    }
+    // Sentinels: keys that touch the filesystem or that the sentinels own, and aliases of them.
+    for key in [
+        "unixsocket",
+        "unixsocketperm",
+        "aclfile",
+        "masterauth",
+        "primaryauth",
+        "tls-port",
+        "cluster-enabled",
+    ] {
+        let mut s = spec();
+        s.sentinel = Some(crate::crd::SentinelSettings {
+            custom_configs: [(key.to_owned(), "/tmp/x".to_owned())].into(),
+            ..Default::default()
+        });
+        cases.push((
+            s,
+            Box::leak(format!("spec.sentinel.customConfigs.{key}").into_boxed_str()),
+        ));
+    }
+    let mut s = spec();
+    s.sentinel = Some(crate::crd::SentinelSettings {
+        sentinel_reference: Some(crate::crd::SentinelReference {
+            nodes: (0..3)
+                .map(|i| crate::crd::SentinelMonitorNode {
+                    ip: if i == 1 {
+                        "10.0.0.1 evil".into()
+                    } else {
+                        "10.0.0.1".into()
+                    },
+                    port: 26379,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    cases.push((s, "spec.sentinel.sentinelReference.nodes[1].ip"));
     let mut s = spec();
     s.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
         limits: Some(

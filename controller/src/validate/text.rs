@@ -78,10 +78,30 @@ pub fn check_config_map(
                 "is not a config key (1 to 64 letters, digits and '-')",
             ));
         }
-        if owned.contains(&lower.as_str()) || owned_prefixes.iter().any(|p| lower.starts_with(p)) {
+        if lower != *key {
             return Err(invalid(
                 format!("{field}.{key}"),
-                "is set by the operator and cannot be overridden",
+                format!("config keys are written in lower case: {lower}"),
+            ));
+        }
+        // An alias is the key it names: checked as that key, and written as that key only.
+        let named = super::conf_keys::aliased(key);
+        let canonical = named.unwrap_or(key);
+        if owned.contains(&canonical) || owned_prefixes.iter().any(|p| canonical.starts_with(p)) {
+            return Err(invalid(
+                format!("{field}.{key}"),
+                match named {
+                    Some(name) => format!(
+                        "is an alias of {name}, which is set by the operator and cannot be overridden"
+                    ),
+                    None => "is set by the operator and cannot be overridden".to_owned(),
+                },
+            ));
+        }
+        if let Some(name) = named {
+            return Err(invalid(
+                format!("{field}.{key}"),
+                format!("is an alias: write {name}"),
             ));
         }
         if let Some(why) = refused(key) {
@@ -91,6 +111,9 @@ pub fn check_config_map(
             ));
         }
         check_value(&format!("{field}.{key}"), value)?;
+        if let Some(why) = super::conf_keys::refused_value(key, value) {
+            return Err(invalid(format!("{field}.{key}"), why));
+        }
     }
     Ok(())
 }
