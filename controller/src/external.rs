@@ -214,7 +214,7 @@ impl<A: Authenticator> InProcessToken<A> {
 }
 
 /// Equal in time independent of where they differ.
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

@@ -244,6 +244,9 @@ fn main() -> ExitCode {
                     manifest.spec.clone(),
                 );
                 failover.metadata.namespace = Some(manifest.namespace().to_owned());
+                // Annotations steer what is rendered (the NetworkPolicy's namespaces).
+                failover.metadata.annotations =
+                    Some(manifest.metadata.annotations().map_err(|e| e.to_string())?);
                 let objects = valkey_controller::k8s::render(
                     &failover,
                     &valkey_controller::k8s::Settings::default(),

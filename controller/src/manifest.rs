@@ -33,6 +33,19 @@ pub struct Metadata {
     pub annotations: Option<serde_yaml::Value>,
 }
 
+impl Metadata {
+    /// The annotations, as Kubernetes keeps them (strings to strings).
+    pub fn annotations(&self) -> Result<std::collections::BTreeMap<String, String>, ManifestError> {
+        let Some(value) = &self.annotations else {
+            return Ok(Default::default());
+        };
+        serde_yaml::from_value(value.clone()).map_err(|e| ManifestError::Invalid {
+            field: "metadata.annotations".into(),
+            message: format!("must map strings to strings: {e}"),
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("{path}: not a Failover manifest: {source}")]

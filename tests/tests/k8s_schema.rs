@@ -278,3 +278,34 @@ sys.exit(1 if failed else 0)
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `valkey-controller render` renders what the controller applies for the manifest, its
+/// annotations included: the NetworkPolicy admits the scrapers' namespace it names.
+#[test]
+fn render_follows_the_manifests_annotations() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("failover.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: valkey.buf.red/v1alpha1\nkind: Failover\nmetadata:\n  name: demo\n  \
+         annotations:\n    valkey.buf.red/metrics-namespaces: monitoring\nspec:\n  replicas: 3\n",
+    )
+    .expect("manifest");
+    let out = std::process::Command::new(valkey_e2e::local::bin("valkey-controller"))
+        .arg("render")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .expect("run render");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let policy = text
+        .split("---\n")
+        .find(|doc| doc.contains("kind: NetworkPolicy"))
+        .expect("a NetworkPolicy");
+    assert!(policy.contains("- monitoring"), "{policy}");
+}

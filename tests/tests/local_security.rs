@@ -276,3 +276,102 @@ async fn under_a_flood_of_idle_connections_and_large_hellos_agents_stay_and_fail
     instance.wait_healthy(3, T).await;
     drop(flood);
 }
+
+/// Runs `local up` on `dir` and returns its failure text (it must refuse).
+fn refused(dir: &Path) -> String {
+    let base = dir.parent().unwrap();
+    let file = base.join("failover.yaml");
+    std::fs::write(&file, manifest(2)).unwrap();
+    let out = LocalInstance::command(&file, dir)
+        .output()
+        .expect("run local up");
+    assert!(!out.status.success(), "local up took {}", dir.display());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Another user's working dir, or one where another user planted a link (to make the runtime
+/// write through it, or read a password back), is refused before anything is written, naming
+/// the path; the file the link points to is untouched. Needs root (to act as another user);
+/// without it the test says so and passes.
+#[test]
+fn a_working_dir_that_another_user_owns_or_planted_a_link_in_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: acting as another user needs root");
+        return;
+    }
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // A dir another user made.
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(&theirs, nobody, None).unwrap();
+    let err = refused(&theirs);
+    assert!(
+        err.contains(&theirs.display().to_string()) && err.contains("owned by another user"),
+        "{err}"
+    );
+
+    // Our dir, once open to others, where another user planted links to a file of ours.
+    let victim = base.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let ours = base.path().join("ours");
+    std::fs::create_dir_all(ours.join("logs")).unwrap();
+    for name in ["state.json", "logs/controller.log", "sentinel-password"] {
+        let link = ours.join(name);
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+    }
+    let err = refused(&ours);
+    assert!(err.contains("made by another user"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+    // A parent another user can write to (not sticky): they could swap the dir.
+    let open = base.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    nix::unistd::chown(&open, nobody, None).unwrap();
+    let err = refused(&open.join("dir"));
+    assert!(
+        err.contains(&open.display().to_string()) && err.contains("parent"),
+        "{err}"
+    );
+}
+
+/// With the agents' shared token read from the working dir, a Hello for a pod the runtime
+/// does not run, or for another instance, is refused: the hub keeps no made-up pods.
+#[tokio::test]
+async fn the_shared_token_admits_only_the_runtimes_own_pods() {
+    let instance = LocalInstance::up(&manifest(2));
+    instance.wait_healthy(2, T).await;
+    let token = std::fs::read_to_string(instance.dir.join("agent-token")).unwrap();
+    let ca = std::fs::read_to_string(instance.dir.join("tls").join("ca.crt")).unwrap();
+    let hub = hub_addr(&instance);
+    for (failover, pod) in [("demo", "demo-fake-99"), ("other", "demo-0")] {
+        let channel = valkey_e2e::flood::hub_channel(hub, &ca).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(valkey_proto::v1::AgentMessage {
+            msg: Some(valkey_proto::v1::agent_message::Msg::Hello(
+                valkey_proto::v1::Hello {
+                    protocol_version: 1,
+                    namespace: "e2e".into(),
+                    failover: failover.into(),
+                    pod_name: pod.into(),
+                    token: token.trim().into(),
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+        let refused = valkey_proto::v1::agent_hub_client::AgentHubClient::new(channel)
+            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{failover}/{pod} was admitted"));
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    }
+    let status = instance.try_status().await.unwrap();
+    assert!(status.nodes.iter().all(|n| !n.pod.contains("fake")));
+}

@@ -47,10 +47,20 @@ impl Hosts {
             };
             nodes.insert(pod, host);
         }
-        if let Some(hub) = &hub
-            && hub.parse::<std::net::Ipv4Addr>().is_err()
-        {
-            return Err(format!("--hub-host {hub:?}: expected an IPv4 address"));
+        if let Some(hub) = &hub {
+            match hub.parse::<std::net::Ipv4Addr>() {
+                Err(_) => return Err(format!("--hub-host {hub:?}: expected an IPv4 address")),
+                // The hub would listen on every interface of the machine.
+                Ok(ip) if ip.is_unspecified() => {
+                    return Err(format!(
+                        "--hub-host {hub}: name the one address agents reach the controller at"
+                    ));
+                }
+                Ok(_) if nodes.is_empty() => {
+                    return Err("--hub-host is for --netns only".into());
+                }
+                Ok(_) => {}
+            }
         }
         if !nodes.is_empty() && hub.is_none() {
             return Err(
@@ -129,5 +139,11 @@ mod tests {
         let err = Hosts::parse(&["demo-0=/x,10.1.0.2".into()], None).expect_err("no hub");
         assert!(err.contains("--hub-host"), "{err}");
         assert_eq!(Hosts::parse(&[], None), Ok(Hosts::default()));
+        // A hub on every interface, or a hub host without network namespaces, is refused.
+        let err = Hosts::parse(&["demo-0=/x,10.1.0.2".into()], Some("0.0.0.0".into()))
+            .expect_err("unspecified");
+        assert!(err.contains("--hub-host 0.0.0.0"), "{err}");
+        let err = Hosts::parse(&[], Some("10.1.0.9".into())).expect_err("no --netns");
+        assert!(err.contains("--netns"), "{err}");
     }
 }

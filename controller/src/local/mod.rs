@@ -2,6 +2,7 @@
 //! and the agent hub in-process and stands in for the kubelet, with every node's data, logs
 //! and the controller's durable state in one working directory.
 
+mod auth;
 pub mod conf;
 pub mod control;
 pub mod hosts;
@@ -12,6 +13,7 @@ mod rotation;
 mod state;
 pub mod supervisor;
 mod tls;
+mod workdir;
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +30,7 @@ use crate::{
     core::{Desired, NodeSpec},
     driver::{Driver, StoreError, SwitchoverSource, Target},
     engine::Engine,
-    hub::{Hub, HubEvent, InstanceKey, StaticToken},
+    hub::{Hub, HubEvent, InstanceKey},
     manifest::{Manifest, ManifestError},
     sentinel::SentinelDesired,
 };
@@ -82,6 +84,14 @@ pub enum LocalError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(
+        "--dir: {path} is {why} (uid {owner}): local up keeps passwords there; remove it, or choose a --dir of your own"
+    )]
+    UnsafeDir {
+        path: PathBuf,
+        owner: u32,
+        why: &'static str,
+    },
     #[error(transparent)]
     Spawn(#[from] supervisor::SpawnError),
     #[error(transparent)]
@@ -128,6 +138,8 @@ struct Runtime {
     valkey_bin: PathBuf,
     agent_bin: PathBuf,
     hub_addr: std::net::SocketAddr,
+    /// The pods whose agents the hub admits (kept by `start_missing`).
+    pods: auth::Pods,
     hosts: hosts::Hosts,
     probe_interval_ms: u64,
     procs: BTreeMap<String, NodeProcs>,
@@ -300,7 +312,8 @@ pub async fn up(
 ) -> Result<(), LocalError> {
     let mut runtime = prepare(&options).await?;
     let token = secret_file(&runtime.token_file)?;
-    let (hub, mut hub_events) = Hub::new(StaticToken(token.clone()), Duration::from_millis(500));
+    let auth = auth::LocalAuth::new(token.clone(), runtime.key.clone(), runtime.pods.clone());
+    let (hub, mut hub_events) = Hub::new(auth, Duration::from_millis(500));
     let hub_at = format!("{}:0", runtime.hosts.hub());
     let listener = tokio::net::TcpListener::bind(&hub_at)
         .await

@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    os::unix::fs::PermissionsExt,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -60,12 +59,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
     // Everything this runtime and its children write (configs holding passwords, AOF and RDB
     // files, logs, the control socket) is for this user alone, whatever the caller's umask.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    std::fs::create_dir_all(dir.join("logs")).map_err(io("creating", &dir))?;
-    let dir = dir.canonicalize().map_err(io("resolving", &dir))?;
-    // A dir from an older version, or one the user made, may be open to others: its files
-    // (made before the umask) stay out of their reach behind a 0700 dir.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(io("restricting to its owner", &dir))?;
+    let dir = super::workdir::claim(&dir)?;
     // Secrets are files in the working dir: a Secret named N is `secrets/N/password`.
     let sentinel_secret = match manifest
         .spec
@@ -194,6 +188,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         options.hosts.names(),
     )?;
     let runtime = Runtime {
+        pods: Default::default(),
         password_file: dir.join("password"),
         token_file: dir.join("agent-token"),
         key,

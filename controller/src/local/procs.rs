@@ -190,6 +190,13 @@ impl Runtime {
     /// Starts the nodes not running yet: every Valkey first, and each agent once its Valkey
     /// listens, so that no agent reports a Valkey that has merely not started yet as gone.
     pub(super) async fn start_missing(&mut self) -> Result<(), LocalError> {
+        // The hub admits the agents of the nodes wanted, of those still running (retiring),
+        // and of the external Sentinel set.
+        let admitted: Vec<String> = (self.wanted_pods().into_iter().map(|(pod, _, _)| pod))
+            .chain(self.procs.keys().cloned())
+            .chain(self.external.iter().map(|n| n.pod.clone()))
+            .collect();
+        self.pods.set(admitted);
         let mut started = Vec::new();
         for (pod, ports, sentinel) in self.wanted_pods() {
             if self.procs.contains_key(&pod) {

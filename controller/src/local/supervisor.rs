@@ -4,7 +4,7 @@
 //! when the runtime itself is killed hard).
 
 use std::{
-    os::unix::process::CommandExt,
+    os::unix::{fs::OpenOptionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -80,6 +80,7 @@ impl Supervised {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&self.log)
             .map_err(|source| SpawnError::Log {
                 path: self.log.clone(),

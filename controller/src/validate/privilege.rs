@@ -1,6 +1,6 @@
 //! Pod and container settings that would give whoever may create a Failover more than the
-//! pods need: root, privileged mode, added capabilities, an unconfined seccomp profile,
-//! host namespaces, unsafe sysctls. They are refused unless the controller runs with
+//! pods need: root, privileged mode, added capabilities, an unconfined seccomp or AppArmor
+//! profile, host namespaces, unsafe sysctls. They are refused unless the controller runs with
 //! `--allow-privileged-pods`, so that the right to create a Failover is not the right to run
 //! privileged pods.
 
@@ -99,6 +99,19 @@ fn check_seccomp(
     }
 }
 
+fn check_app_armor(
+    field: &str,
+    profile: Option<&k8s_openapi::api::core::v1::AppArmorProfile>,
+) -> Result<(), Invalid> {
+    match profile {
+        Some(p) if p.type_ == "Unconfined" => Err(refuse(
+            format!("{field}.appArmorProfile.type"),
+            "Unconfined lifts the AppArmor profile",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_selinux(field: &str, options: Option<&SELinuxOptions>) -> Result<(), Invalid> {
     let Some(options) = options else {
         return Ok(());
@@ -132,6 +145,7 @@ fn check_host_process(
 fn check_pod(field: &str, pod: &PodSecurityContext) -> Result<(), Invalid> {
     check_user(field, pod.run_as_user, pod.run_as_non_root)?;
     check_seccomp(field, pod.seccomp_profile.as_ref())?;
+    check_app_armor(field, pod.app_armor_profile.as_ref())?;
     check_selinux(field, pod.se_linux_options.as_ref())?;
     check_host_process(field, pod.windows_options.as_ref())?;
     for (i, sysctl) in pod.sysctls.iter().flatten().enumerate() {
@@ -171,6 +185,7 @@ fn check_container(field: &str, container: &SecurityContext) -> Result<(), Inval
         ));
     }
     check_seccomp(field, container.seccomp_profile.as_ref())?;
+    check_app_armor(field, container.app_armor_profile.as_ref())?;
     check_selinux(field, container.se_linux_options.as_ref())?;
     check_host_process(field, container.windows_options.as_ref())
 }
@@ -260,6 +275,26 @@ mod tests {
                     ..PodSecurityContext::default()
                 }),
                 "spec.securityContext.seccompProfile.type",
+            ),
+            (
+                with_pod(PodSecurityContext {
+                    app_armor_profile: Some(k8s_openapi::api::core::v1::AppArmorProfile {
+                        type_: "Unconfined".into(),
+                        ..Default::default()
+                    }),
+                    ..PodSecurityContext::default()
+                }),
+                "spec.securityContext.appArmorProfile.type",
+            ),
+            (
+                with_exporter(SecurityContext {
+                    app_armor_profile: Some(k8s_openapi::api::core::v1::AppArmorProfile {
+                        type_: "Unconfined".into(),
+                        ..Default::default()
+                    }),
+                    ..SecurityContext::default()
+                }),
+                "spec.exporter.securityContext.appArmorProfile.type",
             ),
             (
                 with_pod(PodSecurityContext {

@@ -1,13 +1,24 @@
-//! What an attacker without a token costs the controller: `local up` (3 nodes, policy manual)
-//! with and without a flood of its hub (2,000 idle connections kept open, replaced as the hub
-//! closes them, and 80 loops of gRPC streams each sending a Hello of almost 4 MiB). Per phase:
-//! the controller's resident memory (before, peak, after) and kill -9 failovers, timed from the
-//! kill to the controller's decision (`last_failover.at_ms`) and to the new master in status.
+//! What an attacker without a token costs failover and the controller: `local up` (3 nodes,
+//! policy manual), kill -9 failovers with nothing else going on, then under each flood in turn:
+//!
+//! - `hub idle+large`: 2,000 idle connections to the hub kept open (replaced as the hub closes
+//!   them) and 80 loops of gRPC streams each sending a Hello of almost 4 MiB;
+//! - `hub silent`: 64 TLS connections to the hub, each with the 4 streams it may open, none of
+//!   which ever says hello (16 such connections once held every Hello slot);
+//! - `agent ports`: 1,100 idle connections to each agent's gRPC and metrics ports, with each
+//!   agent held to 1,024 descriptors (`prlimit`), as a container's default limit would.
+//!
+//! Per phase: kill -9 failovers, timed from the kill to the controller's decision
+//! (`last_failover.at_ms`) and to the new master in status (none within 30 s is counted as a
+//! failure, not waited for); the controller's resident memory (before, peak, after).
 //!
 //! Run: `cargo build --release --workspace --bins && target/release/hub-flood [ROUNDS]`
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
 
 use nix::sys::signal::Signal;
 use valkey_e2e::{
@@ -34,24 +45,30 @@ fn now_ms() -> i64 {
 }
 
 /// One kill -9 of the master: (ms to the controller's decision, ms to the new master in
-/// status).
-async fn failover(instance: &LocalInstance) -> (f64, f64) {
+/// status), or None when no new master shows within [`T`].
+async fn failover(instance: &LocalInstance) -> Option<(f64, f64)> {
     let before = instance.wait_healthy(3, T).await;
     let (old, addr, pid) = master_of(&before);
     write_n(instance, &addr, 10, 2).await;
     let (killed_at, started) = (now_ms(), Instant::now());
     signal(pid, Signal::SIGKILL);
-    let after = instance
-        .wait_status("a new master", T, |s| {
-            s.master.as_ref().is_some_and(|m| *m != old)
-        })
-        .await;
-    let seen = started.elapsed().as_secs_f64() * 1000.0;
-    let decided = after
-        .last_failover
-        .as_ref()
-        .map_or(f64::NAN, |f| (f.at_ms - killed_at) as f64);
-    (decided, seen)
+    let deadline = started + T;
+    loop {
+        if let Some(after) = instance.try_status().await
+            && after.master.as_ref().is_some_and(|m| *m != old)
+        {
+            let seen = started.elapsed().as_secs_f64() * 1000.0;
+            let decided = after
+                .last_failover
+                .as_ref()
+                .map_or(f64::NAN, |f| (f.at_ms - killed_at) as f64);
+            return Some((decided, seen));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -63,6 +80,51 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }
 
+/// The agents' listening ports (`--listen`, `--metrics-listen`), from their command lines.
+fn agent_ports(status: &valkey_controller::local::control::Status) -> Vec<std::net::SocketAddr> {
+    let mut ports = Vec::new();
+    for pid in status.nodes.iter().filter_map(|n| n.agent_pid) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        for flag in ["--listen", "--metrics-listen"] {
+            if let Some(addr) = args
+                .iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1)?.parse().ok())
+            {
+                ports.push(addr);
+            }
+        }
+    }
+    ports
+}
+
+/// Holds each agent to `limit` descriptors; false when `prlimit` is missing or refused.
+fn limit_agents(status: &valkey_controller::local::control::Status, limit: u64) -> bool {
+    status.nodes.iter().filter_map(|n| n.agent_pid).all(|pid| {
+        std::process::Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={limit}:{limit}"))
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// Waits until `flood` has opened `at_least` connections or streams (at most a minute).
+async fn flood_going(flood: &Flood, at_least: u64) {
+    let started = Instant::now();
+    while flood.counts.connections.load(Ordering::Relaxed)
+        + flood.counts.streams.load(Ordering::Relaxed)
+        < at_least
+        && started.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let rounds: usize = std::env::args()
@@ -72,7 +134,7 @@ async fn main() {
     let fds = raise_fd_limit();
     let idle = 2000.min(fds.saturating_sub(400) as usize);
     let mut instance = LocalInstance::up(&manifest(3));
-    instance.wait_healthy(3, T).await;
+    let status = instance.wait_healthy(3, T).await;
     let pid = instance.proc_mut().expect("local up").pid().as_raw();
     let ca = std::fs::read_to_string(instance.dir.join("tls").join("ca.crt")).unwrap();
     let log = std::fs::read_to_string(instance.dir.join("controller.0.log")).unwrap();
@@ -80,15 +142,11 @@ async fn main() {
         .split_whitespace()
         .find_map(|w| w.strip_prefix("hub=")?.parse().ok())
         .expect("hub address");
+    let targets = agent_ports(&status);
+    let per_port = 1100.min((fds.saturating_sub(400) as usize) / targets.len().max(1));
+    let limited = limit_agents(&status, 1024);
 
-    let mut quiet = Vec::new();
-    for _ in 0..rounds {
-        quiet.push(failover(&instance).await);
-    }
-    let rss_before = rss_mib(pid);
-
-    let flood = Flood::start(hub, ca, idle, 80);
-    let peak = std::sync::Arc::new(std::sync::Mutex::new(rss_before));
+    let peak = Arc::new(Mutex::new(rss_mib(pid)));
     let sampler = {
         let peak = peak.clone();
         tokio::spawn(async move {
@@ -101,59 +159,72 @@ async fn main() {
             }
         })
     };
-    // The flood at full strength first: every idle connection opened once.
-    let started = Instant::now();
-    while flood
-        .counts
-        .connections
-        .load(std::sync::atomic::Ordering::Relaxed)
-        < idle as u64
-        && started.elapsed() < Duration::from_secs(60)
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut phases: Vec<(&str, Vec<Option<(f64, f64)>>, f64, f64, String)> = Vec::new();
+    for phase in ["quiet", "hub idle+large", "hub silent", "agent ports"] {
+        let before = rss_mib(pid);
+        *peak.lock().unwrap() = before;
+        let flood = match phase {
+            "hub idle+large" => Some((Flood::start(hub, ca.clone(), idle, 80), idle as u64)),
+            "hub silent" => Some((Flood::silent(hub, ca.clone(), 64, None), 64 * 4)),
+            "agent ports" => Some((
+                Flood::idle(&targets, per_port),
+                (per_port * targets.len()) as u64,
+            )),
+            _ => None,
+        };
+        if let Some((flood, at_least)) = &flood {
+            flood_going(flood, *at_least).await;
+        }
+        let mut runs = Vec::new();
+        for _ in 0..rounds {
+            runs.push(failover(&instance).await);
+        }
+        let opened = flood.as_ref().map_or_else(String::new, |(f, _)| {
+            format!(
+                "{} connections, {} streams",
+                f.counts.connections.load(Ordering::Relaxed),
+                f.counts.streams.load(Ordering::Relaxed)
+            )
+        });
+        drop(flood);
+        let peak_now = *peak.lock().unwrap();
+        phases.push((phase, runs, before, peak_now, opened));
+        // The flood's connections close and the hub forgets them before the next phase.
+        tokio::time::sleep(Duration::from_secs(12)).await;
     }
-    let mut flooded = Vec::new();
-    for _ in 0..rounds {
-        flooded.push(failover(&instance).await);
-    }
-    let counts = (
-        flood
-            .counts
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed),
-        flood
-            .counts
-            .streams
-            .load(std::sync::atomic::Ordering::Relaxed),
-    );
-    drop(flood);
     sampler.abort();
-    tokio::time::sleep(Duration::from_secs(12)).await;
     let rss_after = rss_mib(pid);
-    let peak = *peak.lock().unwrap();
 
     println!(
-        "hub flood: {idle} idle connections kept, 80 large-Hello loops; {} connections and {} streams opened in all; {rounds} kill -9 rounds per phase",
-        counts.0, counts.1
+        "hub-flood: {rounds} kill -9 rounds per phase; hub idle+large: {idle} idle connections and 80 large-Hello loops; hub silent: 64 connections x 4 silent streams; agent ports: {per_port} idle connections to each of {} agent ports, agents held to 1024 descriptors: {limited}",
+        targets.len()
     );
     println!(
-        "{:<10} {:>16} {:>16} {:>16} {:>16}",
-        "phase", "decided med ms", "decided max ms", "seen med ms", "seen max ms"
+        "{:<16} {:>8} {:>15} {:>15} {:>12} {:>12} {:>10} {:>10}  opened",
+        "phase",
+        "failed",
+        "decided med ms",
+        "decided max ms",
+        "seen med ms",
+        "seen max ms",
+        "RSS MiB",
+        "peak MiB"
     );
-    for (name, runs) in [("quiet", &quiet), ("flooded", &flooded)] {
-        let decided: Vec<f64> = runs.iter().map(|r| r.0).collect();
-        let seen: Vec<f64> = runs.iter().map(|r| r.1).collect();
+    for (name, runs, before, peak, opened) in &phases {
+        let done: Vec<(f64, f64)> = runs.iter().flatten().copied().collect();
+        let decided: Vec<f64> = done.iter().map(|r| r.0).collect();
+        let seen: Vec<f64> = done.iter().map(|r| r.1).collect();
         println!(
-            "{:<10} {:>16.1} {:>16.1} {:>16.1} {:>16.1}",
+            "{:<16} {:>8} {:>15.1} {:>15.1} {:>12.1} {:>12.1} {:>10.1} {:>10.1}  {opened}",
             name,
+            format!("{}/{}", runs.len() - done.len(), runs.len()),
             median(decided.clone()),
             max(&decided),
             median(seen.clone()),
-            max(&seen)
+            max(&seen),
+            before,
+            peak
         );
     }
-    println!(
-        "controller RSS: {rss_before:.1} MiB before the flood, {peak:.1} MiB peak during it (+{:.1}), {rss_after:.1} MiB 12 s after it",
-        peak - rss_before
-    );
+    println!("controller RSS 12 s after the last flood: {rss_after:.1} MiB");
 }
