@@ -80,6 +80,17 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }
 
+/// One phase's results.
+struct Phase {
+    name: &'static str,
+    /// Each kill -9: (ms to the decision, ms to the new master), or None without one.
+    runs: Vec<Option<(f64, f64)>>,
+    rss_before: f64,
+    rss_peak: f64,
+    /// What the flood opened.
+    opened: String,
+}
+
 /// The agents' listening ports (`--listen`, `--metrics-listen`), from their command lines.
 fn agent_ports(status: &valkey_controller::local::control::Status) -> Vec<std::net::SocketAddr> {
     let mut ports = Vec::new();
@@ -159,7 +170,7 @@ async fn main() {
             }
         })
     };
-    let mut phases: Vec<(&str, Vec<Option<(f64, f64)>>, f64, f64, String)> = Vec::new();
+    let mut phases: Vec<Phase> = Vec::new();
     for phase in ["quiet", "hub idle+large", "hub silent", "agent ports"] {
         let before = rss_mib(pid);
         *peak.lock().unwrap() = before;
@@ -188,7 +199,13 @@ async fn main() {
         });
         drop(flood);
         let peak_now = *peak.lock().unwrap();
-        phases.push((phase, runs, before, peak_now, opened));
+        phases.push(Phase {
+            name: phase,
+            runs,
+            rss_before: before,
+            rss_peak: peak_now,
+            opened,
+        });
         // The flood's connections close and the hub forgets them before the next phase.
         tokio::time::sleep(Duration::from_secs(12)).await;
     }
@@ -210,7 +227,14 @@ async fn main() {
         "RSS MiB",
         "peak MiB"
     );
-    for (name, runs, before, peak, opened) in &phases {
+    for Phase {
+        name,
+        runs,
+        rss_before: before,
+        rss_peak: peak,
+        opened,
+    } in &phases
+    {
         let done: Vec<(f64, f64)> = runs.iter().flatten().copied().collect();
         let decided: Vec<f64> = done.iter().map(|r| r.0).collect();
         let seen: Vec<f64> = done.iter().map(|r| r.1).collect();
