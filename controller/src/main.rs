@@ -99,10 +99,16 @@ struct RunArgs {
     /// pods through the controller.
     #[arg(long, env = "VALKEY_CONTROLLER_ALLOW_PRIVILEGED_PODS")]
     allow_privileged_pods: bool,
-    /// Watch the Failovers of this namespace only (and own objects there only), so that the
-    /// controller runs with a Role in it (deploy/namespaced/) instead of cluster-wide rights.
-    #[arg(long, env = "VALKEY_CONTROLLER_WATCH_NAMESPACE", value_parser = namespace_name)]
-    watch_namespace: Option<String>,
+    /// Watch the Failovers of these namespaces only (comma-separated, or the flag repeated),
+    /// and own objects there only, so that the controller runs with a Role in each
+    /// (deploy/namespaced/, deploy/multi-namespace/) instead of cluster-wide rights.
+    #[arg(
+        long,
+        env = "VALKEY_CONTROLLER_WATCH_NAMESPACE",
+        value_delimiter = ',',
+        value_parser = namespace_name
+    )]
+    watch_namespace: Vec<String>,
     /// Files for the agents the controller runs itself, one per sentinel of an external
     /// Sentinel set (passwords and certificates): an in-memory volume of this pod.
     #[arg(
@@ -274,7 +280,7 @@ fn main() -> ExitCode {
                             allow_privileged: args.allow_privileged_pods,
                         },
                         controller_namespace: args.pod_namespace.clone(),
-                        watch_namespace: args.watch_namespace,
+                        watch_namespaces: args.watch_namespace,
                         work_dir: args.work_dir,
                         // Loopback, on the hub's port.
                         in_process_hub: format!("https://127.0.0.1:{}", args.hub_listen.port()),

@@ -36,6 +36,19 @@ pub enum Install {
     ClusterWide,
     /// `deploy/namespaced/`: a Role in the test namespace, and a ClusterRole for TokenReviews.
     Namespaced,
+    /// `deploy/multi-namespace/`: the namespaced install, and its Role in two more namespaces
+    /// (`<test namespace>-apps` and `-batch`, made here), which the controller also watches.
+    MultiNamespace,
+}
+
+impl Install {
+    /// The namespaces the controller manages beside its own, for a test namespace `ns`.
+    pub fn managed(self, ns: &str) -> Vec<String> {
+        match self {
+            Install::MultiNamespace => vec![format!("{ns}-apps"), format!("{ns}-batch")],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// One test's view of the control plane.
@@ -54,6 +67,8 @@ pub struct Cluster {
     pub hub: crate::proxy::RoleProxy,
     /// Each controller process's hub address, by its Lease identity.
     hubs: Arc<Mutex<BTreeMap<String, String>>>,
+    /// The namespaces the controller watches (the test namespace first).
+    pub watched: Vec<String>,
     work: tempfile::TempDir,
 }
 
@@ -69,6 +84,9 @@ impl Cluster {
             .prefix("cluster-")
             .tempdir()
             .expect("temp dir");
+        for managed in install.managed(&ns) {
+            apiserver::create_namespace(&admin, &managed, labels).await;
+        }
         let rbac = rbac_for(&plane, install, &ns);
         plane
             .kubectl_with_input(&["apply", "-f", "-"], Some(&rbac))
@@ -93,11 +111,14 @@ impl Cluster {
         Cluster {
             plane,
             admin,
-            ns,
             controllers: Vec::new(),
             kubelet,
             hub,
             hubs,
+            watched: std::iter::once(ns.clone())
+                .chain(install.managed(&ns))
+                .collect(),
+            ns,
             work,
         }
     }
@@ -146,7 +167,8 @@ impl Cluster {
             .arg("--agent-controller-addr")
             .arg(format!("https://127.0.0.1:{}", self.hub.port))
             .args(["--pod-name", pod, "--pod-namespace", &self.ns])
-            .args(["--watch-namespace", &self.ns])
+            .arg("--watch-namespace")
+            .arg(self.watched.join(","))
             .args(["--hang-timeout-ms", "2000"])
             .arg("--work-dir")
             .arg(dir.join("work"));
@@ -337,6 +359,13 @@ fn rbac_for(plane: &ControlPlane, install: Install, ns: &str) -> String {
     let dir = match install {
         Install::ClusterWide => "deploy",
         Install::Namespaced => "deploy/namespaced",
+        Install::MultiNamespace => "deploy/multi-namespace",
+    };
+    // The install's namespaces, moved to the test's.
+    let moved = |from: &str| match from {
+        "apps" => format!("{ns}-apps"),
+        "batch" => format!("{ns}-batch"),
+        _ => ns.to_owned(),
     };
     let rendered = plane
         .kubectl(&[
@@ -351,7 +380,8 @@ fn rbac_for(plane: &ControlPlane, install: Install, ns: &str) -> String {
         let kind = object["kind"].as_str().unwrap_or_default().to_owned();
         match kind.as_str() {
             "ServiceAccount" | "Role" | "RoleBinding" => {
-                object["metadata"]["namespace"] = ns.into();
+                let to = moved(object["metadata"]["namespace"].as_str().unwrap_or_default());
+                object["metadata"]["namespace"] = to.into();
             }
             "ClusterRole" => {}
             "ClusterRoleBinding" => {

@@ -262,6 +262,7 @@ impl FakeCluster {
                     if let Ok(list) = pods.list(&ListParams::default()).await {
                         let ports = ports.lock().map(|p| p.clone()).unwrap_or_default();
                         cache.replace(
+                            None,
                             list.items
                                 .into_iter()
                                 .map(|p| on_loopback(p, &ports))

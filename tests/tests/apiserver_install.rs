@@ -34,7 +34,11 @@ fn yaml_of(objects: &[serde_json::Value]) -> String {
 async fn both_installs_and_every_example_are_accepted_and_the_crd_is_established() {
     let plane = ControlPlane::get();
     let admin = plane.admin().await;
-    for dir in ["deploy", "deploy/namespaced"] {
+    // The multi-namespace install's example namespaces.
+    for ns in ["apps", "batch"] {
+        let _ = plane.kubectl(&["create", "namespace", ns]);
+    }
+    for dir in ["deploy", "deploy/namespaced", "deploy/multi-namespace"] {
         let path = apiserver::repo().join(dir).display().to_string();
         plane
             .kubectl(&["apply", "-k", &path])

@@ -219,6 +219,58 @@ fn the_namespaced_install_has_no_cluster_wide_rights_but_token_reviews() {
     assert!(rendered.contains("VALKEY_CONTROLLER_WATCH_NAMESPACE"));
 }
 
+/// The multi-namespace install: the namespaced one, plus the same Role in each namespace it
+/// manages, bound to the controller's account in its own namespace, and the list given to the
+/// controller.
+#[test]
+fn the_multi_namespace_install_grants_a_role_in_each_namespace_it_lists() {
+    let rendered = kustomize("deploy/multi-namespace");
+    validates("the multi-namespace install", &rendered);
+    let documents: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("yaml"))
+        .collect();
+    let named = |kind: &str| -> Vec<&serde_yaml::Value> {
+        documents
+            .iter()
+            .filter(|d| {
+                d["kind"].as_str() == Some(kind)
+                    && d["metadata"]["name"].as_str() == Some("valkey-controller")
+            })
+            .collect()
+    };
+    let namespaces = |docs: &[&serde_yaml::Value]| -> Vec<String> {
+        let mut names: Vec<String> = docs
+            .iter()
+            .filter_map(|d| d["metadata"]["namespace"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    let expected = ["apps", "batch", "valkey-system"];
+    assert_eq!(namespaces(&named("Role")), expected);
+    let bindings = named("RoleBinding");
+    assert_eq!(namespaces(&bindings), expected);
+    for binding in bindings {
+        assert_eq!(
+            binding["subjects"][0]["namespace"].as_str(),
+            Some("valkey-system"),
+            "{binding:?}"
+        );
+    }
+    assert_eq!(
+        documents
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some("ClusterRole"))
+            .count(),
+        1,
+        "TokenReviews only"
+    );
+    assert!(
+        rendered.contains("value: valkey-system,apps,batch"),
+        "{rendered}"
+    );
+}
+
 /// The CRD's openAPIV3Schema, made strict (no unknown fields where properties are listed, as
 /// the API server's pruning would silently drop them), applied to each example with Python's
 /// jsonschema (which kubernetes-validate brings).

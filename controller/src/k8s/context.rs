@@ -410,13 +410,12 @@ impl PodCache {
         })
     }
 
-    /// Replaces everything (a watch restarted with a fresh list).
-    pub fn replace(&self, all: Vec<Pod>) {
+    /// Replaces everything of `scope` (a namespace, or the cluster): its watch restarted with
+    /// a fresh list. The pods of other namespaces, watched apart, stay.
+    pub fn replace(&self, scope: Option<&str>, all: Vec<Pod>) {
         if let Ok(mut pods) = self.pods.write() {
-            *pods = all
-                .into_iter()
-                .map(|pod| (cache_key(&pod), Arc::new(pod)))
-                .collect();
+            pods.retain(|(namespace, _, _), _| scope.is_some_and(|s| s != namespace));
+            pods.extend(all.into_iter().map(|pod| (cache_key(&pod), Arc::new(pod))));
         }
     }
 

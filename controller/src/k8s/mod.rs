@@ -72,9 +72,10 @@ pub struct Settings {
     pub admission: crate::validate::Admission,
     /// The controller's own namespace: the NetworkPolicies admit its pods to the agents.
     pub controller_namespace: String,
-    /// `--watch-namespace`: Failovers (and everything they own) of this namespace only, so
-    /// that the controller needs no cluster-wide rights but TokenReviews.
-    pub watch_namespace: Option<String>,
+    /// `--watch-namespace`: Failovers (and everything they own) of these namespaces only, so
+    /// that the controller needs no cluster-wide rights but TokenReviews. Empty: every
+    /// namespace.
+    pub watch_namespaces: Vec<String>,
     /// `--work-dir`: files for the agents the controller runs itself (an external Sentinel
     /// set's), on an in-memory volume.
     pub work_dir: std::path::PathBuf,
@@ -92,7 +93,7 @@ impl Default for Settings {
             controller_ca: String::new(),
             admission: crate::validate::Admission::default(),
             controller_namespace: "valkey-system".into(),
-            watch_namespace: None,
+            watch_namespaces: Vec::new(),
             work_dir: "/run/valkey-controller".into(),
             in_process_hub: "https://127.0.0.1:7070".into(),
         }
@@ -190,13 +191,28 @@ pub fn labels(names: &Names, component: &str) -> BTreeMap<String, String> {
     labels
 }
 
-/// An API for `K` over what the controller watches: the whole cluster, or one namespace.
-pub fn scoped_api<K>(client: &kube::Client, settings: &Settings) -> kube::Api<K>
+/// What the controller watches, one scope at a time: each namespace it is given, or the
+/// whole cluster (None).
+pub fn scopes(settings: &Settings) -> Vec<Option<String>> {
+    if settings.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings
+            .watch_namespaces
+            .iter()
+            .cloned()
+            .map(Some)
+            .collect()
+    }
+}
+
+/// An API for `K` over one scope: a namespace, or the whole cluster.
+pub fn scoped_api<K>(client: &kube::Client, scope: Option<&str>) -> kube::Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     K::DynamicType: Default,
 {
-    match &settings.watch_namespace {
+    match scope {
         Some(namespace) => kube::Api::namespaced(client.clone(), namespace),
         None => kube::Api::all(client.clone()),
     }

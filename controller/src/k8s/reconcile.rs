@@ -663,15 +663,19 @@ async fn check_node_ports(
         return Ok(());
     }
     // NodePorts are the cluster's: in one namespace only that namespace's are seen.
-    let all: Api<Service> = super::scoped_api(&ctx.client, &ctx.settings);
-    let services = all
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| Error::Read {
-            what: "Services".into(),
-            source,
-        })?;
-    for service in services.items {
+    let mut services = Vec::new();
+    for scope in super::scopes(&ctx.settings) {
+        let api: Api<Service> = super::scoped_api(&ctx.client, scope.as_deref());
+        let listed = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| Error::Read {
+                what: "Services".into(),
+                source,
+            })?;
+        services.extend(listed.items);
+    }
+    for service in services {
         let ours = service.namespace().as_deref() == Some(names.namespace.as_str())
             && service.labels().get(LABEL_INSTANCE) == Some(&names.instance);
         if ours {

@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
     coordination::v1::Lease,
@@ -198,14 +198,20 @@ pub async fn run(
         });
     }
     super::hot::wake_on_reports(context.clone());
-    let controller = cold_controller(&client, &context)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                warn!(error = %err, "reconcile");
-            }
-        });
+    // One cold Controller per namespace watched (or one for the cluster), sharing the hub,
+    // the instances and the pod cache.
+    let shutdown = shutdown.shared();
+    let controllers = super::scopes(&context.settings).into_iter().map(|scope| {
+        cold_controller(&client, &context, scope.as_deref())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, context.clone())
+            .for_each(|result| async move {
+                if let Err(err) = result {
+                    warn!(error = %err, "reconcile");
+                }
+            })
+    });
+    let controller = futures::future::join_all(controllers);
 
     // Renew the lease while the controller runs; losing it ends the process.
     let renew = async {
@@ -219,7 +225,7 @@ pub async fn run(
         }
     };
     let outcome = tokio::select! {
-        () = controller => Ok(()),
+        _ = controller => Ok(()),
         err = renew => Err(err),
     };
     set_leader_label(&client, &options, false).await;
@@ -245,13 +251,17 @@ async fn set_leader_label(client: &Client, options: &RunOptions, leading: bool) 
     }
 }
 
-/// The cold path's Controller: Failovers whose spec, annotations, finalizers or deletion
-/// changed (not their status), owned objects changed by someone else, and pods (which also
-/// feed the pod cache the hot path reads).
-fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failover> {
+/// The cold path's Controller over `scope` (a namespace, or the cluster): Failovers whose
+/// spec, annotations, finalizers or deletion changed (not their status), owned objects changed
+/// by someone else, and pods (which also feed the pod cache the hot path reads).
+fn cold_controller(
+    client: &Client,
+    context: &Arc<Context>,
+    scope: Option<&str>,
+) -> Controller<Failover> {
     let (reader, writer) = reflector::store();
     let failovers = watcher(
-        super::scoped_api::<Failover>(client, &context.settings),
+        super::scoped_api::<Failover>(client, scope),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -265,7 +275,7 @@ fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failov
         ($kind:ty, $revision:expr) => {{
             let context = context.clone();
             controller = controller.watches(
-                super::scoped_api::<$kind>(client, &context.settings),
+                super::scoped_api::<$kind>(client, scope),
                 owned.clone(),
                 move |object: $kind| {
                     let revision: Option<String> = $revision(&object);
@@ -290,11 +300,15 @@ fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failov
     watch_owned!(PodDisruptionBudget, |_: &PodDisruptionBudget| None);
     watch_owned!(NetworkPolicy, |_: &NetworkPolicy| None);
     let pods = watcher(
-        super::scoped_api::<Pod>(client, &context.settings),
+        super::scoped_api::<Pod>(client, scope),
         watcher::Config::default().labels(LABEL_INSTANCE),
     )
     .default_backoff()
-    .map(cache_pods(context.pods.clone(), context.clone()))
+    .map(cache_pods(
+        context.pods.clone(),
+        context.clone(),
+        scope.map(str::to_owned),
+    ))
     .touched_objects();
     controller.watches_stream(pods, |pod: Pod| {
         let namespace = pod.namespace();
@@ -304,11 +318,12 @@ fn cold_controller(client: &Client, context: &Arc<Context>) -> Controller<Failov
     })
 }
 
-/// Keeps the pod cache in step with the pod watch, and wakes the hot pass of a pod's instance
-/// (its address or readiness may be in the status).
+/// Keeps the pod cache in step with the pod watch of `scope`, and wakes the hot pass of a
+/// pod's instance (its address or readiness may be in the status).
 fn cache_pods(
     cache: PodCache,
     context: Arc<Context>,
+    scope: Option<String>,
 ) -> impl FnMut(Result<watcher::Event<Pod>, watcher::Error>) -> Result<watcher::Event<Pod>, watcher::Error>
 {
     let mut listing: Vec<Pod> = Vec::new();
@@ -332,7 +347,7 @@ fn cache_pods(
                     None
                 }
                 watcher::Event::InitDone => {
-                    cache.replace(std::mem::take(&mut listing));
+                    cache.replace(scope.as_deref(), std::mem::take(&mut listing));
                     None
                 }
             };
