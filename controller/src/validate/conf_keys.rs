@@ -273,6 +273,11 @@ pub fn refused_value(key: &str, value: &str) -> Option<String> {
 pub fn sdssplitargs(line: &str) -> Result<Vec<String>, &'static str> {
     let bytes = line.as_bytes();
     let blank = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t' | b'\0');
+    // A closing quote at `i` must end the argument.
+    let closing = |i: usize| match bytes.get(i + 1) {
+        Some(&next) if !blank(next) => Err("a closing quote must be followed by a space"),
+        _ => Ok(()),
+    };
     let mut args = Vec::new();
     let mut i = 0;
     loop {
@@ -311,9 +316,7 @@ pub fn sdssplitargs(line: &str) -> Result<Vec<String>, &'static str> {
                         other => other,
                     });
                 } else if c == b'"' {
-                    if bytes.get(i + 1).is_some_and(|&n| !blank(n)) {
-                        return Err("a closing quote must be followed by a space");
-                    }
+                    closing(i)?;
                     i += 1;
                     break;
                 } else {
@@ -324,9 +327,7 @@ pub fn sdssplitargs(line: &str) -> Result<Vec<String>, &'static str> {
                     i += 1;
                     current.push(b'\'');
                 } else if c == b'\'' {
-                    if bytes.get(i + 1).is_some_and(|&n| !blank(n)) {
-                        return Err("a closing quote must be followed by a space");
-                    }
+                    closing(i)?;
                     i += 1;
                     break;
                 } else {
