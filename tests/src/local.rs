@@ -44,6 +44,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// One master, `nodes` nodes, every other one a replica linked to it, every agent connected.
+fn healthy(s: &Status, nodes: usize) -> bool {
+    s.master.is_some()
+        && s.nodes.len() == nodes
+        && s.nodes.iter().filter(|n| n.role == "master").count() == 1
+        && s.nodes
+            .iter()
+            .filter(|n| Some(&n.pod) != s.master.as_ref())
+            .all(|n| n.role == "replica" && n.link == "up")
+        && s.nodes.iter().all(|n| n.connected && n.process == "up")
+}
+
 /// A running `local up`.
 #[derive(Debug)]
 pub struct LocalInstance {
@@ -219,16 +231,25 @@ impl LocalInstance {
     /// Ready: a master, and every other node a replica with its link up.
     pub async fn wait_healthy(&self, nodes: usize, timeout: Duration) -> Status {
         self.wait_status("a master with in-sync replicas", timeout, |s| {
-            s.master.is_some()
-                && s.nodes.len() == nodes
-                && s.nodes.iter().filter(|n| n.role == "master").count() == 1
-                && s.nodes
-                    .iter()
-                    .filter(|n| Some(&n.pod) != s.master.as_ref())
-                    .all(|n| n.role == "replica" && n.link == "up")
-                && s.nodes.iter().all(|n| n.connected && n.process == "up")
+            healthy(s, nodes)
         })
         .await
+    }
+
+    /// [`LocalInstance::wait_healthy`], or None when it is not healthy within `timeout`.
+    pub async fn try_healthy(&self, nodes: usize, timeout: Duration) -> Option<Status> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status().await
+                && healthy(&status, nodes)
+            {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn switchover(&self, to: Option<&str>) -> control::Reply {

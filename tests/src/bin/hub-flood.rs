@@ -10,7 +10,8 @@
 //!
 //! Per phase: kill -9 failovers, timed from the kill to the controller's decision
 //! (`last_failover.at_ms`) and to the new master in status (none within 30 s is counted as a
-//! failure, not waited for); the controller's resident memory (before, peak, after).
+//! failure, not waited for); then a kill -9 of a replica's agent, timed until its restart is
+//! connected to the hub again; the controller's resident memory (before, peak, after).
 //!
 //! Run: `cargo build --release --workspace --bins && target/release/hub-flood [ROUNDS]`
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -45,9 +46,10 @@ fn now_ms() -> i64 {
 }
 
 /// One kill -9 of the master: (ms to the controller's decision, ms to the new master in
-/// status), or None when no new master shows within [`T`].
-async fn failover(instance: &LocalInstance) -> Option<(f64, f64)> {
-    let before = instance.wait_healthy(3, T).await;
+/// status), or None when no new master shows within [`T`]. Err when the instance is not
+/// healthy to begin with (a failover before it failed for good).
+async fn failover(instance: &LocalInstance) -> Result<Option<(f64, f64)>, ()> {
+    let before = instance.try_healthy(3, T).await.ok_or(())?;
     let (old, addr, pid) = master_of(&before);
     write_n(instance, &addr, 10, 2).await;
     let (killed_at, started) = (now_ms(), Instant::now());
@@ -62,13 +64,38 @@ async fn failover(instance: &LocalInstance) -> Option<(f64, f64)> {
                 .last_failover
                 .as_ref()
                 .map_or(f64::NAN, |f| (f.at_ms - killed_at) as f64);
-            return Some((decided, seen));
+            return Ok(Some((decided, seen)));
         }
         if Instant::now() >= deadline {
-            return None;
+            return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// kill -9 of a replica's agent: ms until the runtime's restart of it is connected to the hub
+/// again, or None when it is not within [`T`].
+async fn agent_back(instance: &LocalInstance) -> Option<f64> {
+    let status = instance.try_healthy(3, T).await?;
+    let (pod, pid) = status
+        .nodes
+        .iter()
+        .filter(|n| Some(&n.pod) != status.master.as_ref())
+        .find_map(|n| Some((n.pod.clone(), n.agent_pid?)))?;
+    let started = Instant::now();
+    signal(pid, Signal::SIGKILL);
+    while started.elapsed() < T {
+        if let Some(now) = instance.try_status().await
+            && now
+                .nodes
+                .iter()
+                .any(|n| n.pod == pod && n.connected && n.agent_pid.is_some_and(|p| p != pid))
+        {
+            return Some(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -87,8 +114,34 @@ struct Phase {
     runs: Vec<Option<(f64, f64)>>,
     rss_before: f64,
     rss_peak: f64,
+    /// kill -9 of a replica's agent: ms until its restart is connected again (None: not
+    /// within 30 s).
+    agent_back: Option<f64>,
     /// What the flood opened.
     opened: String,
+}
+
+impl Phase {
+    /// Its line of the table.
+    fn row(&self) -> String {
+        let done: Vec<(f64, f64)> = self.runs.iter().flatten().copied().collect();
+        let decided: Vec<f64> = done.iter().map(|r| r.0).collect();
+        let seen: Vec<f64> = done.iter().map(|r| r.1).collect();
+        format!(
+            "{:<16} {:>8} {:>15.1} {:>15.1} {:>12.1} {:>12.1} {:>14} {:>10.1} {:>10.1}  {}",
+            self.name,
+            format!("{}/{}", self.runs.len() - done.len(), self.runs.len()),
+            median(decided.clone()),
+            max(&decided),
+            median(seen.clone()),
+            max(&seen),
+            self.agent_back
+                .map_or_else(|| "never".to_owned(), |ms| format!("{ms:.0}")),
+            self.rss_before,
+            self.rss_peak,
+            self.opened
+        )
+    }
 }
 
 /// The agents' listening ports (`--listen`, `--metrics-listen`), from their command lines.
@@ -188,8 +241,16 @@ async fn main() {
         }
         let mut runs = Vec::new();
         for _ in 0..rounds {
-            runs.push(failover(&instance).await);
+            match failover(&instance).await {
+                Ok(run) => runs.push(run),
+                Err(()) => {
+                    eprintln!("{phase}: the instance did not heal; the phase stops here");
+                    runs.push(None);
+                    break;
+                }
+            }
         }
+        let back = agent_back(&instance).await;
         let opened = flood.as_ref().map_or_else(String::new, |(f, _)| {
             format!(
                 "{} connections, {} streams",
@@ -199,13 +260,16 @@ async fn main() {
         });
         drop(flood);
         let peak_now = *peak.lock().unwrap();
-        phases.push(Phase {
+        let done = Phase {
             name: phase,
             runs,
             rss_before: before,
             rss_peak: peak_now,
+            agent_back: back,
             opened,
-        });
+        };
+        eprintln!("{}", done.row());
+        phases.push(done);
         // The flood's connections close and the hub forgets them before the next phase.
         tokio::time::sleep(Duration::from_secs(12)).await;
     }
@@ -217,38 +281,19 @@ async fn main() {
         targets.len()
     );
     println!(
-        "{:<16} {:>8} {:>15} {:>15} {:>12} {:>12} {:>10} {:>10}  opened",
+        "{:<16} {:>8} {:>15} {:>15} {:>12} {:>12} {:>14} {:>10} {:>10}  opened",
         "phase",
         "failed",
         "decided med ms",
         "decided max ms",
         "seen med ms",
         "seen max ms",
+        "agent back ms",
         "RSS MiB",
         "peak MiB"
     );
-    for Phase {
-        name,
-        runs,
-        rss_before: before,
-        rss_peak: peak,
-        opened,
-    } in &phases
-    {
-        let done: Vec<(f64, f64)> = runs.iter().flatten().copied().collect();
-        let decided: Vec<f64> = done.iter().map(|r| r.0).collect();
-        let seen: Vec<f64> = done.iter().map(|r| r.1).collect();
-        println!(
-            "{:<16} {:>8} {:>15.1} {:>15.1} {:>12.1} {:>12.1} {:>10.1} {:>10.1}  {opened}",
-            name,
-            format!("{}/{}", runs.len() - done.len(), runs.len()),
-            median(decided.clone()),
-            max(&decided),
-            median(seen.clone()),
-            max(&seen),
-            before,
-            peak
-        );
+    for phase in &phases {
+        println!("{}", phase.row());
     }
     println!("controller RSS 12 s after the last flood: {rss_after:.1} MiB");
 }
