@@ -43,7 +43,7 @@ pub struct Shared {
     pub probe_now: Notify,
     /// When this node stopped being master: its clients are moved off.
     pub demotions: crate::clients::Demotions,
-    /// The master's write lease (see [`crate::lease`]).
+    /// The master's write lease (see [`crate::decide::lease`]).
     pub lease: crate::lease::Lease,
 }
 

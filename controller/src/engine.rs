@@ -16,11 +16,11 @@ use tracing::warn;
 use valkey_proto::v1::{Command, CommandResult, NodeKind, Outcome, command::Action};
 
 use crate::{
-    core::{self, Desired, Durable, Plan},
-    credentials,
+    decide::credentials,
+    decide::lease,
+    decide::model::{Desired, Durable, Plan},
+    decide::sentinel::SentinelDesired,
     hub::{Hub, InstanceKey},
-    lease,
-    sentinel::SentinelDesired,
 };
 
 /// How long a sentinel is left alone after a SENTINEL RESET, to learn its peers and replicas.
@@ -88,11 +88,11 @@ impl Engine {
         let sentinels = sentinel.map(|_| hub.observe_kind(key, NodeKind::Sentinel));
         let mut plan = match (sentinel, &sentinels) {
             (Some(sd), Some(sentinels)) if !observed.switchover_in_flight => {
-                crate::sentinel::decide(desired, sd, durable, &observed, sentinels, now_ms)
+                crate::decide::sentinel::decide(desired, sd, durable, &observed, sentinels, now_ms)
             }
             // A Sentinel switchover runs its own steps; the core waits for them.
             (Some(_), _) => Plan::default(),
-            (None, _) => core::decide(desired, durable, &observed, now_ms),
+            (None, _) => crate::decide::manual::decide(desired, durable, &observed, now_ms),
         };
         let after = plan.durable.as_ref().unwrap_or(durable).master.as_deref();
         plan.lease_holder = match (sentinel, &sentinels) {

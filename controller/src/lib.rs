@@ -1,19 +1,19 @@
-//! valkey-controller: the failover core (pure decisions), the agent hub (gRPC), and the local
-//! runtime that wires them to real processes without a cluster.
+//! valkey-controller, in floors that only look down: the decisions (`decide/`, pure), the
+//! agent hub (`hub/`), the failover driver both runtimes share (`driver/`, with the dispatch in
+//! `engine.rs` and the switchover in `switchover.rs`), and the two runtimes: Kubernetes (`k8s/`)
+//! and the local one without a cluster (`local/`).
 
 pub mod conf_text;
-pub mod core;
 pub mod crd;
-pub mod credentials;
+pub mod decide;
 pub mod driver;
 pub mod engine;
 pub mod external;
+pub mod files;
 pub mod hub;
 pub mod k8s;
-pub mod lease;
 pub mod local;
 pub mod manifest;
-pub mod sentinel;
 pub mod switchover;
 pub mod tls;
 pub mod validate;

@@ -15,7 +15,10 @@ use valkey_proto::v1::{
 };
 
 use crate::{
-    core::{self, Desired, Durable, NodeSpec, Observed},
+    decide::{
+        manual,
+        model::{Desired, Durable, NodeSpec, Observed},
+    },
     engine::Engine,
     hub::{Hub, InstanceKey},
 };
@@ -69,7 +72,7 @@ pub fn choose(
             }
             to
         }
-        None => core::best_candidate(desired, observed, Some(&from))
+        None => manual::best_candidate(desired, observed, Some(&from))
             .map(|n| n.name.clone())
             .ok_or(Refused::NoCandidate)?,
     };
@@ -175,7 +178,7 @@ pub fn start_manual(
             .inspect_err(|err| warn!(error = %err, "could not release the pause"));
         match &outcome {
             Ok(()) => {
-                let follow = core::replica_of(&target);
+                let follow = manual::replica_of(&target);
                 engine.dispatch(
                     &hub,
                     &key,
@@ -241,7 +244,7 @@ impl Steps<'_> {
             }),
         )
         .await?;
-        let promoted = match self.send(&from.name, core::replica_of(to)).await {
+        let promoted = match self.send(&from.name, manual::replica_of(to)).await {
             Ok(_) => self.send(&to.name, Action::Promote(Promote {})).await,
             Err(err) => Err(err),
         };
@@ -250,7 +253,7 @@ impl Steps<'_> {
         };
         // Undo: the target follows the old master again (it may have been promoted without
         // our hearing of it), and the old master serves again.
-        if let Err(undo) = self.send(&to.name, core::replica_of(from)).await {
+        if let Err(undo) = self.send(&to.name, manual::replica_of(from)).await {
             warn!(pod = %to.name, error = %undo, "could not point the target back at the old master");
         }
         if let Err(undo) = self.send(&from.name, Action::Promote(Promote {})).await {
@@ -287,7 +290,7 @@ pub fn start_sentinel(
                 .as_ref()
                 .and_then(|r| r.sentinel.as_ref())
                 .and_then(|s| s.masters.iter().find(|m| m.name == monitor))
-                .and_then(|m| crate::sentinel::replica_at(m, target_addr.0, target_addr.1))
+                .and_then(|m| crate::decide::sentinel::replica_at(m, target_addr.0, target_addr.1))
                 .is_some_and(|r| r.master_link_up && r.flags.iter().all(|f| f == "slave"))
         })
         .map(|(pod, _)| pod)
@@ -400,7 +403,7 @@ pub fn start_sentinel(
                 if reports_master(&hub, &key, &to) {
                     // Demote the old master before its pause ends, rather than waiting for
                     // Sentinel to convert it (which can take seconds, taking writes meanwhile).
-                    send(from.clone(), core::replica_of(&target)).await?;
+                    send(from.clone(), manual::replica_of(&target)).await?;
                     return Ok(());
                 }
                 if Instant::now() > deadline {

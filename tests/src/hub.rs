@@ -158,7 +158,7 @@ impl TestHub {
     /// Starts a hub that serves TLS only, with `cert` (as the controller's hub does).
     pub async fn start_tls(
         token: &str,
-        cert: Arc<valkey_controller::tls::serve::ServerCert>,
+        cert: Arc<valkey_controller::hub::tls::ServerCert>,
     ) -> Self {
         Self::serve(token, 0, Some(cert)).await
     }
@@ -166,7 +166,7 @@ impl TestHub {
     async fn serve(
         token: &str,
         port: u16,
-        tls: Option<Arc<valkey_controller::tls::serve::ServerCert>>,
+        tls: Option<Arc<valkey_controller::hub::tls::ServerCert>>,
     ) -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
@@ -195,7 +195,7 @@ impl TestHub {
                 let gate = valkey_controller::hub::limits::Gate::new(
                     valkey_controller::hub::limits::Limits::default().gate(),
                 );
-                let incoming = valkey_controller::tls::serve::incoming(listener, cert, gate);
+                let incoming = valkey_controller::hub::tls::incoming(listener, cert, gate);
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
             }
         }

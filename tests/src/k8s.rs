@@ -34,6 +34,7 @@ use valkey_controller::{
         Exporter, Failover, FailoverSpec, IpFamily, Phase, SentinelInstanceAccess,
         SentinelSettings, ServiceType, Storage, ValkeyModule,
     },
+    hub::tls::ServerCert,
     hub::{Hub, StaticToken},
     k8s::{
         LABEL_COMPONENT, LABEL_INSTANCE, Settings,
@@ -42,7 +43,7 @@ use valkey_controller::{
         reconcile::{Error, reconcile},
         requests,
     },
-    tls::{CA_LIFETIME, Ca, serve::ServerCert},
+    tls::{CA_LIFETIME, Ca},
 };
 
 pub const TOKEN: &str = "t0ken";

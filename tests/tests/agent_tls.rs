@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use valkey_controller::{
+    hub::tls::ServerCert,
     hub::{Hub, StaticToken},
-    tls::{CA_LIFETIME, Ca, serve::ServerCert},
+    tls::{CA_LIFETIME, Ca},
 };
 use valkey_e2e::{
     procs::{Agent, AgentOpts, Valkey},

@@ -12,11 +12,12 @@ use std::{
 use tokio::{io::AsyncReadExt, net::TcpStream, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use valkey_controller::{
+    hub::tls::ServerCert,
     hub::{
         Hub, InstanceKey, LeaseHolder, StaticToken,
         limits::{Gate, Limits},
     },
-    tls::{CA_LIFETIME, Ca, serve::ServerCert},
+    tls::{CA_LIFETIME, Ca},
 };
 use valkey_e2e::{
     flood::{Flood, connect_from, hub_channel},
@@ -417,7 +418,7 @@ async fn the_write_lease_goes_only_to_its_holder_and_a_stale_revocation_is_refus
     assert_eq!((lease.request_ms, lease.epoch), (2, 3));
     assert_eq!(
         u64::from(lease.lease_ms),
-        valkey_controller::lease::LEASE_MS
+        valkey_controller::decide::lease::LEASE_MS
     );
     // A hung Valkey is granted nothing: the next lease answers the request after it.
     tx.send(lease_request(3, ProcessState::Hung)).await.unwrap();

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
-use valkey_controller::lease::LEASE_MS;
+use valkey_controller::decide::lease::LEASE_MS;
 use valkey_e2e::{
     local::{LocalInstance, assert_every_node_holds, manifest, master_of, signal},
     wait_for,

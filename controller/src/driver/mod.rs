@@ -4,7 +4,6 @@
 //! is asked for or needed. Nothing here waits for Kubernetes objects; only the durable write
 //! may hold a failover back, and that is the epoch's safety.
 
-mod cause;
 pub mod rotation;
 mod store;
 
@@ -15,14 +14,14 @@ use std::{
 
 use tracing::{debug, info};
 
-pub use cause::Cause;
+pub use crate::decide::Cause;
 pub use store::{DurableStore, StoreError};
 
 use crate::{
-    core::{Desired, Durable, PendingSwitchover},
+    decide::model::{Desired, Durable, PendingSwitchover},
+    decide::sentinel::SentinelDesired,
     engine::Engine,
     hub::{Hub, InstanceKey, LeaseHolder},
-    sentinel::SentinelDesired,
     switchover::{self, Refused},
 };
 

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use crate::core::Durable;
+use crate::decide::model::Durable;
 
 /// The durable state could not be written: nothing that depends on it is sent, and the next
 /// pass tries again.

@@ -1,7 +1,7 @@
 //! Which durable changes count as a master change, and why.
 
 use super::*;
-use crate::core::FailoverRecord;
+use crate::decide::model::FailoverRecord;
 
 fn at(master: Option<&str>, epoch: u64, cause: Option<Cause>) -> Durable {
     Durable {

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 pub use valkey_netguard::{ConnInfo, Gate, GateLimits};
 
 use super::Hub;
-use crate::tls::serve::ServerCert;
+use crate::hub::tls::ServerCert;
 
 /// The hub's limits; `Limits::default()` is what both runtimes use.
 #[derive(Debug, Clone)]
@@ -102,6 +102,6 @@ pub async fn serve_gated(
         .initial_stream_window_size(limits.window)
         .initial_connection_window_size(limits.window)
         .add_service(service)
-        .serve_with_incoming(crate::tls::serve::incoming(listener, cert, gate))
+        .serve_with_incoming(crate::hub::tls::incoming(listener, cert, gate))
         .await
 }

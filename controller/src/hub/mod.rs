@@ -25,9 +25,10 @@ use valkey_proto::v1::{
     controller_message,
 };
 
-use crate::core::{NodeObs, Observed};
+use crate::decide::model::{NodeObs, Observed};
 
 pub mod limits;
+pub mod tls;
 
 /// How long a stream has to have its Hello accepted (the token check included).
 const HELLO_DEADLINE: Duration = Duration::from_secs(10);
@@ -420,7 +421,7 @@ impl Hub {
             .lock()
             .ok()
             .and_then(|l| l.get(&key.0).cloned())
-            .filter(|h| h.pod == key.1 && crate::lease::grantable(node.report.as_ref()))
+            .filter(|h| h.pod == key.1 && crate::decide::lease::grantable(node.report.as_ref()))
         else {
             return;
         };
@@ -428,7 +429,7 @@ impl Hub {
         let lease = ControllerMessage {
             msg: Some(controller_message::Msg::Lease(Lease {
                 request_ms,
-                lease_ms: crate::lease::LEASE_MS as u32,
+                lease_ms: crate::decide::lease::LEASE_MS as u32,
                 epoch: holder.epoch,
             })),
         };

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     crd::Failover,
     external::{self, Agents, Setup},
-    local::write_atomic,
+    files::write_atomic,
 };
 
 /// The agents of one instance's external set, and what they were started from.

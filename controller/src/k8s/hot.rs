@@ -25,12 +25,12 @@ use super::{
     status,
 };
 use crate::{
-    core::{Desired, Durable, NodeSpec},
     crd::Failover,
+    decide::model::{Desired, Durable, NodeSpec},
+    decide::sentinel::SentinelDesired,
     driver::{DurableStore, Outcome, StoreError, SwitchoverSource, Target},
     engine::{Engine, live_config},
     hub::{Hub, InstanceKey},
-    sentinel::SentinelDesired,
     switchover::Refused,
     validate::RESTART_KEYS,
 };
@@ -420,7 +420,7 @@ async fn write_status(
                 .collect(),
             quorum: sd.quorum,
             able_to_fail_over: durable.master.as_deref().map_or(0, |m| {
-                crate::sentinel::sentinels_able_to_fail_over(
+                crate::decide::sentinel::sentinels_able_to_fail_over(
                     desired,
                     sd,
                     m,

@@ -11,7 +11,10 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::tls::{CA_LIFETIME, CERT_LIFETIME, Ca, CaError, Issued, serve::ServerCert};
+use crate::{
+    hub::tls::ServerCert,
+    tls::{CA_LIFETIME, CERT_LIFETIME, Ca, CaError, Issued},
+};
 
 /// The Secret holding the controller's CA (`ca.crt`, `ca.key`).
 pub const CA_SECRET: &str = "valkey-controller-ca";
@@ -25,7 +28,7 @@ pub enum HubTlsError {
     #[error("the controller's CA: {0}")]
     Ca(#[from] CaError),
     #[error("the hub's certificate: {0}")]
-    Serve(#[from] crate::tls::serve::ServeError),
+    Serve(#[from] crate::hub::tls::ServeError),
 }
 
 fn field(secret: &Secret, key: &str) -> Option<String> {

@@ -121,8 +121,8 @@ impl Metrics {
     }
 
     /// The master moved: a switchover, or a failover by its cause (a closed set of labels).
-    pub fn master_changed(&self, cause: crate::driver::Cause) {
-        if cause == crate::driver::Cause::Switchover {
+    pub fn master_changed(&self, cause: crate::decide::Cause) {
+        if cause == crate::decide::Cause::Switchover {
             self.switchovers.inc();
         } else {
             self.failovers

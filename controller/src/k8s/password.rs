@@ -336,7 +336,7 @@ impl PasswordStore for SecretStore {
         }
         self.patch(data).await?;
         if let Some(file) = &self.external {
-            crate::local::write_atomic(file, new.as_bytes()).map_err(StoreError::new)?;
+            crate::files::write_atomic(file, new.as_bytes()).map_err(StoreError::new)?;
         }
         if self.whose == Whose::Instance {
             self.instance.set_password(new.to_owned());

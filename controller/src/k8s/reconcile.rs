@@ -34,8 +34,8 @@ use super::{
     roll, sentinel_objects, services, status, tls_objects, tls_secret, volumes,
 };
 use crate::{
-    core::{Durable, Observed},
     crd::{Failover, Phase},
+    decide::model::{Durable, Observed},
     validate::{Invalid, validate_admitted},
 };
 

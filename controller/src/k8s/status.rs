@@ -13,11 +13,11 @@ use valkey_proto::v1::Role;
 
 use super::Names;
 use crate::{
-    core::{Durable, FailoverRecord, Observed, PendingSwitchover},
     crd::{
         FailoverStatus, MonitorStatus, NodeRole, PendingSwitchoverStatus, Phase, Policy,
         SentinelMonitorNode, ValkeyNode,
     },
+    decide::model::{Durable, FailoverRecord, Observed, PendingSwitchover},
 };
 
 /// The durable state kept in the status: epoch, master, last failover, pending switchover.
@@ -42,7 +42,7 @@ pub fn durable_from(status: Option<&FailoverStatus>) -> Durable {
                 from: status.last_failover_from.clone(),
                 to,
                 reason,
-                cause: crate::driver::Cause::Unknown,
+                cause: crate::decide::Cause::Unknown,
             }),
         switchover: status
             .pending_switchover
@@ -368,7 +368,7 @@ fn refusing_password(inputs: &Inputs<'_>) -> Option<String> {
         .observed
         .nodes
         .iter()
-        .filter(|(_, o)| crate::credentials::refuses_password(o))
+        .filter(|(_, o)| crate::decide::credentials::refuses_password(o))
         .map(|(pod, _)| pod.as_str())
         .collect();
     (!refusing.is_empty()).then(|| refusing.join(", "))
@@ -392,7 +392,7 @@ pub fn keep_transition_times(new: &mut FailoverStatus, old: Option<&FailoverStat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::NodeObs;
+    use crate::decide::model::NodeObs;
     use valkey_proto::v1::{DataState, StateReport};
 
     fn obs(role: Role, link: bool, offset: i64) -> NodeObs {
@@ -586,7 +586,7 @@ mod tests {
                 from: Some("demo-0".into()),
                 to: "demo-2".into(),
                 reason: "master down".into(),
-                cause: crate::driver::Cause::Unknown,
+                cause: crate::decide::Cause::Unknown,
             }),
             switchover: Some(PendingSwitchover {
                 from: "demo-2".into(),

@@ -17,7 +17,7 @@ use crate::{
 pub const ANNOTATION_NAMES: &str = "valkey.buf.red/tls-names";
 
 fn names_hash(names: &[String]) -> String {
-    crate::local::conf::sha256_hex(&names.join(","))[..16].to_owned()
+    valkey_agent::passwords::sha256_hex(&names.join(","))[..16].to_owned()
 }
 
 fn text(secret: &Secret, key: &str) -> Option<String> {

@@ -16,7 +16,7 @@ use valkey_proto::v1::{ProcessState, Role};
 
 use super::LocalError;
 use crate::{
-    core::{Desired, Durable, FailoverRecord},
+    decide::model::{Desired, Durable, FailoverRecord},
     hub::{Hub, InstanceKey},
 };
 

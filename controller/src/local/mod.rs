@@ -26,19 +26,20 @@ use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 use valkey_proto::v1::NodeKind;
 
+pub use crate::files::write_atomic;
 use crate::{
-    core::{Desired, NodeSpec},
+    decide::model::{Desired, NodeSpec},
+    decide::sentinel::SentinelDesired,
     driver::{Driver, StoreError, SwitchoverSource, Target},
     engine::Engine,
     hub::{Hub, HubEvent, InstanceKey},
     manifest::{Manifest, ManifestError},
-    sentinel::SentinelDesired,
 };
 use conf::old_password_path;
 use ports::Registry;
 use prepare::prepare;
 use rotation::{maybe_rotate_sentinel_password, start_rotation};
-pub use state::{LocalState, NodePorts, default_dir, write_atomic};
+pub use state::{LocalState, NodePorts, default_dir};
 use state::{StateFile, pod_name, random_secret, secret_file};
 use supervisor::{Supervised, port_in_use, sibling_or_path, which};
 

@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -11,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{LocalError, io};
 use crate::{
-    core::Durable,
+    decide::model::Durable,
     driver::{DurableStore, StoreError},
+    files::write_atomic,
 };
 
 /// Ports of one node, kept across runs.
@@ -33,27 +33,6 @@ pub struct LocalState {
     /// Embedded sentinels' ports (policy sentinel), kept across runs.
     #[serde(default)]
     pub sentinels: BTreeMap<String, NodePorts>,
-}
-
-/// Writes a file atomically: temp file, fsync, rename. Readable by this user only: the working
-/// dir holds passwords.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    // A new file, never one found there (nor what a link there points to).
-    match std::fs::remove_file(&tmp) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 impl LocalState {

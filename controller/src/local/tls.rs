@@ -12,7 +12,10 @@ use std::{
 use tracing::info;
 
 use super::{LocalError, io, write_atomic};
-use crate::tls::{CA_LIFETIME, Ca, Issued, TlsFiles, Validity, serve::ServerCert};
+use crate::{
+    hub::tls::ServerCert,
+    tls::{CA_LIFETIME, Ca, Issued, TlsFiles, Validity},
+};
 use valkey_agent::config::ValkeyTls;
 
 /// Every name a local process is reached by: loopback, and the addresses of `--netns`.

@@ -2,8 +2,6 @@
 //! server certificates of Valkey, Sentinel and the agent hub, and the config lines that make
 //! Valkey and Sentinel speak TLS only.
 
-pub mod serve;
-
 use std::{net::IpAddr, time::Duration};
 
 use rcgen::{

@@ -460,7 +460,7 @@ fn validate_sentinel(sentinel: &SentinelSettings) -> Result<(), Invalid> {
         }
         // A cut-off master fences itself within the write lease: Sentinel must not promote
         // another node sooner.
-        let fenced_within = crate::lease::LEASE_MS + crate::lease::MARGIN_MS;
+        let fenced_within = crate::decide::lease::LEASE_MS + crate::decide::lease::MARGIN_MS;
         if key == "down-after-milliseconds" && value.parse::<u64>().is_ok_and(|n| n < fenced_within)
         {
             return Err(invalid(

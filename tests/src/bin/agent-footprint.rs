@@ -7,7 +7,10 @@
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use valkey_controller::tls::{CA_LIFETIME, Ca, serve::ServerCert};
+use valkey_controller::{
+    hub::tls::ServerCert,
+    tls::{CA_LIFETIME, Ca},
+};
 use valkey_e2e::{
     hub::{Event, TestHub},
     procs::{Agent, AgentOpts, Valkey},

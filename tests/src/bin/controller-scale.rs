@@ -38,7 +38,7 @@ use std::{
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use valkey_controller::{
-    core::{Desired, Durable, NodeSpec},
+    decide::model::{Desired, Durable, NodeSpec},
     engine::Engine,
     hub::{Hub, InstanceKey, StaticToken},
 };

@@ -5,7 +5,7 @@
 
 use valkey_proto::v1::ProcessState;
 
-use crate::core::{Desired, Durable, NodeObs, Observed};
+use crate::decide::model::{Desired, Durable, NodeObs, Observed};
 
 /// How long a node must refuse the password before it is repaired: longer than any moment of
 /// a rotation in which an agent may hold the password just replaced.
@@ -68,7 +68,7 @@ mod tests {
     use super::*;
 
     fn desired() -> Desired {
-        crate::core::tests::desired(3)
+        crate::decide::manual::tests::desired(3)
     }
 
     fn obs(process: ProcessState, connected: bool, unhealthy_ms: u64) -> NodeObs {

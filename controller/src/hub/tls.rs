@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::{debug, warn};
 
-use super::{Ca, Issued, Validity};
+use crate::tls::{Ca, Issued, Validity};
 use valkey_netguard::{Gate, Guarded, Throttle};
 
 /// How long a client may take over its TLS handshake.
@@ -30,7 +30,7 @@ pub enum ServeError {
     #[error("the server key does not parse: {0}")]
     Key(String),
     #[error("issuing the server certificate: {0}")]
-    Issue(#[from] super::CaError),
+    Issue(#[from] crate::tls::CaError),
 }
 
 /// The certificate the hub serves (and when it is valid), replaceable at any time.

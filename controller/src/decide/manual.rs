@@ -4,163 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use valkey_proto::v1::{ConfigSet, Promote, ReplicaOf, Role, command::Action};
 
-use crate::driver::Cause;
-use valkey_proto::v1::{
-    ConfigSet, ProcessState, Promote, ReplicaOf, Role, StateReport, command::Action,
+use super::{
+    Cause,
+    model::{
+        Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, data, definitely_down,
+        follows, is_empty_node, is_up, role,
+    },
 };
-
-/// One Valkey node the instance should have.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeSpec {
-    pub name: String,
-    pub ordinal: u32,
-    /// The announced address replicas use to reach it.
-    pub host: String,
-    pub port: u16,
-    /// Being scaled away: never a candidate; removed once it is not the master.
-    pub retiring: bool,
-}
-
-/// What the instance should look like.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Desired {
-    pub nodes: Vec<NodeSpec>,
-    /// A master that is hung or whose agent is silent this long (and whose replicas agree they
-    /// lost it) is failed over.
-    pub hang_timeout_ms: u64,
-    /// A replica counts its master link as lost when it heard nothing for this long.
-    pub replica_silence_s: i64,
-    /// Settings kept on every node with CONFIG SET (fencing and user settings).
-    pub live_config: BTreeMap<String, String>,
-    /// Each node announces its `host` and `port` (replica-announce-ip/-port, kept with CONFIG
-    /// SET): the address clients outside the cluster reach it at (NodePort, LoadBalancer).
-    pub announce: bool,
-}
-
-/// What the controller currently knows of one node.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct NodeObs {
-    /// The agent's stream is up.
-    pub connected: bool,
-    /// Milliseconds since the node was last seen connected with its Valkey up (u64::MAX: never).
-    pub unhealthy_ms: u64,
-    /// The agent's latest report.
-    pub report: Option<StateReport>,
-    /// Milliseconds since the node was last sent a write lease, or since this controller
-    /// started if it sent none (its predecessor may have); None: not known to the hub.
-    pub lease_granted_ms: Option<u64>,
-    /// How many write leases it was sent (to tell whether one went out since).
-    pub lease_grants: u64,
-}
-
-/// Everything observed, by node name.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Observed {
-    pub nodes: BTreeMap<String, NodeObs>,
-    /// A planned switchover's FAILOVER command is being carried out right now.
-    pub switchover_in_flight: bool,
-}
-
-/// Why the last failover happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailoverRecord {
-    pub at_ms: i64,
-    pub from: Option<String>,
-    pub to: String,
-    pub reason: String,
-    /// The reason as a closed set (metric labels, Event reasons).
-    #[serde(default)]
-    pub cause: crate::driver::Cause,
-}
-
-/// A planned switchover under way: intent written before the FAILOVER command is sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingSwitchover {
-    pub from: String,
-    pub to: String,
-    pub epoch: u64,
-}
-
-/// The controller's durable state for one instance; persisted before any role change.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Durable {
-    pub epoch: u64,
-    pub master: Option<String>,
-    #[serde(default)]
-    pub last_failover: Option<FailoverRecord>,
-    #[serde(default)]
-    pub switchover: Option<PendingSwitchover>,
-}
-
-/// What to do now.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Plan {
-    /// Persist this before sending any command.
-    pub durable: Option<Durable>,
-    /// Commands, to be sent under the (new) durable epoch.
-    pub commands: Vec<(String, Action)>,
-    /// A planned switchover the runtime should carry out (to this node, or the best one).
-    pub switchover: Option<String>,
-    /// Nodes the runtime should restart (their Valkey refuses the password in force; see
-    /// [`crate::credentials`]).
-    pub restarts: Vec<String>,
-    /// Things worth an Event / a log line.
-    pub notes: Vec<String>,
-    /// The node to grant the master's write lease to from now on (see [`crate::lease`]).
-    pub lease_holder: Option<String>,
-}
-
-pub(crate) fn data(obs: &NodeObs) -> Option<&valkey_proto::v1::DataState> {
-    obs.report.as_ref()?.data.as_ref()
-}
-
-/// An agent heard from less recently than this (3 heartbeats) is silent, whatever its stream
-/// says: a partition leaves a TCP stream open, unaware, for many seconds.
-pub const AGENT_SILENT_MS: u64 = 1_500;
-
-/// Connected and heard from lately, and its Valkey answers.
-pub(crate) fn is_up(obs: &NodeObs) -> bool {
-    obs.connected
-        && obs.unhealthy_ms < AGENT_SILENT_MS
-        && obs
-            .report
-            .as_ref()
-            .is_some_and(|r| r.process() == ProcessState::Up && r.data.is_some())
-}
-
-pub(crate) fn role(obs: &NodeObs) -> Role {
-    data(obs).map(|d| d.role()).unwrap_or(Role::Unspecified)
-}
-
-pub(crate) fn follows(obs: &NodeObs, master: &NodeSpec) -> bool {
-    data(obs).is_some_and(|d| {
-        d.role() == Role::Replica
-            && d.master_host == master.host
-            && d.master_port == u32::from(master.port)
-    })
-}
-
-/// Empty after a restart, or never synced: must never be a sync source or a candidate.
-pub(crate) fn is_empty_node(obs: &NodeObs) -> bool {
-    data(obs).is_some_and(|d| d.restarted_empty || d.never_synced)
-}
-
-/// The agent itself says its Valkey is gone: definite, no vote needed.
-pub(crate) fn definitely_down(obs: &NodeObs) -> bool {
-    obs.connected
-        && obs
-            .report
-            .as_ref()
-            .is_some_and(|r| r.process() == ProcessState::Down)
-}
-
-impl Desired {
-    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-}
 
 /// The best promotion candidate among `nodes` except `excluded`: up, a replica with data
 /// (never an empty or never-synced node), not priority 0; highest offset, then priority
@@ -297,7 +149,7 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                 from: Some(pending.from.clone()),
                 to: pending.to.clone(),
                 reason: "planned switchover".into(),
-                cause: crate::driver::Cause::Switchover,
+                cause: crate::decide::Cause::Switchover,
             });
             plan.notes.push(format!(
                 "switchover {} -> {} done",
@@ -385,7 +237,7 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
         && replicas_lost_master(desired, observed, master)
     {
         // Cut off, it may still take writes until its lease lapses and it fences itself.
-        match crate::lease::lapsed(observed, master) {
+        match crate::decide::lease::lapsed(observed, master) {
             Ok(()) => Some((
                 Cause::Unresponsive,
                 format!(

@@ -4,7 +4,7 @@ use valkey_proto::v1::{DataState, SentinelState, StateReport};
 use super::*;
 
 fn desired() -> Desired {
-    crate::core::tests::desired(3)
+    crate::decide::manual::tests::desired(3)
 }
 
 fn sd() -> SentinelDesired {

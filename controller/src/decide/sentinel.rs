@@ -9,9 +9,12 @@ use valkey_proto::v1::{
     SentinelPeer, SentinelSet, command::Action, password_ref,
 };
 
-use crate::core::{
-    self, Desired, Durable, NodeObs, NodeSpec, Observed, Plan, converge, data, definitely_down,
-    is_up, others_hold_keys, role,
+use super::{
+    manual::{self, converge, others_hold_keys},
+    model::{
+        Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, data, definitely_down,
+        is_up, role,
+    },
 };
 
 /// How Sentinel should watch this instance.
@@ -189,7 +192,7 @@ pub fn decide(
         // Nobody monitors the instance yet: bootstrap the data nodes as the manual core does,
         // then hand the master to every sentinel.
         if durable.master.is_none() {
-            return core::decide(desired, durable, observed, now_ms);
+            return manual::decide(desired, durable, observed, now_ms);
         }
         let mut plan = Plan::default();
         if let Some(master) = durable.master.as_deref().and_then(|m| desired.node(m))
@@ -246,12 +249,12 @@ pub fn decide(
         let mut next = durable.clone();
         next.epoch = durable.epoch.max(config_epoch) + 1;
         if durable.master.is_some() {
-            next.last_failover = Some(core::FailoverRecord {
+            next.last_failover = Some(FailoverRecord {
                 at_ms: now_ms,
                 from: durable.master.clone(),
                 to: master.name.clone(),
                 reason: format!("Sentinel switched master (config epoch {config_epoch})"),
-                cause: crate::driver::Cause::Sentinel,
+                cause: crate::decide::Cause::Sentinel,
             });
         }
         next.master = Some(master.name.clone());

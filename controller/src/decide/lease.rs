@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use valkey_proto::v1::{ProcessState, Role, StateReport};
 
 use crate::{
-    core::{Desired, NodeObs, NodeSpec, Observed, data, follows},
-    sentinel::{SentinelDesired, sentinel_master, views},
+    decide::model::{Desired, NodeObs, NodeSpec, Observed, data, follows},
+    decide::sentinel::{SentinelDesired, sentinel_master, views},
 };
 
 /// How long a grant, or a replica's acknowledgement, lets a master keep taking writes.

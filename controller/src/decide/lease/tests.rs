@@ -8,7 +8,10 @@ use valkey_proto::v1::{
 };
 
 use super::*;
-use crate::core::{Durable, decide, tests::desired};
+use crate::decide::{
+    manual::{decide, tests::desired},
+    model::Durable,
+};
 
 fn report(role: Role, process: ProcessState, f: impl FnOnce(&mut DataState)) -> NodeObs {
     let mut data = DataState {
@@ -65,7 +68,7 @@ fn at_n0() -> Durable {
     }
 }
 
-fn promoted(plan: &crate::core::Plan) -> bool {
+fn promoted(plan: &crate::decide::model::Plan) -> bool {
     plan.commands
         .iter()
         .any(|(_, a)| matches!(a, Action::Promote(_)))

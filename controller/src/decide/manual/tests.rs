@@ -1,9 +1,10 @@
 //! Table tests of every branch of `decide`, and a property test over random observations.
 
 use proptest::prelude::*;
-use valkey_proto::v1::DataState;
+use valkey_proto::v1::{DataState, ProcessState, StateReport};
 
 use super::*;
+use crate::decide::model::PendingSwitchover;
 
 pub(crate) fn desired(n: u32) -> Desired {
     Desired {
