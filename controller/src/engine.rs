@@ -1,7 +1,7 @@
-//! One instance's decision loop, shared by the local runtime and the Kubernetes controller:
-//! observe the hub, ask the core (policy manual or sentinel) for a plan, and send its commands,
-//! one in flight per pod, with SENTINEL RESET throttled. Persisting the plan's durable state
-//! before dispatching is the caller's job (a file locally, the status in Kubernetes).
+//! Dispatch, for the failover driver both runtimes share (`driver::Driver::pass`): observe the
+//! hub, ask the decision floor (policy manual or sentinel) for a plan, and send its commands,
+//! one in flight per pod, with SENTINEL RESET throttled. The driver persists the plan's
+//! durable state (through the runtime's store) before anything here is sent.
 
 use std::{
     collections::{HashMap, HashSet},

@@ -1,7 +1,7 @@
 //! Planned switchovers, shared by the local runtime and the Kubernetes controller: choosing
 //! and checking the target, then carrying it out losslessly, by our own pause / catch-up /
-//! demote / promote sequence under policy manual, or through Sentinel (priority steering, pause, catch-up, SENTINEL FAILOVER) under
-//! policy sentinel.
+//! demote / promote sequence under policy manual, or through Sentinel (priority steering,
+//! pause, catch-up, SENTINEL FAILOVER) under policy sentinel.
 
 use std::{
     sync::{Arc, atomic::Ordering},

@@ -1,6 +1,8 @@
-//! The Kubernetes layer: pure builders of the objects a Failover owns (`build`, `services`,
-//! `sentinel_objects`), the status it reports (`status`), and the reconciler that applies them
-//! (`reconcile`), around the same failover core the local runtime uses.
+//! The Kubernetes runtime: pure builders of the objects a Failover owns (`build`, `services`,
+//! `sentinel_objects`, `network_policy`, `tls_objects`), the status it reports (`status`), the
+//! cold path that applies them (`reconcile`), the hot path that runs the shared failover driver
+//! per instance (`hot`), and what wires them to the cluster (`run`: leader election, the hub
+//! and its TLS, token reviews, metrics, the request counter).
 
 pub mod apply;
 pub mod auth;
