@@ -11,7 +11,7 @@ use valkey_proto::v1::{AclSetUser, CatchUp, ConfigSet, Outcome, SentinelMonitor}
 
 use crate::{
     info::parse_info,
-    local::{Local, LocalError},
+    valkey::{Valkey, ValkeyError},
 };
 
 /// How often long commands (FAILOVER, WaitReplica) look at the server.
@@ -67,10 +67,10 @@ pub(crate) fn failed(message: impl Into<String>) -> Refusal {
     }
 }
 
-impl From<LocalError> for Refusal {
-    fn from(err: LocalError) -> Self {
+impl From<ValkeyError> for Refusal {
+    fn from(err: ValkeyError) -> Self {
         match err {
-            LocalError::Hung(_) => Refusal {
+            ValkeyError::Hung(_) => Refusal {
                 outcome: Outcome::Timeout,
                 message: err.to_string(),
             },
@@ -109,12 +109,14 @@ pub(crate) fn follows(info: &HashMap<String, String>, host: &str, port: u32) -> 
         && info.get("master_port").and_then(|p| p.parse::<u32>().ok()) == Some(port)
 }
 
-pub(crate) async fn is_master(local: &mut Local) -> Result<bool, LocalError> {
+pub(crate) async fn is_master(local: &mut Valkey) -> Result<bool, ValkeyError> {
     Ok(replication(local).await?.get("role").map(String::as_str) == Some("master"))
 }
 
 /// INFO replication as a map.
-pub(crate) async fn replication(local: &mut Local) -> Result<HashMap<String, String>, LocalError> {
+pub(crate) async fn replication(
+    local: &mut Valkey,
+) -> Result<HashMap<String, String>, ValkeyError> {
     let text: String = local.query(redis::cmd("INFO").arg("replication")).await?;
     Ok(parse_info(&text)
         .into_iter()
@@ -123,9 +125,9 @@ pub(crate) async fn replication(local: &mut Local) -> Result<HashMap<String, Str
 }
 
 /// A server's refusal of a malformed request is the requester's fault, not a failure.
-pub(crate) fn reply_is_invalid(err: LocalError) -> Refusal {
+pub(crate) fn reply_is_invalid(err: ValkeyError) -> Refusal {
     match err {
-        LocalError::Reply(message) => invalid(message),
+        ValkeyError::Reply(message) => invalid(message),
         other => other.into(),
     }
 }
@@ -143,7 +145,7 @@ pub(crate) fn offset_of(info: &HashMap<String, String>) -> i64 {
 }
 
 /// On a replica: waits until it follows host:port and has processed up to the offset.
-pub(crate) async fn catch_up(local: &mut Local, catch_up: &CatchUp, deadline: Duration) -> Acted {
+pub(crate) async fn catch_up(local: &mut Valkey, catch_up: &CatchUp, deadline: Duration) -> Acted {
     let CatchUp { host, port, offset } = catch_up;
     let started = Instant::now();
     let deadline = deadline.saturating_sub(Duration::from_millis(100));
@@ -174,7 +176,7 @@ pub(crate) async fn catch_up(local: &mut Local, catch_up: &CatchUp, deadline: Du
 
 /// Waits until the replica at host:port has acknowledged the master offset seen at the start.
 pub(crate) async fn wait_replica(
-    local: &mut Local,
+    local: &mut Valkey,
     host: &str,
     port: u32,
     deadline: Duration,
@@ -239,7 +241,7 @@ pub(crate) async fn wait_replica(
     }
 }
 
-pub(crate) async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
+pub(crate) async fn config_set(local: &mut Valkey, config: &ConfigSet) -> Acted {
     if config.params.is_empty() {
         return Err(invalid("config_set.params is empty"));
     }
@@ -283,7 +285,7 @@ pub(crate) async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
             .await
         {
             Ok(_) => note.push_str("; config file rewritten"),
-            Err(LocalError::Reply(msg)) if msg.contains("without a config file") => {
+            Err(ValkeyError::Reply(msg)) if msg.contains("without a config file") => {
                 note.push_str("; no config file to rewrite");
             }
             Err(err) => return Err(failed(format!("CONFIG REWRITE: {err}"))),
@@ -301,7 +303,7 @@ pub(crate) async fn config_set(local: &mut Local, config: &ConfigSet) -> Acted {
     })
 }
 
-pub(crate) async fn acl_set_user(local: &mut Local, acl: &AclSetUser) -> Acted {
+pub(crate) async fn acl_set_user(local: &mut Valkey, acl: &AclSetUser) -> Acted {
     check_word("acl_set_user.username", &acl.username)?;
     let mut cmd = redis::cmd("ACL");
     cmd.arg("SETUSER").arg(&acl.username).arg("reset");
@@ -334,7 +336,7 @@ pub(crate) async fn acl_set_user(local: &mut Local, acl: &AclSetUser) -> Acted {
 
 /// SENTINEL MONITOR, then `auth_pass` (read from the file the command named) as auth-pass.
 pub(crate) async fn sentinel_monitor(
-    local: &mut Local,
+    local: &mut Valkey,
     monitor: &SentinelMonitor,
     auth_pass: Option<&str>,
 ) -> Acted {
@@ -348,7 +350,7 @@ pub(crate) async fn sentinel_monitor(
         .await
     {
         Ok(map) => Some(map),
-        Err(LocalError::Reply(msg)) if msg.contains("No such master") => None,
+        Err(ValkeyError::Reply(msg)) if msg.contains("No such master") => None,
         Err(err) => return Err(err.into()),
     };
     let same = existing.as_ref().is_some_and(|m| {

@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::Config,
-    local::{AGENT_LIB_NAME, Local, LocalError},
-    watcher::Shared,
+    snapshot::Shared,
+    valkey::{AGENT_LIB_NAME, Valkey, ValkeyError},
 };
 
 /// How often the window looks for clients writing to the demoted node.
@@ -83,10 +83,10 @@ fn parse_client_list(text: &str) -> Vec<Client> {
 /// Disconnects the clients of these types that `pick` chooses, never the agent's own; the
 /// number disconnected.
 async fn disconnect(
-    local: &mut Local,
+    local: &mut Valkey,
     kinds: &[&str],
     pick: impl Fn(&Client) -> bool,
-) -> Result<usize, LocalError> {
+) -> Result<usize, ValkeyError> {
     let mut pipe = redis::pipe();
     let mut n = 0;
     for kind in kinds {
@@ -111,12 +111,12 @@ async fn disconnect(
 }
 
 /// Disconnects every normal and pub/sub client but the agent's own; the number disconnected.
-pub async fn disconnect_all(local: &mut Local) -> Result<usize, LocalError> {
+pub async fn disconnect_all(local: &mut Valkey) -> Result<usize, ValkeyError> {
     disconnect(local, &["normal", "pubsub"], |_| true).await
 }
 
 /// The commands that write, as CLIENT LIST names them.
-async fn write_commands(local: &mut Local) -> Result<HashSet<String>, LocalError> {
+async fn write_commands(local: &mut Valkey) -> Result<HashSet<String>, ValkeyError> {
     let names: Vec<String> = local
         .query(
             redis::cmd("COMMAND")
@@ -136,7 +136,7 @@ pub async fn run(config: Arc<Config>, shared: Arc<Shared>) {
     if window.is_zero() {
         return;
     }
-    let mut local = match Local::new(&config, config.probe_timeout) {
+    let mut local = match Valkey::new(&config, config.probe_timeout) {
         Ok(local) => local,
         Err(err) => {
             warn!(error = %err, "stale clients: no local client; demoted nodes keep them");

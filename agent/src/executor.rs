@@ -23,10 +23,10 @@ use crate::{
     clients,
     config::{Config, Mode},
     fence::{Admit, Fence},
-    local::{Local, LocalError},
     metrics::{CommandLabel, Metrics},
     passwords,
-    watcher::{Shared, now_ms},
+    snapshot::{Shared, now_ms},
+    valkey::{Valkey, ValkeyError},
 };
 
 /// How many answered command ids are remembered for idempotent re-delivery.
@@ -56,7 +56,7 @@ impl Remembered {
 }
 
 struct Inner {
-    local: Local,
+    local: Valkey,
     remembered: Remembered,
 }
 
@@ -149,8 +149,8 @@ impl Executor {
         fence: Arc<Fence>,
         shared: Arc<Shared>,
         metrics: Metrics,
-    ) -> Result<Self, LocalError> {
-        let local = Local::new(&config, config.command_deadline)?;
+    ) -> Result<Self, ValkeyError> {
+        let local = Valkey::new(&config, config.command_deadline)?;
         Ok(Self {
             config,
             fence,
@@ -218,7 +218,7 @@ impl Executor {
         result
     }
 
-    async fn admit_and_act(&self, local: &mut Local, command: &Command) -> Acted {
+    async fn admit_and_act(&self, local: &mut Valkey, command: &Command) -> Acted {
         if command.id.is_empty() {
             return Err(invalid("command.id is empty"));
         }
@@ -268,7 +268,7 @@ impl Executor {
         }
     }
 
-    async fn act(&self, local: &mut Local, action: &Action, deadline: Duration) -> Acted {
+    async fn act(&self, local: &mut Valkey, action: &Action, deadline: Duration) -> Acted {
         match action {
             Action::ReplicaOf(ReplicaOf { host, port }) => {
                 check_host_port("replica_of", host, *port)?;
@@ -368,7 +368,7 @@ impl Executor {
                     .await
                 {
                     Ok(_) => Ok(Done::ok(format!("stopped monitoring {}", remove.name))),
-                    Err(LocalError::Reply(msg)) if msg.contains("No such master") => {
+                    Err(ValkeyError::Reply(msg)) if msg.contains("No such master") => {
                         Ok(Done::already(format!("{} is not monitored", remove.name)))
                     }
                     Err(err) => Err(err.into()),
@@ -434,7 +434,7 @@ impl Executor {
                     .await
                 {
                     Ok(_) => Ok(Done::ok(format!("failover of {} started", failover.name))),
-                    Err(LocalError::Reply(msg)) if msg.contains("INPROG") => Ok(Done::already(
+                    Err(ValkeyError::Reply(msg)) if msg.contains("INPROG") => Ok(Done::already(
                         format!("a failover of {} is in progress", failover.name),
                     )),
                     Err(err) => Err(err.into()),
@@ -466,7 +466,7 @@ impl Executor {
     /// FAILOVER TO host port TIMEOUT ms [FORCE], then wait until this node follows the target.
     /// This node just stopped being master: its clients move (see [`crate::clients`]). A
     /// note for the command's answer.
-    async fn move_clients(&self, local: &mut Local) -> String {
+    async fn move_clients(&self, local: &mut Valkey) -> String {
         self.shared.demotions.demoted();
         match clients::disconnect_all(local).await {
             Ok(n) => format!("; {n} clients disconnected"),
@@ -477,7 +477,7 @@ impl Executor {
         }
     }
 
-    async fn failover(&self, local: &mut Local, failover: &Failover) -> Acted {
+    async fn failover(&self, local: &mut Valkey, failover: &Failover) -> Acted {
         let Failover {
             host,
             port,

@@ -5,7 +5,7 @@ use tokio::sync::watch;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use valkey_proto::v1::{DataState, Health, ProcessState, Role};
 
-use crate::watcher::Snapshot;
+use crate::snapshot::Snapshot;
 
 /// The grpc.health.v1 service name kubelet's readiness probe asks for.
 pub const READINESS_SERVICE: &str = "readiness";

@@ -14,7 +14,7 @@ use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
 use valkey_proto::v1::{ProcessState, Role};
 
-use crate::{config::Config, local::Local, watcher::Shared, watcher::Snapshot};
+use crate::{config::Config, snapshot::Shared, snapshot::Snapshot, valkey::Valkey};
 
 /// How often the fence is checked.
 const TICK: Duration = Duration::from_millis(50);
@@ -179,8 +179,8 @@ pub async fn run(
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
 ) {
     let (mut fence_conn, renew_conn) = match (
-        Local::new(&config, config.probe_timeout),
-        Local::new(&config, RENEW_EVERY * 2),
+        Valkey::new(&config, config.probe_timeout),
+        Valkey::new(&config, RENEW_EVERY * 2),
     ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(err), _) | (_, Err(err)) => {
@@ -268,7 +268,11 @@ pub async fn run(
 /// While this node is an unfenced master the controller is not heard granting: a replicated
 /// PUBLISH and `WAIT 1`, every [`RENEW_EVERY`]; an acknowledgement renews the lease from the
 /// moment the request was sent.
-async fn renew(mut conn: Local, shared: Arc<Shared>, renewing: Arc<std::sync::atomic::AtomicBool>) {
+async fn renew(
+    mut conn: Valkey,
+    shared: Arc<Shared>,
+    renewing: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

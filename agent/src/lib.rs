@@ -12,11 +12,12 @@ pub mod info;
 pub mod lease;
 pub mod link;
 pub mod listen;
-pub mod local;
 pub mod metrics;
 pub mod passwords;
-pub mod state;
+pub mod query;
+pub mod snapshot;
 pub mod tls;
+pub mod valkey;
 pub mod watcher;
 
 use std::{
@@ -45,7 +46,7 @@ pub async fn run(
         )
     })?);
     let metrics = metrics::Metrics::new();
-    let shared = Arc::new(watcher::Shared::default());
+    let shared = Arc::new(snapshot::Shared::default());
     let seq = Arc::new(AtomicU64::new(0));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -103,7 +104,7 @@ pub async fn run(
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(AgentStateServer::new(state::StateService {
+        .add_service(AgentStateServer::new(query::StateService {
             snapshots: snapshots.clone(),
             seq: seq.clone(),
             fence: fence.clone(),

@@ -29,7 +29,7 @@ use crate::{
     executor::Executor,
     fence::Fence,
     metrics::Metrics,
-    watcher::{Shared, Snapshot, now_ms},
+    snapshot::{Shared, Snapshot, now_ms},
 };
 
 /// Bumped if the meaning of v1 messages ever changes incompatibly.

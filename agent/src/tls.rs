@@ -116,7 +116,7 @@ pub async fn watch(
     let Some((cert, key)) = tls.served.clone() else {
         return;
     };
-    let mut local = match crate::local::Local::new(&config, config.probe_timeout) {
+    let mut local = match crate::valkey::Valkey::new(&config, config.probe_timeout) {
         Ok(local) => local,
         Err(err) => {
             tracing::warn!(error = %err, "cannot watch the TLS files");

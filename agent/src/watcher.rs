@@ -4,14 +4,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 use valkey_proto::v1::{DataState, ProcessState, Role, SentinelState, StateReport};
 
@@ -20,45 +17,10 @@ use crate::{
     fence::Fence,
     health,
     info::{self, parse_info},
-    local::{Local, LocalError},
     metrics::Metrics,
+    snapshot::{Shared, Snapshot, now_ms},
+    valkey::{Valkey, ValkeyError},
 };
-
-/// The latest observation, with counters that tell consumers what kind of change it was.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub report: StateReport,
-    /// Bumped when something a failover decision depends on changed (role, link, process ...).
-    pub significant: u64,
-    /// Bumped on any change but the clock's (offsets, lag, key counts too).
-    pub revision: u64,
-}
-
-/// State the command executor shares with the watcher.
-#[derive(Debug, Default)]
-pub struct Shared {
-    /// Unix ms until which this agent has paused writes (0: not paused).
-    pub paused_until_ms: AtomicI64,
-    /// Asks for a probe right away (after a command changed something).
-    pub probe_now: Notify,
-    /// When this node stopped being master: its clients are moved off.
-    pub demotions: crate::clients::Demotions,
-    /// The master's write lease (see [`crate::decide::lease`]).
-    pub lease: crate::lease::Lease,
-}
-
-impl Shared {
-    pub fn writes_paused(&self) -> bool {
-        self.paused_until_ms.load(Ordering::Relaxed) > now_ms()
-    }
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
 
 /// What the watcher remembers between probes about the process's incarnations.
 #[derive(Debug, Default)]
@@ -97,7 +59,7 @@ impl Memory {
 #[derive(Debug)]
 pub struct Watcher {
     config: Arc<Config>,
-    local: Local,
+    local: Valkey,
     fence: Arc<Fence>,
     shared: Arc<Shared>,
     metrics: Metrics,
@@ -118,8 +80,8 @@ impl Watcher {
         fence: Arc<Fence>,
         shared: Arc<Shared>,
         metrics: Metrics,
-    ) -> Result<(Self, watch::Receiver<Arc<Snapshot>>), LocalError> {
-        let local = Local::new(&config, config.probe_timeout)?;
+    ) -> Result<(Self, watch::Receiver<Arc<Snapshot>>), ValkeyError> {
+        let local = Valkey::new(&config, config.probe_timeout)?;
         let durable = fence.get().unwrap_or_default();
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let watcher = Self {
@@ -187,7 +149,7 @@ impl Watcher {
         self.publish(process, error, latency);
     }
 
-    async fn probe_data(&mut self) -> Result<DataState, LocalError> {
+    async fn probe_data(&mut self) -> Result<DataState, ValkeyError> {
         let mut pipe = redis::pipe();
         pipe.cmd("INFO")
             .arg("server")
@@ -228,7 +190,7 @@ impl Watcher {
         Ok(data)
     }
 
-    async fn probe_sentinel(&mut self) -> Result<SentinelState, LocalError> {
+    async fn probe_sentinel(&mut self) -> Result<SentinelState, ValkeyError> {
         let text: String = self.local.query(redis::cmd("INFO").arg("server")).await?;
         let info = parse_info(&text);
         let masters: Vec<HashMap<String, String>> = self

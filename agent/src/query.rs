@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use valkey_proto::v1::{GetStateRequest, StateReport, agent_state_server::AgentState};
 
-use crate::{fence::Fence, watcher::Snapshot};
+use crate::{fence::Fence, snapshot::Snapshot};
 
 #[derive(Debug)]
 pub struct StateService {

@@ -19,7 +19,7 @@ pub const AGENT_LIB_NAME: &str = "valkey-agent";
 
 /// Why a call to the local process failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LocalError {
+pub enum ValkeyError {
     /// Connection refused, reset or closed: the process is gone.
     #[error("down: {0}")]
     Down(String),
@@ -37,7 +37,7 @@ pub enum LocalError {
     Reply(String),
 }
 
-impl LocalError {
+impl ValkeyError {
     /// What the failure says about the process.
     pub fn process_state(&self) -> ProcessState {
         match self {
@@ -78,7 +78,7 @@ impl LocalError {
 }
 
 /// A lazily (re)connected client of the local process.
-pub struct Local {
+pub struct Valkey {
     client: Client,
     conn: Option<MultiplexedConnection>,
     timeout: Duration,
@@ -102,15 +102,15 @@ struct TlsMaterial {
 impl TlsMaterial {
     /// Reads the files, or says which one cannot be used (the process then counts as down:
     /// the agent cannot reach it).
-    fn read(files: &crate::config::ValkeyTls) -> Result<Self, LocalError> {
+    fn read(files: &crate::config::ValkeyTls) -> Result<Self, ValkeyError> {
         let ca = crate::tls::read_bundle(&files.ca_file)
-            .map_err(|e| LocalError::Down(format!("TLS CA file {e}")))?;
+            .map_err(|e| ValkeyError::Down(format!("TLS CA file {e}")))?;
         let client = match &files.client {
             None => None,
             Some((cert, key)) => {
                 let read = |path: &std::path::Path| {
                     std::fs::read(path).map_err(|e| {
-                        LocalError::Down(format!("TLS client certificate {}: {e}", path.display()))
+                        ValkeyError::Down(format!("TLS client certificate {}: {e}", path.display()))
                     })
                 };
                 Some((read(cert)?, read(key)?))
@@ -125,7 +125,7 @@ fn client(
     username: Option<&str>,
     password: Option<&str>,
     tls: Option<&TlsMaterial>,
-) -> Result<Client, LocalError> {
+) -> Result<Client, ValkeyError> {
     let mut redis =
         RedisConnectionInfo::default().set_lib_name(AGENT_LIB_NAME, env!("CARGO_PKG_VERSION"));
     if let Some(user) = username {
@@ -148,7 +148,7 @@ fn client(
     // (40 ms on Linux).
     let info: ConnectionInfo = conn_addr
         .into_connection_info()
-        .map_err(|e| LocalError::Reply(e.to_string()))?
+        .map_err(|e| ValkeyError::Reply(e.to_string()))?
         .set_redis_settings(redis)
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     match tls {
@@ -167,20 +167,20 @@ fn client(
             },
         ),
     }
-    .map_err(|e| LocalError::Reply(e.to_string()))
+    .map_err(|e| ValkeyError::Reply(e.to_string()))
 }
 
-impl std::fmt::Debug for Local {
+impl std::fmt::Debug for Valkey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Local")
+        f.debug_struct("Valkey")
             .field("addr", self.client.get_connection_info().addr())
             .field("connected", &self.conn.is_some())
             .finish()
     }
 }
 
-impl Local {
-    pub fn new(config: &Config, timeout: Duration) -> Result<Self, LocalError> {
+impl Valkey {
+    pub fn new(config: &Config, timeout: Duration) -> Result<Self, ValkeyError> {
         let addr = (config.valkey_host.clone(), config.valkey_port);
         // Files that cannot be read yet leave empty material: every connect re-reads them.
         let tls = config
@@ -243,16 +243,16 @@ impl Local {
         self.conn = None;
     }
 
-    async fn connection(&mut self) -> Result<MultiplexedConnection, LocalError> {
+    async fn connection(&mut self) -> Result<MultiplexedConnection, ValkeyError> {
         match self.connect().await {
-            Err(LocalError::Auth(_)) if self.reload_password() => self.connect().await,
+            Err(ValkeyError::Auth(_)) if self.reload_password() => self.connect().await,
             other => other,
         }
     }
 
     /// With TLS, before each new connection: a CA bundle or client certificate that changed
     /// (a renewal) is used from now on.
-    fn reload_tls(&mut self) -> Result<(), LocalError> {
+    fn reload_tls(&mut self) -> Result<(), ValkeyError> {
         let Some((files, current)) = &self.tls else {
             return Ok(());
         };
@@ -269,7 +269,7 @@ impl Local {
         Ok(())
     }
 
-    async fn connect(&mut self) -> Result<MultiplexedConnection, LocalError> {
+    async fn connect(&mut self) -> Result<MultiplexedConnection, ValkeyError> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
@@ -283,10 +283,10 @@ impl Local {
                 .get_multiplexed_async_connection_with_config(&config),
         )
         .await
-        .map_err(|_| LocalError::Hung(self.timeout))?
-        .map_err(|e| match LocalError::classify(&e) {
+        .map_err(|_| ValkeyError::Hung(self.timeout))?
+        .map_err(|e| match ValkeyError::classify(&e) {
             // A connect that times out inside the client is a hang, not a death.
-            LocalError::Down(_) if e.is_timeout() => LocalError::Hung(self.timeout),
+            ValkeyError::Down(_) if e.is_timeout() => ValkeyError::Hung(self.timeout),
             other => other,
         })?;
         self.conn = Some(conn.clone());
@@ -298,7 +298,7 @@ impl Local {
         &mut self,
         cmd: &redis::Cmd,
         timeout: Option<Duration>,
-    ) -> Result<T, LocalError> {
+    ) -> Result<T, ValkeyError> {
         let limit = timeout.unwrap_or(self.timeout);
         self.bounded(limit, |mut conn| async move {
             cmd.query_async::<T>(&mut conn).await
@@ -306,7 +306,7 @@ impl Local {
         .await
     }
 
-    pub async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, LocalError> {
+    pub async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, ValkeyError> {
         self.query_within(cmd, None).await
     }
 
@@ -314,7 +314,7 @@ impl Local {
     pub async fn pipe<T: FromRedisValue>(
         &mut self,
         pipe: &redis::Pipeline,
-    ) -> Result<T, LocalError> {
+    ) -> Result<T, ValkeyError> {
         let limit = self.timeout;
         self.bounded(limit, |mut conn| async move {
             pipe.query_async::<T>(&mut conn).await
@@ -330,14 +330,14 @@ impl Local {
         &mut self,
         limit: Duration,
         call: impl Fn(MultiplexedConnection) -> F,
-    ) -> Result<T, LocalError>
+    ) -> Result<T, ValkeyError>
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let kept = self.conn.is_some();
         let conn = self.connection().await?;
         let mut result = within(limit, call(conn)).await;
-        if kept && matches!(result, Err(LocalError::Down(_))) {
+        if kept && matches!(result, Err(ValkeyError::Down(_))) {
             self.conn = None;
             let conn = self.connection().await?;
             result = within(limit, call(conn)).await;
@@ -345,7 +345,7 @@ impl Local {
         if let Err(err) = &result
             && !matches!(
                 err,
-                LocalError::Reply(_) | LocalError::Busy | LocalError::Loading
+                ValkeyError::Reply(_) | ValkeyError::Busy | ValkeyError::Loading
             )
         {
             // Never reuse a connection that failed or may still deliver a late reply.
@@ -359,9 +359,9 @@ impl Local {
 async fn within<T>(
     limit: Duration,
     call: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, LocalError> {
+) -> Result<T, ValkeyError> {
     match tokio::time::timeout(limit, call).await {
-        Err(_) => Err(LocalError::Hung(limit)),
-        Ok(reply) => reply.map_err(|e| LocalError::classify(&e)),
+        Err(_) => Err(ValkeyError::Hung(limit)),
+        Ok(reply) => reply.map_err(|e| ValkeyError::classify(&e)),
     }
 }
