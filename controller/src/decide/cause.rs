@@ -37,11 +37,6 @@ impl Cause {
             Cause::Unknown => "unknown",
         }
     }
-
-    /// Planned, not a failure: counted apart from failovers.
-    pub fn is_planned(self) -> bool {
-        matches!(self, Cause::Switchover | Cause::Bootstrap)
-    }
 }
 
 #[cfg(test)]

@@ -147,15 +147,6 @@ impl Metrics {
         self.counted.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    /// API requests counted so far, by verb (summed over resources).
-    pub fn requests_by_verb(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        let mut by_verb = std::collections::BTreeMap::new();
-        for (label, n) in self.requests() {
-            *by_verb.entry(label.verb).or_default() += n;
-        }
-        by_verb
-    }
-
     pub fn decided(&self, took: Duration) {
         self.decision_seconds.observe(took.as_secs_f64());
     }
