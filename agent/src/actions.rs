@@ -14,9 +14,6 @@ use crate::{
     valkey::{Valkey, ValkeyError},
 };
 
-/// How often long commands (FAILOVER, WaitReplica) look at the server.
-pub(crate) const POLL: Duration = Duration::from_millis(10);
-
 /// How often a catching-up replica looks at its offset: writes are paused meanwhile.
 pub(crate) const CATCH_UP_POLL: Duration = Duration::from_millis(1);
 
@@ -28,7 +25,6 @@ pub(crate) struct Done {
     pub(crate) already: bool,
     pub(crate) message: String,
     pub(crate) offset: i64,
-    pub(crate) master: Option<(String, u32)>,
 }
 
 impl Done {
@@ -171,73 +167,6 @@ pub(crate) async fn catch_up(local: &mut Valkey, catch_up: &CatchUp, deadline: D
             });
         }
         tokio::time::sleep(CATCH_UP_POLL).await;
-    }
-}
-
-/// Waits until the replica at host:port has acknowledged the master offset seen at the start.
-pub(crate) async fn wait_replica(
-    local: &mut Valkey,
-    host: &str,
-    port: u32,
-    deadline: Duration,
-) -> Acted {
-    let info = replication(local).await?;
-    if info.get("role").map(String::as_str) != Some("master") {
-        return Err(invalid(
-            "wait_replica must run on the master; this node is a replica",
-        ));
-    }
-    let target = offset_of(&info);
-    let started = Instant::now();
-    // Give up a little before the command's own deadline, so the answer says how far it got.
-    let deadline = deadline.saturating_sub(Duration::from_millis(100));
-    let mut seen = None;
-    loop {
-        let info = replication(local).await?;
-        let connected: u32 = info
-            .get("connected_slaves")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_default();
-        let replica = (0..connected).find_map(|i| {
-            let line = info.get(&format!("slave{i}"))?;
-            let fields: HashMap<_, _> = line.split(',').filter_map(|f| f.split_once('=')).collect();
-            let matches = fields.get("ip") == Some(&host)
-                && fields.get("port").and_then(|p| p.parse::<u32>().ok()) == Some(port);
-            matches.then(|| {
-                fields
-                    .get("offset")
-                    .and_then(|o| o.parse::<i64>().ok())
-                    .unwrap_or(-1)
-            })
-        });
-        seen = replica.or(seen);
-        if replica.is_some_and(|offset| offset >= target) {
-            return Ok(Done {
-                message: format!("{host}:{port} has offset {target}"),
-                offset: target,
-                ..Done::default()
-            });
-        }
-        if started.elapsed() + POLL >= deadline {
-            return Err(Refusal {
-                outcome: Outcome::Timeout,
-                message: match seen {
-                    None => format!("{host}:{port} is not a connected replica"),
-                    Some(offset) => format!("{host}:{port} reached offset {offset} of {target}"),
-                },
-            });
-        }
-        // WAIT makes the master ask its replicas for an ack now rather than within a second.
-        if connected > 0 {
-            let _ = local
-                .query_within::<i64>(
-                    redis::cmd("WAIT").arg(connected).arg(50),
-                    Some(Duration::from_millis(500)),
-                )
-                .await;
-        } else {
-            tokio::time::sleep(POLL).await;
-        }
     }
 }
 

@@ -10,15 +10,13 @@ use std::{
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use valkey_proto::v1::{
-    Command, CommandResult, ConfigSet, Failover, Outcome, ReplicaOf, command::Action,
-};
+use valkey_proto::v1::{Command, CommandResult, ConfigSet, Outcome, ReplicaOf, command::Action};
 
 use crate::{
     actions::{
-        Acted, Done, POLL, Refusal, acl_set_user, catch_up, check_host_port, check_word,
-        config_set, failed, follows, invalid, is_master, offset_of, replication, reply_is_invalid,
-        sentinel_monitor, sorted, wait_replica,
+        Acted, Done, Refusal, acl_set_user, catch_up, check_host_port, check_word, config_set,
+        failed, invalid, is_master, offset_of, replication, reply_is_invalid, sentinel_monitor,
+        sorted,
     },
     clients,
     config::{Config, Mode},
@@ -83,19 +81,15 @@ pub fn action_name(action: Option<&Action>) -> &'static str {
         None => "unknown",
         Some(Action::ReplicaOf(_)) => "replica_of",
         Some(Action::Promote(_)) => "promote",
-        Some(Action::Failover(_)) => "failover",
         Some(Action::PauseWrites(_)) => "pause_writes",
         Some(Action::UnpauseWrites(_)) => "unpause_writes",
-        Some(Action::WaitReplica(_)) => "wait_replica",
         Some(Action::CatchUp(_)) => "catch_up",
         Some(Action::ConfigSet(_)) => "config_set",
         Some(Action::AclSetUser(_)) => "acl_set_user",
         Some(Action::SentinelMonitor(_)) => "sentinel_monitor",
-        Some(Action::SentinelRemove(_)) => "sentinel_remove",
         Some(Action::SentinelSet(_)) => "sentinel_set",
         Some(Action::SentinelReset(_)) => "sentinel_reset",
         Some(Action::SentinelFailover(_)) => "sentinel_failover",
-        Some(Action::SentinelGetMasterAddr(_)) => "sentinel_get_master_addr",
         Some(Action::SentinelConfigSet(_)) => "sentinel_config_set",
     }
 }
@@ -105,30 +99,18 @@ fn action_mode(action: &Action) -> Option<Mode> {
     match action {
         Action::ReplicaOf(_)
         | Action::Promote(_)
-        | Action::Failover(_)
         | Action::PauseWrites(_)
         | Action::UnpauseWrites(_)
-        | Action::WaitReplica(_)
         | Action::CatchUp(_)
         | Action::ConfigSet(_) => Some(Mode::Data),
         Action::SentinelMonitor(_)
-        | Action::SentinelRemove(_)
         | Action::SentinelSet(_)
         | Action::SentinelReset(_)
         | Action::SentinelFailover(_)
-        | Action::SentinelGetMasterAddr(_)
         | Action::SentinelConfigSet(_) => Some(Mode::Sentinel),
         // Sentinel has ACLs too: its own password rotates the same way.
         Action::AclSetUser(_) => None,
     }
-}
-
-/// Read-only commands pass the fence whatever their epoch.
-fn is_read_only(action: &Action) -> bool {
-    matches!(
-        action,
-        Action::WaitReplica(_) | Action::SentinelGetMasterAddr(_)
-    )
 }
 
 fn outcome_label(outcome: Outcome) -> &'static str {
@@ -188,10 +170,6 @@ impl Executor {
                 });
                 result.message = done.message;
                 result.offset = done.offset;
-                if let Some((host, port)) = done.master {
-                    result.master_host = host;
-                    result.master_port = port;
-                }
             }
             Err(refusal) => {
                 result.set_outcome(refusal.outcome);
@@ -236,20 +214,20 @@ impl Executor {
                 self.config.mode
             )));
         }
-        if !is_read_only(action) {
-            match self.fence.advance(command.epoch) {
-                Ok(Admit::Yes) => {}
-                Ok(Admit::Stale { current }) => {
-                    return Err(Refusal {
-                        outcome: Outcome::StaleEpoch,
-                        message: format!(
-                            "command epoch {} is older than this agent's epoch {current}",
-                            command.epoch
-                        ),
-                    });
-                }
-                Err(err) => return Err(failed(format!("cannot persist the epoch: {err}"))),
+        // Every command is fenced, the waits too: a target that has seen a newer epoch refuses
+        // to take part in an older switchover.
+        match self.fence.advance(command.epoch) {
+            Ok(Admit::Yes) => {}
+            Ok(Admit::Stale { current }) => {
+                return Err(Refusal {
+                    outcome: Outcome::StaleEpoch,
+                    message: format!(
+                        "command epoch {} is older than this agent's epoch {current}",
+                        command.epoch
+                    ),
+                });
             }
+            Err(err) => return Err(failed(format!("cannot persist the epoch: {err}"))),
         }
         let deadline = match command.deadline_ms {
             0 => self.config.command_deadline,
@@ -302,7 +280,6 @@ impl Executor {
                 self.shared.demotions.promoted();
                 Ok(Done::ok("promoted to master"))
             }
-            Action::Failover(failover) => self.failover(local, failover).await,
             Action::PauseWrites(pause) => {
                 if pause.pause_ms == 0 {
                     return Err(invalid("pause_writes.pause_ms must be above 0"));
@@ -331,10 +308,6 @@ impl Executor {
                 self.shared.paused_until_ms.store(0, Ordering::Relaxed);
                 Ok(Done::ok("writes unpaused"))
             }
-            Action::WaitReplica(wait) => {
-                check_host_port("wait_replica", &wait.host, wait.port)?;
-                wait_replica(local, &wait.host, wait.port, deadline).await
-            }
             Action::CatchUp(catch_up) => {
                 check_host_port("catch_up", &catch_up.host, catch_up.port)?;
                 self::catch_up(local, catch_up, deadline).await
@@ -360,19 +333,6 @@ impl Executor {
                     None => None,
                 };
                 sentinel_monitor(local, monitor, auth_pass.as_deref()).await
-            }
-            Action::SentinelRemove(remove) => {
-                check_word("sentinel_remove.name", &remove.name)?;
-                match local
-                    .query::<String>(redis::cmd("SENTINEL").arg("REMOVE").arg(&remove.name))
-                    .await
-                {
-                    Ok(_) => Ok(Done::ok(format!("stopped monitoring {}", remove.name))),
-                    Err(ValkeyError::Reply(msg)) if msg.contains("No such master") => {
-                        Ok(Done::already(format!("{} is not monitored", remove.name)))
-                    }
-                    Err(err) => Err(err.into()),
-                }
             }
             Action::SentinelSet(set) => {
                 check_word("sentinel_set.name", &set.name)?;
@@ -440,30 +400,9 @@ impl Executor {
                     Err(err) => Err(err.into()),
                 }
             }
-            Action::SentinelGetMasterAddr(get) => {
-                check_word("sentinel_get_master_addr.name", &get.name)?;
-                let addr: Option<(String, String)> = local
-                    .query(
-                        redis::cmd("SENTINEL")
-                            .arg("GET-MASTER-ADDR-BY-NAME")
-                            .arg(&get.name),
-                    )
-                    .await?;
-                let (host, port) = addr
-                    .ok_or_else(|| failed(format!("no master named {} is monitored", get.name)))?;
-                let port = port
-                    .parse::<u32>()
-                    .map_err(|_| failed(format!("bad port {port:?}")))?;
-                Ok(Done {
-                    message: format!("{host}:{port}"),
-                    master: Some((host, port)),
-                    ..Done::default()
-                })
-            }
         }
     }
 
-    /// FAILOVER TO host port TIMEOUT ms [FORCE], then wait until this node follows the target.
     /// This node just stopped being master: its clients move (see [`crate::clients`]). A
     /// note for the command's answer.
     async fn move_clients(&self, local: &mut Valkey) -> String {
@@ -474,64 +413,6 @@ impl Executor {
                 warn!(error = %err, "could not disconnect the clients of the demoted node");
                 format!("; clients not disconnected: {err}")
             }
-        }
-    }
-
-    async fn failover(&self, local: &mut Valkey, failover: &Failover) -> Acted {
-        let Failover {
-            host,
-            port,
-            timeout_ms,
-            force,
-        } = failover;
-        check_host_port("failover", host, *port)?;
-        if *force && *timeout_ms == 0 {
-            return Err(invalid("failover.force needs failover.timeout_ms above 0"));
-        }
-        let info = replication(local).await?;
-        let follows_target = |info: &HashMap<String, String>| follows(info, host, *port);
-        if follows_target(&info) {
-            return Ok(Done::already(format!("already a replica of {host}:{port}")));
-        }
-        if info.get("role").map(String::as_str) != Some("master") {
-            return Err(invalid(
-                "failover must run on the master; this node is a replica",
-            ));
-        }
-        let in_progress = info
-            .get("master_failover_state")
-            .is_some_and(|s| s != "no-failover");
-        if !in_progress {
-            let mut cmd = redis::cmd("FAILOVER");
-            cmd.arg("TO").arg(host).arg(*port);
-            if *timeout_ms > 0 {
-                cmd.arg("TIMEOUT").arg(*timeout_ms);
-            }
-            if *force {
-                cmd.arg("FORCE");
-            }
-            let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
-        }
-        loop {
-            let info = replication(local).await?;
-            if follows_target(&info) {
-                let offset = offset_of(&info);
-                let moved = self.move_clients(local).await;
-                return Ok(Done {
-                    message: format!("handed over to {host}:{port}{moved}"),
-                    offset,
-                    ..Done::default()
-                });
-            }
-            let state = info.get("master_failover_state").map(String::as_str);
-            if info.get("role").map(String::as_str) == Some("master")
-                && state == Some("no-failover")
-            {
-                return Err(failed(
-                    "the failover was aborted (the target did not catch up in time, or left)",
-                ));
-            }
-            tokio::time::sleep(POLL).await;
         }
     }
 }

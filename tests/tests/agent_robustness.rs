@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 use tonic_health::pb::health_check_response::ServingStatus;
 use valkey_e2e::{
@@ -15,8 +14,7 @@ use valkey_e2e::{
     wait_for,
 };
 use valkey_proto::v1::{
-    Command, Failover, Outcome, ProcessState, Promote, ReplicaOf, Role, WaitReplica,
-    command::Action,
+    CatchUp, Command, Outcome, ProcessState, Promote, ReplicaOf, Role, command::Action,
 };
 
 const T: Duration = Duration::from_secs(15);
@@ -71,24 +69,24 @@ async fn malformed_and_unknown_commands_get_clear_errors_and_the_agent_keeps_run
         (
             command(
                 1,
-                Action::Failover(Failover {
+                Action::CatchUp(CatchUp {
                     host: a.host(),
-                    port: 1,
-                    timeout_ms: 0,
-                    force: true,
+                    port: 0,
+                    offset: 1,
                 }),
             ),
-            "failover.force",
+            "catch_up.port",
         ),
         (
             command(
                 1,
-                Action::WaitReplica(WaitReplica {
+                Action::CatchUp(CatchUp {
                     host: String::new(),
                     port: 1,
+                    offset: 1,
                 }),
             ),
-            "wait_replica.host",
+            "catch_up.host",
         ),
     ];
     for (cmd, expected) in cases {
@@ -117,18 +115,27 @@ async fn malformed_and_unknown_commands_get_clear_errors_and_the_agent_keeps_run
     assert_eq!(result.outcome(), Outcome::Invalid);
     assert!(result.message.contains("command.id"), "{}", result.message);
 
-    // A command that cannot finish in its deadline is answered TIMEOUT.
+    // A command that cannot finish in its deadline is answered TIMEOUT: a replica of `a` asked
+    // to catch up with an offset `a` will not reach.
+    let b = Valkey::start_with("b", &["--replicaof", "127.0.0.1", &a.port.to_string()]);
+    let _agent_b = Agent::start(AgentOpts::for_valkey(&b, Some(hub.url())));
+    hub.wait_report("b", T, |r| {
+        r.data.as_ref().is_some_and(|d| d.master_link_up)
+    })
+    .await;
     let mut slow = command(
         1,
-        Action::WaitReplica(WaitReplica {
-            host: "127.0.0.1".into(),
-            port: 1,
+        Action::CatchUp(CatchUp {
+            host: a.host(),
+            port: u32::from(a.port),
+            offset: i64::MAX,
         }),
     );
     slow.deadline_ms = 300;
-    let result = hub.command("a", slow, T).await;
+    let result = hub.command("b", slow, T).await;
     assert_eq!(result.outcome(), Outcome::Timeout, "{result:?}");
-    assert!(result.message.contains("127.0.0.1:1"), "{}", result.message);
+    let a_addr = format!("{}:{}", a.host(), a.port);
+    assert!(result.message.contains(&a_addr), "{}", result.message);
 
     // Still running, and still acting.
     assert!(agent.proc_mut().exited().is_none());
@@ -215,47 +222,54 @@ async fn a_stream_cut_mid_command_loses_no_result() {
     let mut hub = TestHub::start("t0ken").await;
     let master = Valkey::start("m");
     let replica = Valkey::start_with("r", &["--replicaof", "127.0.0.1", &master.port.to_string()]);
-    let _agent = Agent::start(AgentOpts::for_valkey(&master, Some(hub.url())));
-    hub.wait_report("m", T, |r| {
-        r.data
-            .as_ref()
-            .is_some_and(|d| d.replicas.iter().any(|x| x.state == "online"))
+    let _agent = Agent::start(AgentOpts::for_valkey(&replica, Some(hub.url())));
+    hub.wait_report("r", T, |r| {
+        r.data.as_ref().is_some_and(|d| d.master_link_up)
     })
     .await;
 
-    // The replica freezes, so waiting for it to catch up cannot finish yet.
-    replica.proc().signal(Signal::SIGSTOP);
-    let _: () = master.conn().await.set("k", "v").await.expect("SET");
+    // The replica is asked to catch up with an offset the master has not reached yet, so the
+    // command cannot finish while the stream is cut.
+    let offset: i64 = master.info("replication").await["master_repl_offset"]
+        .parse()
+        .expect("offset");
     let mut wait = command(
         1,
-        Action::WaitReplica(WaitReplica {
-            host: replica.host(),
-            port: u32::from(replica.port),
+        Action::CatchUp(CatchUp {
+            host: master.host(),
+            port: u32::from(master.port),
+            offset: offset + 1000,
         }),
     );
     wait.deadline_ms = 20_000;
     let from = hub.events().len();
-    assert!(hub.send("m", wait.clone()).await);
-    hub.cut("m");
+    assert!(hub.send("r", wait.clone()).await);
+    hub.cut("r");
     hub.wait_event("the stream to close", from, T, |e| {
-        matches!(e, Event::Closed { pod } if pod == "m").then_some(())
+        matches!(e, Event::Closed { pod } if pod == "r").then_some(())
     })
     .await;
-    replica.proc().signal(Signal::SIGCONT);
-    hub.wait_hello("m", from, T).await;
+    // The master moves on past it.
+    let _: () = master
+        .conn()
+        .await
+        .set("k", "v".repeat(4096))
+        .await
+        .expect("SET");
+    hub.wait_hello("r", from, T).await;
 
     // The result arrives on the new stream by itself, or when the controller asks again.
     let result = match tokio::time::timeout(
         Duration::from_secs(3),
-        hub.wait_result("m", &wait.id, from, T),
+        hub.wait_result("r", &wait.id, from, T),
     )
     .await
     {
         Ok(result) => result,
         Err(_) => {
             let again = hub.events().len();
-            assert!(hub.send("m", wait.clone()).await);
-            hub.wait_result("m", &wait.id, again, T).await
+            assert!(hub.send("r", wait.clone()).await);
+            hub.wait_result("r", &wait.id, again, T).await
         }
     };
     assert_eq!(result.outcome(), Outcome::Ok, "{result:?}");
@@ -291,16 +305,19 @@ async fn sigterm_on_a_master_asks_for_a_switchover_and_waits_for_it() {
         agent_a.health("readiness").await,
         Some(ServingStatus::NotServing)
     );
+    // The controller's switchover, reduced to its last two steps: promote b, make a follow it.
+    let promoted = hub
+        .command("b", command(1, Action::Promote(Promote {})), T)
+        .await;
+    assert_eq!(promoted.outcome(), Outcome::Ok, "{promoted:?}");
     let handed = hub
         .command(
             "a",
             command(
                 1,
-                Action::Failover(Failover {
+                Action::ReplicaOf(ReplicaOf {
                     host: b.host(),
                     port: u32::from(b.port),
-                    timeout_ms: 5000,
-                    force: false,
                 }),
             ),
             T,
