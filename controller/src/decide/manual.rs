@@ -9,8 +9,8 @@ use valkey_proto::v1::{ConfigSet, Promote, ReplicaOf, Role, command::Action};
 use super::{
     Cause,
     model::{
-        Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, data, definitely_down,
-        follows, is_empty_node, is_up, role,
+        Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, PendingSwitchover, Plan,
+        data, definitely_down, follows, is_empty_node, is_up, role,
     },
 };
 
@@ -126,37 +126,75 @@ fn offsets_final(desired: &Desired, observed: &Observed, master: &NodeSpec) -> b
         .all(|obs| data(obs).is_some_and(|d| !d.master_link_up))
 }
 
-/// Decides what to do now. Pure: the same input always gives the same plan.
+/// Decides what to do now under policy manual, in phases: commit (or drop) a planned
+/// switchover, bootstrap the first master, tell why the master failed (if it did), fail over,
+/// or in steady state keep the nodes in line.
 pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms: i64) -> Plan {
-    let mut plan = Plan::default();
-    let mut next = durable.clone();
-
-    // A planned switchover in progress: leave the nodes alone while its FAILOVER runs, then
-    // commit it if the target took over, or drop it if not.
+    let round = Round {
+        desired,
+        durable,
+        observed,
+        now_ms,
+    };
     if let Some(pending) = &durable.switchover {
-        if observed.switchover_in_flight {
+        return round.commit_switchover(pending);
+    }
+    let Some(master) = durable.master.as_deref().and_then(|m| desired.node(m)) else {
+        return round.bootstrap();
+    };
+    let master_obs = observed
+        .nodes
+        .get(&master.name)
+        .cloned()
+        .unwrap_or(NodeObs {
+            unhealthy_ms: u64::MAX,
+            ..NodeObs::default()
+        });
+    let mut plan = Plan::default();
+    match round.why_failed(master, &master_obs, &mut plan) {
+        Some((cause, reason)) => round.fail_over(master, &master_obs, cause, reason, &mut plan),
+        None => round.steady(master, &master_obs, &mut plan),
+    }
+    plan
+}
+
+/// One decision's inputs.
+struct Round<'a> {
+    desired: &'a Desired,
+    durable: &'a Durable,
+    observed: &'a Observed,
+    now_ms: i64,
+}
+
+impl Round<'_> {
+    /// A planned switchover in progress: leave the nodes alone while it runs, then commit it
+    /// if the target took over, or drop it if not.
+    fn commit_switchover(&self, pending: &PendingSwitchover) -> Plan {
+        let mut plan = Plan::default();
+        if self.observed.switchover_in_flight {
             return plan;
         }
-        let target_is_master = observed
+        let mut next = self.durable.clone();
+        let target_is_master = self
+            .observed
             .nodes
             .get(&pending.to)
             .is_some_and(|obs| is_up(obs) && role(obs) == Role::Master);
+        next.epoch = next.epoch.max(pending.epoch);
         if target_is_master {
-            next.epoch = next.epoch.max(pending.epoch);
             next.master = Some(pending.to.clone());
             next.last_failover = Some(FailoverRecord {
-                at_ms: now_ms,
+                at_ms: self.now_ms,
                 from: Some(pending.from.clone()),
                 to: pending.to.clone(),
                 reason: "planned switchover".into(),
-                cause: crate::decide::Cause::Switchover,
+                cause: Cause::Switchover,
             });
             plan.notes.push(format!(
                 "switchover {} -> {} done",
                 pending.from, pending.to
             ));
         } else {
-            next.epoch = next.epoch.max(pending.epoch);
             plan.notes.push(format!(
                 "switchover {} -> {} did not happen; {} stays master",
                 pending.from, pending.to, pending.from
@@ -164,12 +202,13 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
         }
         next.switchover = None;
         plan.durable = Some(next);
-        return plan;
+        plan
     }
 
-    let master = durable.master.as_deref().and_then(|m| desired.node(m));
-    let Some(master) = master else {
-        // Bootstrap once every desired node answers.
+    /// No master yet: choose one once every desired node answers.
+    fn bootstrap(&self) -> Plan {
+        let (desired, observed) = (self.desired, self.observed);
+        let mut plan = Plan::default();
         let all_up = desired
             .nodes
             .iter()
@@ -179,6 +218,7 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
             return plan;
         }
         if let Some(chosen) = bootstrap_choice(desired, observed) {
+            let mut next = self.durable.clone();
             next.epoch += 1;
             next.master = Some(chosen.name.clone());
             plan.notes.push(format!(
@@ -196,48 +236,39 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
             converge(desired, observed, chosen, &mut plan);
             plan.durable = Some(next);
         }
-        return plan;
-    };
+        plan
+    }
 
-    let master_obs = observed
-        .nodes
-        .get(&master.name)
-        .cloned()
-        .unwrap_or(NodeObs {
-            unhealthy_ms: u64::MAX,
-            ..NodeObs::default()
-        });
-    let master_up = is_up(&master_obs);
-    let master_role = role(&master_obs);
-    let master_serving = master_up && master_role == Role::Master;
-    // Nodes start as replicas of nobody, so a restarted master answers as a replica until it
-    // is promoted back; one that came back empty must not be.
-    // Or, restarted, it has no keys while another node has some: whatever its agent remembers
-    // (it may not have seen the last writes before the crash), its data is not the newest.
-    let master_empty = master_up
-        && data(&master_obs).is_some_and(|d| {
-            d.restarted_empty
-                || (d.role() == Role::Replica
-                    && (d.never_synced
-                        || (d.key_count == 0 && others_hold_keys(desired, observed, &master.name))))
-        });
-
-    let reason = if definitely_down(&master_obs) {
-        Some((
-            Cause::ProcessGone,
-            format!("master {} process is gone", master.name),
-        ))
-    } else if master_empty {
-        Some((
-            Cause::RestartedEmpty,
-            format!("master {} restarted with an empty dataset", master.name),
-        ))
-    } else if !master_up
-        && master_obs.unhealthy_ms >= desired.hang_timeout_ms
-        && replicas_lost_master(desired, observed, master)
-    {
+    /// Why the master failed, if it did: its process is gone, it came back empty, or it has
+    /// been unresponsive and its replicas lost it (once its write lease has lapsed; until then
+    /// a note says why not yet).
+    fn why_failed(
+        &self,
+        master: &NodeSpec,
+        master_obs: &NodeObs,
+        plan: &mut Plan,
+    ) -> Option<(Cause, String)> {
+        let (desired, observed) = (self.desired, self.observed);
+        if definitely_down(master_obs) {
+            return Some((
+                Cause::ProcessGone,
+                format!("master {} process is gone", master.name),
+            ));
+        }
+        if came_back_empty(desired, observed, master, master_obs) {
+            return Some((
+                Cause::RestartedEmpty,
+                format!("master {} restarted with an empty dataset", master.name),
+            ));
+        }
+        if is_up(master_obs)
+            || master_obs.unhealthy_ms < desired.hang_timeout_ms
+            || !replicas_lost_master(desired, observed, master)
+        {
+            return None;
+        }
         // Cut off, it may still take writes until its lease lapses and it fences itself.
-        match crate::decide::lease::lapsed(observed, master) {
+        match super::lease::lapsed(observed, master) {
             Ok(()) => Some((
                 Cause::Unresponsive,
                 format!(
@@ -253,26 +284,36 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                 None
             }
         }
-    } else {
-        None
-    };
+    }
 
-    if let Some((cause, reason)) = reason {
+    /// Promote the best candidate, once the replicas' offsets are final; or keep an empty
+    /// master when no other node holds data (it is all there is).
+    fn fail_over(
+        &self,
+        master: &NodeSpec,
+        master_obs: &NodeObs,
+        cause: Cause,
+        reason: String,
+        plan: &mut Plan,
+    ) {
+        let (desired, observed) = (self.desired, self.observed);
         let down_for_ms = master_obs.report.as_ref().map_or(0, |r| r.down_for_ms);
-        if definitely_down(&master_obs)
+        if definitely_down(master_obs)
             && down_for_ms < OFFSETS_SETTLE_MS
             && !offsets_final(desired, observed, master)
         {
             plan.notes
                 .push(format!("{reason}; waiting for its replicas' final offsets"));
-            return plan;
+            return;
         }
+        let master_up = is_up(master_obs);
         match best_candidate(desired, observed, Some(&master.name)) {
             Some(candidate) => {
+                let mut next = self.durable.clone();
                 next.epoch += 1;
                 next.master = Some(candidate.name.clone());
                 next.last_failover = Some(FailoverRecord {
-                    at_ms: now_ms,
+                    at_ms: self.now_ms,
                     from: Some(master.name.clone()),
                     to: candidate.name.clone(),
                     reason: reason.clone(),
@@ -284,42 +325,68 @@ pub fn decide(desired: &Desired, durable: &Durable, observed: &Observed, now_ms:
                 ));
                 plan.commands
                     .push((candidate.name.clone(), Action::Promote(Promote {})));
-                converge(desired, observed, candidate, &mut plan);
+                converge(desired, observed, candidate, plan);
                 plan.durable = Some(next);
             }
             None if master_up && !others_hold_data(desired, observed, &master.name) => {
-                // Empty, but no other node holds data: it is all there is.
                 plan.notes.push(format!(
                     "{reason}; no other node holds data, so {} stays master",
                     master.name
                 ));
-                if master_role == Role::Replica {
+                if role(master_obs) == Role::Replica {
                     plan.commands
                         .push((master.name.clone(), Action::Promote(Promote {})));
                 }
-                converge(desired, observed, master, &mut plan);
+                converge(desired, observed, master, plan);
             }
             None => plan
                 .notes
                 .push(format!("{reason}; no candidate to promote yet")),
         }
-        return plan;
     }
 
-    if master_serving {
-        converge(desired, observed, master, &mut plan);
-        if master.retiring {
-            // The master is being scaled away: move the role first.
-            plan.switchover =
-                best_candidate(desired, observed, Some(&master.name)).map(|n| n.name.clone());
+    /// The master serves: the others follow it, and a retiring master hands its role over
+    /// first. The recorded master came back (as every node does, a replica of nobody) with its
+    /// data: promote it back, in the same epoch.
+    fn steady(&self, master: &NodeSpec, master_obs: &NodeObs, plan: &mut Plan) {
+        if !is_up(master_obs) {
+            return;
         }
-    } else if master_up && master_role == Role::Replica {
-        // The recorded master came back (as every node does, a replica of nobody) with its
-        // data: promote it back, in the same epoch.
-        plan.commands
-            .push((master.name.clone(), Action::Promote(Promote {})));
+        match role(master_obs) {
+            Role::Master => {
+                converge(self.desired, self.observed, master, plan);
+                if master.retiring {
+                    // The master is being scaled away: move the role first.
+                    plan.switchover =
+                        best_candidate(self.desired, self.observed, Some(&master.name))
+                            .map(|n| n.name.clone());
+                }
+            }
+            Role::Replica => plan
+                .commands
+                .push((master.name.clone(), Action::Promote(Promote {}))),
+            _ => {}
+        }
     }
-    plan
+}
+
+/// Nodes start as replicas of nobody, so a restarted master answers as a replica until it is
+/// promoted back; one that came back empty must not be. Or, restarted, it has no keys while
+/// another node has some: whatever its agent remembers (it may not have seen the last writes
+/// before the crash), its data is not the newest. Both policies use this rule.
+pub(crate) fn came_back_empty(
+    desired: &Desired,
+    observed: &Observed,
+    master: &NodeSpec,
+    master_obs: &NodeObs,
+) -> bool {
+    is_up(master_obs)
+        && data(master_obs).is_some_and(|d| {
+            d.restarted_empty
+                || (d.role() == Role::Replica
+                    && (d.never_synced
+                        || (d.key_count == 0 && others_hold_keys(desired, observed, &master.name))))
+        })
 }
 
 /// Every other answering node replicates from `master`; live settings are kept everywhere.

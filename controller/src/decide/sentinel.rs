@@ -10,9 +10,9 @@ use valkey_proto::v1::{
 };
 
 use super::{
-    manual::{self, converge, others_hold_keys},
+    manual::{self, came_back_empty, converge},
     model::{
-        Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, data, definitely_down,
+        Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, definitely_down,
         is_up, role,
     },
 };
@@ -178,7 +178,10 @@ fn monitor(sd: &SentinelDesired, master: &NodeSpec, pod: &str) -> [(String, Acti
     ]
 }
 
-/// Decides what to do now under policy sentinel.
+/// Decides what to do now under policy sentinel, in phases: bootstrap (nobody monitors the
+/// instance yet), re-address (Sentinel names an address no node has any more), then follow
+/// Sentinel's master, heal the sentinels, accelerate a failover Sentinel would start late or
+/// not at all, and in steady state keep the data nodes in line.
 pub fn decide(
     desired: &Desired,
     sd: &SentinelDesired,
@@ -187,70 +190,114 @@ pub fn decide(
     sentinels: &BTreeMap<String, NodeObs>,
     now_ms: i64,
 ) -> Plan {
-    let views = views(sd, sentinels);
-    let Some((host, port, config_epoch)) = sentinel_master(&views) else {
-        // Nobody monitors the instance yet: bootstrap the data nodes as the manual core does,
-        // then hand the master to every sentinel.
-        if durable.master.is_none() {
-            return manual::decide(desired, durable, observed, now_ms);
-        }
-        let mut plan = Plan::default();
-        if let Some(master) = durable.master.as_deref().and_then(|m| desired.node(m))
-            && observed
-                .nodes
-                .get(&master.name)
-                .is_some_and(|o| is_up(o) && role(o) == Role::Master)
-        {
-            for view in &views {
-                plan.commands.extend(monitor(sd, master, view.pod));
-            }
-        }
-        return plan;
+    let round = Round {
+        desired,
+        sd,
+        durable,
+        observed,
+        views: views(sd, sentinels),
+        now_ms,
     };
-
-    let mut plan = Plan::default();
+    let Some((host, port, config_epoch)) = sentinel_master(&round.views) else {
+        return round.bootstrap();
+    };
     let Some(master) = desired
         .nodes
         .iter()
         .find(|n| n.host == host && u32::from(n.port) == port)
     else {
-        // The nodes' addresses changed (outside access turned on or off, a new load balancer
-        // address): Sentinel still names an old one. When our master is the one node serving
-        // as master and no failover runs, it is handed to every sentinel at its address now.
-        let masters: Vec<&NodeSpec> = desired
+        return round.readdress(host, port);
+    };
+    let mut plan = Plan::default();
+    round.follow(master, config_epoch, &mut plan);
+    round.heal(master, config_epoch, &mut plan);
+    if round.accelerate(master, &mut plan) || failover_in_progress(&round.views) {
+        return plan;
+    }
+    round.steady(master, &mut plan);
+    plan
+}
+
+/// One decision: its inputs, and the sentinels' views of the monitor.
+struct Round<'a> {
+    desired: &'a Desired,
+    sd: &'a SentinelDesired,
+    durable: &'a Durable,
+    observed: &'a Observed,
+    views: Vec<SentinelView<'a>>,
+    now_ms: i64,
+}
+
+impl Round<'_> {
+    /// Whether `node` is up as master.
+    fn serves_as_master(&self, node: &str) -> bool {
+        self.observed
+            .nodes
+            .get(node)
+            .is_some_and(|o| is_up(o) && role(o) == Role::Master)
+    }
+
+    /// Nobody monitors the instance yet: bootstrap the data nodes as the manual core does,
+    /// then hand the master to every sentinel.
+    fn bootstrap(&self) -> Plan {
+        if self.durable.master.is_none() {
+            return manual::decide(self.desired, self.durable, self.observed, self.now_ms);
+        }
+        let mut plan = Plan::default();
+        if let Some(master) = self
+            .durable
+            .master
+            .as_deref()
+            .and_then(|m| self.desired.node(m))
+            && self.serves_as_master(&master.name)
+        {
+            for view in &self.views {
+                plan.commands.extend(monitor(self.sd, master, view.pod));
+            }
+        }
+        plan
+    }
+
+    /// The nodes' addresses changed (outside access turned on or off, a new load balancer
+    /// address): Sentinel still names an old one. When our master is the one node serving as
+    /// master and no failover runs, it is handed to every sentinel at its address now.
+    fn readdress(&self, host: &str, port: u32) -> Plan {
+        let mut plan = Plan::default();
+        let masters: Vec<&NodeSpec> = self
+            .desired
             .nodes
             .iter()
-            .filter(|n| {
-                observed
-                    .nodes
-                    .get(&n.name)
-                    .is_some_and(|o| is_up(o) && role(o) == Role::Master)
-            })
+            .filter(|n| self.serves_as_master(&n.name))
             .collect();
-        match (durable.master.as_deref(), masters.as_slice()) {
-            (Some(ours), [only]) if only.name == ours && !failover_in_progress(&views) => {
+        match (self.durable.master.as_deref(), masters.as_slice()) {
+            (Some(ours), [only]) if only.name == ours && !failover_in_progress(&self.views) => {
                 plan.notes.push(format!(
                     "Sentinel names {host}:{port} master, an address {ours} no longer has: \
                      monitoring it at {}:{} again",
                     only.host, only.port
                 ));
-                for view in &views {
-                    plan.commands.extend(monitor(sd, only, view.pod));
+                for view in &self.views {
+                    plan.commands.extend(monitor(self.sd, only, view.pod));
                 }
             }
             _ => plan.notes.push(format!(
                 "Sentinel names {host}:{port} master, which is not a node of this instance"
             )),
         }
-        return plan;
-    };
-    // Follow Sentinel: its master becomes ours, under a new epoch when it changed.
-    if durable.master.as_deref() != Some(master.name.as_str()) {
+        plan
+    }
+
+    /// Follow Sentinel: its master becomes ours, under a new epoch when it changed.
+    fn follow(&self, master: &NodeSpec, config_epoch: u64, plan: &mut Plan) {
+        let durable = self.durable;
+        if durable.master.as_deref() == Some(master.name.as_str()) {
+            return;
+        }
         let mut next = durable.clone();
         next.epoch = durable.epoch.max(config_epoch) + 1;
         if durable.master.is_some() {
             next.last_failover = Some(FailoverRecord {
-                at_ms: now_ms,
+                at_ms: self.now_ms,
                 from: durable.master.clone(),
                 to: master.name.clone(),
                 reason: format!("Sentinel switched master (config epoch {config_epoch})"),
@@ -265,133 +312,134 @@ pub fn decide(
         plan.durable = Some(next);
     }
 
-    // Heal: every sentinel announces the address it is reached at (when that is ours to
-    // choose), and monitors the instance, with the desired settings.
-    for view in &views {
-        if let Some((host, port)) = sd.announce.get(view.pod)
-            && (view.announce.0 != host || view.announce.1 != *port)
-        {
-            plan.commands.push((
-                view.pod.to_owned(),
-                Action::SentinelConfigSet(valkey_proto::v1::SentinelConfigSet {
-                    params: [
-                        ("announce-ip".to_owned(), host.clone()),
-                        ("announce-port".to_owned(), port.to_string()),
-                    ]
-                    .into(),
-                    ..Default::default()
-                }),
-            ));
-        }
-    }
-    for view in &views {
-        match view.master {
-            None => {
-                plan.commands.extend(monitor(sd, master, view.pod));
-            }
-            // A sentinel left behind on an older master that it holds down: it never heard of
-            // the failover, and cannot (Sentinel's gossip reaches it only through the
-            // instance it watches, which is gone; it had not yet found the replicas). Its
-            // clients are sent to a dead address: monitor the current master afresh. One
-            // whose old master is up is updated by the gossip and left alone.
-            Some(m)
-                if (m.host != host || m.port != port)
-                    && m.config_epoch < config_epoch
-                    && m.flags.iter().any(|f| f == "s_down")
-                    && !failover_in_progress(&views)
-                    && observed
-                        .nodes
-                        .get(&master.name)
-                        .is_some_and(|o| is_up(o) && role(o) == Role::Master) =>
+    /// Heal: every sentinel announces the address it is reached at (when that is ours to
+    /// choose), and monitors the instance, with the desired settings.
+    fn heal(&self, master: &NodeSpec, config_epoch: u64, plan: &mut Plan) {
+        for view in &self.views {
+            if let Some((host, port)) = self.sd.announce.get(view.pod)
+                && (view.announce.0 != host || view.announce.1 != *port)
             {
-                plan.notes.push(format!(
-                    "{} still names {}:{} master (config epoch {} < {config_epoch}): \
-                     monitoring {} again",
-                    view.pod, m.host, m.port, m.config_epoch, master.name
+                plan.commands.push((
+                    view.pod.to_owned(),
+                    Action::SentinelConfigSet(valkey_proto::v1::SentinelConfigSet {
+                        params: [
+                            ("announce-ip".to_owned(), host.clone()),
+                            ("announce-port".to_owned(), port.to_string()),
+                        ]
+                        .into(),
+                        ..Default::default()
+                    }),
                 ));
-                plan.commands.extend(monitor(sd, master, view.pod));
             }
-            Some(m) => {
-                // Stale entries (a sentinel or replica that moved or left) are only dropped by
-                // SENTINEL RESET, which forgets everything it learned: use it only when needed.
-                let stale_sentinel = m.sentinels.iter().any(|p| {
-                    !sd.sentinel_addrs
-                        .iter()
-                        .any(|(h, port)| *h == p.host && *port == p.port)
-                });
-                let stale_replica = m.replicas.iter().any(|r| {
-                    !desired
-                        .nodes
-                        .iter()
-                        .any(|n| n.host == r.host && u32::from(n.port) == r.port)
-                });
-                if (stale_sentinel || stale_replica) && !failover_in_progress(&views) {
+        }
+        for view in &self.views {
+            match view.master {
+                None => plan.commands.extend(monitor(self.sd, master, view.pod)),
+                Some(m) if self.left_behind(m, master, config_epoch) => {
                     plan.notes.push(format!(
-                        "{} remembers a {} that is gone: SENTINEL RESET",
-                        view.pod,
-                        if stale_sentinel {
-                            "sentinel"
-                        } else {
-                            "replica"
-                        }
+                        "{} still names {}:{} master (config epoch {} < {config_epoch}): \
+                         monitoring {} again",
+                        view.pod, m.host, m.port, m.config_epoch, master.name
                     ));
-                    plan.commands.push((
-                        view.pod.to_owned(),
-                        Action::SentinelReset(valkey_proto::v1::SentinelReset {
-                            pattern: sd.name.clone(),
-                        }),
-                    ));
-                    continue;
+                    plan.commands.extend(monitor(self.sd, master, view.pod));
                 }
-                if monitor_config_differs(sd, m) || m.quorum != sd.quorum {
-                    let mut params: std::collections::HashMap<String, String> =
-                        sd.monitor_config.clone().into_iter().collect();
-                    params.insert("quorum".into(), sd.quorum.to_string());
-                    plan.commands.push((
-                        view.pod.to_owned(),
-                        Action::SentinelSet(SentinelSet {
-                            name: sd.name.clone(),
-                            params,
-                            ..SentinelSet::default()
-                        }),
-                    ));
-                }
+                Some(m) => self.tidy(view.pod, m, plan),
             }
         }
     }
 
-    let in_progress = failover_in_progress(&views);
-    let master_obs = observed
-        .nodes
-        .get(&master.name)
-        .cloned()
-        .unwrap_or_default();
-    let master_empty = is_up(&master_obs)
-        && data(&master_obs).is_some_and(|d| {
-            d.restarted_empty
-                || (d.role() == Role::Replica
-                    && (d.never_synced
-                        || (d.key_count == 0 && others_hold_keys(desired, observed, &master.name))))
+    /// A sentinel left behind on an older master that it holds down: it never heard of the
+    /// failover, and cannot (Sentinel's gossip reaches it only through the instance it
+    /// watches, which is gone; it had not yet found the replicas). Its clients are sent to a
+    /// dead address. One whose old master is up is updated by the gossip and left alone.
+    fn left_behind(&self, m: &SentinelMaster, master: &NodeSpec, config_epoch: u64) -> bool {
+        (m.host != master.host || m.port != u32::from(master.port))
+            && m.config_epoch < config_epoch
+            && m.flags.iter().any(|f| f == "s_down")
+            && !failover_in_progress(&self.views)
+            && self.serves_as_master(&master.name)
+    }
+
+    /// One sentinel that monitors the current master: stale entries dropped (SENTINEL RESET,
+    /// which forgets everything it learned, so only when needed), the desired settings set.
+    fn tidy(&self, pod: &str, m: &SentinelMaster, plan: &mut Plan) {
+        let sd = self.sd;
+        let stale_sentinel = m.sentinels.iter().any(|p| {
+            !sd.sentinel_addrs
+                .iter()
+                .any(|(h, port)| *h == p.host && *port == p.port)
         });
-    // Acceleration: the master's own agent says its Valkey is gone (or it came back empty):
-    // ask a sentinel to fail over now rather than after down-after-milliseconds. Also when the
-    // sentinels hold the master objectively down but no failover runs: Sentinel aborted one
-    // (no replica it counted as good: its INFO of them more than 5 s old, as after a restart)
-    // and would not try again for twice failover-timeout. Sentinel still picks the replica.
-    let stuck = objectively_down(&views) && !is_up(&master_obs);
-    if (definitely_down(&master_obs) || master_empty || stuck) && !in_progress {
+        let stale_replica = m.replicas.iter().any(|r| {
+            !self
+                .desired
+                .nodes
+                .iter()
+                .any(|n| n.host == r.host && u32::from(n.port) == r.port)
+        });
+        if (stale_sentinel || stale_replica) && !failover_in_progress(&self.views) {
+            plan.notes.push(format!(
+                "{pod} remembers a {} that is gone: SENTINEL RESET",
+                if stale_sentinel {
+                    "sentinel"
+                } else {
+                    "replica"
+                }
+            ));
+            plan.commands.push((
+                pod.to_owned(),
+                Action::SentinelReset(valkey_proto::v1::SentinelReset {
+                    pattern: sd.name.clone(),
+                }),
+            ));
+            return;
+        }
+        if monitor_config_differs(sd, m) || m.quorum != sd.quorum {
+            let mut params: std::collections::HashMap<String, String> =
+                sd.monitor_config.clone().into_iter().collect();
+            params.insert("quorum".into(), sd.quorum.to_string());
+            plan.commands.push((
+                pod.to_owned(),
+                Action::SentinelSet(SentinelSet {
+                    name: sd.name.clone(),
+                    params,
+                    ..SentinelSet::default()
+                }),
+            ));
+        }
+    }
+
+    /// Acceleration: the master's own agent says its Valkey is gone (or it came back empty):
+    /// ask a sentinel to fail over now rather than after down-after-milliseconds. Also when
+    /// the sentinels hold the master objectively down but no failover runs: Sentinel aborted
+    /// one (no replica it counted as good: its INFO of them more than 5 s old, as after a
+    /// restart) and would not try again for twice failover-timeout. Sentinel still picks the
+    /// replica. True when the master is gone or empty (nothing else is done this round).
+    fn accelerate(&self, master: &NodeSpec, plan: &mut Plan) -> bool {
+        let (desired, observed) = (self.desired, self.observed);
+        let master_obs = observed
+            .nodes
+            .get(&master.name)
+            .cloned()
+            .unwrap_or_default();
+        let master_empty = came_back_empty(desired, observed, master, &master_obs);
+        let stuck = objectively_down(&self.views) && !is_up(&master_obs);
+        let gone = definitely_down(&master_obs);
+        if !(gone || master_empty || stuck) || failover_in_progress(&self.views) {
+            return false;
+        }
         // A sentinel that knows the replicas, when one does: another answers NOGOODSLAVE.
-        let asked = views
+        let asked = self
+            .views
             .iter()
             .find(|v| knows_replicas(desired, &master.name, v))
-            .or_else(|| views.iter().find(|v| v.master.is_some()));
+            .or_else(|| self.views.iter().find(|v| v.master.is_some()));
         if let Some(view) = asked {
             plan.notes.push(format!(
                 "master {} {}: asking Sentinel to fail over now",
                 master.name,
                 if master_empty {
                     "came back empty"
-                } else if definitely_down(&master_obs) {
+                } else if gone {
                     "is gone"
                 } else {
                     "is objectively down and no failover runs"
@@ -400,38 +448,37 @@ pub fn decide(
             plan.commands.push((
                 view.pod.to_owned(),
                 Action::SentinelFailover(SentinelFailover {
-                    name: sd.name.clone(),
+                    name: self.sd.name.clone(),
                 }),
             ));
         }
-        return plan;
+        true
     }
-    if in_progress {
-        return plan;
-    }
-    if is_up(&master_obs) && role(&master_obs) == Role::Replica {
-        // Sentinel's master restarted (as every node does, a replica of nobody) with its data.
-        plan.commands
-            .push((master.name.clone(), Action::Promote(Promote {})));
-        return plan;
-    }
-    if is_up(&master_obs) && role(&master_obs) == Role::Master {
-        for node in &desired.nodes {
-            if node.name != master.name
-                && observed
-                    .nodes
-                    .get(&node.name)
-                    .is_some_and(|o| is_up(o) && role(o) == Role::Master)
-            {
+
+    /// Steady state: Sentinel's master restarted (as every node does, a replica of nobody)
+    /// with its data is promoted again; a second node claiming master is noted, and the data
+    /// nodes converge on Sentinel's master.
+    fn steady(&self, master: &NodeSpec, plan: &mut Plan) {
+        let master_obs = self.observed.nodes.get(&master.name);
+        let up = master_obs.is_some_and(is_up);
+        if up && master_obs.is_some_and(|o| role(o) == Role::Replica) {
+            plan.commands
+                .push((master.name.clone(), Action::Promote(Promote {})));
+            return;
+        }
+        if !self.serves_as_master(&master.name) {
+            return;
+        }
+        for node in &self.desired.nodes {
+            if node.name != master.name && self.serves_as_master(&node.name) {
                 plan.notes.push(format!(
                     "two masters: {} claims master too; keeping {}, which Sentinel names, and demoting {}",
                     node.name, master.name, node.name
                 ));
             }
         }
-        converge(desired, observed, master, &mut plan);
+        converge(self.desired, self.observed, master, plan);
     }
-    plan
 }
 
 #[cfg(test)]
