@@ -87,11 +87,26 @@ fn objectively_down(views: &[SentinelView]) -> bool {
         .any(|m| m.flags.iter().any(|f| f == "o_down"))
 }
 
+/// A failover of the current master runs: some sentinel that names it (at the highest config
+/// epoch) is failing it over. A sentinel still at an older config epoch, in a failover whose
+/// new master the others have already switched to, is not counted: the leader of a failover
+/// stays in `reconf_slaves` until every replica follows the new master, or for
+/// failover-timeout (3 minutes by default), and a new master that died meanwhile (killed right
+/// after a switchover) would otherwise never be failed over by us.
 fn failover_in_progress(views: &[SentinelView]) -> bool {
-    views.iter().filter_map(|v| v.master).any(|m| {
-        m.flags.iter().any(|f| f.starts_with("failover"))
-            || (!m.failover_state.is_empty() && m.failover_state != "none")
-    })
+    let current = views
+        .iter()
+        .filter_map(|v| v.master)
+        .map(|m| m.config_epoch)
+        .max();
+    views
+        .iter()
+        .filter_map(|v| v.master)
+        .filter(|m| Some(m.config_epoch) == current)
+        .any(|m| {
+            m.flags.iter().any(|f| f.starts_with("failover"))
+                || (!m.failover_state.is_empty() && m.failover_state != "none")
+        })
 }
 
 /// Whether a sentinel's view of the monitor differs from `monitorConfig` in any key it sets.

@@ -376,6 +376,43 @@ fn a_master_whose_address_changed_is_monitored_again_at_the_new_one() {
     assert!(plan.commands.is_empty(), "{plan:?}");
 }
 
+/// The leader of a switchover waits in `reconf_slaves` until every replica follows the new
+/// master (up to failover-timeout), while the other sentinels have switched to it. When the
+/// new master dies right then and comes back empty, that stale failover does not hold ours:
+/// a sentinel that names the new master is asked to fail over at once.
+#[test]
+fn a_leader_still_reconfiguring_an_older_failover_does_not_hold_a_new_one() {
+    let mut obs = healthy();
+    obs.nodes
+        .insert("n0".into(), node(Role::Replica, 7001, 5, ProcessState::Up));
+    obs.nodes
+        .insert("n1".into(), node(Role::Replica, 1, 0, ProcessState::Up));
+    if let Some(d) = obs
+        .nodes
+        .get_mut("n1")
+        .and_then(|o| o.report.as_mut())
+        .and_then(|r| r.data.as_mut())
+    {
+        d.restarted_empty = true;
+    }
+    obs.nodes
+        .insert("n2".into(), node(Role::Replica, 7001, 5, ProcessState::Up));
+    // s0 led the switchover n0 -> n1 (config epoch 1) and still names n0, reconfiguring; s1
+    // and s2 switched to n1 and know its replicas.
+    let mut s = sentinels(vec![vec![(7000, 0)], vec![(7001, 1)], vec![(7001, 1)]]);
+    if let Some(m) = monitor_of(&mut s, "s0") {
+        m.failover_state = "reconf_slaves".into();
+        m.flags.push("failover_in_progress".into());
+    }
+    with_replicas(&mut s, "s1", &[(7000, "slave"), (7002, "slave")]);
+    with_replicas(&mut s, "s2", &[(7000, "slave"), (7002, "slave")]);
+    let plan = decide(&desired(), &sd(), &at("n1"), &obs, &s, 0);
+    assert!(
+        matches!(&plan.commands[..], [(p, Action::SentinelFailover(_))] if p == "s1"),
+        "{plan:?}"
+    );
+}
+
 #[test]
 fn nothing_is_repointed_while_sentinel_fails_over() {
     let mut obs = healthy();
