@@ -118,17 +118,17 @@ pub async fn run(
     let server_task = tokio::spawn(server);
 
     let link_task = config.controller.clone().map(|controller| {
-        let link = link::Link::new(
-            config.clone(),
+        let link = link::Link::new(link::LinkParts {
+            config: config.clone(),
             controller,
-            snapshots.clone(),
-            executor.clone(),
-            fence.clone(),
-            metrics.clone(),
-            seq.clone(),
-            grpc_addr.to_string(),
-            shared.clone(),
-        );
+            snapshots: snapshots.clone(),
+            executor: executor.clone(),
+            fence: fence.clone(),
+            metrics: metrics.clone(),
+            seq: seq.clone(),
+            agent_address: grpc_addr.to_string(),
+            shared: shared.clone(),
+        });
         tokio::spawn(link.run(stop_rx.clone()))
     });
     info!(

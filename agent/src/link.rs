@@ -45,6 +45,22 @@ enum End {
     Stopped,
 }
 
+/// What the link works with: the agent's settings, the controller's address, the watcher's
+/// snapshots, the executor, the fence, the metrics, the report sequence, the address its gRPC
+/// server is reached at, and the state it shares with the watcher.
+#[derive(Debug)]
+pub struct LinkParts {
+    pub config: Arc<Config>,
+    pub controller: ControllerConfig,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub executor: Arc<Executor>,
+    pub fence: Arc<Fence>,
+    pub metrics: Metrics,
+    pub seq: Arc<AtomicU64>,
+    pub agent_address: String,
+    pub shared: Arc<Shared>,
+}
+
 #[derive(Debug)]
 pub struct Link {
     config: Arc<Config>,
@@ -71,18 +87,18 @@ fn is_master(snapshot: &Snapshot) -> bool {
 }
 
 impl Link {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        config: Arc<Config>,
-        controller: ControllerConfig,
-        snapshots: watch::Receiver<Arc<Snapshot>>,
-        executor: Arc<Executor>,
-        fence: Arc<Fence>,
-        metrics: Metrics,
-        seq: Arc<AtomicU64>,
-        agent_address: String,
-        shared: Arc<Shared>,
-    ) -> Self {
+    pub fn new(parts: LinkParts) -> Self {
+        let LinkParts {
+            config,
+            controller,
+            snapshots,
+            executor,
+            fence,
+            metrics,
+            seq,
+            agent_address,
+            shared,
+        } = parts;
         let (results_tx, results_rx) = mpsc::channel(64);
         Self {
             config,
