@@ -13,35 +13,48 @@ pub use gate::{Admission, Gate, GateLimits};
 pub use guarded::{ConnInfo, Guarded, Turn};
 pub use log::{Throttle, untrusted};
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::Stream;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-/// The plain TCP connections of `listener`, each admitted by `gate` (closed at once when every
-/// slot is taken) and guarded by it. An accept that fails (out of file descriptors, say) is
-/// retried after a pause. Both are logged at a bounded rate.
-pub fn incoming(
+/// A listener's accept loop, through its gate: the next connection that gets a slot, with
+/// the accepts that fail (out of file descriptors, say) retried after a pause and the
+/// connections refused for want of a slot closed at once; both logged at a bounded rate.
+#[derive(Debug)]
+pub struct Acceptor {
     listener: TcpListener,
     gate: Arc<Gate>,
-) -> impl Stream<Item = Result<Guarded<TcpStream>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        let (mut refused, mut failed) = (Throttle::default(), Throttle::default());
+    refused: Throttle,
+    failed: Throttle,
+}
+
+impl Acceptor {
+    pub fn new(listener: TcpListener, gate: Arc<Gate>) -> Self {
+        Self {
+            listener,
+            gate,
+            refused: Throttle::default(),
+            failed: Throttle::default(),
+        }
+    }
+
+    /// The next admitted connection, its peer and its slot.
+    pub async fn next(&mut self) -> (TcpStream, SocketAddr, Admission) {
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    if let Some(failed) = failed.hit() {
+                    if let Some(failed) = self.failed.hit() {
                         warn!(error = %err, failed, "accept failed; retrying");
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let Some(admission) = gate.admit(peer.ip()) else {
-                if let Some(refused) = refused.hit() {
+            let Some(admission) = self.gate.admit(peer.ip()) else {
+                if let Some(refused) = self.refused.hit() {
                     warn!(
                         refused,
                         "every connection slot is taken; closing new connections"
@@ -50,6 +63,21 @@ pub fn incoming(
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            return (stream, peer, admission);
+        }
+    }
+}
+
+/// The plain TCP connections of `listener`, each admitted by `gate` and guarded by it.
+pub fn incoming(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+) -> impl Stream<Item = Result<Guarded<TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut acceptor = Acceptor::new(listener, gate);
+        loop {
+            let (stream, _, admission) = acceptor.next().await;
             if tx.send(Ok(admission.guard(stream))).await.is_err() {
                 return;
             }

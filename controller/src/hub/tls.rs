@@ -15,10 +15,10 @@ use rustls::{
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::tls::{Ca, Issued, Validity};
-use valkey_netguard::{Gate, Guarded, Throttle};
+use valkey_netguard::{Acceptor, Gate, Guarded};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,9 +96,9 @@ impl ResolvesServerCert for ServerCert {
 }
 
 /// The TLS connections of `listener`, each admitted by `gate` first (a full hub closes new
-/// connections before any handshake). Each handshake runs on its own task, bounded by a
-/// timeout, so a slow or plaintext client holds up nobody; failed handshakes are dropped. An
-/// accept that fails (out of file descriptors, say) is retried after a pause.
+/// connections before any handshake; see [`Acceptor`]). Each handshake runs on its own task,
+/// bounded by a timeout, so a slow or plaintext client holds up nobody; failed handshakes are
+/// dropped.
 pub fn incoming(
     listener: TcpListener,
     cert: Arc<ServerCert>,
@@ -111,27 +111,9 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
-        let mut refusals = Throttle::default();
+        let mut admitted = Acceptor::new(listener, gate);
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    debug!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some(admission) = gate.admit(peer.ip()) else {
-                if let Some(refused) = refusals.hit() {
-                    warn!(
-                        refused,
-                        "the hub has no connection slot left; closing new connections"
-                    );
-                }
-                drop(stream);
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
+            let (stream, peer, admission) = admitted.next().await;
             if tx.is_closed() {
                 return;
             }

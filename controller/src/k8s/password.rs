@@ -198,9 +198,7 @@ pub async fn in_force(
     // A copy made before the exporter's map existed gets it once.
     let map = exporter_map(&in_force.password);
     if whose == Whose::Instance && value(&secret, EXPORTER_KEY).as_deref() != Some(map.as_str()) {
-        let data = serde_json::json!({ "data": { EXPORTER_KEY: ByteString(map.into_bytes()) } });
-        secrets
-            .patch(&name, &PatchParams::default(), &Patch::Merge(data))
+        patch_data(&secrets, &name, [(EXPORTER_KEY, Some(map.as_str()))].into())
             .await
             .map_err(|source| Error::Apply {
                 kind: "Secret".into(),
@@ -209,6 +207,26 @@ pub async fn in_force(
             })?;
     }
     Ok(in_force)
+}
+
+/// Sets (Some) or removes (None) keys of the Secret `name`'s data, leaving the others.
+async fn patch_data(
+    secrets: &Api<Secret>,
+    name: &str,
+    data: BTreeMap<&str, Option<&str>>,
+) -> kube::Result<()> {
+    let data: BTreeMap<&str, Option<ByteString>> = data
+        .into_iter()
+        .map(|(k, v)| (k, v.map(|v| ByteString(v.as_bytes().to_vec()))))
+        .collect();
+    secrets
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "data": data })),
+        )
+        .await
+        .map(|_| ())
 }
 
 /// Starts the rotation `next` asks for, unless one runs. It waits (returning false) until the
@@ -306,18 +324,8 @@ struct SecretStore {
 
 impl SecretStore {
     async fn patch(&self, data: BTreeMap<&str, Option<&str>>) -> Result<(), StoreError> {
-        let data: BTreeMap<&str, Option<ByteString>> = data
-            .into_iter()
-            .map(|(k, v)| (k, v.map(|v| ByteString(v.as_bytes().to_vec()))))
-            .collect();
-        self.secrets
-            .patch(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "data": data })),
-            )
+        patch_data(&self.secrets, &self.name, data)
             .await
-            .map(|_| ())
             .map_err(StoreError::new)
     }
 }

@@ -192,13 +192,14 @@ impl Runtime {
     pub(super) async fn start_missing(&mut self) -> Result<(), LocalError> {
         // The hub admits the agents of the nodes wanted, of those still running (retiring),
         // and of the external Sentinel set.
-        let admitted: Vec<String> = (self.wanted_pods().into_iter().map(|(pod, _, _)| pod))
+        let wanted = self.wanted_pods();
+        let admitted: Vec<String> = (wanted.iter().map(|(pod, _, _)| pod.clone()))
             .chain(self.procs.keys().cloned())
             .chain(self.external.iter().map(|n| n.pod.clone()))
             .collect();
         self.pods.set(admitted);
         let mut started = Vec::new();
-        for (pod, ports, sentinel) in self.wanted_pods() {
+        for (pod, ports, sentinel) in wanted {
             if self.procs.contains_key(&pod) {
                 continue;
             }
