@@ -21,6 +21,7 @@ const FLOORS: &[(&str, u8)] = &[
     // The decisions, and the spec they are made from.
     ("decide", 1),
     ("crd", 1),
+    ("desired", 1),
     ("validate", 1),
     ("manifest", 1),
     // The agent hub, and the agents the controller runs itself for an external Sentinel set.
@@ -28,8 +29,6 @@ const FLOORS: &[(&str, u8)] = &[
     ("external", 2),
     // The failover driver both runtimes share.
     ("driver", 3),
-    ("engine", 3),
-    ("switchover", 3),
     // The runtimes.
     ("k8s", 4),
     ("local", 4),

@@ -9,5 +9,6 @@ pub mod lease;
 pub mod manual;
 pub mod model;
 pub mod sentinel;
+pub mod switchover;
 
 pub use cause::Cause;

@@ -1,29 +1,37 @@
 //! The hot path, shared by both runtimes: one failover pass per instance, woken by the hub.
-//! Observe (the hub) -> decide (`core` or `sentinel`) -> persist the durable state, only when
-//! it changed (a [`DurableStore`]) -> dispatch commands -> start a planned switchover when one
-//! is asked for or needed. Nothing here waits for Kubernetes objects; only the durable write
-//! may hold a failover back, and that is the epoch's safety.
+//! Observe once (a [`plan::Snapshot`]) -> decide (`decide::manual` or `decide::sentinel`) ->
+//! persist the durable state, only when it changed (a [`DurableStore`]) -> dispatch commands
+//! -> start a planned switchover when one is asked for or needed. Everything is sent through
+//! the instance's [`Handle`]. Nothing here waits for Kubernetes objects; only the durable
+//! write may hold a failover back, and that is the epoch's safety.
 
+mod dispatch;
+mod handle;
+pub mod plan;
 pub mod rotation;
 mod store;
+pub mod switchover;
 
 use std::{
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tracing::{debug, info};
 
 pub use crate::decide::Cause;
+pub use crate::decide::switchover::Refused;
+pub use handle::Handle;
 pub use store::{DurableStore, StoreError};
 
 use crate::{
     decide::model::{Desired, Durable, PendingSwitchover},
     decide::sentinel::SentinelDesired,
-    engine::Engine,
     hub::{Hub, InstanceKey, LeaseHolder},
-    switchover::{self, Refused},
 };
+use dispatch::Dispatch;
+use plan::Snapshot;
+use switchover::{Manual, ThroughSentinel};
 
 /// Who wanted the switchover this pass tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,11 +66,11 @@ pub struct Target<'a> {
     pub sentinel: Option<&'a SentinelDesired>,
 }
 
-/// One instance's hot path: its durable state, its command engine, what it already said.
+/// One instance's hot path: its durable state, its dispatch, what it already said.
 #[derive(Debug)]
 pub struct Driver {
     key: InstanceKey,
-    engine: Arc<Engine>,
+    dispatch: Arc<Dispatch>,
     durable: Durable,
     notes: Vec<String>,
     /// Move the master off this pod (it is terminating, or rolled last): kept until the master
@@ -75,7 +83,7 @@ impl Driver {
     pub fn new(key: InstanceKey, durable: Durable) -> Self {
         Driver {
             key,
-            engine: Arc::default(),
+            dispatch: Arc::default(),
             durable,
             notes: Vec::new(),
             move_off: None,
@@ -90,8 +98,9 @@ impl Driver {
         &self.durable
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    /// The instance's way to its agents through `hub`.
+    pub fn handle(&self, hub: &Hub) -> Handle {
+        Handle::new(hub, &self.key, &self.dispatch)
     }
 
     /// Moves the master off `pod` (when it is the master) as soon as a replica can take over.
@@ -109,14 +118,9 @@ impl Driver {
         asked: Option<&str>,
     ) -> Result<Outcome, StoreError> {
         let observed_at = Instant::now();
-        let plan = self.engine.plan(
-            hub,
-            &self.key,
-            target.desired,
-            target.sentinel,
-            &self.durable,
-            crate::now_ms(),
-        );
+        let handle = self.handle(hub);
+        let seen = Snapshot::take(&handle, target);
+        let plan = plan::plan(&handle, target, &self.durable, &seen, crate::now_ms());
         let mut outcome = Outcome::default();
         if let Some(next) = plan.durable {
             // Durable first: if this write fails, nothing is sent.
@@ -125,13 +129,10 @@ impl Driver {
             outcome.master_changed = master_change(&self.durable, &next);
             self.durable = next;
         }
-        hub.hold_lease(
-            &self.key,
-            plan.lease_holder.map(|pod| LeaseHolder {
-                pod,
-                epoch: self.durable.epoch,
-            }),
-        );
+        handle.grant(plan.lease_holder.map(|pod| LeaseHolder {
+            pod,
+            epoch: self.durable.epoch,
+        }));
         if !plan.commands.is_empty() {
             outcome.decided = Some(observed_at.elapsed());
             // Names and pods only: some commands carry a password.
@@ -147,8 +148,7 @@ impl Driver {
                 .collect();
             debug!(epoch = self.durable.epoch, ?commands, "dispatching");
         }
-        self.engine
-            .dispatch(hub, &self.key, self.durable.epoch, plan.commands);
+        handle.dispatch(self.durable.epoch, plan.commands);
         outcome.new_notes = plan
             .notes
             .iter()
@@ -170,15 +170,17 @@ impl Driver {
                 .map(|to| (SwitchoverSource::Needed, to)),
         };
         if let Some((source, to)) = wanted {
-            let started = self.start_switchover(hub, store, target, Some(to)).await?;
+            let started = self
+                .switchover(&handle, store, target, &seen, Some(to))
+                .await?;
             outcome.switchover = Some((source, started));
         }
         Ok(outcome)
     }
 
-    /// Starts a planned, lossless switchover (see [`crate::switchover`]) unless one is under
-    /// way. Under policy manual the intent is persisted first (the outer error: it could not
-    /// be); the inner result says whether it started.
+    /// Starts a planned, lossless switchover (see [`switchover`]) unless one is under way,
+    /// from what the hub observes now. Under policy manual the intent is persisted first (the
+    /// outer error: it could not be); the inner result says whether it started.
     pub async fn start_switchover<S: DurableStore>(
         &mut self,
         hub: &Hub,
@@ -186,26 +188,39 @@ impl Driver {
         target: Target<'_>,
         to: Option<String>,
     ) -> Result<Result<String, Refused>, StoreError> {
-        if self.engine.switchover.load(Ordering::SeqCst) || self.durable.switchover.is_some() {
+        let handle = self.handle(hub);
+        let seen = Snapshot::take(&handle, target);
+        self.switchover(&handle, store, target, &seen, to).await
+    }
+
+    async fn switchover<S: DurableStore>(
+        &mut self,
+        handle: &Handle,
+        store: &S,
+        target: Target<'_>,
+        seen: &Snapshot,
+        to: Option<String>,
+    ) -> Result<Result<String, Refused>, StoreError> {
+        if self.dispatch.switchover_running() || self.durable.switchover.is_some() {
             // The one under way finishes first; a request is looked at again afterwards.
             return Ok(Err(Refused::InProgress));
         }
-        let observed = hub.observe(&self.key);
-        let (from, node) = match switchover::choose(target.desired, &self.durable, &observed, to) {
+        let chosen =
+            crate::decide::switchover::choose(target.desired, &self.durable, &seen.data, to);
+        let (from, to) = match chosen {
             Ok(chosen) => chosen,
             Err(why) => return Ok(Err(why)),
         };
-        if let Some(sd) = target.sentinel {
-            return Ok(switchover::start_sentinel(
-                &self.engine,
-                hub,
-                &self.key,
+        if let (Some(sd), Some(sentinels)) = (target.sentinel, &seen.sentinels) {
+            let monitor = (self.durable.epoch, sd.name.clone());
+            return Ok(ThroughSentinel::new(
+                handle.clone(),
                 target.desired,
-                self.durable.epoch,
-                sd.name.clone(),
-                from,
-                node,
-            ));
+                monitor,
+                (from, to),
+                sentinels,
+            )
+            .map(ThroughSentinel::start));
         }
         let Some(from) = target.desired.node(&from).cloned() else {
             return Ok(Err(Refused::NotANode(from)));
@@ -214,22 +229,32 @@ impl Driver {
         let mut next = self.durable.clone();
         next.switchover = Some(PendingSwitchover {
             from: from.name.clone(),
-            to: node.name.clone(),
+            to: to.name.clone(),
             epoch,
         });
         store.save(&next).await?;
         self.durable = next;
-        info!(from = %from.name, to = %node.name, epoch, "switchover intent persisted");
-        Ok(Ok(switchover::start_manual(
-            &self.engine,
-            hub,
-            &self.key,
-            target.desired,
-            from,
-            node,
+        info!(from = %from.name, to = %to.name, epoch, "switchover intent persisted");
+        let others = others(target.desired, &[&from.name, &to.name]);
+        let manual = Manual {
+            handle: handle.clone(),
             epoch,
-        )))
+            from,
+            to,
+            others,
+        };
+        Ok(Ok(manual.start()))
     }
+}
+
+/// The names of the nodes of `desired` but `but`.
+fn others(desired: &Desired, but: &[&String]) -> Vec<String> {
+    desired
+        .nodes
+        .iter()
+        .filter(|n| !but.contains(&&n.name))
+        .map(|n| n.name.clone())
+        .collect()
 }
 
 /// Why the master changed from `before` to `after`, if it did. An epoch bumped by a

@@ -11,11 +11,7 @@ use valkey_proto::v1::{
     password_ref::Owner,
 };
 
-use super::StoreError;
-use crate::{
-    engine::Engine,
-    hub::{Hub, InstanceKey},
-};
+use super::{Handle, StoreError};
 
 /// Where a rotation keeps the passwords. Every method is idempotent: a rotation stopped at any
 /// step is run again from the start with the same passwords.
@@ -139,13 +135,11 @@ impl Rotation {
     pub async fn run<S: PasswordStore>(
         self,
         store: &S,
-        engine: &Engine,
-        hub: &Hub,
-        key: &InstanceKey,
+        handle: &Handle,
         epoch: u64,
     ) -> Result<(), RotationError> {
         let step = |pod: String, action: Action| async move {
-            run_step(engine, hub, key, epoch, &pod, action)
+            run_step(handle, epoch, &pod, action)
                 .await
                 .map_err(|reason| RotationError::Step { pod, reason })
         };
@@ -182,16 +176,9 @@ impl Rotation {
 /// back accepting both passwords, and a pod's copy of the password may lag (a Secret volume
 /// is synced by the kubelet within a minute or two), so the step is retried for about three
 /// minutes rather than the rotation stopped; every step is idempotent.
-async fn run_step(
-    engine: &Engine,
-    hub: &Hub,
-    key: &InstanceKey,
-    epoch: u64,
-    pod: &str,
-    action: Action,
-) -> Result<(), String> {
+async fn run_step(handle: &Handle, epoch: u64, pod: &str, action: Action) -> Result<(), String> {
     use backon::Retryable;
-    let once = || engine.run_command(hub, key, epoch, pod, action.clone(), STEP_DEADLINE);
+    let once = || handle.command(pod, epoch, action.clone(), STEP_DEADLINE);
     once.retry(
         backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))

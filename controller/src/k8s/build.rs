@@ -45,7 +45,7 @@ const TOKEN_DIR: &str = "/var/run/secrets/valkey-agent";
 /// How long a terminating master's Valkey is held up (preStop), and its agent waits, for the
 /// controller to move the role away: the longest switchover that succeeds, plus a margin for
 /// the agent's request to reach the controller.
-const SWITCHOVER_WAIT_S: i64 = crate::switchover::SWITCHOVER_BUDGET.as_secs() as i64 + 2;
+const SWITCHOVER_WAIT_S: i64 = crate::driver::switchover::SWITCHOVER_BUDGET.as_secs() as i64 + 2;
 
 /// What the pod has after the hold to stop: Valkey's shutdown (an AOF flush) and the agent's.
 const SHUTDOWN_MARGIN_S: i64 = 15;

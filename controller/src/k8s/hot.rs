@@ -26,12 +26,11 @@ use super::{
 };
 use crate::{
     crd::Failover,
-    decide::model::{Desired, Durable, NodeSpec},
+    decide::model::{Desired, Durable},
     decide::sentinel::SentinelDesired,
-    driver::{DurableStore, Outcome, StoreError, SwitchoverSource, Target},
-    engine::{Engine, live_config},
+    desired::Placed,
+    driver::{DurableStore, Handle, Outcome, Refused, StoreError, SwitchoverSource, Target},
     hub::{Hub, InstanceKey},
-    switchover::Refused,
     validate::RESTART_KEYS,
 };
 
@@ -172,13 +171,11 @@ async fn decide_on(
     };
     let pods = ctx.pods.data_pods(&names);
     let desired = desired(
+        ctx,
+        instance,
         failover,
-        &names,
-        &ctx.hub,
         &pods,
-        &instance.exposed(),
         driver.durable().master.as_deref(),
-        ctx.hang_timeout,
     );
     let sentinel = sentinel_desired(
         failover,
@@ -214,25 +211,17 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
     }
     let span = info_span!("report", namespace = %names.namespace, failover = %names.instance);
     async {
-        let (engine, durable) = {
+        let (handle, durable) = {
             let slot = instance.driver.lock().await;
             match slot.as_ref() {
-                Some(driver) => (driver.engine().clone(), driver.durable().clone()),
+                Some(driver) => (driver.handle(&ctx.hub), driver.durable().clone()),
                 None => return Ok(()),
             }
         };
-        apply_live_settings(ctx, instance, &engine, &failover, durable.epoch).await;
+        apply_live_settings(instance, &handle, &failover, durable.epoch).await;
         let pods = ctx.pods.data_pods(&names);
         label_roles(ctx, &names, &durable, &pods).await?;
-        let desired = desired(
-            &failover,
-            &names,
-            &ctx.hub,
-            &pods,
-            &instance.exposed(),
-            durable.master.as_deref(),
-            ctx.hang_timeout,
-        );
+        let desired = desired(ctx, instance, &failover, &pods, durable.master.as_deref());
         let sentinel = sentinel_desired(
             &failover,
             &names,
@@ -482,9 +471,8 @@ async fn write_status(
 /// customConfigs that apply live go out with CONFIG SET to every connected node once they
 /// change; keys that need a restart wait for the roll.
 async fn apply_live_settings(
-    ctx: &Context,
     instance: &Instance,
-    engine: &Engine,
+    handle: &Handle,
     failover: &Failover,
     epoch: u64,
 ) {
@@ -499,13 +487,7 @@ async fn apply_live_settings(
     if last.as_ref() == Some(&wanted) {
         return;
     }
-    let observed = ctx.hub.observe(&instance.key);
-    let connected: Vec<&String> = observed
-        .nodes
-        .iter()
-        .filter(|(_, o)| o.connected)
-        .map(|(pod, _)| pod)
-        .collect();
+    let connected = handle.connected();
     if !wanted.is_empty() {
         if connected.len() < failover.spec.replicas as usize {
             return;
@@ -515,15 +497,8 @@ async fn apply_live_settings(
                 params: wanted.clone().into_iter().collect(),
                 ..ConfigSet::default()
             });
-            let sent = engine
-                .run_command(
-                    &ctx.hub,
-                    &instance.key,
-                    epoch,
-                    pod,
-                    action,
-                    std::time::Duration::from_secs(5),
-                )
+            let sent = handle
+                .command(&pod, epoch, action, std::time::Duration::from_secs(5))
                 .await;
             if let Err(err) = sent {
                 warn!(pod = %pod, error = %err, "live settings not applied; retrying next pass");
@@ -543,10 +518,11 @@ pub fn key_of(names: &Names) -> InstanceKey {
     }
 }
 
-/// What the failover core works towards: the data pods, each at its pod's stable DNS name and
-/// Valkey port. The address an agent announces is taken only where the pod object vouches
-/// for it (its DNS name or IP, and its declared `valkey` port): a replayed token cannot point
-/// replicas and Sentinel, which log in with the password, at a host of its choosing.
+/// What the driver works towards ([`crate::desired`]): the data pods, each at its pod's
+/// stable DNS name and Valkey port. The address an agent announces is taken only where the
+/// pod object vouches for it (its DNS name or IP, and its declared `valkey` port): a replayed
+/// token cannot point replicas and Sentinel, which log in with the password, at a host of its
+/// choosing.
 ///
 /// A master on an ordinal the spec scaled away stays, `retiring`, with every ordinal below it,
 /// until the driver has moved its role (a planned switchover first, as in the local runtime);
@@ -556,49 +532,45 @@ pub fn key_of(names: &Names) -> InstanceKey {
 /// that is known (the controller read it from the API, so no vouching is needed), and every
 /// node is kept announcing its address.
 pub fn desired(
+    ctx: &Context,
+    instance: &Instance,
     failover: &Failover,
-    names: &Names,
-    hub: &Hub,
     pods: &[Pod],
-    outside: &BTreeMap<String, super::outside::Exposed>,
     master: Option<&str>,
-    hang_timeout: std::time::Duration,
 ) -> Desired {
-    let key = key_of(names);
-    let wanted = failover.spec.replicas;
-    let outside_addrs = super::outside::addresses(
+    let names = Names::of(failover);
+    let key = key_of(&names);
+    let outside = super::outside::addresses(
         failover.spec.access.service_type,
         pods,
-        outside,
+        &instance.exposed(),
         VALKEY_PORT,
     );
-    Desired {
-        nodes: (0..kept_replicas(failover, names, master))
-            .map(|ordinal| {
-                let pod = names.pod(ordinal);
-                let dns = names.pod_host(&pod);
-                let object = pods.iter().find(|p| p.name_any() == pod);
-                let (host, port) = hub
-                    .hello(&key, &pod)
-                    .filter(|h| vouched(object, &dns, &h.announce_host, h.announce_port))
-                    .map_or((dns.clone(), VALKEY_PORT as u16), |h| {
-                        (h.announce_host, h.announce_port as u16)
-                    });
-                let (host, port) = outside_addrs.get(&pod).cloned().unwrap_or((host, port));
-                NodeSpec {
-                    host,
-                    name: pod,
-                    ordinal: ordinal as u32,
-                    port,
-                    retiring: ordinal >= wanted,
-                }
-            })
-            .collect(),
-        hang_timeout_ms: hang_timeout.as_millis() as u64,
-        replica_silence_s: (hang_timeout.as_secs() as i64).max(2),
-        live_config: live_config(&failover.spec),
-        announce: super::outside::is_outside(failover),
-    }
+    let placed = (0..kept_replicas(failover, &names, master)).map(|ordinal| {
+        let name = names.pod(ordinal);
+        let dns = names.pod_host(&name);
+        let object = pods.iter().find(|p| p.name_any() == name);
+        let (host, port) = ctx
+            .hub
+            .hello(&key, &name)
+            .filter(|h| vouched(object, &dns, &h.announce_host, h.announce_port))
+            .map_or((dns.clone(), VALKEY_PORT as u16), |h| {
+                (h.announce_host, h.announce_port as u16)
+            });
+        let (host, port) = outside.get(&name).cloned().unwrap_or((host, port));
+        Placed {
+            name,
+            ordinal: ordinal as u32,
+            host,
+            port,
+        }
+    });
+    crate::desired::data(
+        &failover.spec,
+        placed,
+        ctx.hang_timeout,
+        super::outside::is_outside(failover),
+    )
 }
 
 /// How many data pods to keep: the spec's replicas, or more while the master sits on an
@@ -653,7 +625,7 @@ pub fn sentinel_desired(
     outside: &BTreeMap<String, (String, u16)>,
 ) -> Option<SentinelDesired> {
     let settings = failover.spec.sentinel.as_ref()?;
-    let sentinel_addrs = match &settings.sentinel_reference {
+    let sentinels = match &settings.sentinel_reference {
         Some(reference) => reference
             .nodes
             .iter()
@@ -669,16 +641,11 @@ pub fn sentinel_desired(
             })
             .collect(),
     };
-    Some(SentinelDesired {
-        name: names.monitor(),
-        quorum: settings.quorum_or_default(),
-        monitor_config: settings.monitor_config_or_default(),
-        sentinel_addrs,
-        announce: outside
-            .iter()
-            .map(|(pod, (host, port))| (pod.clone(), (host.clone(), u32::from(*port))))
-            .collect(),
-    })
+    let announce = outside
+        .iter()
+        .map(|(pod, (host, port))| (pod.clone(), (host.clone(), u32::from(*port))))
+        .collect();
+    crate::desired::sentinel(&failover.spec, names.monitor(), sentinels, announce)
 }
 
 #[cfg(test)]

@@ -294,15 +294,15 @@ pub fn rotate(
     tokio::spawn(
         async move {
             let instance = store.instance.clone();
-            let engine = {
+            let handle = {
                 let mut slot = instance.driver.lock().await;
                 instance.seeded_driver(&mut slot);
-                slot.as_ref().map(|d| d.engine().clone()).unwrap_or_default()
+                slot.as_ref().map(|d| d.handle(&hub))
             };
-            if let Err(err) = rotation
-                .run(&store, &engine, &hub, &instance.key, epoch)
-                .await
-            {
+            let Some(handle) = handle else {
+                return;
+            };
+            if let Err(err) = rotation.run(&store, &handle, epoch).await {
                 warn!(error = %err, "password rotation stopped; both passwords still work, retried at the next reconcile");
             }
             instance.rotating(whose).running.store(false, Ordering::SeqCst);

@@ -28,10 +28,9 @@ use valkey_proto::v1::NodeKind;
 
 pub use crate::files::write_atomic;
 use crate::{
-    decide::model::{Desired, NodeSpec},
+    decide::model::Desired,
     decide::sentinel::SentinelDesired,
     driver::{Driver, StoreError, SwitchoverSource, Target},
-    engine::Engine,
     hub::{Hub, HubEvent, InstanceKey},
     manifest::{Manifest, ManifestError},
 };
@@ -296,8 +295,6 @@ impl Runtime {
 /// Shared between the loop and the tasks it spawns.
 #[derive(Debug, Default)]
 struct Flight {
-    /// The driver's engine (rotation commands go through it too).
-    engine: Arc<Engine>,
     /// A password rotation is under way.
     rotating: AtomicBool,
     /// A rotation of the sentinels' own password is under way.
@@ -343,10 +340,7 @@ pub async fn up(
         runtime.password_file.display()
     );
 
-    let flight = Arc::new(Flight {
-        engine: runtime.driver.engine().clone(),
-        ..Flight::default()
-    });
+    let flight = Arc::new(Flight::default());
     let mut changed = hub.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -112,14 +112,11 @@ fn spawn_rotation(
     flight: &Arc<Flight>,
     running: fn(&Flight) -> &AtomicBool,
 ) {
-    let (hub, key, flight) = (hub.clone(), runtime.key.clone(), flight.clone());
+    let (handle, flight) = (runtime.driver.handle(hub), flight.clone());
     let epoch = runtime.state.durable.epoch;
     tokio::spawn(async move {
         let what = rotation.what;
-        if let Err(err) = rotation
-            .run(&files, &flight.engine, &hub, &key, epoch)
-            .await
-        {
+        if let Err(err) = rotation.run(&files, &handle, epoch).await {
             // The old password stays accepted (`.old` kept): nothing is cut off; retried later.
             warn!(what, error = %err, "password rotation stopped; both passwords still work");
             if let Ok(mut failed) = flight.rotation_failed.lock() {

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use valkey_controller::{
     decide::model::{Desired, Durable, NodeSpec},
-    engine::Engine,
+    driver::{Driver, DurableStore, StoreError, Target},
     hub::{Hub, InstanceKey, StaticToken},
 };
 use valkey_proto::v1::{
@@ -64,8 +64,8 @@ async fn serve() {
         .expect("bind");
     println!("{}", listener.local_addr().expect("addr").port());
     serve_hub(&hub, listener);
-    // One durable state and engine per instance, kept in memory (a status in Kubernetes).
-    let mut instances: HashMap<InstanceKey, (Arc<Engine>, Durable)> = HashMap::new();
+    // One driver per instance, its durable state kept in memory (a status in Kubernetes).
+    let mut instances: HashMap<InstanceKey, Driver> = HashMap::new();
     let mut changed = hub.subscribe_instances();
     loop {
         let key = match changed.recv().await {
@@ -73,7 +73,9 @@ async fn serve() {
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
-        let (engine, durable) = instances.entry(key.clone()).or_default();
+        let driver = instances
+            .entry(key.clone())
+            .or_insert_with(|| Driver::new(key.clone(), Durable::default()));
         let desired = Desired {
             nodes: (0..3)
                 .map(|i| {
@@ -100,18 +102,23 @@ async fn serve() {
             .into(),
             announce: false,
         };
-        let plan = engine.plan(
-            &hub,
-            &key,
-            &desired,
-            None,
-            durable,
-            valkey_controller::now_ms(),
-        );
-        if let Some(next) = plan.durable {
-            *durable = next;
-        }
-        engine.dispatch(&hub, &key, durable.epoch, plan.commands);
+        let target = Target {
+            desired: &desired,
+            sentinel: None,
+        };
+        driver
+            .pass(&hub, &InMemory, target, None)
+            .await
+            .expect("an in-memory store does not fail");
+    }
+}
+
+/// The durable state kept in the driver only.
+struct InMemory;
+
+impl DurableStore for InMemory {
+    async fn save(&self, _: &Durable) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

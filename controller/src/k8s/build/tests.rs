@@ -281,7 +281,7 @@ fn a_terminating_master_is_held_as_long_as_the_longest_switchover_and_the_pod_ou
         .and_then(|n| n.parse().ok())
         .expect("the hold's step count");
     let hold = Duration::from_millis(steps * 100);
-    let budget = crate::switchover::SWITCHOVER_BUDGET;
+    let budget = crate::driver::switchover::SWITCHOVER_BUDGET;
     assert!(
         hold >= budget,
         "the preStop holds {hold:?}, the longest switchover takes {budget:?}"
