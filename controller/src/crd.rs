@@ -77,6 +77,63 @@ pub struct FailoverSpec {
     pub modules: Vec<ValkeyModule>,
 }
 
+/// The pod settings data and sentinel pods share, borrowed from either spec: one builder makes
+/// both pod templates (`k8s::pod`). A view rather than one flattened struct in the types above:
+/// the two copies of the fields carry different descriptions in the schema (the data pods'
+/// `image` names the Valkey version rule), and the CRD stays byte-identical.
+#[derive(Debug, Clone, Copy)]
+pub struct PodSettings<'a> {
+    pub image: Option<&'a str>,
+    pub image_pull_policy: Option<PullPolicy>,
+    pub image_pull_secrets: &'a [LocalObjectReference],
+    pub resources: Option<&'a ResourceRequirements>,
+    pub pod_annotations: &'a BTreeMap<String, String>,
+    pub affinity: Option<&'a Affinity>,
+    pub tolerations: &'a [Toleration],
+    pub node_selector: &'a BTreeMap<String, String>,
+    pub security_context: Option<&'a PodSecurityContext>,
+}
+
+impl FailoverSpec {
+    /// The data pods' settings.
+    pub fn pod_settings(&self) -> PodSettings<'_> {
+        PodSettings {
+            image: self.image.as_deref(),
+            image_pull_policy: self.image_pull_policy,
+            image_pull_secrets: &self.image_pull_secrets,
+            resources: self.resources.as_ref(),
+            pod_annotations: &self.pod_annotations,
+            affinity: self.affinity.as_ref(),
+            tolerations: &self.tolerations,
+            node_selector: &self.node_selector,
+            security_context: self.security_context.as_ref(),
+        }
+    }
+}
+
+impl SentinelSettings {
+    /// The sentinel pods' settings: the image, its pull policy and pull secrets fall back to
+    /// the data pods' (`instance`).
+    pub fn pod_settings<'a>(&'a self, instance: &'a FailoverSpec) -> PodSettings<'a> {
+        let pull_secrets = if self.image_pull_secrets.is_empty() {
+            &instance.image_pull_secrets
+        } else {
+            &self.image_pull_secrets
+        };
+        PodSettings {
+            image: self.image.as_deref().or(instance.image.as_deref()),
+            image_pull_policy: self.image_pull_policy.or(instance.image_pull_policy),
+            image_pull_secrets: pull_secrets,
+            resources: self.resources.as_ref(),
+            pod_annotations: &self.pod_annotations,
+            affinity: self.affinity.as_ref(),
+            tolerations: &self.tolerations,
+            node_selector: &self.node_selector,
+            security_context: self.security_context.as_ref(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum PullPolicy {
     Always,

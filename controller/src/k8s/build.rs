@@ -6,15 +6,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
+        apps::v1::{StatefulSet, StatefulSetUpdateStrategy},
         core::v1::{
-            Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-            EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, GRPCAction, Lifecycle,
-            LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
-            PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
-            PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret,
-            SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
-            VolumeMount, VolumeProjection, VolumeResourceRequirements, WeightedPodAffinityTerm,
+            ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction,
+            Lifecycle, LifecycleHandler, PersistentVolumeClaim, PersistentVolumeClaimSpec, Probe,
+            Secret, Volume, VolumeMount, VolumeResourceRequirements,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -26,27 +22,24 @@ use k8s_openapi::{
 };
 
 use super::{
-    AGENT_METRICS_PORT, AGENT_PORT, ANNOTATION_RESTART_HASH, EXPORTER_PORT, Names, Settings,
-    TOKEN_AUDIENCE, VALKEY_PORT, owned_meta, selector, tls_objects,
+    ANNOTATION_RESTART_HASH, EXPORTER_PORT, Names, Settings, VALKEY_PORT, owned_meta,
+    pod::{
+        self, AgentSide, PodParts, SECRET_DIR, SWITCHOVER_WAIT_S, SetParts, agent_container,
+        container_security, env, grpc_probe, main_container, memory_volume, mount,
+        password_in_force_volume, port, pull_policy, token_volume,
+    },
+    selector, tls_objects,
 };
 use crate::{
     conf_text::quote,
-    crd::{AccessMode, Failover, FailoverSpec, PullPolicy, Storage},
+    crd::{AccessMode, Failover, FailoverSpec, Storage},
     validate::{RESTART_KEYS, parse_memory, parse_quantity},
 };
 
 pub const COMPONENT_DATA: &str = "data";
 /// Where the rendered config (with the password) lives inside the pod: memory-backed.
 const RUN_DIR: &str = "/run/valkey";
-const SECRET_DIR: &str = "/etc/valkey-secret";
 const CONFIG_DIR: &str = "/etc/valkey";
-const TOKEN_DIR: &str = "/var/run/secrets/valkey-agent";
-/// How long a terminating master waits for its role to move (the agent's switchover).
-/// How long a terminating master's Valkey is held up (preStop), and its agent waits, for the
-/// controller to move the role away: the longest switchover that succeeds, plus a margin for
-/// the agent's request to reach the controller.
-const SWITCHOVER_WAIT_S: i64 = crate::driver::switchover::SWITCHOVER_BUDGET.as_secs() as i64 + 2;
-
 /// What the pod has after the hold to stop: Valkey's shutdown (an AOF flush) and the agent's.
 const SHUTDOWN_MARGIN_S: i64 = 15;
 
@@ -210,262 +203,6 @@ pub fn password_in_force_secret(
     }
 }
 
-/// The controller's copy of a password, every key: `password`, and during a rotation
-/// `password.old` and `password.new`. Mounted whole (not by subPath) so that the kubelet
-/// brings each change to the running pod.
-pub fn password_in_force_volume(secret: String) -> Volume {
-    Volume {
-        name: "password".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret),
-            default_mode: Some(0o400),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    }
-}
-
-pub fn pull_policy(policy: Option<PullPolicy>) -> String {
-    match policy.unwrap_or_default() {
-        PullPolicy::Always => "Always",
-        PullPolicy::IfNotPresent => "IfNotPresent",
-        PullPolicy::Never => "Never",
-    }
-    .into()
-}
-
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
-}
-
-fn env_field(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..ObjectFieldSelector::default()
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
-fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
-    VolumeMount {
-        name: name.into(),
-        mount_path: path.into(),
-        read_only: Some(read_only),
-        ..VolumeMount::default()
-    }
-}
-
-fn port(name: &str, port: i32) -> ContainerPort {
-    ContainerPort {
-        name: Some(name.into()),
-        container_port: port,
-        protocol: Some("TCP".into()),
-        ..ContainerPort::default()
-    }
-}
-
-/// Probes go through the agent's grpc.health.v1: "" is the local process answering,
-/// "readiness" is serving (a master, or a replica in sync).
-fn grpc_probe(service: &str, period: i32, failures: i32) -> Probe {
-    Probe {
-        grpc: Some(GRPCAction {
-            port: AGENT_PORT,
-            service: Some(service.into()),
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(2),
-        ..Probe::default()
-    }
-}
-
-/// Non-root, no privilege escalation, read-only root, no capabilities.
-pub fn container_security() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        read_only_root_filesystem: Some(true),
-        run_as_non_root: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Capabilities::default()
-        }),
-        ..SecurityContext::default()
-    }
-}
-
-/// The pod default: uid 999, gid 1000, fsGroup 1000. Either way the runtime's default
-/// seccomp profile applies unless the spec names another (the restricted Pod Security level
-/// requires one).
-pub fn pod_security(given: Option<&PodSecurityContext>) -> PodSecurityContext {
-    let mut context = given.cloned().unwrap_or(PodSecurityContext {
-        run_as_user: Some(999),
-        run_as_group: Some(1000),
-        fs_group: Some(1000),
-        run_as_non_root: Some(true),
-        ..PodSecurityContext::default()
-    });
-    context
-        .seccomp_profile
-        .get_or_insert_with(|| SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            ..SeccompProfile::default()
-        });
-    context
-}
-
-/// The default: spread this component's pods across nodes when possible.
-pub fn anti_affinity(given: Option<&Affinity>, labels: BTreeMap<String, String>) -> Affinity {
-    given.cloned().unwrap_or(Affinity {
-        pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![
-                WeightedPodAffinityTerm {
-                    weight: 100,
-                    pod_affinity_term: PodAffinityTerm {
-                        label_selector: Some(LabelSelector {
-                            match_labels: Some(labels),
-                            ..LabelSelector::default()
-                        }),
-                        topology_key: "kubernetes.io/hostname".into(),
-                        ..PodAffinityTerm::default()
-                    },
-                },
-            ]),
-            ..PodAntiAffinity::default()
-        }),
-        ..Affinity::default()
-    })
-}
-
-/// The agent sidecar, for a data pod (`mode` data) or a sentinel pod.
-pub fn agent_container(
-    names: &Names,
-    settings: &Settings,
-    mode: &str,
-    local_port: i32,
-    announce_host: &str,
-    password_file: Option<&str>,
-    tls: bool,
-) -> Container {
-    let mut env = vec![
-        env("VALKEY_AGENT_MODE", mode),
-        env(
-            "VALKEY_AGENT_VALKEY_ADDR",
-            format!("127.0.0.1:{local_port}"),
-        ),
-        env(
-            "VALKEY_AGENT_CONTROLLER_ADDR",
-            settings.controller_addr.clone(),
-        ),
-        env("VALKEY_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
-        env("VALKEY_AGENT_NAMESPACE", names.namespace.clone()),
-        env("VALKEY_AGENT_FAILOVER", names.instance.clone()),
-        env_field("VALKEY_AGENT_POD_NAME", "metadata.name"),
-        env("VALKEY_AGENT_ANNOUNCE_HOST", announce_host),
-        env("VALKEY_AGENT_ANNOUNCE_PORT", local_port.to_string()),
-        env("VALKEY_AGENT_DATA_DIR", "/data"),
-        env("VALKEY_AGENT_LISTEN", format!("0.0.0.0:{AGENT_PORT}")),
-        env(
-            "VALKEY_AGENT_METRICS_LISTEN",
-            format!("0.0.0.0:{AGENT_METRICS_PORT}"),
-        ),
-        env("VALKEY_AGENT_LOG_FORMAT", "json"),
-        // A terminating master's agent waits as long as its Valkey is held up.
-        env(
-            "VALKEY_AGENT_SHUTDOWN_SWITCHOVER_TIMEOUT_MS",
-            (SWITCHOVER_WAIT_S * 1000).to_string(),
-        ),
-        env(
-            "VALKEY_AGENT_CONTROLLER_CA_FILE",
-            format!("{}/ca.crt", tls_objects::CONTROLLER_CA_DIR),
-        ),
-    ];
-    let mut mounts = vec![
-        mount("data", "/data", false),
-        mount("agent-token", TOKEN_DIR, true),
-        mount("controller-ca", tls_objects::CONTROLLER_CA_DIR, true),
-    ];
-    if tls {
-        env.extend(tls_objects::agent_tls_env());
-        mounts.push(tls_objects::tls_mount());
-    }
-    if let Some(file) = password_file {
-        env.push(self::env("VALKEY_AGENT_VALKEY_PASSWORD_FILE", file));
-        mounts.push(mount("password", SECRET_DIR, true));
-    }
-    Container {
-        name: "agent".into(),
-        image: Some(settings.agent_image.clone()),
-        command: Some(vec!["valkey-agent".into()]),
-        env: Some(env),
-        ports: Some(vec![
-            port("agent-grpc", AGENT_PORT),
-            port("agent-metrics", AGENT_METRICS_PORT),
-        ]),
-        liveness_probe: Some(Probe {
-            tcp_socket: Some(k8s_openapi::api::core::v1::TCPSocketAction {
-                port: IntOrString::Int(AGENT_PORT),
-                ..Default::default()
-            }),
-            period_seconds: Some(10),
-            ..Probe::default()
-        }),
-        resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
-            requests: Some(
-                [
-                    ("cpu".to_owned(), Quantity("10m".into())),
-                    ("memory".to_owned(), Quantity("16Mi".into())),
-                ]
-                .into(),
-            ),
-            limits: Some([("memory".to_owned(), Quantity("64Mi".into()))].into()),
-            ..Default::default()
-        }),
-        volume_mounts: Some(mounts),
-        security_context: Some(container_security()),
-        ..Container::default()
-    }
-}
-
-/// The projected service-account token the agent presents to the controller.
-pub fn token_volume() -> Volume {
-    Volume {
-        name: "agent-token".into(),
-        projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(TOKEN_AUDIENCE.into()),
-                    expiration_seconds: Some(3600),
-                    path: "token".into(),
-                }),
-                ..VolumeProjection::default()
-            }]),
-            ..ProjectedVolumeSource::default()
-        }),
-        ..Volume::default()
-    }
-}
-
-pub fn memory_volume(name: &str) -> Volume {
-    Volume {
-        name: name.into(),
-        empty_dir: Some(EmptyDirVolumeSource {
-            medium: Some("Memory".into()),
-            size_limit: Some(Quantity("16Mi".into())),
-        }),
-        ..Volume::default()
-    }
-}
-
 /// Shell lines that read the password of `dir`'s Secret into `$P`, and refuse to start when
 /// it holds a character that could not be written inside a quoted config value (`"`, `\`
 /// or a control character such as a newline), which could otherwise add directives.
@@ -523,27 +260,70 @@ fn valkey_pre_stop(tls: bool) -> String {
     )
 }
 
+/// The data pods' StatefulSet: Valkey, its agent and (when asked for) the exporter.
 pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> StatefulSet {
     let names = Names::of(failover);
     let spec = &failover.spec;
-    let select = selector(&names, COMPONENT_DATA);
-    let image = spec.image.clone().unwrap_or(settings.valkey_image.clone());
-    let tls_secret = tls_objects::data_secret(failover);
-    let mut annotations = spec.pod_annotations.clone();
-    annotations.insert(ANNOTATION_RESTART_HASH.into(), restart_hash(spec));
+    let tls = tls_objects::data_secret(failover);
+    let mut volumes = data_volumes(&names, tls.as_deref());
+    let claims = match &spec.storage {
+        Some(storage) => Some(vec![data_claim(spec, storage, &names)]),
+        None => {
+            volumes.push(Volume {
+                name: "data".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+            None
+        }
+    };
     let announce = format!(
         "$(VALKEY_AGENT_POD_NAME).{}.{}.svc",
         names.headless(),
         names.namespace
     );
-    let valkey = Container {
-        name: "valkey".into(),
-        image: Some(image),
-        image_pull_policy: Some(pull_policy(spec.image_pull_policy)),
-        command: Some(vec!["sh".into(), "-c".into(), valkey_start_script(&names)]),
-        env: Some(vec![env_field("POD_NAME", "metadata.name")]),
+    let agent = AgentSide {
+        mode: "data",
+        local_port: VALKEY_PORT,
+        announce_host: &announce,
+        password_file: Some(&format!("{SECRET_DIR}/password")),
+        tls: tls.is_some(),
+    };
+    let mut containers = vec![
+        valkey_container(failover, settings, tls.is_some()),
+        agent_container(&names, settings, agent),
+    ];
+    containers.extend(exporter_container(spec, settings, tls.is_some()));
+    let parts = PodParts {
+        containers,
+        volumes,
+        annotations: [(ANNOTATION_RESTART_HASH.to_owned(), restart_hash(spec))].into(),
+        termination_grace_period_seconds: Some(SWITCHOVER_WAIT_S + SHUTDOWN_MARGIN_S),
+    };
+    let set = SetParts {
+        name: names.data(),
+        component: COMPONENT_DATA,
+        replicas: if paused { 0 } else { spec.replicas },
+        service_name: names.headless(),
+        // The controller rolls the pods itself: replicas first, the master last after a
+        // switchover.
+        update_strategy: Some(StatefulSetUpdateStrategy {
+            type_: Some("OnDelete".into()),
+            ..StatefulSetUpdateStrategy::default()
+        }),
+        template: pod::template(&names, COMPONENT_DATA, spec.pod_settings(), parts),
+        claims,
+    };
+    pod::statefulset(failover, &names, set)
+}
+
+/// The Valkey container of a data pod.
+fn valkey_container(failover: &Failover, settings: &Settings, tls: bool) -> Container {
+    let names = Names::of(failover);
+    let pod = failover.spec.pod_settings();
+    let script = valkey_start_script(&names);
+    Container {
         ports: Some(vec![port("valkey", VALKEY_PORT)]),
-        resources: spec.resources.clone(),
         readiness_probe: Some(grpc_probe("readiness", 2, 2)),
         liveness_probe: Some(Probe {
             initial_delay_seconds: Some(10),
@@ -552,11 +332,7 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 exec: Some(ExecAction {
-                    command: Some(vec![
-                        "sh".into(),
-                        "-c".into(),
-                        valkey_pre_stop(tls_secret.is_some()),
-                    ]),
+                    command: Some(vec!["sh".into(), "-c".into(), valkey_pre_stop(tls)]),
                 }),
                 ..LifecycleHandler::default()
             }),
@@ -570,45 +346,41 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
                 mount("run", RUN_DIR, false),
             ]
             .into_iter()
-            .chain(tls_secret.as_ref().map(|_| tls_objects::tls_mount()))
+            .chain(tls.then(tls_objects::tls_mount))
             .collect(),
         ),
-        security_context: Some(container_security()),
-        ..Container::default()
-    };
-    let agent = agent_container(
-        &names,
-        settings,
-        "data",
-        VALKEY_PORT,
-        &announce,
-        Some(&format!("{SECRET_DIR}/password")),
-        tls_secret.is_some(),
-    );
-    let mut containers = vec![valkey, agent];
-    if let Some(exporter) = &spec.exporter {
-        containers.push(Container {
-            name: "exporter".into(),
-            image: Some(
-                exporter
-                    .image
-                    .clone()
-                    .unwrap_or(settings.exporter_image.clone()),
-            ),
-            image_pull_policy: Some(pull_policy(exporter.image_pull_policy)),
-            env: Some(exporter_env(tls_secret.is_some())),
-            volume_mounts: Some(exporter_mounts(tls_secret.is_some())),
-            ports: Some(vec![port("metrics", EXPORTER_PORT)]),
-            resources: exporter.resources.clone(),
-            security_context: Some(
-                exporter
-                    .security_context
-                    .clone()
-                    .unwrap_or(container_security()),
-            ),
-            ..Container::default()
-        });
+        ..main_container("valkey", pod, &settings.valkey_image, script)
     }
+}
+
+/// The exporter container, when `spec.exporter` asks for one.
+fn exporter_container(spec: &FailoverSpec, settings: &Settings, tls: bool) -> Option<Container> {
+    let exporter = spec.exporter.as_ref()?;
+    Some(Container {
+        name: "exporter".into(),
+        image: Some(
+            exporter
+                .image
+                .clone()
+                .unwrap_or(settings.exporter_image.clone()),
+        ),
+        image_pull_policy: Some(pull_policy(exporter.image_pull_policy)),
+        env: Some(exporter_env(tls)),
+        volume_mounts: Some(exporter_mounts(tls)),
+        ports: Some(vec![port("metrics", EXPORTER_PORT)]),
+        resources: exporter.resources.clone(),
+        security_context: Some(
+            exporter
+                .security_context
+                .clone()
+                .unwrap_or(container_security()),
+        ),
+        ..Container::default()
+    })
+}
+
+/// The volumes every data pod has; `data` is a claim or an emptyDir, added by the caller.
+fn data_volumes(names: &Names, tls: Option<&str>) -> Vec<Volume> {
     let mut volumes = vec![
         Volume {
             name: "config".into(),
@@ -621,95 +393,39 @@ pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> St
         password_in_force_volume(names.password_in_force()),
         memory_volume("run"),
         token_volume(),
-        tls_objects::controller_ca_volume(&names),
+        tls_objects::controller_ca_volume(names),
     ];
-    if let Some(secret) = &tls_secret {
+    if let Some(secret) = tls {
         volumes.push(tls_objects::tls_volume(secret));
     }
-    let claims = match &spec.storage {
-        Some(storage) => {
-            let capacity = claim_capacity(spec, storage);
-            let access = match storage.access_mode.unwrap_or_default() {
-                AccessMode::ReadWriteOnce => "ReadWriteOnce",
-                AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
-                AccessMode::ReadWriteMany => "ReadWriteMany",
-                AccessMode::ReadOnlyMany => "ReadOnlyMany",
-            };
-            Some(vec![PersistentVolumeClaim {
-                metadata: ObjectMeta {
-                    name: Some("data".into()),
-                    labels: Some(select.clone()),
-                    annotations: (!storage.annotations.is_empty())
-                        .then(|| storage.annotations.clone()),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec![access.into()]),
-                    storage_class_name: storage.storage_class_name.clone(),
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some([("storage".to_owned(), capacity)].into()),
-                        ..VolumeResourceRequirements::default()
-                    }),
-                    ..PersistentVolumeClaimSpec::default()
-                }),
-                ..PersistentVolumeClaim::default()
-            }])
-        }
-        None => {
-            volumes.push(Volume {
-                name: "data".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            });
-            None
-        }
+    volumes
+}
+
+/// The data pods' claim template (`spec.storage`).
+fn data_claim(spec: &FailoverSpec, storage: &Storage, names: &Names) -> PersistentVolumeClaim {
+    let access = match storage.access_mode.unwrap_or_default() {
+        AccessMode::ReadWriteOnce => "ReadWriteOnce",
+        AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        AccessMode::ReadWriteMany => "ReadWriteMany",
+        AccessMode::ReadOnlyMany => "ReadOnlyMany",
     };
-    let mut template_labels = select.clone();
-    template_labels.extend(super::labels(&names, COMPONENT_DATA));
-    StatefulSet {
-        metadata: owned_meta(failover, names.data(), COMPONENT_DATA),
-        spec: Some(StatefulSetSpec {
-            replicas: Some(if paused { 0 } else { spec.replicas }),
-            service_name: Some(names.headless()),
-            pod_management_policy: Some("Parallel".into()),
-            // The controller rolls the pods itself: replicas first, the master last after a
-            // switchover.
-            update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("OnDelete".into()),
-                ..StatefulSetUpdateStrategy::default()
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".into()),
+            labels: Some(selector(names, COMPONENT_DATA)),
+            annotations: (!storage.annotations.is_empty()).then(|| storage.annotations.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec![access.into()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some([("storage".to_owned(), claim_capacity(spec, storage))].into()),
+                ..VolumeResourceRequirements::default()
             }),
-            selector: LabelSelector {
-                match_labels: Some(select.clone()),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(template_labels),
-                    annotations: Some(annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    // The agent authenticates with a projected token of its own; nothing in
-                    // the pod talks to the API.
-                    automount_service_account_token: Some(false),
-                    containers,
-                    volumes: Some(volumes),
-                    affinity: Some(anti_affinity(spec.affinity.as_ref(), select)),
-                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
-                    node_selector: (!spec.node_selector.is_empty())
-                        .then(|| spec.node_selector.clone()),
-                    security_context: Some(pod_security(spec.security_context.as_ref())),
-                    image_pull_secrets: (!spec.image_pull_secrets.is_empty())
-                        .then(|| spec.image_pull_secrets.clone()),
-                    termination_grace_period_seconds: Some(SWITCHOVER_WAIT_S + SHUTDOWN_MARGIN_S),
-                    enable_service_links: Some(false),
-                    ..PodSpec::default()
-                }),
-            },
-            volume_claim_templates: claims,
-            ..StatefulSetSpec::default()
+            ..PersistentVolumeClaimSpec::default()
         }),
-        ..StatefulSet::default()
+        ..PersistentVolumeClaim::default()
     }
 }
 

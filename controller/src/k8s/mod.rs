@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod network_policy;
 pub mod outside;
 pub mod password;
+pub mod pod;
 pub mod reconcile;
 pub mod recreate;
 pub mod requests;
@@ -156,6 +157,10 @@ impl Names {
     /// none.
     pub fn sentinel_password(&self) -> String {
         format!("{}-password", self.sentinel())
+    }
+    /// The embedded sentinels' sentinel.conf template.
+    pub fn sentinel_config(&self) -> String {
+        format!("{}-sentinel-config", self.instance)
     }
     pub fn sentinel_headless(&self) -> String {
         format!("{}-sentinel-headless", self.instance)

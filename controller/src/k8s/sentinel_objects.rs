@@ -2,31 +2,33 @@
 //! StatefulSet (valkey-sentinel with an agent each), its Services and its PDB. Sentinel uses
 //! hostnames (resolve-hostnames / announce-hostnames), so a pod back with a new IP is found.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::{
-    apps::v1::{StatefulSet, StatefulSetSpec},
+    apps::v1::StatefulSet,
     core::v1::{
-        ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-        EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, Service, ServicePort,
-        Volume, VolumeMount,
+        ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, Probe, Service,
+        ServicePort, Volume, VolumeMount,
     },
     policy::v1::PodDisruptionBudget,
 };
-use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     AGENT_PORT, Names, SENTINEL_PORT, Settings,
-    build::{
-        agent_container, anti_affinity, container_security, memory_volume, pdb, pod_security,
-        pull_policy, token_volume,
+    build::pdb,
+    owned_meta,
+    pod::{
+        self, AgentSide, PodParts, SECRET_DIR, SetParts, agent_container, main_container,
+        memory_volume, password_in_force_volume, token_volume,
     },
-    owned_meta, selector,
+    selector,
     services::{client_service, headless},
     tls_objects,
 };
-use crate::crd::{Failover, SentinelSettings};
+use crate::crd::{Failover, PodSettings, SentinelSettings};
 
 pub const COMPONENT_SENTINEL: &str = "sentinel";
-const SECRET_DIR: &str = "/etc/valkey-secret";
 
 /// The embedded Sentinel's settings, when the instance has one (not an external set).
 pub fn embedded(failover: &Failover) -> Option<&SentinelSettings> {
@@ -125,19 +127,60 @@ pub fn objects(
         return Default::default();
     };
     let names = Names::of(failover);
-    let select = selector(&names, COMPONENT_SENTINEL);
-    let tls_secret = tls_objects::sentinel_secret(failover);
-    let config_name = format!("{}-config", names.sentinel());
     let config = ConfigMap {
-        metadata: owned_meta(failover, config_name.clone(), COMPONENT_SENTINEL),
+        metadata: owned_meta(failover, names.sentinel_config(), COMPONENT_SENTINEL),
         data: Some([("sentinel.conf".to_owned(), sentinel_conf(sentinel))].into()),
         ..ConfigMap::default()
     };
-    let image = sentinel
-        .image
-        .clone()
-        .or(failover.spec.image.clone())
-        .unwrap_or(settings.valkey_image.clone());
+    let statefulset = statefulset(failover, sentinel, settings, paused, tls_cert);
+    let services = services(failover, sentinel);
+    let budget = pdb(failover, COMPONENT_SENTINEL, names.sentinel());
+    (vec![config], vec![statefulset], services, vec![budget])
+}
+
+/// The sentinels' StatefulSet: valkey-sentinel and its agent in each pod.
+fn statefulset(
+    failover: &Failover,
+    sentinel: &SentinelSettings,
+    settings: &Settings,
+    paused: bool,
+    tls_cert: Option<&str>,
+) -> StatefulSet {
+    let names = Names::of(failover);
+    let tls = tls_objects::sentinel_secret(failover);
+    let pod = sentinel.pod_settings(&failover.spec);
+    let mut annotations = BTreeMap::new();
+    if let Some(hash) = tls_cert.filter(|_| tls.is_some()) {
+        annotations.insert(ANNOTATION_TLS_CERT.to_owned(), hash.to_owned());
+    }
+    let parts = PodParts {
+        containers: vec![
+            sentinel_container(&names, pod, settings, tls.is_some()),
+            agent(&names, settings, tls.is_some()),
+        ],
+        volumes: volumes(&names, tls.as_deref()),
+        annotations,
+        termination_grace_period_seconds: None,
+    };
+    let set = SetParts {
+        name: names.sentinel(),
+        component: COMPONENT_SENTINEL,
+        replicas: if paused { 0 } else { sentinel.count() },
+        service_name: names.sentinel_headless(),
+        update_strategy: None,
+        template: pod::template(&names, COMPONENT_SENTINEL, pod, parts),
+        claims: None,
+    };
+    pod::statefulset(failover, &names, set)
+}
+
+/// The valkey-sentinel container.
+fn sentinel_container(
+    names: &Names,
+    pod: PodSettings<'_>,
+    settings: &Settings,
+    tls: bool,
+) -> Container {
     let mut mounts = vec![
         VolumeMount {
             name: "data".into(),
@@ -151,26 +194,7 @@ pub fn objects(
             ..VolumeMount::default()
         },
     ];
-    let mut volumes = vec![
-        Volume {
-            name: "data".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        },
-        Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: config_name,
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        token_volume(),
-        memory_volume("run"),
-        tls_objects::controller_ca_volume(&names),
-    ];
-    if let Some(secret) = &tls_secret {
-        volumes.push(tls_objects::tls_volume(secret));
+    if tls {
         mounts.push(tls_objects::tls_mount());
     }
     mounts.push(VolumeMount {
@@ -179,42 +203,9 @@ pub fn objects(
         read_only: Some(true),
         ..VolumeMount::default()
     });
-    // The controller's copy of the sentinels' password, which a rotation changes step by step
-    // (`k8s::password`).
-    volumes.push(super::build::password_in_force_volume(
-        super::password::Whose::Sentinel.in_force(&names),
-    ));
-    let container = Container {
-        name: "sentinel".into(),
-        image: Some(image),
-        image_pull_policy: Some(pull_policy(
-            sentinel
-                .image_pull_policy
-                .or(failover.spec.image_pull_policy),
-        )),
-        command: Some(vec![
-            "sh".into(),
-            "-c".into(),
-            start_script(&names, tls_secret.is_some()),
-        ]),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }]),
-        ports: Some(vec![ContainerPort {
-            name: Some("sentinel".into()),
-            container_port: SENTINEL_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
-        resources: sentinel.resources.clone(),
+    let script = start_script(names, tls);
+    Container {
+        ports: Some(vec![pod::port("sentinel", SENTINEL_PORT)]),
         readiness_probe: Some(Probe {
             grpc: Some(k8s_openapi::api::core::v1::GRPCAction {
                 port: AGENT_PORT,
@@ -224,30 +215,30 @@ pub fn objects(
             ..Probe::default()
         }),
         volume_mounts: Some(mounts),
-        security_context: Some(container_security()),
-        ..Container::default()
-    };
+        ..main_container("sentinel", pod, &settings.valkey_image, script)
+    }
+}
+
+/// A sentinel's agent. Beside its sentinel's password it reads the instance's: it sets it as
+/// the monitor's auth-pass when the controller names it (the controller never sends it).
+fn agent(names: &Names, settings: &Settings, tls: bool) -> Container {
     let announce = format!(
         "$(VALKEY_AGENT_POD_NAME).{}.{}.svc",
         names.sentinel_headless(),
         names.namespace
     );
-    let mut agent = agent_container(
-        &names,
-        settings,
-        "sentinel",
-        SENTINEL_PORT,
-        &announce,
-        Some(&format!("{SECRET_DIR}/password")),
-        tls_secret.is_some(),
-    );
-    // The instance's password, for the agent only: it sets it as the monitor's auth-pass when
-    // the controller names it (the controller never sends it).
-    agent.env.get_or_insert_with(Vec::new).push(EnvVar {
-        name: "VALKEY_AGENT_INSTANCE_PASSWORD_FILE".into(),
-        value: Some(format!("{INSTANCE_SECRET_DIR}/password")),
-        ..EnvVar::default()
-    });
+    let side = AgentSide {
+        mode: "sentinel",
+        local_port: SENTINEL_PORT,
+        announce_host: &announce,
+        password_file: Some(&format!("{SECRET_DIR}/password")),
+        tls,
+    };
+    let mut agent = agent_container(names, settings, side);
+    agent.env.get_or_insert_with(Vec::new).push(pod::env(
+        "VALKEY_AGENT_INSTANCE_PASSWORD_FILE",
+        format!("{INSTANCE_SECRET_DIR}/password"),
+    ));
     agent
         .volume_mounts
         .get_or_insert_with(Vec::new)
@@ -257,62 +248,49 @@ pub fn objects(
             read_only: Some(true),
             ..VolumeMount::default()
         });
+    agent
+}
+
+/// A sentinel pod's volumes.
+fn volumes(names: &Names, tls: Option<&str>) -> Vec<Volume> {
+    let mut volumes = vec![
+        Volume {
+            name: "data".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.sentinel_config(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        token_volume(),
+        memory_volume("run"),
+        tls_objects::controller_ca_volume(names),
+    ];
+    if let Some(secret) = tls {
+        volumes.push(tls_objects::tls_volume(secret));
+    }
+    // The controller's copy of the sentinels' password, which a rotation changes step by step
+    // (`k8s::password`), and of the instance's.
+    volumes.push(password_in_force_volume(
+        super::password::Whose::Sentinel.in_force(names),
+    ));
     volumes.push(Volume {
         name: "instance-password".into(),
-        ..super::build::password_in_force_volume(names.password_in_force())
+        ..password_in_force_volume(names.password_in_force())
     });
-    let mut template_labels = select.clone();
-    template_labels.extend(super::labels(&names, COMPONENT_SENTINEL));
-    let statefulset = StatefulSet {
-        metadata: owned_meta(failover, names.sentinel(), COMPONENT_SENTINEL),
-        spec: Some(StatefulSetSpec {
-            replicas: Some(if paused { 0 } else { sentinel.count() }),
-            service_name: Some(names.sentinel_headless()),
-            pod_management_policy: Some("Parallel".into()),
-            selector: LabelSelector {
-                match_labels: Some(select.clone()),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                    labels: Some(template_labels),
-                    annotations: {
-                        let mut annotations = sentinel.pod_annotations.clone();
-                        if let Some(hash) = tls_cert.filter(|_| tls_secret.is_some()) {
-                            annotations.insert(ANNOTATION_TLS_CERT.into(), hash.into());
-                        }
-                        (!annotations.is_empty()).then_some(annotations)
-                    },
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    // The agent authenticates with a projected token of its own; nothing in
-                    // the pod talks to the API.
-                    automount_service_account_token: Some(false),
-                    containers: vec![container, agent],
-                    volumes: Some(volumes),
-                    affinity: Some(anti_affinity(sentinel.affinity.as_ref(), select)),
-                    tolerations: (!sentinel.tolerations.is_empty())
-                        .then(|| sentinel.tolerations.clone()),
-                    node_selector: (!sentinel.node_selector.is_empty())
-                        .then(|| sentinel.node_selector.clone()),
-                    security_context: Some(pod_security(sentinel.security_context.as_ref())),
-                    image_pull_secrets: {
-                        let secrets = if sentinel.image_pull_secrets.is_empty() {
-                            &failover.spec.image_pull_secrets
-                        } else {
-                            &sentinel.image_pull_secrets
-                        };
-                        (!secrets.is_empty()).then(|| secrets.clone())
-                    },
-                    enable_service_links: Some(false),
-                    ..PodSpec::default()
-                }),
-            },
-            ..StatefulSetSpec::default()
-        }),
-        ..StatefulSet::default()
-    };
+    volumes
+}
+
+/// The sentinels' Services: headless, the client Service, and when reached from outside the
+/// cluster one per sentinel (named as its pod), on its NodePort from `sentinel.access.ports`,
+/// whose address the sentinel announces.
+fn services(failover: &Failover, sentinel: &SentinelSettings) -> Vec<Service> {
+    let names = Names::of(failover);
     let port = ServicePort {
         name: Some("sentinel".into()),
         port: SENTINEL_PORT,
@@ -341,30 +319,28 @@ pub fn objects(
             vec![port.clone()],
         ),
     ];
-    // Reached from outside the cluster: one Service per sentinel (named as its pod), on its
-    // NodePort from `sentinel.access.ports`, whose address the sentinel announces.
-    if access.service_type != crate::crd::ServiceType::ClusterIP {
-        // The spec was validated: an invalid pool never gets here.
-        let pool = crate::validate::sentinel_node_port_pool(&failover.spec).unwrap_or_default();
-        for ordinal in 0..sentinel.count() {
-            let pod = format!("{}-{ordinal}", names.sentinel());
-            let mut select = selector(&names, COMPONENT_SENTINEL);
-            select.insert("statefulset.kubernetes.io/pod-name".into(), pod.clone());
-            services.push(client_service(
-                failover,
-                &access,
-                pod,
-                COMPONENT_SENTINEL,
-                select,
-                vec![ServicePort {
-                    node_port: pool.get(ordinal as usize).copied(),
-                    ..port.clone()
-                }],
-            ));
-        }
+    if access.service_type == crate::crd::ServiceType::ClusterIP {
+        return services;
     }
-    let budget = pdb(failover, COMPONENT_SENTINEL, names.sentinel());
-    (vec![config], vec![statefulset], services, vec![budget])
+    // The spec was validated: an invalid pool never gets here.
+    let pool = crate::validate::sentinel_node_port_pool(&failover.spec).unwrap_or_default();
+    for ordinal in 0..sentinel.count() {
+        let pod = format!("{}-{ordinal}", names.sentinel());
+        let mut select = selector(&names, COMPONENT_SENTINEL);
+        select.insert("statefulset.kubernetes.io/pod-name".into(), pod.clone());
+        services.push(client_service(
+            failover,
+            &access,
+            pod,
+            COMPONENT_SENTINEL,
+            select,
+            vec![ServicePort {
+                node_port: pool.get(ordinal as usize).copied(),
+                ..port.clone()
+            }],
+        ));
+    }
+    services
 }
 
 #[cfg(test)]

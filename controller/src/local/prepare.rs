@@ -270,6 +270,9 @@ fn sentinel_desired(
     crate::desired::sentinel(&manifest.spec, monitor, sentinels, BTreeMap::new())
 }
 
+/// The sentinels' password file in force, and the Secret (name, file) it follows.
+type SentinelPassword = (Option<PathBuf>, Option<(String, PathBuf)>);
+
 /// The sentinels' password file in force, and the Secret it follows. Embedded sentinels use
 /// the controller's copy of their password, which follows the Secret through a rotation; an
 /// external set's agents read the Secret itself.
@@ -278,7 +281,7 @@ fn sentinel_password(
     secret: Option<(String, PathBuf)>,
     embedded: bool,
     external: bool,
-) -> Result<(Option<PathBuf>, Option<(String, PathBuf)>), LocalError> {
+) -> Result<SentinelPassword, LocalError> {
     let copy = dir.join("sentinel-password");
     Ok(match secret {
         // No Secret named: embedded sentinels still get a password of their own (any local

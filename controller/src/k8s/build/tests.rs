@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::crd::{Storage, ValkeyModule};
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use crate::k8s::{AGENT_PORT, pod::pod_security};
+use k8s_openapi::api::core::v1::{PodSecurityContext, PodSpec, ResourceRequirements};
 use std::time::Duration;
 
 pub(crate) fn failover(spec: FailoverSpec) -> Failover {
