@@ -1,16 +1,26 @@
-//! The actions behind the controller's commands, one function each, on the local process:
-//! what a command does once the executor has admitted it (fence, deadline, idempotence), and
-//! the typed answer it gives.
+//! Every action behind the controller's commands, one function each, on the local process:
+//! what a command does once the executor has admitted it (fence, deadline, idempotence, in
+//! `executor.rs`), and the typed answer it gives.
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
 
-use valkey_proto::v1::{AclSetUser, CatchUp, ConfigSet, Outcome, SentinelMonitor};
+use std::sync::atomic::Ordering;
+
+use tracing::warn;
+use valkey_proto::v1::{
+    AclSetUser, CatchUp, ConfigSet, Outcome, ReplicaOf, SentinelConfigSet, SentinelMonitor,
+    SentinelSet, command::Action,
+};
 
 use crate::{
+    clients,
+    config::Config,
     info::parse_info,
+    passwords,
+    snapshot::{Shared, now_ms},
     valkey::{Valkey, ValkeyError},
 };
 
@@ -72,6 +82,202 @@ impl From<ValkeyError> for Refusal {
             },
             other => failed(other.to_string()),
         }
+    }
+}
+
+/// The actions, on the local process: what each command does once the executor admitted it.
+pub(crate) struct Actions<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) shared: &'a Shared,
+}
+
+impl Actions<'_> {
+    pub(crate) async fn act(
+        &self,
+        local: &mut Valkey,
+        action: &Action,
+        deadline: Duration,
+    ) -> Acted {
+        match action {
+            Action::ReplicaOf(replica_of) => self.replica_of(local, replica_of).await,
+            Action::Promote(_) => self.promote(local).await,
+            Action::PauseWrites(pause) => self.pause_writes(local, pause.pause_ms).await,
+            Action::UnpauseWrites(_) => self.unpause_writes(local).await,
+            Action::CatchUp(to) => {
+                check_host_port("catch_up", &to.host, to.port)?;
+                catch_up(local, to, deadline).await
+            }
+            Action::ConfigSet(config) => self.config_set(local, config).await,
+            Action::AclSetUser(acl) => acl_set_user(local, acl).await,
+            Action::SentinelMonitor(monitor) => {
+                let auth_pass = match &monitor.auth_pass_ref {
+                    Some(reference) => Some(passwords::resolve(self.config, reference)?),
+                    None => None,
+                };
+                sentinel_monitor(local, monitor, auth_pass.as_deref()).await
+            }
+            Action::SentinelSet(set) => self.sentinel_set(local, set).await,
+            Action::SentinelConfigSet(set) => self.sentinel_config_set(local, set).await,
+            Action::SentinelReset(reset) => sentinel_reset(local, &reset.pattern).await,
+            Action::SentinelFailover(failover) => sentinel_failover(local, &failover.name).await,
+        }
+    }
+
+    async fn replica_of(&self, local: &mut Valkey, to: &ReplicaOf) -> Acted {
+        let ReplicaOf { host, port } = to;
+        check_host_port("replica_of", host, *port)?;
+        if host == &self.config.announce_host && *port == u32::from(self.config.announce_port) {
+            return Err(invalid("replica_of names this node itself"));
+        }
+        let was_master = is_master(local).await?;
+        let reply: String = local
+            .query(redis::cmd("REPLICAOF").arg(host).arg(*port))
+            .await?;
+        if reply.contains("Already connected") {
+            return Ok(Done::already(format!("already a replica of {host}:{port}")));
+        }
+        let moved = if was_master {
+            self.move_clients(local).await
+        } else {
+            String::new()
+        };
+        Ok(Done::ok(format!("now a replica of {host}:{port}{moved}")))
+    }
+
+    async fn promote(&self, local: &mut Valkey) -> Acted {
+        if is_master(local).await? {
+            return Ok(Done::already("already a master"));
+        }
+        let _: String = local
+            .query(redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
+            .await?;
+        // Master again (an undone switchover): its writers are no longer stale.
+        self.shared.demotions.promoted();
+        Ok(Done::ok("promoted to master"))
+    }
+
+    async fn pause_writes(&self, local: &mut Valkey, pause_ms: u32) -> Acted {
+        if pause_ms == 0 {
+            return Err(invalid("pause_writes.pause_ms must be above 0"));
+        }
+        let _: String = local
+            .query(redis::cmd("CLIENT").arg("PAUSE").arg(pause_ms).arg("WRITE"))
+            .await?;
+        self.shared
+            .paused_until_ms
+            .store(now_ms() + i64::from(pause_ms), Ordering::Relaxed);
+        // Every write this master took is in its stream up to here.
+        let offset = offset_of(&replication(local).await?);
+        Ok(Done {
+            message: format!("writes paused for {pause_ms} ms at offset {offset}"),
+            offset,
+            ..Done::default()
+        })
+    }
+
+    async fn unpause_writes(&self, local: &mut Valkey) -> Acted {
+        let _: String = local.query(redis::cmd("CLIENT").arg("UNPAUSE")).await?;
+        self.shared.paused_until_ms.store(0, Ordering::Relaxed);
+        Ok(Done::ok("writes unpaused"))
+    }
+
+    /// CONFIG SET, with the passwords it names resolved from this pod's files.
+    async fn config_set(&self, local: &mut Valkey, config: &ConfigSet) -> Acted {
+        let params = passwords::merged(
+            self.config,
+            "config_set",
+            &config.params,
+            &config.password_params,
+        )?;
+        let resolved = ConfigSet {
+            params,
+            rewrite: config.rewrite,
+            password_params: HashMap::new(),
+        };
+        config_set(local, &resolved).await
+    }
+
+    async fn sentinel_set(&self, local: &mut Valkey, set: &SentinelSet) -> Acted {
+        check_word("sentinel_set.name", &set.name)?;
+        let params = passwords::merged(
+            self.config,
+            "sentinel_set",
+            &set.params,
+            &set.password_params,
+        )?;
+        let mut cmd = redis::cmd("SENTINEL");
+        cmd.arg("SET").arg(&set.name);
+        sentinel_params(local, cmd, "sentinel_set", &params).await?;
+        Ok(Done::ok(format!(
+            "set {} parameter(s) on {}",
+            params.len(),
+            set.name
+        )))
+    }
+
+    async fn sentinel_config_set(&self, local: &mut Valkey, set: &SentinelConfigSet) -> Acted {
+        let field = "sentinel_config_set";
+        let params = passwords::merged(self.config, field, &set.params, &set.password_params)?;
+        let mut cmd = redis::cmd("SENTINEL");
+        cmd.arg("CONFIG").arg("SET");
+        sentinel_params(local, cmd, field, &params).await?;
+        Ok(Done::ok(format!(
+            "set {} sentinel setting(s)",
+            params.len()
+        )))
+    }
+
+    /// This node just stopped being master: its clients move (see [`crate::clients`]). A
+    /// note for the command's answer.
+    async fn move_clients(&self, local: &mut Valkey) -> String {
+        self.shared.demotions.demoted();
+        match clients::disconnect_all(local).await {
+            Ok(n) => format!("; {n} clients disconnected"),
+            Err(err) => {
+                warn!(error = %err, "could not disconnect the clients of the demoted node");
+                format!("; clients not disconnected: {err}")
+            }
+        }
+    }
+}
+
+/// Sends `cmd` with `params` (checked, in a stable order) appended; refused when empty.
+async fn sentinel_params(
+    local: &mut Valkey,
+    mut cmd: redis::Cmd,
+    field: &str,
+    params: &HashMap<String, String>,
+) -> Result<(), Refusal> {
+    if params.is_empty() {
+        return Err(invalid(format!("{field}.params is empty")));
+    }
+    for (key, value) in sorted(params) {
+        check_word(&format!("{field}.params key"), key)?;
+        cmd.arg(key).arg(value);
+    }
+    let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
+    Ok(())
+}
+
+async fn sentinel_reset(local: &mut Valkey, pattern: &str) -> Acted {
+    check_word("sentinel_reset.pattern", pattern)?;
+    let n: i64 = local
+        .query(redis::cmd("SENTINEL").arg("RESET").arg(pattern))
+        .await?;
+    Ok(Done::ok(format!("reset {n} master(s)")))
+}
+
+async fn sentinel_failover(local: &mut Valkey, name: &str) -> Acted {
+    check_word("sentinel_failover.name", name)?;
+    match local
+        .query::<String>(redis::cmd("SENTINEL").arg("FAILOVER").arg(name))
+        .await
+    {
+        Ok(_) => Ok(Done::ok(format!("failover of {name} started"))),
+        Err(ValkeyError::Reply(msg)) if msg.contains("INPROG") => Ok(Done::already(format!(
+            "a failover of {name} is in progress"
+        ))),
+        Err(err) => Err(err.into()),
     }
 }
 

@@ -4,26 +4,20 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use valkey_proto::v1::{Command, CommandResult, ConfigSet, Outcome, ReplicaOf, command::Action};
+use valkey_proto::v1::{Command, CommandResult, Outcome, command::Action};
 
 use crate::{
-    actions::{
-        Acted, Done, Refusal, acl_set_user, catch_up, check_host_port, check_word, config_set,
-        failed, invalid, is_master, offset_of, replication, reply_is_invalid, sentinel_monitor,
-        sorted,
-    },
-    clients,
+    actions::{Acted, Actions, Refusal, failed, invalid},
     config::{Config, Mode},
     fence::{Admit, Fence},
     metrics::{CommandLabel, Metrics},
-    passwords,
-    snapshot::{Shared, now_ms},
+    snapshot::Shared,
     valkey::{Valkey, ValkeyError},
 };
 
@@ -196,6 +190,13 @@ impl Executor {
         result
     }
 
+    fn actions(&self) -> Actions<'_> {
+        Actions {
+            config: &self.config,
+            shared: &self.shared,
+        }
+    }
+
     async fn admit_and_act(&self, local: &mut Valkey, command: &Command) -> Acted {
         if command.id.is_empty() {
             return Err(invalid("command.id is empty"));
@@ -233,7 +234,7 @@ impl Executor {
             0 => self.config.command_deadline,
             ms => Duration::from_millis(u64::from(ms)),
         };
-        match tokio::time::timeout(deadline, self.act(local, action, deadline)).await {
+        match tokio::time::timeout(deadline, self.actions().act(local, action, deadline)).await {
             Ok(acted) => acted,
             Err(_) => {
                 // The connection may still deliver a late reply: start afresh.
@@ -242,176 +243,6 @@ impl Executor {
                     outcome: Outcome::Timeout,
                     message: format!("not done within the deadline of {deadline:?}"),
                 })
-            }
-        }
-    }
-
-    async fn act(&self, local: &mut Valkey, action: &Action, deadline: Duration) -> Acted {
-        match action {
-            Action::ReplicaOf(ReplicaOf { host, port }) => {
-                check_host_port("replica_of", host, *port)?;
-                if host == &self.config.announce_host
-                    && *port == u32::from(self.config.announce_port)
-                {
-                    return Err(invalid("replica_of names this node itself"));
-                }
-                let was_master = is_master(local).await?;
-                let reply: String = local
-                    .query(redis::cmd("REPLICAOF").arg(host).arg(*port))
-                    .await?;
-                if reply.contains("Already connected") {
-                    return Ok(Done::already(format!("already a replica of {host}:{port}")));
-                }
-                let moved = if was_master {
-                    self.move_clients(local).await
-                } else {
-                    String::new()
-                };
-                Ok(Done::ok(format!("now a replica of {host}:{port}{moved}")))
-            }
-            Action::Promote(_) => {
-                if is_master(local).await? {
-                    return Ok(Done::already("already a master"));
-                }
-                let _: String = local
-                    .query(redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
-                    .await?;
-                // Master again (an undone switchover): its writers are no longer stale.
-                self.shared.demotions.promoted();
-                Ok(Done::ok("promoted to master"))
-            }
-            Action::PauseWrites(pause) => {
-                if pause.pause_ms == 0 {
-                    return Err(invalid("pause_writes.pause_ms must be above 0"));
-                }
-                let _: String = local
-                    .query(
-                        redis::cmd("CLIENT")
-                            .arg("PAUSE")
-                            .arg(pause.pause_ms)
-                            .arg("WRITE"),
-                    )
-                    .await?;
-                self.shared
-                    .paused_until_ms
-                    .store(now_ms() + i64::from(pause.pause_ms), Ordering::Relaxed);
-                // Every write this master took is in its stream up to here.
-                let offset = offset_of(&replication(local).await?);
-                Ok(Done {
-                    message: format!("writes paused for {} ms at offset {offset}", pause.pause_ms),
-                    offset,
-                    ..Done::default()
-                })
-            }
-            Action::UnpauseWrites(_) => {
-                let _: String = local.query(redis::cmd("CLIENT").arg("UNPAUSE")).await?;
-                self.shared.paused_until_ms.store(0, Ordering::Relaxed);
-                Ok(Done::ok("writes unpaused"))
-            }
-            Action::CatchUp(catch_up) => {
-                check_host_port("catch_up", &catch_up.host, catch_up.port)?;
-                self::catch_up(local, catch_up, deadline).await
-            }
-            Action::ConfigSet(config) => {
-                let params = passwords::merged(
-                    &self.config,
-                    "config_set",
-                    &config.params,
-                    &config.password_params,
-                )?;
-                let resolved = ConfigSet {
-                    params,
-                    rewrite: config.rewrite,
-                    password_params: HashMap::new(),
-                };
-                config_set(local, &resolved).await
-            }
-            Action::AclSetUser(acl) => acl_set_user(local, acl).await,
-            Action::SentinelMonitor(monitor) => {
-                let auth_pass = match &monitor.auth_pass_ref {
-                    Some(reference) => Some(passwords::resolve(&self.config, reference)?),
-                    None => None,
-                };
-                sentinel_monitor(local, monitor, auth_pass.as_deref()).await
-            }
-            Action::SentinelSet(set) => {
-                check_word("sentinel_set.name", &set.name)?;
-                let params = passwords::merged(
-                    &self.config,
-                    "sentinel_set",
-                    &set.params,
-                    &set.password_params,
-                )?;
-                if params.is_empty() {
-                    return Err(invalid("sentinel_set.params is empty"));
-                }
-                let mut cmd = redis::cmd("SENTINEL");
-                cmd.arg("SET").arg(&set.name);
-                for (key, value) in sorted(&params) {
-                    check_word("sentinel_set.params key", key)?;
-                    cmd.arg(key).arg(value);
-                }
-                let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
-                Ok(Done::ok(format!(
-                    "set {} parameter(s) on {}",
-                    params.len(),
-                    set.name
-                )))
-            }
-            Action::SentinelConfigSet(set) => {
-                let params = passwords::merged(
-                    &self.config,
-                    "sentinel_config_set",
-                    &set.params,
-                    &set.password_params,
-                )?;
-                if params.is_empty() {
-                    return Err(invalid("sentinel_config_set.params is empty"));
-                }
-                let mut cmd = redis::cmd("SENTINEL");
-                cmd.arg("CONFIG").arg("SET");
-                for (key, value) in sorted(&params) {
-                    check_word("sentinel_config_set.params key", key)?;
-                    cmd.arg(key).arg(value);
-                }
-                let _: String = local.query(&cmd).await.map_err(reply_is_invalid)?;
-                Ok(Done::ok(format!(
-                    "set {} sentinel setting(s)",
-                    params.len()
-                )))
-            }
-            Action::SentinelReset(reset) => {
-                check_word("sentinel_reset.pattern", &reset.pattern)?;
-                let n: i64 = local
-                    .query(redis::cmd("SENTINEL").arg("RESET").arg(&reset.pattern))
-                    .await?;
-                Ok(Done::ok(format!("reset {n} master(s)")))
-            }
-            Action::SentinelFailover(failover) => {
-                check_word("sentinel_failover.name", &failover.name)?;
-                match local
-                    .query::<String>(redis::cmd("SENTINEL").arg("FAILOVER").arg(&failover.name))
-                    .await
-                {
-                    Ok(_) => Ok(Done::ok(format!("failover of {} started", failover.name))),
-                    Err(ValkeyError::Reply(msg)) if msg.contains("INPROG") => Ok(Done::already(
-                        format!("a failover of {} is in progress", failover.name),
-                    )),
-                    Err(err) => Err(err.into()),
-                }
-            }
-        }
-    }
-
-    /// This node just stopped being master: its clients move (see [`crate::clients`]). A
-    /// note for the command's answer.
-    async fn move_clients(&self, local: &mut Valkey) -> String {
-        self.shared.demotions.demoted();
-        match clients::disconnect_all(local).await {
-            Ok(n) => format!("; {n} clients disconnected"),
-            Err(err) => {
-                warn!(error = %err, "could not disconnect the clients of the demoted node");
-                format!("; clients not disconnected: {err}")
             }
         }
     }

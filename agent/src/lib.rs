@@ -49,18 +49,8 @@ pub async fn run(
     let shared = Arc::new(snapshot::Shared::default());
     let seq = Arc::new(AtomicU64::new(0));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("--listen {}: cannot listen", config.listen))?;
+    let (listener, metrics_listener) = bind(&config).await?;
     let grpc_addr = listener.local_addr()?;
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            metrics::bind(addr)
-                .await
-                .with_context(|| format!("--metrics-listen {addr}: cannot listen"))?,
-        ),
-        None => None,
-    };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let (mut watcher, snapshots) = watcher::Watcher::new(
@@ -152,18 +142,42 @@ pub async fn run(
     }
     let _ = server_stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
-    watcher_task.abort();
-    clients_task.abort();
-    if let Some(task) = lease_task {
-        task.abort();
-    }
-    tls_task.abort();
-    health_task.abort();
-    if let Some(task) = metrics_task {
+    let background = [&watcher_task, &clients_task, &tls_task, &health_task]
+        .map(tokio::task::JoinHandle::abort_handle)
+        .into_iter()
+        .chain(
+            lease_task
+                .as_ref()
+                .map(tokio::task::JoinHandle::abort_handle),
+        )
+        .chain(
+            metrics_task
+                .as_ref()
+                .map(tokio::task::JoinHandle::abort_handle),
+        );
+    for task in background {
         task.abort();
     }
     info!("stopped");
     Ok(())
+}
+
+/// The gRPC listener, and the metrics one when asked for.
+async fn bind(
+    config: &Config,
+) -> anyhow::Result<(tokio::net::TcpListener, Option<tokio::net::TcpListener>)> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot listen", config.listen))?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-listen {addr}: cannot listen"))?,
+        ),
+        None => None,
+    };
+    Ok((listener, metrics_listener))
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -178,18 +178,8 @@ impl Link {
         report
     }
 
-    async fn session(&mut self, stopping: &mut watch::Receiver<bool>) -> End {
-        let token = match self.controller.token.read() {
-            Ok(token) if !token.is_empty() => token,
-            Ok(_) => {
-                warn!("the controller token is empty; not connecting");
-                return End::Lost { established: false };
-            }
-            Err(err) => {
-                warn!(error = %err, "cannot read the controller token");
-                return End::Lost { established: false };
-            }
-        };
+    /// A channel to the controller, over TLS when a CA is given.
+    async fn connect(&self) -> Option<tonic::transport::Channel> {
         let endpoint = match Endpoint::from_shared(self.controller.addr.clone()) {
             Ok(endpoint) => endpoint
                 .connect_timeout(Duration::from_secs(2))
@@ -199,7 +189,7 @@ impl Link {
                 .keep_alive_while_idle(true),
             Err(err) => {
                 warn!(addr = %self.controller.addr, error = %err, "bad controller address");
-                return End::Lost { established: false };
+                return None;
             }
         };
         let endpoint = match &self.controller.ca_file {
@@ -212,12 +202,12 @@ impl Link {
                 Ok(endpoint) => endpoint,
                 Err(why) => {
                     warn!(error = %why, "cannot set up TLS to the controller; retrying");
-                    return End::Lost { established: false };
+                    return None;
                 }
             },
         };
-        let channel = match endpoint.connect().await {
-            Ok(channel) => channel,
+        match endpoint.connect().await {
+            Ok(channel) => Some(channel),
             Err(err) => {
                 let why = error_chain(&err);
                 if is_tls_failure(&err) {
@@ -225,29 +215,121 @@ impl Link {
                 } else {
                     debug!(addr = %self.controller.addr, error = %why, "controller unreachable");
                 }
-                return End::Lost { established: false };
+                None
             }
-        };
-        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
-        let hello = self.hello(token);
-        if tx
-            .send(AgentMessage {
-                msg: Some(Msg::Hello(hello)),
-            })
-            .await
-            .is_err()
-        {
-            return End::Lost { established: false };
         }
-        let mut inbound = match AgentHubClient::new(channel)
+    }
+
+    /// The stream to the controller, opened with a Hello bearing `token`.
+    async fn open(
+        &self,
+        channel: tonic::transport::Channel,
+        token: String,
+    ) -> Option<(
+        mpsc::Sender<AgentMessage>,
+        tonic::Streaming<ControllerMessage>,
+    )> {
+        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+        let hello = AgentMessage {
+            msg: Some(Msg::Hello(self.hello(token))),
+        };
+        tx.send(hello).await.ok()?;
+        match AgentHubClient::new(channel)
             .attach(ReceiverStream::new(rx))
             .await
         {
-            Ok(response) => response.into_inner(),
+            Ok(response) => Some((tx, response.into_inner())),
             Err(status) => {
                 warn!(code = ?status.code(), message = status.message(), "the controller refused the stream");
+                None
+            }
+        }
+    }
+
+    /// A message from the controller: commands run in a task of their own (their results
+    /// come back through `results_rx`), a welcome sets the heartbeat, a lease is taken.
+    fn on_message(
+        &self,
+        message: Result<Option<ControllerMessage>, tonic::Status>,
+        beat: &mut Beat,
+    ) -> Option<End> {
+        match message {
+            Ok(Some(ControllerMessage {
+                msg: Some(controller_message::Msg::Command(command)),
+            })) => {
+                let executor = self.executor.clone();
+                let results = self.results_tx.clone();
+                tokio::spawn(async move {
+                    let result = executor.execute(command).await;
+                    // The link owns the receiver for the agent's whole life.
+                    let _ = results.send(result).await;
+                });
+            }
+            Ok(Some(ControllerMessage {
+                msg: Some(controller_message::Msg::Welcome(welcome)),
+            })) => {
+                if welcome.heartbeat_interval_ms >= 50 {
+                    *beat = Beat::every(Duration::from_millis(u64::from(
+                        welcome.heartbeat_interval_ms,
+                    )));
+                }
+                debug!(heartbeat_every = ?beat.every, "welcomed by the controller");
+            }
+            Ok(Some(ControllerMessage {
+                msg: Some(controller_message::Msg::Lease(lease)),
+            })) => {
+                self.shared.lease.grant(lease.request_ms, lease.lease_ms);
+            }
+            Ok(Some(ControllerMessage { msg: None })) => {
+                warn!("ignoring an empty or unknown message from the controller");
+            }
+            Ok(None) => {
+                info!("the controller closed the stream");
+                return Some(End::Lost { established: true });
+            }
+            Err(status) => {
+                warn!(code = ?status.code(), message = status.message(), "stream to the controller broke");
+                return Some(End::Lost { established: true });
+            }
+        }
+        None
+    }
+
+    /// The stream ends: a last report, then our half closed, and the controller's awaited.
+    async fn drain(
+        &self,
+        tx: mpsc::Sender<AgentMessage>,
+        mut inbound: tonic::Streaming<ControllerMessage>,
+    ) {
+        let snapshot = self.snapshots.borrow().clone();
+        let report = Msg::Report(self.numbered(snapshot.report.clone()));
+        let _ = tx.send(AgentMessage { msg: Some(report) }).await;
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
+        self.metrics.controller_connected.set(0);
+    }
+
+    async fn session(&mut self, stopping: &mut watch::Receiver<bool>) -> End {
+        let token = match self.controller.token.read() {
+            Ok(token) if !token.is_empty() => token,
+            Ok(_) => {
+                warn!("the controller token is empty; not connecting");
                 return End::Lost { established: false };
             }
+            Err(err) => {
+                warn!(error = %err, "cannot read the controller token");
+                return End::Lost { established: false };
+            }
+        };
+        let opened = match self.connect().await {
+            Some(channel) => self.open(channel, token).await,
+            None => None,
+        };
+        let Some((tx, mut inbound)) = opened else {
+            return End::Lost { established: false };
         };
         info!(addr = %self.controller.addr, "connected to the controller");
         self.metrics.controller_connected.set(1);
@@ -264,9 +346,7 @@ impl Link {
             }
             self.metrics.sent("result");
         }
-        let mut heartbeat_every = self.config.heartbeat_interval;
-        let mut heartbeat = tokio::time::interval(heartbeat_every);
-        heartbeat.reset();
+        let mut beat = Beat::every(self.config.heartbeat_interval);
         let mut last_significant = None;
         let mut last_revision = None;
         let mut switchover_deadline: Option<tokio::time::Instant> = None;
@@ -282,7 +362,7 @@ impl Link {
                     break End::Lost { established: true };
                 }
                 self.metrics.sent("report");
-                heartbeat.reset();
+                beat.interval.reset();
                 if switchover_deadline.is_some() && !is_master(&snapshot) {
                     info!("no longer master; shutting down");
                     break End::Stopped;
@@ -296,39 +376,11 @@ impl Link {
                 }
             };
             tokio::select! {
-                message = inbound.message() => match message {
-                    Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Command(command)) })) => {
-                        let executor = self.executor.clone();
-                        let results = self.results_tx.clone();
-                        tokio::spawn(async move {
-                            let result = executor.execute(command).await;
-                            // The link owns the receiver for the agent's whole life.
-                            let _ = results.send(result).await;
-                        });
+                message = inbound.message() => {
+                    if let Some(end) = self.on_message(message, &mut beat) {
+                        break end;
                     }
-                    Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })) => {
-                        if welcome.heartbeat_interval_ms >= 50 {
-                            heartbeat_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms));
-                            heartbeat = tokio::time::interval(heartbeat_every);
-                            heartbeat.reset();
-                        }
-                        debug!(?heartbeat_every, "welcomed by the controller");
-                    }
-                    Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Lease(lease)) })) => {
-                        self.shared.lease.grant(lease.request_ms, lease.lease_ms);
-                    }
-                    Ok(Some(ControllerMessage { msg: None })) => {
-                        warn!("ignoring an empty or unknown message from the controller");
-                    }
-                    Ok(None) => {
-                        info!("the controller closed the stream");
-                        break End::Lost { established: true };
-                    }
-                    Err(status) => {
-                        warn!(code = ?status.code(), message = status.message(), "stream to the controller broke");
-                        break End::Lost { established: true };
-                    }
-                },
+                }
                 Some(result) = self.results_rx.recv() => {
                     if !send(Msg::Result(result.clone())).await {
                         self.undelivered.push_back(result);
@@ -344,7 +396,7 @@ impl Link {
                     report_now = last_significant != Some(snapshot.significant)
                         || (switchover_deadline.is_some() && !is_master(&snapshot));
                 }
-                _ = heartbeat.tick() => {
+                _ = beat.interval.tick() => {
                     let revision = self.snapshots.borrow().revision;
                     if last_revision != Some(revision) {
                         report_now = true;
@@ -376,20 +428,26 @@ impl Link {
             }
         };
         if matches!(end, End::Stopped) {
-            // Drain: a last report, then close our half and let the controller close its own.
-            let snapshot = self.snapshots.borrow().clone();
-            let _ = send(Msg::Report(self.numbered(snapshot.report.clone()))).await;
-            drop(tx);
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Ok(Some(_)) = inbound.message().await {}
-            })
-            .await;
-            self.metrics.controller_connected.set(0);
+            self.drain(tx, inbound).await;
         }
         while self.undelivered.len() > UNDELIVERED_LIMIT {
             self.undelivered.pop_front();
         }
         end
+    }
+}
+
+/// How often the agent says it is alive when it has nothing new to report.
+struct Beat {
+    every: Duration,
+    interval: tokio::time::Interval,
+}
+
+impl Beat {
+    fn every(every: Duration) -> Self {
+        let mut interval = tokio::time::interval(every);
+        interval.reset();
+        Beat { every, interval }
     }
 }
 

@@ -208,6 +208,119 @@ fn find_dir(dir: Option<PathBuf>) -> Result<PathBuf, String> {
     }
 }
 
+async fn execute(command: Command) -> Result<(), String> {
+    match command {
+        Command::Crd => {
+            let yaml = valkey_controller::crd::crd_yaml().map_err(|e| e.to_string())?;
+            print!("{yaml}");
+            Ok(())
+        }
+        Command::Render { file } => render(&file),
+        Command::Run(args) => {
+            valkey_controller::k8s::run::run(run_options(args), valkey_agent::termination())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Command::Local { command } => local_command(command).await,
+    }
+}
+
+/// `render`: the objects for a manifest, as YAML.
+fn render(file: &std::path::Path) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let manifest = valkey_controller::manifest::Manifest::parse(&text, &file.display().to_string())
+        .map_err(|e| e.to_string())?;
+    let mut failover =
+        valkey_controller::crd::Failover::new(&manifest.metadata.name, manifest.spec.clone());
+    failover.metadata.namespace = Some(manifest.namespace().to_owned());
+    // Annotations steer what is rendered (the NetworkPolicy's namespaces).
+    failover.metadata.annotations =
+        Some(manifest.metadata.annotations().map_err(|e| e.to_string())?);
+    let objects =
+        valkey_controller::k8s::render(&failover, &valkey_controller::k8s::Settings::default())
+            .map_err(|e| e.to_string())?;
+    for object in objects {
+        let yaml = serde_yaml::to_string(&object).map_err(|e| e.to_string())?;
+        print!("---\n{yaml}");
+    }
+    Ok(())
+}
+
+fn run_options(args: RunArgs) -> valkey_controller::k8s::run::RunOptions {
+    let defaults = valkey_controller::k8s::Settings::default();
+    valkey_controller::k8s::run::RunOptions {
+        hub_listen: args.hub_listen,
+        http_listen: args.http_listen,
+        settings: valkey_controller::k8s::Settings {
+            valkey_image: args.valkey_image,
+            agent_image: args.agent_image.unwrap_or(defaults.agent_image),
+            exporter_image: args.exporter_image,
+            controller_addr: args.agent_controller_addr,
+            // Filled in from the controller's CA once it is loaded.
+            controller_ca: String::new(),
+            admission: valkey_controller::validate::Admission {
+                allow_privileged: args.allow_privileged_pods,
+            },
+            controller_namespace: args.pod_namespace.clone(),
+            watch_namespaces: args.watch_namespace,
+            work_dir: args.work_dir,
+            // Loopback, on the hub's port.
+            in_process_hub: format!("https://127.0.0.1:{}", args.hub_listen.port()),
+        },
+        pod_name: args.pod_name,
+        pod_namespace: args.pod_namespace,
+        hang_timeout: Duration::from_millis(args.hang_timeout_ms),
+    }
+}
+
+async fn local_command(command: LocalCommand) -> Result<(), String> {
+    let asked = match command {
+        LocalCommand::Up {
+            file,
+            dir,
+            hang_timeout_ms,
+            probe_interval_ms,
+            cert_lifetime_secs,
+            netns,
+            hub_host,
+        } => {
+            let options = UpOptions {
+                manifest: file,
+                dir,
+                hang_timeout: Duration::from_millis(hang_timeout_ms),
+                probe_interval_ms,
+                cert_lifetime: Duration::from_secs(cert_lifetime_secs),
+                hosts: local::hosts::Hosts::parse(&netns, hub_host)?,
+            };
+            return local::up(options, valkey_agent::termination())
+                .await
+                .map_err(|e| e.to_string());
+        }
+        LocalCommand::Status { dir, json } => {
+            let dir = find_dir(dir)?;
+            let reply = control::request(&dir, &control::Request::Status).await?;
+            let status = reply.status.ok_or(reply.message)?;
+            if json {
+                let text = serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?;
+                println!("{text}");
+            } else {
+                print!("{}", control::render(&status));
+            }
+            return Ok(());
+        }
+        LocalCommand::RotatePassword { dir } => (dir, control::Request::RotatePassword),
+        LocalCommand::Switchover { dir, to } => (dir, control::Request::Switchover { to }),
+    };
+    let (dir, request) = asked;
+    let reply = control::request(&find_dir(dir)?, &request).await?;
+    if !reply.ok {
+        return Err(reply.message);
+    }
+    println!("{}", reply.message);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -230,129 +343,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: Result<(), String> = runtime.block_on(async {
-        match cli.command {
-            Command::Crd => {
-                let yaml = valkey_controller::crd::crd_yaml().map_err(|e| e.to_string())?;
-                print!("{yaml}");
-                Ok(())
-            }
-            Command::Render { file } => {
-                let text = std::fs::read_to_string(&file)
-                    .map_err(|e| format!("reading {}: {e}", file.display()))?;
-                let manifest = valkey_controller::manifest::Manifest::parse(
-                    &text,
-                    &file.display().to_string(),
-                )
-                .map_err(|e| e.to_string())?;
-                let mut failover = valkey_controller::crd::Failover::new(
-                    &manifest.metadata.name,
-                    manifest.spec.clone(),
-                );
-                failover.metadata.namespace = Some(manifest.namespace().to_owned());
-                // Annotations steer what is rendered (the NetworkPolicy's namespaces).
-                failover.metadata.annotations =
-                    Some(manifest.metadata.annotations().map_err(|e| e.to_string())?);
-                let objects = valkey_controller::k8s::render(
-                    &failover,
-                    &valkey_controller::k8s::Settings::default(),
-                )
-                .map_err(|e| e.to_string())?;
-                for object in objects {
-                    let yaml = serde_yaml::to_string(&object).map_err(|e| e.to_string())?;
-                    print!("---\n{yaml}");
-                }
-                Ok(())
-            }
-            Command::Run(args) => {
-                let defaults = valkey_controller::k8s::Settings::default();
-                let options = valkey_controller::k8s::run::RunOptions {
-                    hub_listen: args.hub_listen,
-                    http_listen: args.http_listen,
-                    settings: valkey_controller::k8s::Settings {
-                        valkey_image: args.valkey_image,
-                        agent_image: args.agent_image.unwrap_or(defaults.agent_image),
-                        exporter_image: args.exporter_image,
-                        controller_addr: args.agent_controller_addr,
-                        // Filled in from the controller's CA once it is loaded.
-                        controller_ca: String::new(),
-                        admission: valkey_controller::validate::Admission {
-                            allow_privileged: args.allow_privileged_pods,
-                        },
-                        controller_namespace: args.pod_namespace.clone(),
-                        watch_namespaces: args.watch_namespace,
-                        work_dir: args.work_dir,
-                        // Loopback, on the hub's port.
-                        in_process_hub: format!("https://127.0.0.1:{}", args.hub_listen.port()),
-                    },
-                    pod_name: args.pod_name,
-                    pod_namespace: args.pod_namespace,
-                    hang_timeout: Duration::from_millis(args.hang_timeout_ms),
-                };
-                valkey_controller::k8s::run::run(options, valkey_agent::termination())
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            Command::Local { command } => match command {
-                LocalCommand::Up {
-                    file,
-                    dir,
-                    hang_timeout_ms,
-                    probe_interval_ms,
-                    cert_lifetime_secs,
-                    netns,
-                    hub_host,
-                } => local::up(
-                    UpOptions {
-                        manifest: file,
-                        dir,
-                        hang_timeout: Duration::from_millis(hang_timeout_ms),
-                        probe_interval_ms,
-                        cert_lifetime: Duration::from_secs(cert_lifetime_secs),
-                        hosts: local::hosts::Hosts::parse(&netns, hub_host)?,
-                    },
-                    valkey_agent::termination(),
-                )
-                .await
-                .map_err(|e| e.to_string()),
-                LocalCommand::Status { dir, json } => {
-                    let dir = find_dir(dir)?;
-                    let reply = control::request(&dir, &control::Request::Status).await?;
-                    let status = reply.status.ok_or(reply.message)?;
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
-                        );
-                    } else {
-                        print!("{}", control::render(&status));
-                    }
-                    Ok(())
-                }
-                LocalCommand::RotatePassword { dir } => {
-                    let dir = find_dir(dir)?;
-                    let reply = control::request(&dir, &control::Request::RotatePassword).await?;
-                    if reply.ok {
-                        println!("{}", reply.message);
-                        Ok(())
-                    } else {
-                        Err(reply.message)
-                    }
-                }
-                LocalCommand::Switchover { dir, to } => {
-                    let dir = find_dir(dir)?;
-                    let reply =
-                        control::request(&dir, &control::Request::Switchover { to }).await?;
-                    if reply.ok {
-                        println!("{}", reply.message);
-                        Ok(())
-                    } else {
-                        Err(reply.message)
-                    }
-                }
-            },
-        }
-    });
+    let result = runtime.block_on(execute(cli.command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -382,6 +382,8 @@ async fn equal_key_counts(run: &Run, timeout: Duration) -> Result<u64, String> {
 
 /// Runs the soak and reports what it saw; `problems` is empty on success. The instance is
 /// handed back still running, so that a caller that fails on a problem prints its logs.
+// One soak, its phases read top to bottom.
+#[allow(clippy::too_many_lines)]
 pub async fn run(soak: Soak) -> (Outcome, LocalInstance) {
     let mut outcome = Outcome::default();
     let mut run = Run {

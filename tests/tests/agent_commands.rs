@@ -296,6 +296,8 @@ async fn config_set_and_acl_set_user() {
     );
 }
 
+// One scenario, read top to bottom.
+#[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn sentinel_commands() {
     let mut hub = TestHub::start("t0ken").await;

@@ -86,7 +86,7 @@ pub async fn run(
     // The pod watch's cache, shared with the authenticator: a token bound to a pod the watch
     // saw deleted is refused.
     let pods = PodCache::default();
-    let (hub, mut hub_events) = Hub::new(
+    let (hub, hub_events) = Hub::new(
         crate::external::InProcessToken::new(
             in_process_token.clone(),
             TokenReviewAuth::new(client.clone(), metrics.clone(), pods.clone()),
@@ -94,70 +94,10 @@ pub async fn run(
         Duration::from_millis(500),
     );
 
-    let http = tokio::net::TcpListener::bind(options.http_listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: options.http_listen,
-            source,
-        })?;
-    let app = {
-        let metrics = metrics.clone();
-        let hub = hub.clone();
-        axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let (metrics, hub) = (metrics.clone(), hub.clone());
-                    async move {
-                        metrics.connected_agents.set(hub.connected() as i64);
-                        metrics.render()
-                    }
-                }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-    };
-    tokio::spawn(async move {
-        if let Err(err) = axum::serve(http, app).await {
-            error!(error = %err, "the metrics server stopped");
-        }
-    });
-
+    serve_metrics(&options, &metrics, &hub).await?;
     // Lead first: only the leader serves agents and writes.
-    let elector = Elector::new(
-        Api::<Lease>::namespaced(client.clone(), &options.pod_namespace),
-        "valkey-controller",
-        &options.pod_name,
-        Duration::from_secs(15),
-    );
-    info!(identity = %options.pod_name, "waiting to lead");
-    while !elector
-        .try_acquire_or_renew()
-        .await
-        .map_err(RunError::Lease)?
-    {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    info!("leading");
-    hub.leading();
-    set_leader_label(&client, &options, true).await;
-
-    let hub_listener = tokio::net::TcpListener::bind(options.hub_listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: options.hub_listen,
-            source,
-        })?;
-    // The hub speaks TLS only, with a certificate from the controller's CA; agents get the
-    // CA's certificate through a ConfigMap of their instance.
-    let ca = Arc::new(super::hub_tls::load_or_create_ca(&client, &options.pod_namespace).await?);
-    let hub_cert = super::hub_tls::serve_cert(ca.clone(), &options.settings.controller_addr)?;
-    let server = hub.clone();
-    tokio::spawn(async move {
-        let served = crate::hub::limits::serve(&server, hub_listener, hub_cert).await;
-        if let Err(err) = served {
-            error!(error = %err, "the agent hub stopped");
-        }
-    });
+    let elector = lead(&client, &options, &hub).await?;
+    let ca = serve_hub(&client, &options, &hub).await?;
 
     let reporter = Reporter {
         controller: "valkey-operator".into(),
@@ -178,25 +118,7 @@ pub async fn run(
     context.hang_timeout = options.hang_timeout;
     let context = Arc::new(context);
 
-    // A terminating master's agent asks for its role to move: its instance's driver does it.
-    {
-        let context = context.clone();
-        tokio::spawn(async move {
-            while let Some(event) = hub_events.recv().await {
-                match event {
-                    HubEvent::SwitchoverRequested { instance, pod } => {
-                        info!(failover = %instance.name, pod = %pod, "the master is terminating: switching over");
-                        if let Some(known) = context.known(&instance) {
-                            if let Some(driver) = known.driver.lock().await.as_mut() {
-                                driver.move_master_off(pod);
-                            }
-                            known.wake();
-                        }
-                    }
-                }
-            }
-        });
-    }
+    move_terminating_masters(context.clone(), hub_events);
     super::hot::wake_on_reports(context.clone());
     // One cold Controller per namespace watched (or one for the cluster), sharing the hub,
     // the instances and the pod cache.
@@ -233,6 +155,108 @@ pub async fn run(
         warn!(error = %err, "could not release the lease");
     }
     outcome
+}
+
+/// The metrics and health endpoint, served whether leading or not.
+async fn serve_metrics(
+    options: &RunOptions,
+    metrics: &Arc<Metrics>,
+    hub: &Hub,
+) -> Result<(), RunError> {
+    let http = tokio::net::TcpListener::bind(options.http_listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: options.http_listen,
+            source,
+        })?;
+    let (metrics, hub) = (metrics.clone(), hub.clone());
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (metrics, hub) = (metrics.clone(), hub.clone());
+                async move {
+                    metrics.connected_agents.set(hub.connected() as i64);
+                    metrics.render()
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(http, app).await {
+            error!(error = %err, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Waits until this replica holds the leader lease; then it serves agents and writes.
+async fn lead(client: &Client, options: &RunOptions, hub: &Hub) -> Result<Elector, RunError> {
+    let elector = Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &options.pod_namespace),
+        "valkey-controller",
+        &options.pod_name,
+        Duration::from_secs(15),
+    );
+    info!(identity = %options.pod_name, "waiting to lead");
+    while !elector
+        .try_acquire_or_renew()
+        .await
+        .map_err(RunError::Lease)?
+    {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    info!("leading");
+    hub.leading();
+    set_leader_label(client, options, true).await;
+    Ok(elector)
+}
+
+/// Serves the agent hub. It speaks TLS only, with a certificate from the controller's CA
+/// (returned); agents get the CA's certificate through a ConfigMap of their instance.
+async fn serve_hub(
+    client: &Client,
+    options: &RunOptions,
+    hub: &Hub,
+) -> Result<Arc<crate::tls::Ca>, RunError> {
+    let hub_listener = tokio::net::TcpListener::bind(options.hub_listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: options.hub_listen,
+            source,
+        })?;
+    let ca = Arc::new(super::hub_tls::load_or_create_ca(client, &options.pod_namespace).await?);
+    let hub_cert = super::hub_tls::serve_cert(ca.clone(), &options.settings.controller_addr)?;
+    let server = hub.clone();
+    tokio::spawn(async move {
+        let served = crate::hub::limits::serve(&server, hub_listener, hub_cert).await;
+        if let Err(err) = served {
+            error!(error = %err, "the agent hub stopped");
+        }
+    });
+    Ok(ca)
+}
+
+/// A terminating master's agent asks for its role to move: its instance's driver does it.
+fn move_terminating_masters(
+    context: Arc<Context>,
+    mut hub_events: tokio::sync::mpsc::UnboundedReceiver<HubEvent>,
+) {
+    tokio::spawn(async move {
+        while let Some(event) = hub_events.recv().await {
+            match event {
+                HubEvent::SwitchoverRequested { instance, pod } => {
+                    info!(failover = %instance.name, pod = %pod, "the master is terminating: switching over");
+                    if let Some(known) = context.known(&instance) {
+                        if let Some(driver) = known.driver.lock().await.as_mut() {
+                            driver.move_master_off(pod);
+                        }
+                        known.wake();
+                    }
+                }
+            }
+        }
+    });
 }
 
 async fn set_leader_label(client: &Client, options: &RunOptions, leading: bool) {

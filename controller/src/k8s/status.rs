@@ -137,195 +137,206 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
     };
     durable_into(inputs.durable, &mut status);
     status.observed_generation = inputs.generation;
+    status.nodes = (0..inputs.replicas).map(|o| node(inputs, o)).collect();
+    let health = Health::of(inputs, &status.nodes);
+    (status.phase, status.message) = phase(inputs, &status.nodes, &health);
+    status.conditions = conditions(inputs, &health, &status.message);
+    status.monitor = monitor(inputs);
+    status.monitor.old_password_secret = inputs.old_password_secret.clone();
+    status
+}
+
+/// One data node as its agent reports it.
+fn node(inputs: &Inputs<'_>, ordinal: i32) -> ValkeyNode {
     let names = inputs.names;
-    for ordinal in 0..inputs.replicas {
-        let pod_name = names.pod(ordinal);
-        let pod = inputs
-            .pods
-            .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(&pod_name));
-        let obs = inputs.observed.nodes.get(&pod_name);
-        // What a node whose agent is gone, or whose Valkey is down, last said is history.
-        let data = obs
-            .filter(|o| o.connected)
-            .and_then(|o| o.report.as_ref())
-            .filter(|r| r.process() == valkey_proto::v1::ProcessState::Up)
-            .and_then(|r| r.data.as_ref());
-        let role = match data.map(|d| d.role()) {
-            Some(Role::Master) => NodeRole::Master,
-            Some(Role::Replica) => NodeRole::Replica,
-            _ => NodeRole::None,
-        };
-        let master_offset = inputs
-            .durable
-            .master
-            .as_ref()
-            .and_then(|m| inputs.observed.nodes.get(m))
-            .and_then(|o| o.report.as_ref()?.data.as_ref())
-            .map(|d| d.repl_offset);
-        status.nodes.push(ValkeyNode {
-            id: data.map(|d| d.run_id.clone()).unwrap_or_default(),
-            role,
-            ip: match inputs.announced.get(&pod_name) {
-                Some((host, _)) => host.clone(),
-                None => pod
-                    .and_then(|p| p.status.as_ref()?.pod_ip.clone())
-                    .unwrap_or_default(),
-            },
-            port: inputs
-                .announced
-                .get(&pod_name)
-                .map_or(super::VALKEY_PORT, |(_, port)| i32::from(*port)),
-            master_ref: data
-                .filter(|d| d.role() == Role::Replica && d.master_port > 1)
-                .map(|d| format!("{}:{}", d.master_host, d.master_port)),
-            stateful_set: names.data(),
-            pod_name: pod_name.clone(),
-            node_name: pod
-                .and_then(|p| p.spec.as_ref()?.node_name.clone())
-                .unwrap_or_default(),
-            repl_offset: data.map_or(0, |d| d.repl_offset),
-            lag: match (data, master_offset) {
-                (Some(d), Some(m)) if role == NodeRole::Replica => (m - d.repl_offset).max(0),
-                _ => 0,
-            },
-            link_up: data.is_some_and(|d| d.master_link_up),
-            fenced: data.is_some_and(|d| d.fenced),
-        });
-    }
-    let masters = status
-        .nodes
+    let pod_name = names.pod(ordinal);
+    let pod = inputs
+        .pods
         .iter()
-        .filter(|n| n.role == NodeRole::Master)
-        .count();
-    let master_node = status
-        .nodes
-        .iter()
-        .find(|n| Some(&n.pod_name) == inputs.durable.master.as_ref());
-    let replicas_in_sync = status
-        .nodes
-        .iter()
-        .filter(|n| Some(&n.pod_name) != inputs.durable.master.as_ref())
-        .all(|n| n.role == NodeRole::Replica && n.link_up && n.master_ref == inputs.master_addr);
-    let all_reporting = status.nodes.iter().all(|n| {
-        inputs
-            .observed
-            .nodes
-            .get(&n.pod_name)
-            .is_some_and(|o| o.connected)
-    });
-    // Under policy sentinel, fewer than the quorum of sentinels knowing the replicas means a
-    // master lost now would not be failed over (NOGOODSLAVE): not Ready yet.
-    let sentinels_short = inputs
-        .sentinel
+        .find(|p| p.metadata.name.as_deref() == Some(&pod_name));
+    let obs = inputs.observed.nodes.get(&pod_name);
+    // What a node whose agent is gone, or whose Valkey is down, last said is history.
+    let data = obs
+        .filter(|o| o.connected)
+        .and_then(|o| o.report.as_ref())
+        .filter(|r| r.process() == valkey_proto::v1::ProcessState::Up)
+        .and_then(|r| r.data.as_ref());
+    let role = match data.map(|d| d.role()) {
+        Some(Role::Master) => NodeRole::Master,
+        Some(Role::Replica) => NodeRole::Replica,
+        _ => NodeRole::None,
+    };
+    let master_offset = inputs
+        .durable
+        .master
         .as_ref()
-        .filter(|s| s.able_to_fail_over < s.quorum as usize);
-    let ready = !inputs.paused
-        && masters == 1
-        && master_node.is_some_and(|n| n.role == NodeRole::Master)
-        && replicas_in_sync
-        && all_reporting
-        && sentinels_short.is_none();
-    (status.phase, status.message) = if inputs.paused {
-        (
+        .and_then(|m| inputs.observed.nodes.get(m))
+        .and_then(|o| o.report.as_ref()?.data.as_ref())
+        .map(|d| d.repl_offset);
+    let announced = inputs.announced.get(&pod_name);
+    ValkeyNode {
+        id: data.map(|d| d.run_id.clone()).unwrap_or_default(),
+        role,
+        ip: match announced {
+            Some((host, _)) => host.clone(),
+            None => pod
+                .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+                .unwrap_or_default(),
+        },
+        port: announced.map_or(super::VALKEY_PORT, |(_, port)| i32::from(*port)),
+        master_ref: data
+            .filter(|d| d.role() == Role::Replica && d.master_port > 1)
+            .map(|d| format!("{}:{}", d.master_host, d.master_port)),
+        stateful_set: names.data(),
+        node_name: pod
+            .and_then(|p| p.spec.as_ref()?.node_name.clone())
+            .unwrap_or_default(),
+        pod_name,
+        repl_offset: data.map_or(0, |d| d.repl_offset),
+        lag: match (data, master_offset) {
+            (Some(d), Some(m)) if role == NodeRole::Replica => (m - d.repl_offset).max(0),
+            _ => 0,
+        },
+        link_up: data.is_some_and(|d| d.master_link_up),
+        fenced: data.is_some_and(|d| d.fenced),
+    }
+}
+
+/// What the phase and the conditions are judged from.
+struct Health<'a> {
+    /// Nodes that claim master.
+    masters: usize,
+    /// Every node but the master follows it, linked.
+    replicas_in_sync: bool,
+    /// Every node's agent is connected.
+    all_reporting: bool,
+    /// Under policy sentinel, fewer than the quorum of sentinels know the replicas: a master
+    /// lost now would not be failed over (NOGOODSLAVE).
+    sentinels_short: Option<&'a SentinelInputs>,
+    ready: bool,
+}
+
+impl<'a> Health<'a> {
+    fn of(inputs: &'a Inputs<'_>, nodes: &[ValkeyNode]) -> Self {
+        let master = inputs.durable.master.as_ref();
+        let masters = nodes.iter().filter(|n| n.role == NodeRole::Master).count();
+        let master_node = nodes.iter().find(|n| Some(&n.pod_name) == master);
+        let replicas_in_sync = nodes
+            .iter()
+            .filter(|n| Some(&n.pod_name) != master)
+            .all(|n| {
+                n.role == NodeRole::Replica && n.link_up && n.master_ref == inputs.master_addr
+            });
+        let all_reporting = nodes.iter().all(|n| reporting(inputs, n));
+        let sentinels_short = inputs
+            .sentinel
+            .as_ref()
+            .filter(|s| s.able_to_fail_over < s.quorum as usize);
+        let ready = !inputs.paused
+            && masters == 1
+            && master_node.is_some_and(|n| n.role == NodeRole::Master)
+            && replicas_in_sync
+            && all_reporting
+            && sentinels_short.is_none();
+        Health {
+            masters,
+            replicas_in_sync,
+            all_reporting,
+            sentinels_short,
+            ready,
+        }
+    }
+}
+
+fn reporting(inputs: &Inputs<'_>, node: &ValkeyNode) -> bool {
+    inputs
+        .observed
+        .nodes
+        .get(&node.pod_name)
+        .is_some_and(|o| o.connected)
+}
+
+/// The phase, and the message that says why.
+fn phase(inputs: &Inputs<'_>, nodes: &[ValkeyNode], health: &Health<'_>) -> (Phase, String) {
+    if inputs.paused {
+        return (
             Phase::Paused,
             "paused: scaled to zero pods; PVCs and Secrets kept".into(),
-        )
-    } else if ready {
-        (
+        );
+    }
+    if health.ready {
+        return (
             Phase::Ready,
             format!(
                 "master {} with {} replica(s) in sync",
                 inputs.durable.master.as_deref().unwrap_or("?"),
                 inputs.replicas - 1
             ),
+        );
+    }
+    let why = if health.masters > 1 {
+        format!(
+            "{} nodes claim master; the controller is demoting the extra one",
+            health.masters
         )
-    } else if masters > 1 {
-        (
-            Phase::Creating,
-            format!("{masters} nodes claim master; the controller is demoting the extra one"),
-        )
-    } else if !all_reporting {
-        let waiting = status
-            .nodes
+    } else if !health.all_reporting {
+        let waiting = nodes
             .iter()
-            .filter(|n| {
-                !inputs
-                    .observed
-                    .nodes
-                    .get(&n.pod_name)
-                    .is_some_and(|o| o.connected)
-            })
+            .filter(|n| !reporting(inputs, n))
             .map(|n| n.pod_name.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        (
-            Phase::Creating,
-            format!("waiting for the agents of {waiting}"),
-        )
+        format!("waiting for the agents of {waiting}")
     } else if let Some(refusing) = refusing_password(inputs) {
-        (
-            Phase::Creating,
-            format!(
-                "{refusing}: up, but refusing the instance password \
-                 (a replica is restarted, the master is not; see Events)"
-            ),
+        format!(
+            "{refusing}: up, but refusing the instance password \
+             (a replica is restarted, the master is not; see Events)"
         )
     } else if inputs.durable.master.is_none() {
-        (Phase::Creating, "choosing a master".into())
-    } else if let Some(s) = sentinels_short.filter(|_| replicas_in_sync) {
-        (
-            Phase::Creating,
-            format!(
-                "replicas in sync, but only {} of the {} sentinels needed (quorum) know them all \
-                 yet: Sentinel could not fail the master over now",
-                s.able_to_fail_over, s.quorum
-            ),
+        "choosing a master".into()
+    } else if let Some(s) = health.sentinels_short.filter(|_| health.replicas_in_sync) {
+        format!(
+            "replicas in sync, but only {} of the {} sentinels needed (quorum) know them all \
+             yet: Sentinel could not fail the master over now",
+            s.able_to_fail_over, s.quorum
         )
     } else {
-        (Phase::Creating, "replicas are syncing".into())
+        "replicas are syncing".into()
     };
-    let now = inputs.now;
-    let gen_ = inputs.generation;
-    status.conditions = vec![
-        condition(
-            "Ready",
-            ready,
-            if ready { "Ready" } else { "NotReady" },
-            &status.message,
-            gen_,
-            now,
-        ),
-        condition(
-            "Progressing",
-            !ready && !inputs.paused,
-            if ready {
-                "Stable"
-            } else if inputs.paused {
-                "Paused"
-            } else {
-                "Reconciling"
-            },
-            &status.message,
-            gen_,
-            now,
-        ),
-        condition(
-            "Degraded",
-            !ready && inputs.durable.master.is_some() && !inputs.paused,
-            if ready || inputs.durable.master.is_none() {
-                "AsExpected"
-            } else if replicas_in_sync && sentinels_short.is_some() {
-                "SentinelsDoNotKnowReplicas"
-            } else {
-                "ReplicasNotInSync"
-            },
-            &status.message,
-            gen_,
-            now,
-        ),
-    ];
-    status.monitor = match &inputs.sentinel {
+    (Phase::Creating, why)
+}
+
+/// Ready, Progressing and Degraded, each with the phase's message.
+fn conditions(inputs: &Inputs<'_>, health: &Health<'_>, message: &str) -> Vec<Condition> {
+    let (ready, paused) = (health.ready, inputs.paused);
+    let no_master = inputs.durable.master.is_none();
+    let progressing = if ready {
+        "Stable"
+    } else if paused {
+        "Paused"
+    } else {
+        "Reconciling"
+    };
+    let degraded = if ready || no_master {
+        "AsExpected"
+    } else if health.replicas_in_sync && health.sentinels_short.is_some() {
+        "SentinelsDoNotKnowReplicas"
+    } else {
+        "ReplicasNotInSync"
+    };
+    let at = |kind: &str, ok: bool, reason: &str| {
+        condition(kind, ok, reason, message, inputs.generation, inputs.now)
+    };
+    vec![
+        at("Ready", ready, if ready { "Ready" } else { "NotReady" }),
+        at("Progressing", !ready && !paused, progressing),
+        at("Degraded", !ready && !no_master && !paused, degraded),
+    ]
+}
+
+/// How the instance is watched: by the controller, or by Sentinel under its monitor name.
+fn monitor(inputs: &Inputs<'_>) -> MonitorStatus {
+    match &inputs.sentinel {
         None => MonitorStatus {
             policy: Policy::Manual,
             ..MonitorStatus::default()
@@ -346,9 +357,7 @@ pub fn build(inputs: &Inputs<'_>) -> FailoverStatus {
                 .collect(),
             ..MonitorStatus::default()
         },
-    };
-    status.monitor.old_password_secret = inputs.old_password_secret.clone();
-    status
+    }
 }
 
 /// The status without its volatile fields (replication offsets and lag, which move with every

@@ -83,6 +83,8 @@ fn a_sentinel_node_port_pool_holds_one_port_per_sentinel_none_of_the_data_pools(
     }
 }
 
+// A table of cases.
+#[allow(clippy::too_many_lines)]
 #[test]
 fn errors_name_the_field() {
     let mut cases: Vec<(FailoverSpec, &str)> = Vec::new();

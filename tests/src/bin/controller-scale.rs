@@ -172,6 +172,8 @@ async fn apiserver() {
 /// The real Kubernetes path against the in-memory API server, or with `real` against the
 /// real one (kube-apiserver and etcd, no added latency); prints the hub's port, then once a
 /// second the API requests counted so far (`requests verb=n ...`).
+// A benchmark's setup, read top to bottom.
+#[allow(clippy::too_many_lines)]
 async fn serve_k8s(instances: usize, real: Option<&valkey_e2e::apiserver::ControlPlane>) {
     use k8s_openapi::api::core::v1::Pod;
     use kube::{Api, api::PostParams, runtime::events::Reporter};
@@ -574,6 +576,8 @@ struct Measured {
     failovers: usize,
 }
 
+// A benchmark's measurement, read top to bottom.
+#[allow(clippy::too_many_lines)]
 async fn measure(agents: usize, k8s: bool, real: bool) -> Measured {
     let exe = std::env::current_exe().expect("exe");
     let mut command = tokio::process::Command::new(exe);
