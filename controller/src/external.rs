@@ -258,7 +258,7 @@ mod tests {
     #[tokio::test]
     async fn the_in_process_token_admits_external_sentinel_agents_only() {
         let auth = InProcessToken::new(
-            Arc::new(crate::k8s::build::generate_password()),
+            Arc::new(crate::k8s::objects::data::generate_password()),
             StaticToken("outer".into()),
         );
         let hello = |token: &str, pod: &str| Hello {
@@ -284,8 +284,8 @@ mod tests {
                 .is_err()
         );
         assert_ne!(
-            crate::k8s::build::generate_password(),
-            crate::k8s::build::generate_password()
+            crate::k8s::objects::data::generate_password(),
+            crate::k8s::objects::data::generate_password()
         );
     }
 }

@@ -37,11 +37,8 @@ use valkey_controller::{
     hub::tls::ServerCert,
     hub::{Hub, StaticToken},
     k8s::{
-        LABEL_COMPONENT, LABEL_INSTANCE, Settings,
-        context::Context,
-        hot,
-        reconcile::{Error, reconcile},
-        requests,
+        LABEL_COMPONENT, LABEL_INSTANCE, Settings, cold::reconcile, error::Error, hot,
+        runtime::context::Context, runtime::requests,
     },
     tls::{CA_LIFETIME, Ca},
 };
@@ -224,10 +221,10 @@ impl FakeCluster {
         });
         let faults = Arc::new(ApiFaults::default());
         let work = tempfile::tempdir().expect("work dir");
-        let metrics = Arc::new(valkey_controller::k8s::metrics::Metrics::default());
+        let metrics = Arc::new(valkey_controller::k8s::runtime::metrics::Metrics::default());
         let controller_client =
             requests::counting(interposed(client.clone(), faults.clone()), metrics.clone());
-        let recorder = valkey_controller::k8s::events::Recorder::new(
+        let recorder = valkey_controller::k8s::runtime::events::Recorder::new(
             controller_client.clone(),
             Reporter {
                 controller: "valkey-operator".into(),

@@ -81,7 +81,7 @@ async fn switchover_and_kill_9(install: Install, sentinel: bool, wait_replicas: 
             .get("demo-sentinel-password")
             .await
             .expect("the sentinels' generated password Secret");
-        assert!(valkey_controller::k8s::password::value(&secret, "password").is_some());
+        assert!(valkey_controller::k8s::cold::password::value(&secret, "password").is_some());
     }
     let writer = cluster.writer("demo", wait_replicas);
     writer.wait_more(50).await;

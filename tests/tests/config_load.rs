@@ -9,7 +9,7 @@ use std::{process::Command, time::Duration};
 
 use valkey_controller::{
     crd::{Failover, SentinelSettings},
-    k8s::{build, sentinel_objects},
+    k8s::{objects::data, objects::sentinel},
     validate::validate,
 };
 use valkey_e2e::{free_port, procs::Proc};
@@ -151,7 +151,7 @@ fn every_accepted_custom_config_loads_in_a_real_server() {
             }
             Ok(()) => {
                 accepted += 1;
-                if let Err(why) = loads("valkey-server", &build::valkey_conf(&failover.spec), &what)
+                if let Err(why) = loads("valkey-server", &data::valkey_conf(&failover.spec), &what)
                 {
                     failures.push(why);
                 }
@@ -184,7 +184,7 @@ fn every_accepted_custom_config_loads_in_a_real_server() {
             }
             Ok(()) => {
                 accepted += 1;
-                let conf = sentinel_objects::sentinel_conf(&settings);
+                let conf = sentinel::sentinel_conf(&settings);
                 if let Err(why) = loads("valkey-sentinel", &conf, &what) {
                     failures.push(why);
                 }

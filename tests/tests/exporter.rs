@@ -15,7 +15,7 @@ use std::{
 use tokio::io::AsyncReadExt;
 use valkey_controller::{
     crd::{Exporter, Failover},
-    k8s::{Settings, build, password},
+    k8s::{Settings, objects::data, objects::password},
 };
 use valkey_e2e::{
     free_port, http_get,
@@ -72,7 +72,7 @@ async fn the_exporter_scrapes_its_own_valkey_and_sends_the_password_nowhere_else
     let mut failover: Failover =
         serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
     failover.spec.exporter = Some(Exporter::default());
-    let set = build::statefulset(&failover, &Settings::default(), false);
+    let set = data::statefulset(&failover, &Settings::default(), false);
     let container = set
         .spec
         .and_then(|s| s.template.spec)
@@ -95,7 +95,7 @@ async fn the_exporter_scrapes_its_own_valkey_and_sends_the_password_nowhere_else
     );
     // The controller's copy of the password, as the pod mounts it, moved under a temp dir,
     // with the pod's Valkey port moved to the test's.
-    let copy = build::password_in_force_secret(
+    let copy = data::password_in_force_secret(
         &failover,
         "example-failover-password-in-force",
         password::Whose::Instance,

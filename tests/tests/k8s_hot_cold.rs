@@ -15,10 +15,7 @@ use kube::{
 use valkey_controller::{
     crd::Failover,
     hub::InstanceKey,
-    k8s::{
-        hot::HotError,
-        reconcile::{Error, cold_trigger},
-    },
+    k8s::{cold::cold_trigger, error::Error, hot::HotError},
 };
 use valkey_e2e::{
     k8s::{FakeCluster, NS, Nodes, ordinal, ready, three_running_nodes},

@@ -141,12 +141,14 @@ async fn copy_holds(cluster: &FakeCluster, name: &str, password: &str) {
     assert_eq!(data["password"].0, password.as_bytes());
     assert!(!data.contains_key("password.old") && !data.contains_key("password.new"));
     // The instance's copy also holds the exporter's map, with the same password.
-    let exporter = data.get(valkey_controller::k8s::password::EXPORTER_KEY);
+    let exporter = data.get(valkey_controller::k8s::objects::password::EXPORTER_KEY);
     if name == "demo-password-in-force" {
         let map = exporter.map(|m| String::from_utf8_lossy(&m.0).into_owned());
         assert_eq!(
             map,
-            Some(valkey_controller::k8s::password::exporter_map(password))
+            Some(valkey_controller::k8s::objects::password::exporter_map(
+                password
+            ))
         );
     } else {
         assert!(

@@ -10,7 +10,7 @@ use std::{path::Path, process::Command};
 use serde::Deserialize;
 
 use valkey_controller::{
-    k8s::{Settings, build, render, tls_objects},
+    k8s::{Settings, objects::data, objects::tls, render},
     tls::{CA_LIFETIME, Ca},
 };
 use valkey_e2e::k8s::{everything, example};
@@ -78,7 +78,7 @@ fn every_generated_object_validates_against_the_kubernetes_schema() {
             (names.sentinel_password(), "sentinel"),
         ] {
             objects.push(
-                serde_json::to_value(build::generated_secret(&failover, &secret, component))
+                serde_json::to_value(data::generated_secret(&failover, &secret, component))
                     .expect("json"),
             );
         }
@@ -87,12 +87,8 @@ fn every_generated_object_validates_against_the_kubernetes_schema() {
             let ca = Ca::generate("schema test CA", CA_LIFETIME).expect("CA");
             let issued = ca.issue(&["localhost".into()], CA_LIFETIME).expect("issue");
             objects.push(
-                serde_json::to_value(tls_objects::issued_secret(
-                    &failover,
-                    &issued,
-                    &ca.0.cert_pem,
-                ))
-                .expect("json"),
+                serde_json::to_value(tls::issued_secret(&failover, &issued, &ca.0.cert_pem))
+                    .expect("json"),
             );
         }
         // cert-manager's Certificate is not a Kubernetes kind: tls_objects' tests check it.

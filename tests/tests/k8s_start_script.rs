@@ -9,7 +9,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use valkey_controller::{
     crd::{Failover, SentinelSettings},
-    k8s::{Settings, build, sentinel_objects},
+    k8s::{Settings, objects::data, objects::sentinel},
 };
 use valkey_e2e::{free_port, procs::Proc, wait_for};
 
@@ -18,7 +18,7 @@ const T: Duration = Duration::from_secs(20);
 /// The valkey container's start script, with its mount paths moved under `root` and the
 /// server told to listen on loopback at `port` with its data in `root/data`.
 fn localized_script(failover: &Failover, root: &Path, port: u16) -> String {
-    let set = build::statefulset(failover, &Settings::default(), false);
+    let set = data::statefulset(failover, &Settings::default(), false);
     let container = set
         .spec
         .and_then(|s| s.template.spec)
@@ -46,7 +46,7 @@ fn pod_mounts() -> (tempfile::TempDir, u16, String) {
         std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
     }
     // The data volume's mount, like the others, moves under the temp dir.
-    let conf = build::config_map(&failover).data.expect("data")["valkey.conf"].replace(
+    let conf = data::config_map(&failover).data.expect("data")["valkey.conf"].replace(
         "\ndir /data\n",
         &format!("\ndir {}\n", root.path().join("data").display()),
     );
@@ -232,8 +232,7 @@ async fn embedded_sentinels_without_a_named_secret_refuse_clients_without_their_
     let mut failover: Failover =
         serde_yaml::from_str(include_str!("../../deploy/examples/failover.yaml")).expect("seed");
     failover.spec.sentinel = Some(SentinelSettings::default());
-    let (configs, sets, _, _) =
-        sentinel_objects::objects(&failover, &Settings::default(), false, None);
+    let (configs, sets, _, _) = sentinel::objects(&failover, &Settings::default(), false, None);
     let pod = sets[0]
         .spec
         .as_ref()

@@ -3,7 +3,9 @@
 //! `tests.rs` files left out), each top-level module's imports must go to its own floor or a
 //! lower one, the two runtimes must not import each other, the decision code (`decide/`)
 //! must import nothing but the floor below it, and no two top-level modules may import each
-//! other, directly or around a circle. See `../shared/LAYOUT.md` and the README's layout.
+//! other, directly or around a circle. Inside the Kubernetes runtime the same holds for its
+//! tiers (`objects`, `runtime`, `hot`, `cold`, `run`): each imports only the ones below it.
+//! See `../shared/LAYOUT.md` and the README's layout.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{
@@ -196,6 +198,68 @@ fn no_two_top_level_modules_import_each_other_around_a_circle() {
             panic!("a circle of imports: {}", circle.join(" -> "));
         }
     }
+}
+
+/// The Kubernetes runtime's tiers (`controller/src/k8s/`) and their floors: `crate` stands for
+/// the names and settings in `k8s/mod.rs`.
+const K8S_FLOORS: &[(&str, u8)] = &[
+    ("crate", 0),
+    ("error", 0),
+    ("objects", 1),
+    ("runtime", 2),
+    ("hot", 3),
+    ("cold", 4),
+    ("run", 5),
+];
+
+fn k8s_floor(tier: &str) -> u8 {
+    K8S_FLOORS
+        .iter()
+        .find(|(t, _)| *t == tier)
+        .map(|(_, f)| *f)
+        .unwrap_or_else(|| panic!("k8s/{tier} has no floor: add it to K8S_FLOORS"))
+}
+
+#[test]
+fn the_kubernetes_tiers_only_look_down() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../controller/src/k8s");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut wrong = Vec::new();
+    for file in files {
+        let relative = file.strip_prefix(&src).unwrap();
+        let first = relative.iter().next().unwrap().to_string_lossy();
+        let tier = match first.trim_end_matches(".rs") {
+            "mod" => "crate",
+            other => other,
+        };
+        let text = production_text(&file);
+        // Within a tier files use `super::`; only `crate::k8s::` paths may cross tiers.
+        if text.contains("super::super::") {
+            wrong.push(format!(
+                "{} reaches across tiers by super::super::",
+                relative.display()
+            ));
+        }
+        // The k8s paths only, read as if k8s were the crate.
+        let k8s_only = text
+            .replace("crate::k8s::", "\u{1}")
+            .replace("crate::", "other::")
+            .replace('\u{1}', "crate::");
+        for target in imports(&k8s_only) {
+            // Anything that is not a tier is an item of k8s/mod.rs (a name, a label, a helper).
+            let known = K8S_FLOORS.iter().any(|(t, _)| *t == target);
+            let target = if known { target } else { "crate".to_owned() };
+            let (from, to) = (k8s_floor(tier), k8s_floor(&target));
+            if target != tier && to >= from && from > 0 {
+                wrong.push(format!(
+                    "{} (k8s/{tier}, floor {from}) imports k8s/{target} (floor {to})",
+                    relative.display()
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 #[test]

@@ -1,35 +1,18 @@
-//! The Kubernetes runtime: pure builders of the objects a Failover owns (`build`, `services`,
-//! `sentinel_objects`, `network_policy`, `tls_objects`), the status it reports (`status`), the
-//! cold path that applies them (`reconcile`), the hot path that runs the shared failover driver
-//! per instance (`hot`), and what wires them to the cluster (`run`: leader election, the hub
-//! and its TLS, token reviews, metrics, the request counter).
+//! The Kubernetes runtime, in tiers that only look down: pure builders of the objects a
+//! Failover owns and of its status (`objects/`); what both paths stand on (`runtime/`: shared
+//! per-instance state, writes, Events, metrics, leader election, agent auth, the hub's TLS);
+//! the hot path that runs the shared failover driver per instance (`hot/`); the cold path that
+//! reconciles the objects as named steps (`cold/`); and `run`, which wires them to the
+//! cluster. Here: the names, labels and settings every tier uses, and the error (`error`).
 
-pub mod apply;
-pub mod auth;
-pub mod build;
-pub mod context;
-pub mod events;
-pub mod external_set;
+pub mod cold;
+pub mod error;
 pub mod hot;
-pub mod hub_tls;
-pub mod leader;
-pub mod metrics;
-pub mod network_policy;
-pub mod outside;
-pub mod password;
-pub mod pod;
-pub mod reconcile;
-pub mod recreate;
-pub mod requests;
-pub mod roll;
+pub mod objects;
 pub mod run;
-pub mod sentinel_objects;
-pub mod services;
-pub mod status;
-pub mod tls_objects;
-pub mod tls_secret;
-pub mod token_cache;
-pub mod volumes;
+pub mod runtime;
+
+pub use objects::render;
 
 use std::collections::BTreeMap;
 
@@ -247,57 +230,4 @@ pub fn is_paused(failover: &Failover) -> bool {
         .annotations()
         .get(ANNOTATION_PAUSED)
         .is_some_and(|v| v == "true")
-}
-
-/// Every object the controller applies for a Failover (but the password Secret, which is
-/// generated at apply time), in apply order: what `valkey-controller render` prints.
-pub fn render(
-    failover: &Failover,
-    settings: &Settings,
-) -> Result<Vec<serde_json::Value>, crate::validate::Invalid> {
-    let names = Names::of(failover);
-    crate::validate::validate_admitted(&names.instance, &failover.spec, settings.admission)?;
-    let allowed = network_policy::allowed(failover)?;
-    let paused = is_paused(failover);
-    let mut objects = Vec::new();
-    let mut push = |value: Result<serde_json::Value, serde_json::Error>| {
-        if let Ok(value) = value {
-            objects.push(value);
-        }
-    };
-    push(serde_json::to_value(build::config_map(failover)));
-    push(serde_json::to_value(tls_objects::controller_ca_config_map(
-        failover,
-        &settings.controller_ca,
-    )));
-    if let Some(certificate) = tls_objects::certificate(failover) {
-        push(serde_json::to_value(certificate));
-    }
-    for service in services::data_services(failover)? {
-        push(serde_json::to_value(service));
-    }
-    push(serde_json::to_value(network_policy::network_policy(
-        failover, settings, allowed,
-    )));
-    push(serde_json::to_value(build::statefulset(
-        failover, settings, paused,
-    )));
-    push(serde_json::to_value(build::pdb(
-        failover,
-        build::COMPONENT_DATA,
-        names.data(),
-    )));
-    let (configs, sets, sentinel_services, budgets) =
-        sentinel_objects::objects(failover, settings, paused, None);
-    configs
-        .into_iter()
-        .for_each(|o| push(serde_json::to_value(o)));
-    sentinel_services
-        .into_iter()
-        .for_each(|o| push(serde_json::to_value(o)));
-    sets.into_iter().for_each(|o| push(serde_json::to_value(o)));
-    budgets
-        .into_iter()
-        .for_each(|o| push(serde_json::to_value(o)));
-    Ok(objects)
 }

@@ -25,13 +25,13 @@ use kube::{
 };
 use tracing::{error, info, warn};
 
-use super::{
+use crate::k8s::{
     LABEL_INSTANCE, Settings,
-    auth::TokenReviewAuth,
-    context::{Context, PodCache},
-    leader::Elector,
-    metrics::Metrics,
-    reconcile::{cold_trigger, error_policy, reconcile},
+    cold::{cold_trigger, error_policy, reconcile},
+    runtime::auth::TokenReviewAuth,
+    runtime::context::{Context, PodCache},
+    runtime::leader::Elector,
+    runtime::metrics::Metrics,
 };
 use crate::{
     crd::Failover,
@@ -68,7 +68,7 @@ pub enum RunError {
     #[error("leadership lost; exiting so that a fresh start competes again")]
     LostLease,
     #[error("the hub's TLS: {0}")]
-    Tls(#[from] super::hub_tls::HubTlsError),
+    Tls(#[from] crate::k8s::runtime::hub_tls::HubTlsError),
 }
 
 pub async fn run(
@@ -76,13 +76,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
-    let client = super::requests::counting(
+    let client = crate::k8s::runtime::requests::counting(
         Client::try_default().await.map_err(RunError::Client)?,
         metrics.clone(),
     );
     // The agents this process runs itself (an external Sentinel set's) present their own
     // token; every other agent is reviewed by the API server.
-    let in_process_token = Arc::new(super::build::generate_password());
+    let in_process_token = Arc::new(crate::k8s::objects::data::generate_password());
     // The pod watch's cache, shared with the authenticator: a token bound to a pod the watch
     // saw deleted is refused.
     let pods = PodCache::default();
@@ -109,7 +109,7 @@ pub async fn run(
         client.clone(),
         hub.clone(),
         settings,
-        super::events::Recorder::new(client.clone(), reporter),
+        crate::k8s::runtime::events::Recorder::new(client.clone(), reporter),
     );
     context.ca = Some(ca);
     context.pods = pods;
@@ -119,20 +119,22 @@ pub async fn run(
     let context = Arc::new(context);
 
     move_terminating_masters(context.clone(), hub_events);
-    super::hot::wake_on_reports(context.clone());
+    crate::k8s::hot::wake_on_reports(context.clone());
     // One cold Controller per namespace watched (or one for the cluster), sharing the hub,
     // the instances and the pod cache.
     let shutdown = shutdown.shared();
-    let controllers = super::scopes(&context.settings).into_iter().map(|scope| {
-        cold_controller(&client, &context, scope.as_deref())
-            .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile, error_policy, context.clone())
-            .for_each(|result| async move {
-                if let Err(err) = result {
-                    warn!(error = %err, "reconcile");
-                }
-            })
-    });
+    let controllers = crate::k8s::scopes(&context.settings)
+        .into_iter()
+        .map(|scope| {
+            cold_controller(&client, &context, scope.as_deref())
+                .graceful_shutdown_on(shutdown.clone())
+                .run(reconcile, error_policy, context.clone())
+                .for_each(|result| async move {
+                    if let Err(err) = result {
+                        warn!(error = %err, "reconcile");
+                    }
+                })
+        });
     let controller = futures::future::join_all(controllers);
 
     // Renew the lease while the controller runs; losing it ends the process.
@@ -225,8 +227,11 @@ async fn serve_hub(
             addr: options.hub_listen,
             source,
         })?;
-    let ca = Arc::new(super::hub_tls::load_or_create_ca(client, &options.pod_namespace).await?);
-    let hub_cert = super::hub_tls::serve_cert(ca.clone(), &options.settings.controller_addr)?;
+    let ca = Arc::new(
+        crate::k8s::runtime::hub_tls::load_or_create_ca(client, &options.pod_namespace).await?,
+    );
+    let hub_cert =
+        crate::k8s::runtime::hub_tls::serve_cert(ca.clone(), &options.settings.controller_addr)?;
     let server = hub.clone();
     tokio::spawn(async move {
         let served = crate::hub::limits::serve(&server, hub_listener, hub_cert).await;
@@ -285,7 +290,7 @@ fn cold_controller(
 ) -> Controller<Failover> {
     let (reader, writer) = reflector::store();
     let failovers = watcher(
-        super::scoped_api::<Failover>(client, scope),
+        crate::k8s::scoped_api::<Failover>(client, scope),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -299,7 +304,7 @@ fn cold_controller(
         ($kind:ty, $revision:expr) => {{
             let context = context.clone();
             controller = controller.watches(
-                super::scoped_api::<$kind>(client, scope),
+                crate::k8s::scoped_api::<$kind>(client, scope),
                 owned.clone(),
                 move |object: $kind| {
                     let revision: Option<String> = $revision(&object);
@@ -324,7 +329,7 @@ fn cold_controller(
     watch_owned!(PodDisruptionBudget, |_: &PodDisruptionBudget| None);
     watch_owned!(NetworkPolicy, |_: &NetworkPolicy| None);
     let pods = watcher(
-        super::scoped_api::<Pod>(client, scope),
+        crate::k8s::scoped_api::<Pod>(client, scope),
         watcher::Config::default().labels(LABEL_INSTANCE),
     )
     .default_backoff()

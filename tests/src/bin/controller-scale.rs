@@ -181,10 +181,10 @@ async fn serve_k8s(instances: usize, real: Option<&valkey_e2e::apiserver::Contro
         crd::{Failover, FailoverSpec},
         k8s::{
             LABEL_COMPONENT, LABEL_INSTANCE, Settings,
-            context::Context,
-            metrics::Metrics,
-            reconcile::{RESYNC, reconcile},
-            requests,
+            cold::{RESYNC, reconcile},
+            runtime::context::Context,
+            runtime::metrics::Metrics,
+            runtime::requests,
         },
     };
 
@@ -276,7 +276,7 @@ async fn serve_k8s(instances: usize, real: Option<&valkey_e2e::apiserver::Contro
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     serve_hub(&hub, listener);
-    let recorder = valkey_controller::k8s::events::Recorder::new(
+    let recorder = valkey_controller::k8s::runtime::events::Recorder::new(
         client.clone(),
         Reporter {
             controller: "valkey-operator".into(),

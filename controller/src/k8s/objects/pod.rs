@@ -24,11 +24,11 @@ use k8s_openapi::{
     },
 };
 
-use super::{
-    AGENT_METRICS_PORT, AGENT_PORT, Names, Settings, TOKEN_AUDIENCE, owned_meta, selector,
-    tls_objects,
-};
 use crate::crd::{Failover, PodSettings, PullPolicy};
+use crate::k8s::{
+    AGENT_METRICS_PORT, AGENT_PORT, Names, Settings, TOKEN_AUDIENCE, objects::tls, owned_meta,
+    selector,
+};
 
 /// Where the agent's token is mounted.
 const TOKEN_DIR: &str = "/var/run/secrets/valkey-agent";
@@ -74,7 +74,7 @@ pub fn template(
 ) -> PodTemplateSpec {
     let select = selector(names, component);
     let mut labels = select.clone();
-    labels.extend(super::labels(names, component));
+    labels.extend(crate::k8s::labels(names, component));
     let mut annotations = pod.pod_annotations.clone();
     annotations.extend(parts.annotations);
     PodTemplateSpec {
@@ -314,17 +314,17 @@ pub fn agent_container(names: &Names, settings: &Settings, side: AgentSide<'_>) 
         ),
         env(
             "VALKEY_AGENT_CONTROLLER_CA_FILE",
-            format!("{}/ca.crt", tls_objects::CONTROLLER_CA_DIR),
+            format!("{}/ca.crt", tls::CONTROLLER_CA_DIR),
         ),
     ];
     let mut mounts = vec![
         mount("data", "/data", false),
         mount("agent-token", TOKEN_DIR, true),
-        mount("controller-ca", tls_objects::CONTROLLER_CA_DIR, true),
+        mount("controller-ca", tls::CONTROLLER_CA_DIR, true),
     ];
     if tls {
-        env.extend(tls_objects::agent_tls_env());
-        mounts.push(tls_objects::tls_mount());
+        env.extend(tls::agent_tls_env());
+        mounts.push(tls::tls_mount());
     }
     if let Some(file) = password_file {
         env.push(self::env("VALKEY_AGENT_VALKEY_PASSWORD_FILE", file));

@@ -21,14 +21,15 @@ use k8s_openapi::{
     },
 };
 
-use super::{
-    ANNOTATION_RESTART_HASH, EXPORTER_PORT, Names, Settings, VALKEY_PORT, owned_meta,
-    pod::{
+use crate::k8s::{
+    ANNOTATION_RESTART_HASH, EXPORTER_PORT, Names, Settings, VALKEY_PORT,
+    objects::pod::{
         self, AgentSide, PodParts, SECRET_DIR, SWITCHOVER_WAIT_S, SetParts, agent_container,
         container_security, env, grpc_probe, main_container, memory_volume, mount,
         password_in_force_volume, port, pull_policy, token_volume,
     },
-    selector, tls_objects,
+    objects::tls,
+    owned_meta, selector,
 };
 use crate::{
     conf_text::quote,
@@ -69,7 +70,7 @@ pub fn repl_backlog_size(maxmemory: Option<u64>) -> u64 {
 /// controller (or Sentinel) makes it master.
 pub fn valkey_conf(spec: &FailoverSpec) -> String {
     let ports = if spec.access.enable_tls {
-        crate::tls::TlsFiles::in_dir(tls_objects::TLS_DIR).config_lines(VALKEY_PORT as u16)
+        crate::tls::TlsFiles::in_dir(tls::TLS_DIR).config_lines(VALKEY_PORT as u16)
     } else {
         format!("port {VALKEY_PORT}\n")
     };
@@ -180,19 +181,24 @@ pub fn generated_secret(failover: &Failover, name: &str, component: &str) -> Sec
 pub fn password_in_force_secret(
     failover: &Failover,
     name: &str,
-    whose: super::password::Whose,
+    whose: crate::k8s::objects::password::Whose,
     password: &str,
 ) -> Secret {
     let component = match whose {
-        super::password::Whose::Instance => COMPONENT_DATA,
-        super::password::Whose::Sentinel => super::sentinel_objects::COMPONENT_SENTINEL,
+        crate::k8s::objects::password::Whose::Instance => COMPONENT_DATA,
+        crate::k8s::objects::password::Whose::Sentinel => {
+            crate::k8s::objects::sentinel::COMPONENT_SENTINEL
+        }
     };
-    let mut data: BTreeMap<String, String> =
-        [(super::password::KEY.to_owned(), password.to_owned())].into();
-    if whose == super::password::Whose::Instance {
+    let mut data: BTreeMap<String, String> = [(
+        crate::k8s::objects::password::KEY.to_owned(),
+        password.to_owned(),
+    )]
+    .into();
+    if whose == crate::k8s::objects::password::Whose::Instance {
         data.insert(
-            super::password::EXPORTER_KEY.to_owned(),
-            super::password::exporter_map(password),
+            crate::k8s::objects::password::EXPORTER_KEY.to_owned(),
+            crate::k8s::objects::password::exporter_map(password),
         );
     }
     Secret {
@@ -250,7 +256,7 @@ fn valkey_start_script(names: &Names) -> String {
 /// preStop on the Valkey container: a terminating master holds until the controller has moved
 /// its role away (the agent asks for that on SIGTERM), for at most SWITCHOVER_WAIT_S.
 fn valkey_pre_stop(tls: bool) -> String {
-    let tls = tls_objects::cli_flags(tls);
+    let tls = tls::cli_flags(tls);
     format!(
         "export REDISCLI_AUTH=\"$(cat {SECRET_DIR}/password)\" VALKEYCLI_AUTH=\"$(cat {SECRET_DIR}/password)\"\n\
          i=0\nwhile [ $i -lt {steps} ]; do\n  \
@@ -264,7 +270,7 @@ fn valkey_pre_stop(tls: bool) -> String {
 pub fn statefulset(failover: &Failover, settings: &Settings, paused: bool) -> StatefulSet {
     let names = Names::of(failover);
     let spec = &failover.spec;
-    let tls = tls_objects::data_secret(failover);
+    let tls = tls::data_secret(failover);
     let mut volumes = data_volumes(&names, tls.as_deref());
     let claims = match &spec.storage {
         Some(storage) => Some(vec![data_claim(spec, storage, &names)]),
@@ -346,7 +352,7 @@ fn valkey_container(failover: &Failover, settings: &Settings, tls: bool) -> Cont
                 mount("run", RUN_DIR, false),
             ]
             .into_iter()
-            .chain(tls.then(tls_objects::tls_mount))
+            .chain(tls.then(tls::tls_mount))
             .collect(),
         ),
         ..main_container("valkey", pod, &settings.valkey_image, script)
@@ -393,10 +399,10 @@ fn data_volumes(names: &Names, tls: Option<&str>) -> Vec<Volume> {
         password_in_force_volume(names.password_in_force()),
         memory_volume("run"),
         token_volume(),
-        tls_objects::controller_ca_volume(names),
+        tls::controller_ca_volume(names),
     ];
     if let Some(secret) = tls {
-        volumes.push(tls_objects::tls_volume(secret));
+        volumes.push(tls::tls_volume(secret));
     }
     volumes
 }
@@ -451,14 +457,17 @@ fn exporter_env(tls: bool) -> Vec<EnvVar> {
         env("REDIS_ADDR", format!("{scheme}://127.0.0.1:{VALKEY_PORT}")),
         env(
             "REDIS_PASSWORD_FILE",
-            format!("{SECRET_DIR}/{}", super::password::EXPORTER_KEY),
+            format!(
+                "{SECRET_DIR}/{}",
+                crate::k8s::objects::password::EXPORTER_KEY
+            ),
         ),
         env("REDIS_EXPORTER_DISABLE_SCRAPE_ENDPOINT", "true"),
     ];
     if tls {
         vars.push(env(
             "REDIS_EXPORTER_TLS_CA_CERT_FILE",
-            format!("{}/ca.crt", tls_objects::TLS_DIR),
+            format!("{}/ca.crt", tls::TLS_DIR),
         ));
     }
     vars
@@ -474,7 +483,7 @@ fn exporter_mounts(tls: bool) -> Vec<VolumeMount> {
         ..VolumeMount::default()
     }];
     if tls {
-        mounts.push(tls_objects::tls_mount());
+        mounts.push(tls::tls_mount());
     }
     mounts
 }

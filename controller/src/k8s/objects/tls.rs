@@ -1,7 +1,7 @@
 //! TLS objects of an instance, built purely: the controller's CA bundle that agents verify
 //! the hub with (a ConfigMap), and, with `enableTLS`, what Valkey and Sentinel serve: a
 //! cert-manager `Certificate` when `certIssuer` names an Issuer, else a Secret issued from the
-//! controller's CA (see [`super::tls_secret`]). Both Secrets have the layout of a TLS Secret
+//! controller's CA (see [`crate::k8s::cold::tls_secret`]). Both Secrets have the layout of a TLS Secret
 //! (`tls.crt`, `tls.key`, `ca.crt`), mounted at [`TLS_DIR`].
 
 use k8s_openapi::ByteString;
@@ -13,8 +13,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Names, owned_meta};
 use crate::crd::{Failover, IssuerType};
+use crate::k8s::{Names, owned_meta};
 
 /// Where the agent finds the CA bundle of the controller's hub.
 pub const CONTROLLER_CA_DIR: &str = "/etc/valkey-agent/controller-ca";
@@ -122,7 +122,11 @@ pub fn certificate(failover: &Failover) -> Option<Certificate> {
         IssuerType::Issuer => "Issuer",
     };
     Some(Certificate {
-        metadata: owned_meta(failover, names.tls(), super::build::COMPONENT_DATA),
+        metadata: owned_meta(
+            failover,
+            names.tls(),
+            crate::k8s::objects::data::COMPONENT_DATA,
+        ),
         spec: CertificateSpec {
             secret_name: names.tls(),
             issuer_ref: IssuerRef {
@@ -145,7 +149,11 @@ pub fn certificate(failover: &Failover) -> Option<Certificate> {
 pub fn issued_secret(failover: &Failover, issued: &crate::tls::Issued, ca_pem: &str) -> Secret {
     let names = Names::of(failover);
     Secret {
-        metadata: owned_meta(failover, names.tls(), super::build::COMPONENT_DATA),
+        metadata: owned_meta(
+            failover,
+            names.tls(),
+            crate::k8s::objects::data::COMPONENT_DATA,
+        ),
         type_: Some("kubernetes.io/tls".into()),
         data: Some(
             [
@@ -168,7 +176,7 @@ pub fn controller_ca_config_map(failover: &Failover, ca_pem: &str) -> ConfigMap 
         metadata: owned_meta(
             failover,
             names.controller_ca(),
-            super::build::COMPONENT_DATA,
+            crate::k8s::objects::data::COMPONENT_DATA,
         ),
         data: Some([("ca.crt".to_owned(), ca_pem.to_owned())].into()),
         ..ConfigMap::default()
@@ -249,7 +257,10 @@ mod tests {
     use super::*;
     use crate::{
         crd::{FailoverSpec, SentinelSettings},
-        k8s::{Settings, build, sentinel_objects},
+        k8s::{
+            Settings,
+            objects::{data, sentinel},
+        },
         tls::{CA_LIFETIME, Ca},
     };
 
@@ -347,13 +358,13 @@ mod tests {
     #[test]
     fn tls_pods_serve_tls_only_and_every_container_gets_the_files() {
         let failover = tls_failover(None);
-        let conf = build::valkey_conf(&failover.spec);
+        let conf = data::valkey_conf(&failover.spec);
         assert!(conf.contains("port 0\ntls-port 6379\n"), "{conf}");
         assert!(conf.contains("tls-cert-file \"/tls/tls.crt\"\n"), "{conf}");
         assert!(conf.contains("tls-replication yes\n"), "{conf}");
         let mut with_exporter = failover.clone();
         with_exporter.spec.exporter = Some(Default::default());
-        let set = build::statefulset(&with_exporter, &Settings::default(), false);
+        let set = data::statefulset(&with_exporter, &Settings::default(), false);
         let pod = set.spec.unwrap().template.spec.unwrap();
         let tls_volume = pod
             .volumes
@@ -400,8 +411,7 @@ mod tests {
             "{pre_stop}"
         );
         // Sentinels: TLS lines written at every start, the same files mounted.
-        let (_, sets, _, _) =
-            sentinel_objects::objects(&failover, &Settings::default(), false, None);
+        let (_, sets, _, _) = sentinel::objects(&failover, &Settings::default(), false, None);
         let sentinel_pod = sets[0].clone().spec.unwrap().template.spec.unwrap();
         let script = sentinel_pod.containers[0]
             .command
@@ -414,8 +424,8 @@ mod tests {
         let mut plain = failover.clone();
         plain.spec.access.enable_tls = false;
         assert_ne!(
-            build::restart_hash(&plain.spec),
-            build::restart_hash(&failover.spec)
+            data::restart_hash(&plain.spec),
+            data::restart_hash(&failover.spec)
         );
     }
 

@@ -14,12 +14,12 @@ use kube::{
 };
 use tracing::info;
 
-use super::{
+use crate::k8s::{
     LABEL_COMPONENT, LABEL_INSTANCE, Names,
-    apply::{MANAGER, publish},
-    build::{COMPONENT_DATA, claim_capacity},
-    context::{Context, Instance},
-    reconcile::Error,
+    error::Error,
+    objects::data::{COMPONENT_DATA, claim_capacity},
+    runtime::apply::{MANAGER, publish},
+    runtime::context::{Context, Instance},
 };
 use crate::{crd::Failover, validate::parse_quantity};
 

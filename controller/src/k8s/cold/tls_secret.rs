@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use tracing::info;
 
-use super::{Names, context::Context, reconcile::Error, tls_objects};
+use crate::k8s::{Names, error::Error, objects::tls, runtime::context::Context};
 use crate::{
     crd::Failover,
     tls::{CERT_LIFETIME, Validity},
@@ -72,8 +72,8 @@ pub async fn ensure(ctx: &Context, failover: &Failover) -> Result<String, Error>
             "the controller has no CA to issue the instance's certificate from".into(),
         ));
     };
-    let mut wanted = tls_objects::dns_names(failover);
-    wanted.extend(tls_objects::IP_ADDRESSES.iter().map(|s| (*s).to_owned()));
+    let mut wanted = tls::dns_names(failover);
+    wanted.extend(tls::IP_ADDRESSES.iter().map(|s| (*s).to_owned()));
     let hash = names_hash(&wanted);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let existing = secrets.get_opt(&name).await.map_err(|source| Error::Read {
@@ -91,13 +91,13 @@ pub async fn ensure(ctx: &Context, failover: &Failover) -> Result<String, Error>
     let issued = ca
         .issue(&wanted, CERT_LIFETIME)
         .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut secret = tls_objects::issued_secret(failover, &issued, &ca.0.cert_pem);
+    let mut secret = tls::issued_secret(failover, &issued, &ca.0.cert_pem);
     secret
         .metadata
         .annotations
         .get_or_insert_default()
         .insert(ANNOTATION_NAMES.into(), hash);
-    super::apply::apply(&ctx.client, &names.namespace, &secret)
+    crate::k8s::runtime::apply::apply(&ctx.client, &names.namespace, &secret)
         .await
         .map_err(|source| Error::Apply {
             kind: "Secret".into(),

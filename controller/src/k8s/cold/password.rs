@@ -18,11 +18,15 @@ use kube::{
 };
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{
-    Names, build,
-    context::{Context, Instance},
-    external_set,
-    reconcile::Error,
+use crate::k8s::{
+    Names,
+    cold::external_set,
+    error::Error,
+    objects::{
+        data,
+        password::{EXPORTER_KEY, KEY, NEW_KEY, OLD_KEY, Whose, exporter_map},
+    },
+    runtime::context::{Context, Instance},
 };
 use crate::{
     crd::Failover,
@@ -31,45 +35,6 @@ use crate::{
         rotation::{PasswordStore, Rotation},
     },
 };
-
-pub const KEY: &str = "password";
-pub const OLD_KEY: &str = "password.old";
-pub const NEW_KEY: &str = "password.new";
-/// The exporter's password map (redis_exporter's `REDIS_PASSWORD_FILE`), in the instance's
-/// copy only.
-pub const EXPORTER_KEY: &str = "exporter.json";
-
-/// The exporter's password map: the password for the pod's own Valkey and nothing else, so
-/// that a scrape of any other target is sent no password.
-pub fn exporter_map(password: &str) -> String {
-    let local = |scheme: &str| format!("{scheme}://127.0.0.1:{}", super::VALKEY_PORT);
-    serde_json::json!({ local("redis"): password, local("rediss"): password }).to_string()
-}
-
-/// Whose password: the instance's (data nodes check it, replicas and Sentinel present it), or
-/// an embedded Sentinel set's own (the sentinels check it and present it to each other).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Whose {
-    Instance,
-    Sentinel,
-}
-
-impl Whose {
-    /// The controller's copy that the pods mount.
-    pub fn in_force(self, names: &Names) -> String {
-        match self {
-            Whose::Instance => names.password_in_force(),
-            Whose::Sentinel => format!("{}-password-in-force", names.sentinel()),
-        }
-    }
-
-    fn field(self) -> &'static str {
-        match self {
-            Whose::Instance => "status.passwordSecret",
-            Whose::Sentinel => "spec.sentinel.access.defaultPasswordSecret",
-        }
-    }
-}
 
 /// The controller's copy, as the pods see it.
 #[derive(Clone, PartialEq, Eq)]
@@ -165,7 +130,7 @@ pub async fn wanted(failover: &Failover, ctx: &Context, names: &Names) -> Result
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let name = names.password();
     let secret = read_or_create(&secrets, &name, || {
-        build::generated_secret(failover, &name, build::COMPONENT_DATA)
+        data::generated_secret(failover, &name, data::COMPONENT_DATA)
     })
     .await?;
     value(&secret, KEY).ok_or(Error::MissingSecret {
@@ -187,7 +152,7 @@ pub async fn in_force(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let name = whose.in_force(names);
     let secret = read_or_create(&secrets, &name, || {
-        build::password_in_force_secret(failover, &name, whose, wanted)
+        data::password_in_force_secret(failover, &name, whose, wanted)
     })
     .await?;
     let in_force = InForce::of(&secret).ok_or_else(|| Error::InvalidSecret {
@@ -247,11 +212,11 @@ pub fn rotate(
     if flags.running.load(Ordering::SeqCst) {
         return false;
     }
-    let durable = super::status::durable_from(instance.status().as_ref());
+    let durable = crate::k8s::objects::status::durable_from(instance.status().as_ref());
     // Every data pod still running, a master kept past a scale-down included.
-    let kept = super::hot::kept_replicas(failover, names, durable.master.as_deref());
+    let kept = crate::k8s::hot::kept_replicas(failover, names, durable.master.as_deref());
     let data: Vec<String> = (0..kept).map(|i| names.pod(i)).collect();
-    let sentinel = super::hot::sentinel_desired(failover, names, &BTreeMap::new());
+    let sentinel = crate::k8s::hot::sentinel_desired(failover, names, &BTreeMap::new());
     let data_up = ctx
         .hub
         .connected_pods(&instance.key, valkey_proto::v1::NodeKind::Data);

@@ -11,8 +11,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::{Api, Client, api::PostParams};
 use valkey_proto::v1::Hello;
 
-use super::{TOKEN_AUDIENCE, metrics::Metrics, token_cache::TokenCache};
 use crate::hub::{AuthFuture, Authenticator};
+use crate::k8s::{TOKEN_AUDIENCE, runtime::metrics::Metrics, runtime::token_cache::TokenCache};
 
 /// The TokenReview extra field that names the pod a projected token was issued for.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
@@ -26,7 +26,7 @@ pub struct TokenReviewAuth {
     /// Accepted reviews, reused until their token expires.
     cache: Arc<TokenCache>,
     /// The pods the pod watch sees, and the ones it saw deleted.
-    pods: super::context::PodCache,
+    pods: crate::k8s::runtime::context::PodCache,
 }
 
 impl std::fmt::Debug for TokenReviewAuth {
@@ -36,7 +36,11 @@ impl std::fmt::Debug for TokenReviewAuth {
 }
 
 impl TokenReviewAuth {
-    pub fn new(client: Client, metrics: Arc<Metrics>, pods: super::context::PodCache) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        pods: crate::k8s::runtime::context::PodCache,
+    ) -> Self {
         TokenReviewAuth {
             client,
             metrics,
@@ -136,7 +140,10 @@ pub fn verify(hello: &Hello, status: Option<&TokenReviewStatus>) -> Result<(), S
 }
 
 /// Whether the pod a reviewed token was bound to (by uid) was seen deleted.
-fn bound_pod_deleted(pods: &super::context::PodCache, status: &TokenReviewStatus) -> bool {
+fn bound_pod_deleted(
+    pods: &crate::k8s::runtime::context::PodCache,
+    status: &TokenReviewStatus,
+) -> bool {
     status
         .user
         .as_ref()

@@ -12,8 +12,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::{Names, context::Applied};
 use crate::crd::{Failover, FailoverStatus};
+use crate::k8s::{Names, runtime::context::Applied};
 
 /// The field manager of everything this controller applies.
 pub const MANAGER: &str = "valkey-operator";
@@ -145,7 +145,7 @@ pub fn merge_diff(
 /// A pod already gone counts as restarted.
 pub async fn restart_pod(
     client: &Client,
-    cache: &super::context::PodCache,
+    cache: &crate::k8s::runtime::context::PodCache,
     namespace: &str,
     pod: &str,
 ) -> Result<(), kube::Error> {
@@ -163,7 +163,7 @@ pub async fn restart_pod(
 
 /// Records an Event on the Failover; a failure is logged, never fatal.
 pub async fn publish(
-    recorder: &super::events::Recorder,
+    recorder: &crate::k8s::runtime::events::Recorder,
     failover: &Failover,
     type_: EventType,
     reason: &str,
@@ -182,7 +182,7 @@ pub async fn publish(
 pub async fn replace_status(
     client: &Client,
     names: &Names,
-    instance: &super::context::Instance,
+    instance: &crate::k8s::runtime::context::Instance,
     next: FailoverStatus,
 ) -> Result<bool, kube::Error> {
     let _writing = instance.status_lock.lock().await;

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::crd::{Storage, ValkeyModule};
-use crate::k8s::{AGENT_PORT, pod::pod_security};
+use crate::k8s::{AGENT_PORT, objects::pod::pod_security};
 use k8s_openapi::api::core::v1::{PodSecurityContext, PodSpec, ResourceRequirements};
 use std::time::Duration;
 
@@ -221,10 +221,10 @@ fn restricted_violations(pod: &PodSpec) -> Vec<String> {
 #[test]
 fn every_example_renders_pods_the_restricted_pod_security_level_admits() {
     let examples = [
-        include_str!("../../../../deploy/examples/failover.yaml"),
-        include_str!("../../../../deploy/examples/failover-manual.yaml"),
-        include_str!("../../../../deploy/examples/failover-tls.yaml"),
-        include_str!("../../../../deploy/examples/failover-external-sentinel.yaml"),
+        include_str!("../../../../../deploy/examples/failover.yaml"),
+        include_str!("../../../../../deploy/examples/failover-manual.yaml"),
+        include_str!("../../../../../deploy/examples/failover-tls.yaml"),
+        include_str!("../../../../../deploy/examples/failover-external-sentinel.yaml"),
     ];
     let mut sets = 0;
     for text in examples {

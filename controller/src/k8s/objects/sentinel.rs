@@ -14,19 +14,18 @@ use k8s_openapi::api::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{
+use crate::crd::{Failover, PodSettings, SentinelSettings};
+use crate::k8s::{
     AGENT_PORT, Names, SENTINEL_PORT, Settings,
-    build::pdb,
-    owned_meta,
-    pod::{
+    objects::data::pdb,
+    objects::pod::{
         self, AgentSide, PodParts, SECRET_DIR, SetParts, agent_container, main_container,
         memory_volume, password_in_force_volume, token_volume,
     },
-    selector,
-    services::{client_service, headless},
-    tls_objects,
+    objects::services::{client_service, headless},
+    objects::tls,
+    owned_meta, selector,
 };
-use crate::crd::{Failover, PodSettings, SentinelSettings};
 
 pub const COMPONENT_SENTINEL: &str = "sentinel";
 
@@ -70,7 +69,7 @@ pub fn sentinel_conf(settings: &SentinelSettings) -> String {
 /// The port lines of a sentinel: plaintext, or TLS only with every link it opens over TLS.
 fn port_lines(tls: bool) -> String {
     if tls {
-        crate::tls::TlsFiles::in_dir(tls_objects::TLS_DIR).config_lines(SENTINEL_PORT as u16)
+        crate::tls::TlsFiles::in_dir(tls::TLS_DIR).config_lines(SENTINEL_PORT as u16)
     } else {
         format!("port {SENTINEL_PORT}\n")
     }
@@ -84,8 +83,8 @@ fn start_script(names: &Names, tls: bool) -> String {
         "{read}\
          printf 'requirepass \"%s\"\\nsentinel sentinel-pass \"%s\"\\n' \"$P\" \"$P\" >> /data/sentinel.conf\n\
          {{ {accept}}} >> /data/sentinel.conf\n",
-        read = super::build::read_password(SECRET_DIR),
-        accept = super::build::accept_rotating(SECRET_DIR),
+        read = crate::k8s::objects::data::read_password(SECRET_DIR),
+        accept = crate::k8s::objects::data::accept_rotating(SECRET_DIR),
     );
     format!(
         "set -eu\numask 077\n\
@@ -147,7 +146,7 @@ fn statefulset(
     tls_cert: Option<&str>,
 ) -> StatefulSet {
     let names = Names::of(failover);
-    let tls = tls_objects::sentinel_secret(failover);
+    let tls = tls::sentinel_secret(failover);
     let pod = sentinel.pod_settings(&failover.spec);
     let mut annotations = BTreeMap::new();
     if let Some(hash) = tls_cert.filter(|_| tls.is_some()) {
@@ -195,7 +194,7 @@ fn sentinel_container(
         },
     ];
     if tls {
-        mounts.push(tls_objects::tls_mount());
+        mounts.push(tls::tls_mount());
     }
     mounts.push(VolumeMount {
         name: "password".into(),
@@ -269,15 +268,15 @@ fn volumes(names: &Names, tls: Option<&str>) -> Vec<Volume> {
         },
         token_volume(),
         memory_volume("run"),
-        tls_objects::controller_ca_volume(names),
+        tls::controller_ca_volume(names),
     ];
     if let Some(secret) = tls {
-        volumes.push(tls_objects::tls_volume(secret));
+        volumes.push(tls::tls_volume(secret));
     }
     // The controller's copy of the sentinels' password, which a rotation changes step by step
     // (`k8s::password`), and of the instance's.
     volumes.push(password_in_force_volume(
-        super::password::Whose::Sentinel.in_force(names),
+        crate::k8s::objects::password::Whose::Sentinel.in_force(names),
     ));
     volumes.push(Volume {
         name: "instance-password".into(),

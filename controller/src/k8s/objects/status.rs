@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use valkey_proto::v1::Role;
 
-use super::Names;
+use crate::k8s::Names;
 use crate::{
     crd::{
         FailoverStatus, MonitorStatus, NodeRole, PendingSwitchoverStatus, Phase, Policy,
@@ -183,7 +183,7 @@ fn node(inputs: &Inputs<'_>, ordinal: i32) -> ValkeyNode {
                 .and_then(|p| p.status.as_ref()?.pod_ip.clone())
                 .unwrap_or_default(),
         },
-        port: announced.map_or(super::VALKEY_PORT, |(_, port)| i32::from(*port)),
+        port: announced.map_or(crate::k8s::VALKEY_PORT, |(_, port)| i32::from(*port)),
         master_ref: data
             .filter(|d| d.role() == Role::Replica && d.master_port > 1)
             .map(|d| format!("{}:{}", d.master_host, d.master_port)),

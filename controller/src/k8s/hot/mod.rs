@@ -3,7 +3,7 @@
 //! only what failover needs in a cluster: Events for its decisions, role labels (patched only
 //! when a role changes), live settings, and the status, written only when something but its
 //! volatile fields (offsets, lag) changed. Nothing here applies objects or waits for them:
-//! that is the cold path's job ([`super::reconcile`]).
+//! that is the cold path's job ([`crate::k8s::cold`]).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -16,13 +16,12 @@ use kube::{
 use tracing::{Instrument, debug, info, info_span, warn};
 use valkey_proto::v1::{ConfigSet, Role, command::Action as AgentAction};
 
-use super::{
-    ANNOTATION_SWITCHOVER, LABEL_ROLE, Names, SENTINEL_PORT, VALKEY_PORT,
-    apply::{self, patch_status, publish, restart_pod},
-    context::{Context, Instance},
-    is_paused,
-    password::Whose,
-    status,
+use crate::k8s::{
+    ANNOTATION_SWITCHOVER, LABEL_ROLE, Names, SENTINEL_PORT, VALKEY_PORT, is_paused,
+    objects::password::Whose,
+    objects::status,
+    runtime::apply::{self, patch_status, publish, restart_pod},
+    runtime::context::{Context, Instance},
 };
 use crate::{
     crd::Failover,
@@ -80,6 +79,13 @@ impl DurableStore for StatusStore<'_> {
             hot.status = Some(next);
         }
         Ok(())
+    }
+}
+
+/// Starts the instance's loops ([`run`]) unless they run.
+pub fn start(ctx: &Arc<Context>, instance: &Arc<Instance>) {
+    if ctx.claim_hot_loop(instance) {
+        tokio::spawn(run(ctx.clone(), instance.clone()));
     }
 }
 
@@ -180,7 +186,7 @@ async fn decide_on(
     let sentinel = sentinel_desired(
         failover,
         &names,
-        &super::outside::sentinel_addresses(ctx, instance, failover, &names),
+        &sentinel_addresses(ctx, instance, failover, &names),
     );
     let target = Target {
         desired: &desired,
@@ -225,7 +231,7 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
         let sentinel = sentinel_desired(
             &failover,
             &names,
-            &super::outside::sentinel_addresses(ctx, instance, &failover, &names),
+            &sentinel_addresses(ctx, instance, &failover, &names),
         );
         write_status(
             ctx,
@@ -392,7 +398,7 @@ async fn write_status(
         pods,
         sentinel: sentinel.map(|sd| status::SentinelInputs {
             monitor: sd.name.clone(),
-            password_secret: super::sentinel_objects::password_secret(failover)
+            password_secret: crate::k8s::objects::sentinel::password_secret(failover)
                 .or_else(|| {
                     failover
                         .spec
@@ -401,7 +407,7 @@ async fn write_status(
                         .and_then(|s| s.password_secret())
                 })
                 .map(|(_, name)| name),
-            tls_secret: super::tls_objects::sentinel_secret(failover),
+            tls_secret: crate::k8s::objects::tls::sentinel_secret(failover),
             nodes: sd
                 .sentinel_addrs
                 .iter()
@@ -418,7 +424,7 @@ async fn write_status(
                 )
             }),
         }),
-        tls_secret: super::tls_objects::data_secret(failover),
+        tls_secret: crate::k8s::objects::tls::data_secret(failover),
         old_password_secret: [Whose::Instance, Whose::Sentinel]
             .into_iter()
             .find(|w| {
@@ -540,7 +546,7 @@ pub fn desired(
 ) -> Desired {
     let names = Names::of(failover);
     let key = key_of(&names);
-    let outside = super::outside::addresses(
+    let outside = crate::k8s::objects::outside::addresses(
         failover.spec.access.service_type,
         pods,
         &instance.exposed(),
@@ -569,7 +575,7 @@ pub fn desired(
         &failover.spec,
         placed,
         ctx.hang_timeout,
-        super::outside::is_outside(failover),
+        crate::k8s::objects::outside::is_outside(failover),
     )
 }
 
@@ -613,6 +619,25 @@ fn vouched(pod: Option<&Pod>, dns: &str, host: &str, port: u32) -> bool {
         .find(|p| p.name.as_deref() == Some("valkey"))
         .map_or(VALKEY_PORT, |p| p.container_port);
     host_ok && i64::from(port) == i64::from(declared)
+}
+
+/// The sentinels' outside addresses, by pod, where known.
+pub fn sentinel_addresses(
+    ctx: &Context,
+    instance: &Instance,
+    failover: &Failover,
+    names: &Names,
+) -> BTreeMap<String, (String, u16)> {
+    match crate::k8s::objects::outside::sentinel_kind(failover) {
+        crate::crd::ServiceType::ClusterIP => BTreeMap::new(),
+        kind => crate::k8s::objects::outside::addresses(
+            kind,
+            &ctx.pods
+                .pods_of(names, crate::k8s::objects::sentinel::COMPONENT_SENTINEL),
+            &instance.exposed(),
+            SENTINEL_PORT,
+        ),
+    }
 }
 
 /// How Sentinel watches the instance (policy sentinel).

@@ -25,7 +25,7 @@ use k8s_openapi::{
 };
 use kube::ResourceExt;
 
-use super::{
+use crate::k8s::{
     AGENT_METRICS_PORT, AGENT_PORT, EXPORTER_PORT, LABEL_INSTANCE, Names, SENTINEL_PORT, Settings,
     VALKEY_PORT, owned_meta,
 };
@@ -174,7 +174,7 @@ pub fn network_policy(failover: &Failover, settings: &Settings, allowed: Allowed
     let mut metadata = owned_meta(failover, names.instance.clone(), "instance");
     // Not a component of its own: keep only the instance labels.
     if let Some(labels) = metadata.labels.as_mut() {
-        labels.remove(super::LABEL_COMPONENT);
+        labels.remove(crate::k8s::LABEL_COMPONENT);
     }
     NetworkPolicy {
         metadata,

@@ -19,7 +19,7 @@ const MAX_ENTRIES: usize = 16_384;
 const DEFAULT_TTL: Duration = Duration::from_secs(60);
 
 /// Longest a review is reused, whatever the token says. A token whose pod is deleted is
-/// refused at once all the same: [`super::auth`] reuses no review of a pod seen deleted.
+/// refused at once all the same: [`crate::k8s::runtime::auth`] reuses no review of a pod seen deleted.
 const MAX_TTL: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, Default)]

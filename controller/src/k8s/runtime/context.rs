@@ -15,7 +15,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 
-use super::{Names, Settings, events::Recorder, metrics::Metrics, status};
+use crate::k8s::{
+    Names, Settings, objects::status, runtime::events::Recorder, runtime::metrics::Metrics,
+};
 use crate::{
     crd::{Failover, FailoverStatus},
     driver::Driver,
@@ -60,7 +62,7 @@ impl Context {
             pods: PodCache::default(),
             hot_loops: true,
             ca: None,
-            in_process_token: Arc::new(super::build::generate_password()),
+            in_process_token: Arc::new(crate::k8s::objects::data::generate_password()),
             instances: Mutex::default(),
         }
     }
@@ -80,12 +82,10 @@ impl Context {
         instances.get(key).cloned()
     }
 
-    /// Starts the instance's hot loop ([`super::hot::run`]) unless it runs.
-    pub fn start_hot(self: &Arc<Self>, instance: &Arc<Instance>) {
-        if !self.hot_loops || instance.hot_started.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        tokio::spawn(super::hot::run(self.clone(), instance.clone()));
+    /// Whether the instance's hot loop is to be started now (it is not running, and this
+    /// context runs hot loops); from now on it counts as running.
+    pub fn claim_hot_loop(&self, instance: &Instance) -> bool {
+        self.hot_loops && !instance.hot_started.swap(true, Ordering::SeqCst)
     }
 
     /// Whether `instance` is still the one this context serves under its key.
@@ -107,7 +107,11 @@ impl Context {
     ) -> Option<InstanceKey> {
         let key = InstanceKey {
             namespace: meta.namespace.clone()?,
-            name: meta.labels.as_ref()?.get(super::LABEL_INSTANCE)?.clone(),
+            name: meta
+                .labels
+                .as_ref()?
+                .get(crate::k8s::LABEL_INSTANCE)?
+                .clone(),
         };
         let Some(instance) = self.known(&key) else {
             return Some(key);
@@ -193,12 +197,20 @@ pub struct Instance {
     /// Its hot loop runs.
     hot_started: AtomicBool,
     /// The agents run for its external Sentinel set, if it uses one.
-    pub external: Mutex<Option<super::external_set::Running>>,
+    pub external: Mutex<Option<ExternalAgents>>,
     /// Its password rotations, if one runs: the instance's, and its embedded sentinels'.
     rotation: Rotating,
     sentinel_rotation: Rotating,
     /// Its per-pod Services as outside clients reach them (`k8s::outside`), by pod.
-    exposed: RwLock<BTreeMap<String, super::outside::Exposed>>,
+    exposed: RwLock<BTreeMap<String, crate::k8s::objects::outside::Exposed>>,
+}
+
+/// The agents this controller runs for an instance's external Sentinel set
+/// (`cold::external_set`), and a fingerprint of what they were started from.
+#[derive(Debug)]
+pub struct ExternalAgents {
+    pub fingerprint: u64,
+    pub agents: crate::external::Agents,
 }
 
 /// A password rotation of one instance.
@@ -277,11 +289,19 @@ impl Instance {
         if let Ok(mut slot) = self.failover.write() {
             *slot = None;
         }
-        super::external_set::stop(self);
+        self.stop_external();
+    }
+
+    /// Stops the agents of its external Sentinel set, if any run.
+    pub fn stop_external(&self) {
+        let running = self.external.lock().ok().and_then(|mut r| r.take());
+        if running.is_some() {
+            tracing::info!("stopping the agents for the external Sentinel set");
+        }
     }
 
     /// The per-pod Services as the cold path last read them; a change wakes the hot path.
-    pub fn set_exposed(&self, exposed: BTreeMap<String, super::outside::Exposed>) {
+    pub fn set_exposed(&self, exposed: BTreeMap<String, crate::k8s::objects::outside::Exposed>) {
         let changed = match self.exposed.write() {
             Ok(mut slot) if *slot != exposed => {
                 *slot = exposed;
@@ -294,15 +314,15 @@ impl Instance {
         }
     }
 
-    pub fn exposed(&self) -> BTreeMap<String, super::outside::Exposed> {
+    pub fn exposed(&self) -> BTreeMap<String, crate::k8s::objects::outside::Exposed> {
         self.exposed.read().map(|e| e.clone()).unwrap_or_default()
     }
 
     /// The rotation of `whose` password.
-    pub fn rotating(&self, whose: super::password::Whose) -> &Rotating {
+    pub fn rotating(&self, whose: crate::k8s::objects::password::Whose) -> &Rotating {
         match whose {
-            super::password::Whose::Instance => &self.rotation,
-            super::password::Whose::Sentinel => &self.sentinel_rotation,
+            crate::k8s::objects::password::Whose::Instance => &self.rotation,
+            crate::k8s::objects::password::Whose::Sentinel => &self.sentinel_rotation,
         }
     }
 
@@ -359,7 +379,7 @@ fn cache_key(pod: &Pod) -> (String, String, String) {
     (
         pod.namespace().unwrap_or_default(),
         pod.labels()
-            .get(super::LABEL_INSTANCE)
+            .get(crate::k8s::LABEL_INSTANCE)
             .cloned()
             .unwrap_or_default(),
         pod.name_any(),
@@ -421,7 +441,7 @@ impl PodCache {
 
     /// The data pods of one instance.
     pub fn data_pods(&self, names: &Names) -> Vec<Pod> {
-        self.pods_of(names, super::build::COMPONENT_DATA)
+        self.pods_of(names, crate::k8s::objects::data::COMPONENT_DATA)
     }
 
     /// The pods of one instance's `component` (data, sentinel).
@@ -434,7 +454,10 @@ impl PodCache {
             .take_while(|((ns, name, _), _)| *ns == instance.0 && *name == instance.1)
             .map(|(_, pod)| pod)
             .filter(|pod| {
-                pod.labels().get(super::LABEL_COMPONENT).map(String::as_str) == Some(component)
+                pod.labels()
+                    .get(crate::k8s::LABEL_COMPONENT)
+                    .map(String::as_str)
+                    == Some(component)
             })
             .map(|pod| (**pod).clone())
             .collect()
@@ -451,7 +474,7 @@ mod tests {
             name: Some(name.into()),
             namespace: Some("prod".into()),
             resource_version: Some(version.into()),
-            labels: Some([(super::super::LABEL_INSTANCE.to_owned(), "demo".to_owned())].into()),
+            labels: Some([(crate::k8s::LABEL_INSTANCE.to_owned(), "demo".to_owned())].into()),
             ..ObjectMeta::default()
         }
     }
@@ -464,7 +487,7 @@ mod tests {
         ))
         .expect("client");
         let (hub, _events) = Hub::new(crate::hub::StaticToken("t".into()), Duration::from_secs(1));
-        let recorder = super::super::events::Recorder::new(
+        let recorder = crate::k8s::runtime::events::Recorder::new(
             client.clone(),
             kube::runtime::events::Reporter {
                 controller: "test".into(),

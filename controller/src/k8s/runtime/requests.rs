@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use http::{Request, Response};
 use kube::{Client, client::Body};
 
-use super::metrics::Metrics;
+use crate::k8s::runtime::metrics::Metrics;
 
 /// A client that counts its requests in `metrics`, then sends them through `client`.
 pub fn counting(client: Client, metrics: Arc<Metrics>) -> Client {

@@ -19,23 +19,16 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use tracing::info;
 
-use super::{
+use crate::k8s::{
     Names,
-    context::{Context, Instance},
-    reconcile::Error,
+    error::Error,
+    runtime::context::{Context, ExternalAgents, Instance},
 };
 use crate::{
     crd::Failover,
     external::{self, Agents, Setup},
     files::write_atomic,
 };
-
-/// The agents of one instance's external set, and what they were started from.
-#[derive(Debug)]
-pub struct Running {
-    fingerprint: u64,
-    _agents: Agents,
-}
 
 /// The keys of a TLS Secret the agents use.
 const TLS_KEYS: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
@@ -88,7 +81,7 @@ pub async fn ensure(
         .as_ref()
         .and_then(|s| s.sentinel_reference.as_ref());
     let Some(reference) = reference else {
-        stop(instance);
+        instance.stop_external();
         return Ok(());
     };
     let auth = reference.auth.as_ref();
@@ -184,22 +177,14 @@ pub async fn ensure(
             "running agents for the external Sentinel set"
         );
     }
-    let running = Running {
+    let running = ExternalAgents {
         fingerprint,
-        _agents: Agents::start(&setup),
+        agents: Agents::start(&setup),
     };
     if let Ok(mut slot) = instance.external.lock() {
         *slot = Some(running);
     }
     Ok(())
-}
-
-/// Stops the instance's external agents, if any run.
-pub fn stop(instance: &Instance) {
-    let running = instance.external.lock().ok().and_then(|mut r| r.take());
-    if running.is_some() {
-        info!("stopping the agents for the external Sentinel set");
-    }
 }
 
 /// The TLS Secret's keys the agents use, with their contents.

@@ -9,8 +9,9 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{
-    EXPORTER_PORT, LABEL_ROLE, Names, VALKEY_PORT, build::COMPONENT_DATA, owned_meta, selector,
+use crate::k8s::{
+    EXPORTER_PORT, LABEL_ROLE, Names, VALKEY_PORT, objects::data::COMPONENT_DATA, owned_meta,
+    selector,
 };
 use crate::{
     crd::{Failover, InstanceAccess, IpFamily, ServiceType},

@@ -12,12 +12,12 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::{Api, ResourceExt, api::DeleteParams, runtime::events::EventType};
 use tracing::info;
 
-use super::{
-    apply::publish,
-    context::{Context, Instance},
-    reconcile::{Error, apply_changed},
-};
 use crate::crd::Failover;
+use crate::k8s::{
+    runtime::apply::publish,
+    runtime::context::{Context, Instance},
+    {cold::apply_changed, error::Error},
+};
 
 /// What older API servers say when an update touches a StatefulSet field they keep fixed
 /// (apps/v1 validation, `ValidateStatefulSetUpdate`).

@@ -3,19 +3,14 @@
 //! and its per-pod Service's NodePort, or that Service's load-balancer address and 6379. The
 //! failover core then points replicas, Sentinel (whose `get-master-addr-by-name` answers with
 //! it) and the status at that address, and keeps `replica-announce-ip`/`-port` on each node.
-//! The cold path reads the per-pod Services (one list per pass, only for such instances); the
-//! node IPs come from the pod cache.
+//! Here, purely: what a per-pod Service exposes, and each pod's outside address from it. The
+//! cold path reads the Services (`cold::outside`), the hot path computes the addresses.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::{Api, ResourceExt, api::ListParams};
+use kube::ResourceExt;
 
-use super::{
-    LABEL_INSTANCE, Names, SENTINEL_PORT,
-    context::{Context, Instance},
-    reconcile::Error,
-};
 use crate::crd::{Failover, ServiceType};
 
 /// What a per-pod Service (named as its pod) gives outside clients.
@@ -33,31 +28,12 @@ pub fn is_outside(failover: &Failover) -> bool {
 
 /// How an embedded Sentinel set's sentinels are reached (`sentinel.access.serviceType`).
 pub fn sentinel_kind(failover: &Failover) -> ServiceType {
-    super::sentinel_objects::embedded(failover)
+    crate::k8s::objects::sentinel::embedded(failover)
         .and_then(|s| s.access.as_ref())
         .map_or(ServiceType::ClusterIP, |a| a.access.service_type)
 }
 
-/// The sentinels' outside addresses, by pod, where known.
-pub fn sentinel_addresses(
-    ctx: &Context,
-    instance: &Instance,
-    failover: &Failover,
-    names: &Names,
-) -> BTreeMap<String, (String, u16)> {
-    match sentinel_kind(failover) {
-        ServiceType::ClusterIP => BTreeMap::new(),
-        kind => addresses(
-            kind,
-            &ctx.pods
-                .pods_of(names, super::sentinel_objects::COMPONENT_SENTINEL),
-            &instance.exposed(),
-            SENTINEL_PORT,
-        ),
-    }
-}
-
-fn exposed(service: &Service) -> Exposed {
+pub fn exposed(service: &Service) -> Exposed {
     let node_port = service
         .spec
         .as_ref()
@@ -96,45 +72,6 @@ pub fn addresses(
             address.map(|a| (pod.clone(), a))
         })
         .collect()
-}
-
-/// Reads the instance's per-pod Services into `instance` (nothing, and no request, for an
-/// instance reached only inside the cluster).
-pub async fn refresh(
-    ctx: &Context,
-    instance: &Instance,
-    failover: &Failover,
-    names: &Names,
-) -> Result<(), Error> {
-    let sentinels = match sentinel_kind(failover) {
-        ServiceType::ClusterIP => 0,
-        _ => super::sentinel_objects::embedded(failover).map_or(0, |s| s.count()),
-    };
-    if !is_outside(failover) && sentinels == 0 {
-        instance.set_exposed(BTreeMap::new());
-        return Ok(());
-    }
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let listed = api
-        .list(&ListParams::default().labels(&format!("{LABEL_INSTANCE}={}", names.instance)))
-        .await
-        .map_err(|source| Error::Read {
-            what: "Services".into(),
-            source,
-        })?;
-    let pods: Vec<String> = (0..failover.spec.replicas)
-        .map(|i| names.pod(i))
-        .chain((0..sentinels).map(|i| format!("{}-{i}", names.sentinel())))
-        .collect();
-    instance.set_exposed(
-        listed
-            .items
-            .iter()
-            .filter(|s| pods.contains(&s.name_any()))
-            .map(|s| (s.name_any(), exposed(s)))
-            .collect(),
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,14 @@
 //! phase Failed with a message naming the field, emits a Warning and changes nothing in the
 //! running instance; transient API errors are retried in seconds.
 
+pub mod external_set;
+pub mod outside;
+pub mod password;
+pub mod recreate;
+pub mod roll;
+pub mod tls_secret;
+pub mod volumes;
+
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{
@@ -21,100 +29,27 @@ use kube::{
 };
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{
+use crate::k8s::{
     FINALIZER, LABEL_INSTANCE, Names,
-    apply::{self, publish, replace_status, restart_pod},
-    build,
-    context::{Applied, Context, Instance},
-    external_set,
+    error::Error,
     hot::{self, key_of},
-    is_paused, network_policy, outside,
-    password::{self, Whose},
-    recreate::{self, SetApplied},
-    roll, sentinel_objects, services, status, tls_objects, tls_secret, volumes,
+    is_paused,
+    objects::{data, network_policy, password::Whose, sentinel, services, status, tls},
+    runtime::{
+        apply::{self, publish, replace_status, restart_pod},
+        context::{Applied, Context, Instance},
+    },
 };
 use crate::{
     crd::{Failover, Phase},
     decide::model::{Durable, Observed},
-    validate::{Invalid, validate_admitted},
+    validate::validate_admitted,
 };
+use recreate::SetApplied;
 
 /// How often a Failover is looked at again with nothing new: its Secrets read, and anything
 /// whose watch event was missed applied.
 pub const RESYNC: Duration = Duration::from_secs(300);
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    InvalidSpec(Invalid),
-    #[error("{field}: Secret {name:?} not found in namespace {namespace}")]
-    MissingSecret {
-        field: &'static str,
-        name: String,
-        namespace: String,
-    },
-    #[error("spec.access.ports: NodePort {port} is already used by Service {service}")]
-    NodePortInUse { port: i32, service: String },
-    #[error("reading {what}: {source}")]
-    Read {
-        what: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("applying {kind} {name}: {source}")]
-    Apply {
-        kind: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("writing the status: {0}")]
-    Status(#[source] kube::Error),
-    #[error("updating the finalizer: {0}")]
-    Finalizer(#[source] kube::Error),
-    #[error("cleaning up: {0}")]
-    Cleanup(#[source] kube::Error),
-    #[error("TLS: {0}")]
-    Tls(String),
-    #[error("{field}: Secret {name:?}: {message}")]
-    InvalidSecret {
-        field: &'static str,
-        name: String,
-        message: String,
-    },
-    #[error("the controller's work dir: {0}")]
-    WorkDir(String),
-}
-
-impl Error {
-    /// The Event reason: the variant's name.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::InvalidSpec(_) => "InvalidSpec",
-            Error::MissingSecret { .. } => "MissingSecret",
-            Error::NodePortInUse { .. } => "NodePortInUse",
-            Error::Read { .. } => "Read",
-            Error::Apply { .. } => "Apply",
-            Error::Status(_) => "Status",
-            Error::Finalizer(_) => "Finalizer",
-            Error::Cleanup(_) => "Cleanup",
-            Error::Tls(_) => "Tls",
-            Error::InvalidSecret { .. } => "InvalidSecret",
-            Error::WorkDir(_) => "WorkDir",
-        }
-    }
-
-    /// The user must change something: wait for them rather than retrying fast.
-    fn is_users(&self) -> bool {
-        matches!(
-            self,
-            Error::InvalidSpec(_)
-                | Error::MissingSecret { .. }
-                | Error::InvalidSecret { .. }
-                | Error::NodePortInUse { .. }
-        )
-    }
-}
 
 /// The entry point for kube-runtime's Controller (and for the tests, which call it directly).
 pub async fn reconcile(failover: Arc<Failover>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -123,7 +58,7 @@ pub async fn reconcile(failover: Arc<Failover>, ctx: Arc<Context>) -> Result<Act
     async move {
         let started = std::time::Instant::now();
         let instance = ctx.instance(&key_of(&names));
-        ctx.start_hot(&instance);
+        hot::start(&ctx, &instance);
         let result = reconcile_inner(&failover, &ctx, &instance).await;
         if let Err(err) = &result {
             let note = err.to_string();
@@ -350,7 +285,7 @@ fn paused_status(
         observed: &Observed::default(),
         pods: &ctx.pods.data_pods(names),
         sentinel: None,
-        tls_secret: tls_objects::data_secret(failover),
+        tls_secret: tls::data_secret(failover),
         old_password_secret: None,
         announced: Default::default(),
         now: Timestamp::now(),
@@ -428,24 +363,23 @@ async fn apply_objects(
 ) -> Result<bool, Error> {
     let ns = names.namespace.as_str();
     let mut results = vec![done(
-        apply_changed(ctx, instance, ns, &build::config_map(failover)).await,
+        apply_changed(ctx, instance, ns, &data::config_map(failover)).await,
     )];
-    let controller_ca =
-        tls_objects::controller_ca_config_map(failover, &ctx.settings.controller_ca);
+    let controller_ca = tls::controller_ca_config_map(failover, &ctx.settings.controller_ca);
     results.push(done(apply_changed(ctx, instance, ns, &controller_ca).await));
     let mut issued = None;
-    if let Some(certificate) = tls_objects::certificate(failover) {
+    if let Some(certificate) = tls::certificate(failover) {
         results.push(done(apply_changed(ctx, instance, ns, &certificate).await));
-    } else if tls_objects::enabled(failover) {
+    } else if tls::enabled(failover) {
         match tls_secret::ensure(ctx, failover).await {
             Ok(hash) => issued = Some(hash),
             Err(err) => results.push(Some(err)),
         }
     }
     // The certificate the sentinels serve: a new one rolls them (Sentinel cannot reload it).
-    let sentinel_cert = match tls_objects::sentinel_secret(failover) {
-        Some(secret) if sentinel_objects::embedded(failover).is_some() => {
-            if issued.is_some() && Some(&secret) == tls_objects::data_secret(failover).as_ref() {
+    let sentinel_cert = match tls::sentinel_secret(failover) {
+        Some(secret) if sentinel::embedded(failover).is_some() => {
+            if issued.is_some() && Some(&secret) == tls::data_secret(failover).as_ref() {
                 issued.clone()
             } else {
                 match tls_secret::served_cert(ctx, ns, &secret).await {
@@ -465,7 +399,7 @@ async fn apply_objects(
     let allowed = network_policy::allowed(failover).map_err(Error::InvalidSpec)?;
     let policy = network_policy::network_policy(failover, &ctx.settings, allowed);
     results.push(done(apply_changed(ctx, instance, ns, &policy).await));
-    let mut data_set = build::statefulset(failover, &ctx.settings, paused);
+    let mut data_set = data::statefulset(failover, &ctx.settings, paused);
     if let Some(spec) = data_set.spec.as_mut().filter(|_| !paused) {
         spec.replicas = Some(kept);
     }
@@ -481,10 +415,10 @@ async fn apply_objects(
         Ok(SetApplied::Unchanged) => {}
         Err(err) => results.push(Some(err)),
     }
-    let pdb = build::pdb(failover, build::COMPONENT_DATA, names.data());
+    let pdb = data::pdb(failover, data::COMPONENT_DATA, names.data());
     results.push(done(apply_changed(ctx, instance, ns, &pdb).await));
     let (configs, sets, sentinel_services, budgets) =
-        sentinel_objects::objects(failover, &ctx.settings, paused, sentinel_cert.as_deref());
+        sentinel::objects(failover, &ctx.settings, paused, sentinel_cert.as_deref());
     for object in &configs {
         results.push(done(apply_changed(ctx, instance, ns, object).await));
     }
@@ -610,13 +544,17 @@ async fn check_secrets(
         .as_ref()
         .and_then(|s| s.password_secret());
     if named.is_none()
-        && let Some((field, name)) = super::sentinel_objects::password_secret(failover)
+        && let Some((field, name)) = crate::k8s::objects::sentinel::password_secret(failover)
     {
         let secret = password::read_or_create(&secrets, &name, || {
-            build::generated_secret(failover, &name, super::sentinel_objects::COMPONENT_SENTINEL)
+            data::generated_secret(
+                failover,
+                &name,
+                crate::k8s::objects::sentinel::COMPONENT_SENTINEL,
+            )
         })
         .await?;
-        return password::value(&secret, password::KEY)
+        return password::value(&secret, crate::k8s::objects::password::KEY)
             .map(Some)
             .ok_or(Error::MissingSecret {
                 field,
@@ -631,7 +569,7 @@ async fn check_secrets(
         what: format!("Secret {name}"),
         source,
     })?;
-    match found.and_then(|secret| password::value(&secret, password::KEY)) {
+    match found.and_then(|secret| password::value(&secret, crate::k8s::objects::password::KEY)) {
         Some(password) => Ok(Some(password)),
         None => Err(Error::MissingSecret {
             field,
@@ -664,8 +602,8 @@ async fn check_node_ports(
     }
     // NodePorts are the cluster's: in one namespace only that namespace's are seen.
     let mut services = Vec::new();
-    for scope in super::scopes(&ctx.settings) {
-        let api: Api<Service> = super::scoped_api(&ctx.client, scope.as_deref());
+    for scope in crate::k8s::scopes(&ctx.settings) {
+        let api: Api<Service> = crate::k8s::scoped_api(&ctx.client, scope.as_deref());
         let listed = api
             .list(&ListParams::default())
             .await
