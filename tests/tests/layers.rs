@@ -51,7 +51,10 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            sources(&path, out);
+            // A `tests/` folder holds a module's tests, as a `tests.rs` file does.
+            if path.file_name().is_some_and(|n| n != "tests") {
+                sources(&path, out);
+            }
         } else if path.extension().is_some_and(|e| e == "rs")
             && path.file_name().is_some_and(|n| n != "tests.rs")
         {
