@@ -1,14 +1,14 @@
-//! The one translation of a `FailoverSpec` into what the failover driver works towards
-//! (`Desired`, and `SentinelDesired` under policy sentinel), for both runtimes. Where each
+//! The one translation of a validated spec ([`Valid`]) into what the failover driver works
+//! towards (`Desired`, and `SentinelDesired` under policy sentinel), for both runtimes. Where each
 //! node is reached is the runtime's to say: stable DNS names and vouched addresses in a
 //! cluster (`k8s::hot`), loopback ports locally (`local::prepare`).
 
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
-    crd::FailoverSpec,
     decide::model::{Desired, NodeSpec},
     decide::sentinel::SentinelDesired,
+    validate::Valid,
 };
 
 /// A data node and where it is reached.
@@ -20,12 +20,12 @@ pub struct Placed {
     pub port: u16,
 }
 
-/// What the driver works towards for `spec`'s data nodes: `nodes` are every node kept (a
-/// master on an ordinal the spec scaled away stays, retiring, with every ordinal below it,
-/// until the driver has moved its role). `announce`: nodes are kept announcing their address
-/// (they are reached from outside the cluster).
+/// What the driver works towards for a validated spec's data nodes: `nodes` are every node
+/// kept (a master on an ordinal the spec scaled away stays, retiring, with every ordinal below
+/// it, until the driver has moved its role). `announce`: nodes are kept announcing their
+/// address (they are reached from outside the cluster).
 pub fn data(
-    spec: &FailoverSpec,
+    valid: &Valid,
     nodes: impl IntoIterator<Item = Placed>,
     hang_timeout: Duration,
     announce: bool,
@@ -33,7 +33,7 @@ pub fn data(
     let mut nodes: Vec<NodeSpec> = nodes
         .into_iter()
         .map(|n| NodeSpec {
-            retiring: i64::from(n.ordinal) >= i64::from(spec.replicas),
+            retiring: n.ordinal >= valid.replicas,
             name: n.name,
             ordinal: n.ordinal,
             host: n.host,
@@ -45,7 +45,7 @@ pub fn data(
         nodes,
         hang_timeout_ms: hang_timeout.as_millis() as u64,
         replica_silence_s: (hang_timeout.as_secs() as i64).max(2),
-        live_config: live_config(spec),
+        live_config: valid.live_config.clone(),
         announce,
     }
 }
@@ -54,34 +54,17 @@ pub fn data(
 /// in Sentinel, `sentinels` where every sentinel is reached, `announce` the outside address
 /// each embedded sentinel is kept announcing, by pod.
 pub fn sentinel(
-    spec: &FailoverSpec,
+    valid: &Valid,
     monitor: String,
     sentinels: Vec<(String, u32)>,
     announce: BTreeMap<String, (String, u32)>,
 ) -> Option<SentinelDesired> {
-    let settings = spec.sentinel.as_ref()?;
+    let watch = valid.sentinel()?;
     Some(SentinelDesired {
         name: monitor,
-        quorum: settings.quorum_or_default(),
-        monitor_config: settings.monitor_config_or_default(),
+        quorum: watch.quorum,
+        monitor_config: watch.monitor_config.clone(),
         sentinel_addrs: sentinels,
         announce,
     })
-}
-
-/// Settings kept on every node with CONFIG SET: fencing when there are enough nodes to afford
-/// it (a master cut off from every replica stops taking writes after 5 s), unless
-/// customConfigs says otherwise.
-pub fn live_config(spec: &FailoverSpec) -> BTreeMap<String, String> {
-    let mut live = BTreeMap::new();
-    if spec.replicas >= 3 {
-        live.insert("min-replicas-to-write".to_owned(), "1".to_owned());
-        live.insert("min-replicas-max-lag".to_owned(), "5".to_owned());
-    }
-    for key in ["min-replicas-to-write", "min-replicas-max-lag"] {
-        if let Some(value) = spec.custom_configs.get(key) {
-            live.insert(key.to_owned(), value.clone());
-        }
-    }
-    live
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::{
     crd::FailoverSpec,
-    validate::{Invalid, is_dns_label, validate},
+    validate::{Admission, Invalid, Valid, is_dns_label, parse},
 };
 
 pub const API_VERSION: &str = "valkey.buf.red/v1alpha1";
@@ -20,6 +20,9 @@ pub struct Manifest {
     pub kind: String,
     pub metadata: Metadata,
     pub spec: FailoverSpec,
+    /// The spec as validated, filled in by [`Manifest::parse`].
+    #[serde(skip)]
+    pub valid: Valid,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,15 +163,15 @@ impl Manifest {
         if let Some(field) = unknown.first() {
             return Err(invalid(field, "is not a field of Failover"));
         }
-        manifest.validate()?;
-        Ok(manifest)
+        let valid = manifest.validate()?;
+        Ok(Manifest { valid, ..manifest })
     }
 
     pub fn namespace(&self) -> &str {
         self.metadata.namespace.as_deref().unwrap_or("default")
     }
 
-    fn validate(&self) -> Result<(), ManifestError> {
+    fn validate(&self) -> Result<Valid, ManifestError> {
         if self.api_version != API_VERSION {
             return Err(invalid(
                 "apiVersion",
@@ -192,7 +195,11 @@ impl Manifest {
                 ),
             ));
         }
-        Ok(validate(&self.metadata.name, &self.spec)?)
+        Ok(parse(
+            &self.metadata.name,
+            &self.spec,
+            Admission::default(),
+        )?)
     }
 }
 

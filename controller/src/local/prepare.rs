@@ -57,7 +57,7 @@ pub(super) async fn prepare(options: &UpOptions) -> Result<Runtime, LocalError> 
         })
     });
     // Everything is on loopback: the addresses the nodes announce at start are right.
-    let desired = crate::desired::data(&manifest.spec, placed, options.hang_timeout, false);
+    let desired = crate::desired::data(&manifest.valid, placed, options.hang_timeout, false);
     let sentinel = sentinel_desired(options, &manifest, &key, &state, &external);
     let driver = Driver::new(key.clone(), state.durable.clone());
     let tls = tls::LocalTls::prepare(
@@ -267,7 +267,7 @@ fn sentinel_desired(
         .collect();
     let monitor = format!("{}.{}", key.namespace, key.name);
     // On loopback every sentinel is reached where it says it is.
-    crate::desired::sentinel(&manifest.spec, monitor, sentinels, BTreeMap::new())
+    crate::desired::sentinel(&manifest.valid, monitor, sentinels, BTreeMap::new())
 }
 
 /// The sentinels' password file in force, and the Secret (name, file) it follows.

@@ -6,12 +6,14 @@
 mod conf_keys;
 mod privilege;
 mod text;
+mod valid;
 
 use std::collections::BTreeMap;
 
 use crate::crd::{FailoverSpec, InstanceAccess, SentinelSettings, ServiceType};
 pub use privilege::Admission;
 pub use text::{MAX_VALUE_LEN, REFUSED_KEYS, is_dns_label};
+pub use valid::{Policy, SentinelSet, Valid, Watch, parse};
 
 /// valkey.conf keys the operator owns; customConfigs may not set them.
 pub const OWNED_KEYS: &[&str] = &[

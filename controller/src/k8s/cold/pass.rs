@@ -35,7 +35,7 @@ use crate::{
             context::{Context, Instance},
         },
     },
-    validate::validate_admitted,
+    validate::{Valid, parse},
 };
 
 /// One reconcile of one Failover: what every step works on.
@@ -64,13 +64,13 @@ impl Pass<'_> {
             return self.cleanup().await;
         }
         self.ensure_finalizer().await?;
-        self.validate().map_err(Error::InvalidSpec)?;
+        let valid = Arc::new(self.validate().map_err(Error::InvalidSpec)?);
         let passwords = self.passwords().await?;
         let paused = is_paused(self.failover);
-        self.hand_over(&passwords, paused).await?;
+        self.hand_over(&valid, &passwords, paused).await?;
         // A changed password Secret is rotated in; the cold path looks again until it is done.
-        let settled = paused || self.rotate(&passwords);
-        let kept = self.kept().await;
+        let settled = paused || self.rotate(&valid, &passwords);
+        let kept = self.kept(&valid).await;
         let recreating = self.apply_objects(paused, kept).await?;
         let (ctx, instance, failover, names) =
             (self.ctx, self.instance, self.failover, &self.names);
@@ -97,11 +97,11 @@ impl Pass<'_> {
     }
 
     /// Nothing is applied from an invalid spec.
-    fn validate(&self) -> Result<(), crate::validate::Invalid> {
+    fn validate(&self) -> Result<Valid, crate::validate::Invalid> {
         let (failover, names) = (self.failover, &self.names);
-        validate_admitted(&names.instance, &failover.spec, self.ctx.settings.admission)?;
+        let valid = parse(&names.instance, &failover.spec, self.ctx.settings.admission)?;
         network_policy::allowed(failover)?;
-        Ok(())
+        Ok(valid)
     }
 
     /// The Secrets the spec references, the NodePorts it claims, and the passwords in force.
@@ -134,7 +134,12 @@ impl Pass<'_> {
 
     /// The hot path goes on from here, whatever becomes of the applies: it gets the accepted
     /// Failover (and its external Sentinel set's agents run), or, paused, lets go of it.
-    async fn hand_over(&self, passwords: &Passwords, paused: bool) -> Result<(), Error> {
+    async fn hand_over(
+        &self,
+        valid: &Arc<Valid>,
+        passwords: &Passwords,
+        paused: bool,
+    ) -> Result<(), Error> {
         let (instance, failover) = (self.instance, self.failover);
         if let Ok(mut hot) = instance.hot.lock() {
             hot.rejected = None;
@@ -154,16 +159,16 @@ impl Pass<'_> {
             sentinel,
         )
         .await?;
-        instance.accept(failover.clone(), password.clone());
+        instance.accept(failover.clone(), valid.clone(), password.clone());
         Ok(())
     }
 
     /// Starts the rotation of a changed password (the instance's, an embedded set's); whether
     /// none is needed or under way.
-    fn rotate(&self, passwords: &Passwords) -> bool {
-        let (ctx, failover, names) = (self.ctx, self.failover, &self.names);
+    fn rotate(&self, valid: &Valid, passwords: &Passwords) -> bool {
+        let (ctx, names) = (self.ctx, &self.names);
         let shared = ctx.instance(&self.instance.key);
-        let rotate = |whose, next| password::rotate(ctx, &shared, failover, names, whose, next);
+        let rotate = |whose, next| password::rotate(ctx, &shared, valid, names, whose, next);
         let wanted = &passwords.wanted;
         let instance_settled = rotate(Whose::Instance, password::next(wanted, &passwords.in_force));
         let sentinel_settled =
@@ -178,12 +183,12 @@ impl Pass<'_> {
 
     /// How many data pods to keep: a master on an ordinal the spec scaled away keeps its pod
     /// until the hot path has switched it over (the cold path looks again shortly).
-    async fn kept(&self) -> i32 {
+    async fn kept(&self, valid: &Valid) -> i32 {
         let master = match self.instance.driver.lock().await.as_ref() {
             Some(driver) => driver.durable().master.clone(),
             None => self.instance.status().and_then(|s| s.master),
         };
-        hot::kept_replicas(self.failover, &self.names, master.as_deref())
+        hot::kept_replicas(valid, &self.names, master.as_deref())
     }
 
     /// Adds the finalizer with a JSON patch that fails if the finalizers changed meanwhile (a

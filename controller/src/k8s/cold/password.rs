@@ -34,6 +34,7 @@ use crate::{
         StoreError,
         rotation::{PasswordStore, Rotation},
     },
+    validate::Valid,
 };
 
 /// The controller's copy, as the pods see it.
@@ -200,7 +201,7 @@ async fn patch_data(
 pub fn rotate(
     ctx: &Context,
     instance: &Arc<Instance>,
-    failover: &Failover,
+    valid: &Valid,
     names: &Names,
     whose: Whose,
     next: Next,
@@ -214,9 +215,9 @@ pub fn rotate(
     }
     let durable = crate::k8s::objects::status::durable_from(instance.status().as_ref());
     // Every data pod still running, a master kept past a scale-down included.
-    let kept = crate::k8s::hot::kept_replicas(failover, names, durable.master.as_deref());
+    let kept = crate::k8s::hot::kept_replicas(valid, names, durable.master.as_deref());
     let data: Vec<String> = (0..kept).map(|i| names.pod(i)).collect();
-    let sentinel = crate::k8s::hot::sentinel_desired(failover, names, &BTreeMap::new());
+    let sentinel = crate::k8s::hot::sentinel_desired(valid, names, &BTreeMap::new());
     let data_up = ctx
         .hub
         .connected_pods(&instance.key, valkey_proto::v1::NodeKind::Data);

@@ -30,7 +30,7 @@ use crate::{
     desired::Placed,
     driver::{DurableStore, Handle, Outcome, Refused, StoreError, SwitchoverSource, Target},
     hub::{Hub, InstanceKey},
-    validate::RESTART_KEYS,
+    validate::{SentinelSet, Valid},
 };
 
 /// Why a hot pass stopped early. Only the durable write stops a failover.
@@ -145,27 +145,37 @@ pub async fn pass(ctx: &Context, instance: &Instance) -> Result<(), HotError> {
     publish_state(ctx, instance).await
 }
 
-/// The instance's accepted Failover, unless paused.
-fn working(instance: &Instance) -> Option<Arc<Failover>> {
-    instance.failover().filter(|f| !is_paused(f))
+/// The instance as the hot path works from it: its accepted Failover (unless paused), and
+/// that spec as validated.
+struct Working {
+    failover: Arc<Failover>,
+    valid: Arc<Valid>,
+    names: Names,
+}
+
+fn working(instance: &Instance) -> Option<Working> {
+    let failover = instance.failover().filter(|f| !is_paused(f))?;
+    let valid = instance.valid()?;
+    let names = Names::of(&failover);
+    Some(Working {
+        failover,
+        valid,
+        names,
+    })
 }
 
 /// One decision pass: the shared driver's (observe, decide, persist, dispatch, switchover),
 /// then what it calls for at once (Events, restarts, the end of an asked-for switchover).
 pub async fn decide(ctx: &Context, instance: &Instance) -> Result<(), HotError> {
-    let Some(failover) = working(instance) else {
+    let Some(work) = working(instance) else {
         return Ok(());
     };
     let span = info_span!("failover_pass", namespace = %instance.key.namespace, failover = %instance.key.name);
-    decide_on(ctx, instance, &failover).instrument(span).await
+    decide_on(ctx, instance, &work).instrument(span).await
 }
 
-async fn decide_on(
-    ctx: &Context,
-    instance: &Instance,
-    failover: &Failover,
-) -> Result<(), HotError> {
-    let names = Names::of(failover);
+async fn decide_on(ctx: &Context, instance: &Instance, work: &Working) -> Result<(), HotError> {
+    let (failover, names) = (&*work.failover, &work.names);
     // Nothing is decided before the cold path has the instance's password Secret.
     if instance.password().is_none() {
         return Ok(());
@@ -175,19 +185,16 @@ async fn decide_on(
     let Some(driver) = slot.as_mut() else {
         return Ok(());
     };
-    let pods = ctx.pods.data_pods(&names);
+    let pods = ctx.pods.data_pods(names);
     let desired = desired(
         ctx,
         instance,
-        failover,
+        work,
         &pods,
         driver.durable().master.as_deref(),
     );
-    let sentinel = sentinel_desired(
-        failover,
-        &names,
-        &sentinel_addresses(ctx, instance, failover, &names),
-    );
+    let outside = sentinel_addresses(ctx, instance, failover, names);
+    let sentinel = sentinel_desired(&work.valid, names, &outside);
     let target = Target {
         desired: &desired,
         sentinel: sentinel.as_ref(),
@@ -195,23 +202,23 @@ async fn decide_on(
     let asked = failover.annotations().get(ANNOTATION_SWITCHOVER).cloned();
     let store = StatusStore {
         ctx,
-        names: &names,
+        names,
         instance,
     };
     let outcome = driver
         .pass(&ctx.hub, &store, target, asked.as_deref())
         .await?;
     drop(slot);
-    report(ctx, instance, failover, &names, outcome).await
+    report(ctx, instance, failover, names, outcome).await
 }
 
 /// One reporting pass: live settings, role labels and the status, from what the agents
 /// report and the durable state.
 pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), HotError> {
-    let Some(failover) = working(instance) else {
+    let Some(work) = working(instance) else {
         return Ok(());
     };
-    let names = Names::of(&failover);
+    let (failover, names) = (&work.failover, &work.names);
     if instance.password().is_none() {
         return Ok(());
     }
@@ -224,20 +231,17 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
                 None => return Ok(()),
             }
         };
-        apply_live_settings(instance, &handle, &failover, durable.epoch).await;
-        let pods = ctx.pods.data_pods(&names);
-        label_roles(ctx, &names, &durable, &pods).await?;
-        let desired = desired(ctx, instance, &failover, &pods, durable.master.as_deref());
-        let sentinel = sentinel_desired(
-            &failover,
-            &names,
-            &sentinel_addresses(ctx, instance, &failover, &names),
-        );
+        apply_live_settings(instance, &handle, &work.valid, durable.epoch).await;
+        let pods = ctx.pods.data_pods(names);
+        label_roles(ctx, names, &durable, &pods).await?;
+        let desired = desired(ctx, instance, &work, &pods, durable.master.as_deref());
+        let outside = sentinel_addresses(ctx, instance, failover, names);
+        let sentinel = sentinel_desired(&work.valid, names, &outside);
         write_status(
             ctx,
             instance,
-            &failover,
-            &names,
+            failover,
+            names,
             &desired,
             sentinel.as_ref(),
             &pods,
@@ -307,8 +311,8 @@ async fn report(
                     source,
                 })?;
             // Work from the Failover without the request, or the next pass would ask again.
-            if let Some(password) = instance.password() {
-                instance.accept(Arc::new(patched), password);
+            if let (Some(password), Some(valid)) = (instance.password(), instance.valid()) {
+                instance.accept(Arc::new(patched), valid, password);
             }
         }
         Some((_, Err(why))) => debug!("switchover not started yet: {why}"),
@@ -476,26 +480,15 @@ async fn write_status(
 
 /// customConfigs that apply live go out with CONFIG SET to every connected node once they
 /// change; keys that need a restart wait for the roll.
-async fn apply_live_settings(
-    instance: &Instance,
-    handle: &Handle,
-    failover: &Failover,
-    epoch: u64,
-) {
-    let wanted: BTreeMap<String, String> = failover
-        .spec
-        .custom_configs
-        .iter()
-        .filter(|(k, _)| !RESTART_KEYS.contains(&k.to_ascii_lowercase().as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+async fn apply_live_settings(instance: &Instance, handle: &Handle, valid: &Valid, epoch: u64) {
+    let wanted = valid.live_settings.clone();
     let last = instance.hot.lock().ok().and_then(|hot| hot.live.clone());
     if last.as_ref() == Some(&wanted) {
         return;
     }
     let connected = handle.connected();
     if !wanted.is_empty() {
-        if connected.len() < failover.spec.replicas as usize {
+        if connected.len() < valid.replicas as usize {
             return;
         }
         for pod in connected {
@@ -537,22 +530,22 @@ pub fn key_of(names: &Names) -> InstanceKey {
 /// Reached from outside the cluster (`k8s::outside`), a node is at its outside address once
 /// that is known (the controller read it from the API, so no vouching is needed), and every
 /// node is kept announcing its address.
-pub fn desired(
+fn desired(
     ctx: &Context,
     instance: &Instance,
-    failover: &Failover,
+    work: &Working,
     pods: &[Pod],
     master: Option<&str>,
 ) -> Desired {
-    let names = Names::of(failover);
-    let key = key_of(&names);
+    let (failover, names) = (&work.failover, &work.names);
+    let key = key_of(names);
     let outside = crate::k8s::objects::outside::addresses(
         failover.spec.access.service_type,
         pods,
         &instance.exposed(),
         VALKEY_PORT,
     );
-    let placed = (0..kept_replicas(failover, &names, master)).map(|ordinal| {
+    let placed = (0..kept_replicas(&work.valid, names, master)).map(|ordinal| {
         let name = names.pod(ordinal);
         let dns = names.pod_host(&name);
         let object = pods.iter().find(|p| p.name_any() == name);
@@ -572,7 +565,7 @@ pub fn desired(
         }
     });
     crate::desired::data(
-        &failover.spec,
+        &work.valid,
         placed,
         ctx.hang_timeout,
         crate::k8s::objects::outside::is_outside(failover),
@@ -581,8 +574,8 @@ pub fn desired(
 
 /// How many data pods to keep: the spec's replicas, or more while the master sits on an
 /// ordinal the spec scaled away (it is switched over first).
-pub fn kept_replicas(failover: &Failover, names: &Names, master: Option<&str>) -> i32 {
-    let wanted = failover.spec.replicas;
+pub fn kept_replicas(valid: &Valid, names: &Names, master: Option<&str>) -> i32 {
+    let wanted = valid.replicas as i32;
     let master_ordinal = master
         .and_then(|m| m.strip_prefix(&format!("{}-", names.instance)))
         .and_then(|n| n.parse::<i32>().ok());
@@ -645,18 +638,13 @@ pub fn sentinel_addresses(
 /// `outside`: the embedded sentinels' outside addresses, by pod (`k8s::outside`): where one is
 /// known, the sentinel is kept announcing it and its peers are expected there.
 pub fn sentinel_desired(
-    failover: &Failover,
+    valid: &Valid,
     names: &Names,
     outside: &BTreeMap<String, (String, u16)>,
 ) -> Option<SentinelDesired> {
-    let settings = failover.spec.sentinel.as_ref()?;
-    let sentinels = match &settings.sentinel_reference {
-        Some(reference) => reference
-            .nodes
-            .iter()
-            .map(|n| (n.ip.clone(), n.port as u32))
-            .collect(),
-        None => (0..settings.count())
+    let sentinels = match &valid.sentinel()?.set {
+        SentinelSet::External { nodes } => nodes.clone(),
+        SentinelSet::Embedded { count } => (0..*count)
             .map(|i| {
                 let pod = format!("{}-{i}", names.sentinel());
                 match outside.get(&pod) {
@@ -670,7 +658,7 @@ pub fn sentinel_desired(
         .iter()
         .map(|(pod, (host, port))| (pod.clone(), (host.clone(), u32::from(*port))))
         .collect();
-    crate::desired::sentinel(&failover.spec, names.monitor(), sentinels, announce)
+    crate::desired::sentinel(valid, names.monitor(), sentinels, announce)
 }
 
 #[cfg(test)]

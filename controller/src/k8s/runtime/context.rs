@@ -22,6 +22,7 @@ use crate::{
     crd::{Failover, FailoverStatus},
     driver::Driver,
     hub::{Hub, InstanceKey},
+    validate::Valid,
 };
 
 /// Everything both paths need; one per controller process.
@@ -182,6 +183,8 @@ pub struct Instance {
     pub key: InstanceKey,
     /// The last valid, not deleted Failover the cold path accepted; the hot path works from it.
     failover: RwLock<Option<Arc<Failover>>>,
+    /// Its spec as validated: what the hot path works from.
+    valid: RwLock<Option<Arc<Valid>>>,
     /// The instance's password (the cold path reads it from its Secret).
     password: RwLock<Option<String>>,
     /// The hot path: one pass at a time.
@@ -227,6 +230,7 @@ impl Instance {
         Instance {
             key,
             failover: RwLock::default(),
+            valid: RwLock::default(),
             password: RwLock::default(),
             driver: tokio::sync::Mutex::default(),
             hot: Mutex::default(),
@@ -266,9 +270,14 @@ impl Instance {
         self.failover.read().ok()?.clone()
     }
 
+    /// The accepted Failover's spec, as validated.
+    pub fn valid(&self) -> Option<Arc<Valid>> {
+        self.valid.read().ok()?.clone()
+    }
+
     /// Hands the hot path a (new) accepted Failover; the first one also seeds the driver's
     /// durable state and the status the hot path compares against.
-    pub fn accept(&self, failover: Arc<Failover>, password: String) {
+    pub fn accept(&self, failover: Arc<Failover>, valid: Arc<Valid>, password: String) {
         if let Ok(mut hot) = self.hot.lock()
             && hot.status.is_none()
         {
@@ -276,6 +285,9 @@ impl Instance {
         }
         if let Ok(mut slot) = self.password.write() {
             *slot = Some(password);
+        }
+        if let Ok(mut slot) = self.valid.write() {
+            *slot = Some(valid);
         }
         if let Ok(mut slot) = self.failover.write() {
             *slot = Some(failover);
