@@ -41,12 +41,20 @@ impl Refused {
 
 /// Checks a planned switchover request (`to`: a node, or `None`/`any` for the best replica)
 /// against what is observed: the target must be an in-sync replica that the master sees online.
+/// A switchover that may start: from the master, to an in-sync replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chosen {
+    /// The master now.
+    pub from: String,
+    pub to: NodeSpec,
+}
+
 pub fn choose(
     desired: &Desired,
     durable: &Durable,
     observed: &Observed,
     to: Option<String>,
-) -> Result<(String, NodeSpec), Refused> {
+) -> Result<Chosen, Refused> {
     let from = durable.master.clone().ok_or(Refused::NoMaster)?;
     let to = match to.filter(|t| t != "any") {
         Some(to) => {
@@ -86,5 +94,5 @@ pub fn choose(
     if !(target_ok && online_at_master) {
         return Err(Refused::NotInSync(to));
     }
-    Ok((from, target))
+    Ok(Chosen { from, to: target })
 }

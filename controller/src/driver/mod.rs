@@ -20,7 +20,7 @@ use std::{
 use tracing::{debug, info};
 
 pub use crate::decide::Cause;
-pub use crate::decide::switchover::Refused;
+pub use crate::decide::switchover::{Chosen, Refused};
 pub use handle::Handle;
 pub use store::{DurableStore, StoreError};
 
@@ -207,21 +207,18 @@ impl Driver {
         }
         let chosen =
             crate::decide::switchover::choose(target.desired, &self.durable, &seen.data, to);
-        let (from, to) = match chosen {
+        let chosen = match chosen {
             Ok(chosen) => chosen,
             Err(why) => return Ok(Err(why)),
         };
         if let (Some(sd), Some(sentinels)) = (target.sentinel, &seen.sentinels) {
-            let monitor = (self.durable.epoch, sd.name.clone());
-            return Ok(ThroughSentinel::new(
-                handle.clone(),
-                target.desired,
-                monitor,
-                (from, to),
-                sentinels,
-            )
-            .map(ThroughSentinel::start));
+            let epoch = self.durable.epoch;
+            let desired = target.desired;
+            let through =
+                ThroughSentinel::new(handle.clone(), desired, sd, epoch, chosen, sentinels);
+            return Ok(through.map(ThroughSentinel::start));
         }
+        let Chosen { from, to } = chosen;
         let Some(from) = target.desired.node(&from).cloned() else {
             return Ok(Err(Refused::NotANode(from)));
         };

@@ -18,7 +18,8 @@ use super::Handle;
 use crate::decide::{
     manual,
     model::{Desired, NodeObs, NodeSpec},
-    switchover::Refused,
+    sentinel::SentinelDesired,
+    switchover::{Chosen, Refused},
 };
 
 /// How long the old master's writes stay paused at most: the whole sequence takes
@@ -202,10 +203,12 @@ impl ThroughSentinel {
     pub fn new(
         handle: Handle,
         desired: &Desired,
-        (epoch, monitor): (u64, String),
-        (from, to): (String, NodeSpec),
+        watch: &SentinelDesired,
+        epoch: u64,
+        Chosen { from, to }: Chosen,
         sentinels: &BTreeMap<String, NodeObs>,
     ) -> Result<Self, Refused> {
+        let monitor = watch.name.clone();
         let from = desired
             .node(&from)
             .cloned()
