@@ -217,14 +217,15 @@ pub fn rotate(
     // Every data pod still running, a master kept past a scale-down included.
     let kept = crate::k8s::hot::kept_replicas(valid, names, durable.master.as_deref());
     let data: Vec<String> = (0..kept).map(|i| names.pod(i)).collect();
-    let sentinel = crate::k8s::hot::sentinel_desired(valid, names, &BTreeMap::new());
+    // Under policy sentinel: the monitor whose auth-pass follows, and how many sentinels.
+    let monitor = valid.sentinel().map(|_| names.monitor());
     let data_up = ctx
         .hub
         .connected_pods(&instance.key, valkey_proto::v1::NodeKind::Data);
     let sentinels = ctx
         .hub
         .connected_pods(&instance.key, valkey_proto::v1::NodeKind::Sentinel);
-    let wanted_sentinels = sentinel.as_ref().map_or(0, |s| s.sentinel_addrs.len());
+    let wanted_sentinels = valid.sentinel().map_or(0, |w| w.set.count());
     let missing: Vec<&String> = data.iter().filter(|p| !data_up.contains(p)).collect();
     if !missing.is_empty() || sentinels.len() < wanted_sentinels {
         info!(
@@ -238,13 +239,7 @@ pub fn rotate(
     }
     let epoch = durable.epoch;
     let rotation = match whose {
-        Whose::Instance => Rotation::instance(
-            old,
-            new,
-            data,
-            sentinels,
-            sentinel.as_ref().map(|s| s.name.as_str()),
-        ),
+        Whose::Instance => Rotation::instance(old, new, data, sentinels, monitor.as_deref()),
         Whose::Sentinel => Rotation::sentinel(old, new, sentinels),
     };
     let store = SecretStore {

@@ -186,15 +186,8 @@ async fn decide_on(ctx: &Context, instance: &Instance, work: &Working) -> Result
         return Ok(());
     };
     let pods = ctx.pods.data_pods(names);
-    let desired = desired(
-        ctx,
-        instance,
-        work,
-        &pods,
-        driver.durable().master.as_deref(),
-    );
-    let outside = sentinel_addresses(ctx, instance, failover, names);
-    let sentinel = sentinel_desired(&work.valid, names, &outside);
+    let master = driver.durable().master.clone();
+    let (desired, sentinel) = targets(ctx, instance, work, &pods, master.as_deref());
     let target = Target {
         desired: &desired,
         sentinel: sentinel.as_ref(),
@@ -234,9 +227,7 @@ pub async fn publish_state(ctx: &Context, instance: &Instance) -> Result<(), Hot
         apply_live_settings(instance, &handle, &work.valid, durable.epoch).await;
         let pods = ctx.pods.data_pods(names);
         label_roles(ctx, names, &durable, &pods).await?;
-        let desired = desired(ctx, instance, &work, &pods, durable.master.as_deref());
-        let outside = sentinel_addresses(ctx, instance, failover, names);
-        let sentinel = sentinel_desired(&work.valid, names, &outside);
+        let (desired, sentinel) = targets(ctx, instance, &work, &pods, durable.master.as_deref());
         write_status(
             ctx,
             instance,
@@ -530,6 +521,23 @@ pub fn key_of(names: &Names) -> InstanceKey {
 /// Reached from outside the cluster (`k8s::outside`), a node is at its outside address once
 /// that is known (the controller read it from the API, so no vouching is needed), and every
 /// node is kept announcing its address.
+/// What the driver works towards now: the data nodes, and Sentinel's watch under policy
+/// sentinel (the decision pass and the reporting pass both need them).
+fn targets(
+    ctx: &Context,
+    instance: &Instance,
+    work: &Working,
+    pods: &[Pod],
+    master: Option<&str>,
+) -> (Desired, Option<SentinelDesired>) {
+    let desired = desired(ctx, instance, work, pods, master);
+    let outside = sentinel_addresses(ctx, instance, &work.failover, &work.names);
+    (
+        desired,
+        sentinel_desired(&work.valid, &work.names, &outside),
+    )
+}
+
 fn desired(
     ctx: &Context,
     instance: &Instance,
