@@ -18,6 +18,7 @@ pub mod query;
 pub mod snapshot;
 pub mod tls;
 pub mod valkey;
+pub mod vigil;
 pub mod watcher;
 
 use std::{
@@ -71,17 +72,8 @@ pub async fn run(
     );
     // One probe before anything reports, so the first report says something.
     watcher.probe_once().await;
-    let watcher_task = tokio::spawn(watcher.run());
-    let clients_task = tokio::spawn(clients::run(config.clone(), shared.clone()));
-    let lease_task = (config.mode == config::Mode::Data).then(|| {
-        tokio::spawn(lease::run(
-            config.clone(),
-            shared.clone(),
-            snapshots.clone(),
-        ))
-    });
-    let tls_task = tokio::spawn(tls::watch(config.clone(), metrics.clone()));
-
+    let mut background = vec![tokio::spawn(watcher.run())];
+    background.extend(spawn_local_work(&config, &shared, &snapshots, &metrics));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(health::serve_status(
@@ -142,24 +134,48 @@ pub async fn run(
     }
     let _ = server_stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
-    let background = [&watcher_task, &clients_task, &tls_task, &health_task]
-        .map(tokio::task::JoinHandle::abort_handle)
-        .into_iter()
-        .chain(
-            lease_task
-                .as_ref()
-                .map(tokio::task::JoinHandle::abort_handle),
-        )
-        .chain(
-            metrics_task
-                .as_ref()
-                .map(tokio::task::JoinHandle::abort_handle),
-        );
+    background.push(health_task);
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     for task in background {
         task.abort();
     }
     info!("stopped");
     Ok(())
+}
+
+/// The tasks that look after the local process, aborted at shutdown: moving clients off a
+/// demoted master, the write lease and the vigils (data nodes), the certificates' reload.
+fn spawn_local_work(
+    config: &Arc<Config>,
+    shared: &Arc<snapshot::Shared>,
+    snapshots: &watch::Receiver<Arc<snapshot::Snapshot>>,
+    metrics: &metrics::Metrics,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = vec![
+        tokio::spawn(clients::run(config.clone(), shared.clone())),
+        tokio::spawn(tls::watch(config.clone(), metrics.clone())),
+    ];
+    if config.mode == config::Mode::Data {
+        let retry = config.probe_interval;
+        let host = config.valkey_host.clone();
+        tasks.extend([
+            tokio::spawn(lease::run(
+                config.clone(),
+                shared.clone(),
+                snapshots.clone(),
+            )),
+            tokio::spawn(vigil::local(
+                shared.clone(),
+                retry,
+                host,
+                config.valkey_port,
+            )),
+            tokio::spawn(vigil::master(shared.clone(), retry, snapshots.clone())),
+        ]);
+    }
+    tasks
 }
 
 /// The gRPC listener, and the metrics one when asked for.

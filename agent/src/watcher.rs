@@ -22,6 +22,9 @@ use crate::{
     valkey::{Valkey, ValkeyError},
 };
 
+/// The INFO period set on the local sentinel, in milliseconds (Sentinel's default is 10000).
+pub const SENTINEL_INFO_PERIOD_MS: u64 = 1000;
+
 /// What the watcher remembers between probes about the process's incarnations.
 #[derive(Debug, Default)]
 struct Memory {
@@ -68,6 +71,8 @@ pub struct Watcher {
     last_up: Instant,
     last_data: Option<DataState>,
     last_sentinel: Option<SentinelState>,
+    /// The sentinel incarnation (run id) whose INFO period this agent set.
+    tuned: String,
     last_significant: StateReport,
     last_steady: StateReport,
     last_process: ProcessState,
@@ -99,6 +104,7 @@ impl Watcher {
             last_up: Instant::now(),
             last_data: None,
             last_sentinel: None,
+            tuned: String::new(),
             last_significant: StateReport::default(),
             last_steady: StateReport::default(),
             last_process: ProcessState::Unspecified,
@@ -221,12 +227,25 @@ impl Watcher {
                 pipe.cmd("SENTINEL").arg("SENTINELS").arg(name);
             }
             let peers: Vec<Vec<HashMap<String, String>>> = self.local.pipe(&pipe).await?;
+            // The address clients are given: once a failover has promoted its replica, that
+            // replica's, while SENTINEL MASTERS still shows the old one until the end.
+            let mut pipe = redis::pipe();
+            for master in &masters {
+                let name = master.get("name").map(String::as_str).unwrap_or_default();
+                pipe.cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(name);
+            }
+            let current: Vec<Option<(String, u32)>> = self.local.pipe(&pipe).await?;
             for (i, master) in masters.iter().enumerate() {
                 let replicas = peers.get(2 * i).map(Vec::as_slice).unwrap_or_default();
                 let sentinels = peers.get(2 * i + 1).map(Vec::as_slice).unwrap_or_default();
-                state
-                    .masters
-                    .push(info::sentinel_master(master, replicas, sentinels));
+                let mut seen = info::sentinel_master(master, replicas, sentinels);
+                if let Some(Some((host, port))) = current.get(i) {
+                    seen.host.clone_from(host);
+                    seen.port = *port;
+                }
+                state.masters.push(seen);
             }
         }
         let announce: Vec<HashMap<String, String>> = self
@@ -253,7 +272,34 @@ impl Watcher {
         }
         self.memory.observe(&state.run_id, 0, false);
         state.restarted = self.memory.restarted;
+        if self.tuned != state.run_id {
+            // A Sentinel that refuses it (an older one, a renamed command) still works, at
+            // its own pace: said once, not a probe failure.
+            if let Err(err) = self.tune_sentinel().await {
+                warn!(error = %err, "cannot set the sentinel's INFO period; it keeps its own");
+            }
+            self.tuned.clone_from(&state.run_id);
+        }
         Ok(state)
+    }
+
+    /// Sentinel refreshes its replicas' INFO every 10 s by default, and chooses the replica
+    /// to promote, and learns new replicas, from it: with a second, the controller's choice
+    /// of replica (steered by replica-priority) is seen within a second, and so is a new
+    /// instance's replica. It is a runtime setting, so it is set again for each incarnation.
+    async fn tune_sentinel(&mut self) -> Result<(), ValkeyError> {
+        let period = SENTINEL_INFO_PERIOD_MS;
+        let _: String = self
+            .local
+            .query(
+                redis::cmd("SENTINEL")
+                    .arg("DEBUG")
+                    .arg("INFO-PERIOD")
+                    .arg(period),
+            )
+            .await?;
+        info!(info_period_ms = period, "sentinel INFO period set");
+        Ok(())
     }
 
     fn publish(&mut self, process: ProcessState, error: String, latency: Duration) {

@@ -57,9 +57,11 @@ impl System {
         self != System::Manual
     }
 
-    /// Replicas a WAIT asks for: the acknowledgement each system promises to keep.
+    /// Replicas a WAIT asks for: the acknowledgement each system promises to keep. Ours
+    /// promise one under both policies (the controller chooses the replica with the most
+    /// data); plain Sentinel only a write every replica has (it chooses from cached INFO).
     fn wait_for(self) -> i64 {
-        if self.sentinels() { 2 } else { 1 }
+        if self == System::PlainSentinel { 2 } else { 1 }
     }
 }
 

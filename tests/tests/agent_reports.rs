@@ -293,3 +293,39 @@ async fn health_while_loading_is_live_but_not_ready() {
     let state = agent.state().await.expect("state");
     assert_eq!(state.data.expect("data").key_count, 2000);
 }
+
+/// A kill -9 is heard at once, not at the next probe: with probes a minute apart, the
+/// master's agent reports its Valkey gone and the replica's agent reports its link down (so
+/// its offset is final) as soon as the process dies, because the kernel closes every
+/// connection to it and each agent holds one idle connection to the process it depends on.
+#[tokio::test]
+async fn a_killed_master_is_reported_gone_by_both_agents_without_waiting_for_a_probe() {
+    let mut hub = TestHub::start("t0ken").await;
+    let mut master = Valkey::start("m");
+    let replica = Valkey::start_with("r", &["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    wait_for("the replica to link", T, || async {
+        (replica.info("replication").await["master_link_status"] == "up").then_some(())
+    })
+    .await;
+    let slow = |valkey: &Valkey| AgentOpts {
+        probe_interval_ms: 60_000,
+        ..AgentOpts::for_valkey(valkey, Some(hub.url()))
+    };
+    let _am = Agent::start(slow(&master));
+    let _ar = Agent::start(slow(&replica));
+    hub.wait_report("m", T, |r| r.process() == ProcessState::Up)
+        .await;
+    hub.wait_report("r", T, |r| {
+        r.data.as_ref().is_some_and(|d| d.master_link_up)
+    })
+    .await;
+    // The agents' first probes are behind them; the next are a minute away.
+    let from = hub.events().len();
+    master.kill9();
+    hub.wait_report_from("m", from, T, |r| r.process() == ProcessState::Down)
+        .await;
+    hub.wait_report_from("r", from, T, |r| {
+        r.data.as_ref().is_some_and(|d| !d.master_link_up)
+    })
+    .await;
+}

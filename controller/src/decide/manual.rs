@@ -116,7 +116,7 @@ pub const OFFSETS_SETTLE_MS: u64 = 1_000;
 /// offsets are final, so the highest is the replica with the most data. Until then a replica's
 /// offset may be a heartbeat old, and the one that acknowledged the last writes (WAIT) could
 /// look behind one that merely reported later.
-fn offsets_final(desired: &Desired, observed: &Observed, master: &NodeSpec) -> bool {
+pub(crate) fn offsets_final(desired: &Desired, observed: &Observed, master: &NodeSpec) -> bool {
     desired
         .nodes
         .iter()

@@ -102,6 +102,9 @@ pub struct Plan {
     pub commands: Vec<(String, Action)>,
     /// A planned switchover the runtime should carry out (to this node, or the best one).
     pub switchover: Option<String>,
+    /// Under policy sentinel: the master is lost and the controller chose this replica; the
+    /// runtime steers Sentinel's failover to it (see `driver::switchover::ThroughSentinel`).
+    pub sentinel_failover: Option<String>,
     /// Nodes the runtime should restart (their Valkey refuses the password in force; see
     /// [`super::credentials`]).
     pub restarts: Vec<String>,

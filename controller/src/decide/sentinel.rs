@@ -5,16 +5,13 @@
 use std::collections::BTreeMap;
 
 use valkey_proto::v1::{
-    PasswordRef, ProcessState, Promote, Role, SentinelFailover, SentinelMaster, SentinelMonitor,
-    SentinelPeer, SentinelSet, command::Action, password_ref,
+    PasswordRef, ProcessState, Promote, Role, SentinelMaster, SentinelMonitor, SentinelPeer,
+    SentinelSet, command::Action, password_ref,
 };
 
 use super::{
-    manual::{self, came_back_empty, converge},
-    model::{
-        Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, definitely_down,
-        is_up, role,
-    },
+    manual::{self, converge},
+    model::{Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, is_up, role},
 };
 
 /// How Sentinel should watch this instance.
@@ -103,10 +100,27 @@ fn failover_in_progress(views: &[SentinelView]) -> bool {
         .iter()
         .filter_map(|v| v.master)
         .filter(|m| Some(m.config_epoch) == current)
-        .any(|m| {
-            m.flags.iter().any(|f| f.starts_with("failover"))
-                || (!m.failover_state.is_empty() && m.failover_state != "none")
-        })
+        .any(promoting)
+}
+
+/// A sentinel's failover of this monitor has not promoted its replica yet. Once it has
+/// (`reconf_slaves`, `update_config`), the new master is elected (and the agents report the
+/// address Sentinel gives clients, which is the promoted replica's by then): the leader only points the
+/// other replicas at it, which can take until failover-timeout (3 minutes by default) when
+/// one of them cannot follow, and a new master that dies meanwhile must still be failed over.
+fn promoting(m: &SentinelMaster) -> bool {
+    match m.failover_state.as_str() {
+        "" | "none" => m.flags.iter().any(|f| f.starts_with("failover")),
+        "reconf_slaves" | "reconf_replicas" | "update_config" => false,
+        _ => true,
+    }
+}
+
+/// A sentinel runs a failover of this monitor, in any state: it answers INPROG when asked
+/// for another.
+pub fn failing_over(m: &SentinelMaster) -> bool {
+    m.flags.iter().any(|f| f.starts_with("failover"))
+        || !matches!(m.failover_state.as_str(), "" | "none")
 }
 
 /// Whether a sentinel's view of the monitor differs from `monitorConfig` in any key it sets.
@@ -216,7 +230,7 @@ pub fn decide(
     let Some((host, port, config_epoch)) = sentinel_master(&round.views) else {
         return round.bootstrap();
     };
-    let Some(master) = desired
+    let Some(named) = desired
         .nodes
         .iter()
         .find(|n| n.host == host && u32::from(n.port) == port)
@@ -224,6 +238,9 @@ pub fn decide(
         return round.readdress(host, port);
     };
     let mut plan = Plan::default();
+    let master = round
+        .handed_over(named, config_epoch, &mut plan)
+        .unwrap_or(named);
     round.follow(master, config_epoch, &mut plan);
     round.heal(master, config_epoch, &mut plan);
     if round.accelerate(master, &mut plan) || failover_in_progress(&round.views) {
@@ -363,14 +380,24 @@ impl Round<'_> {
         }
     }
 
-    /// A sentinel left behind on an older master that it holds down: it never heard of the
-    /// failover, and cannot (Sentinel's gossip reaches it only through the instance it
-    /// watches, which is gone; it had not yet found the replicas). Its clients are sent to a
-    /// dead address. One whose old master is up is updated by the gossip and left alone.
+    /// A sentinel left behind on another master that it holds down, or that follows ours: it
+    /// never heard of the failover, and cannot (Sentinel's gossip reaches it only through the
+    /// instance it watches, which is gone; it had not yet found the replicas). Or it led a
+    /// failover that another overtook at the same config epoch (it was still pointing the
+    /// replicas at its new master when that one died), and gossip at an equal epoch changes
+    /// nothing. Its clients are sent to a dead address or a replica. One whose old master is
+    /// up as master is updated by the gossip and left alone.
     fn left_behind(&self, m: &SentinelMaster, master: &NodeSpec, config_epoch: u64) -> bool {
+        let follows_ours = self
+            .desired
+            .nodes
+            .iter()
+            .find(|n| n.host == m.host && u32::from(n.port) == m.port)
+            .and_then(|n| self.observed.nodes.get(&n.name))
+            .is_some_and(|o| is_up(o) && crate::decide::model::follows(o, master));
         (m.host != master.host || m.port != u32::from(master.port))
-            && m.config_epoch < config_epoch
-            && m.flags.iter().any(|f| f == "s_down")
+            && m.config_epoch <= config_epoch
+            && (m.flags.iter().any(|f| f == "s_down") || follows_ours)
             && !failover_in_progress(&self.views)
             && self.serves_as_master(&master.name)
     }
@@ -391,7 +418,8 @@ impl Round<'_> {
                 .iter()
                 .any(|n| n.host == r.host && u32::from(n.port) == r.port)
         });
-        if (stale_sentinel || stale_replica) && !failover_in_progress(&self.views) {
+        let any_failover = self.views.iter().filter_map(|v| v.master).any(failing_over);
+        if (stale_sentinel || stale_replica) && !any_failover {
             plan.notes.push(format!(
                 "{pod} remembers a {} that is gone: SENTINEL RESET",
                 if stale_sentinel {
@@ -423,53 +451,6 @@ impl Round<'_> {
         }
     }
 
-    /// Acceleration: the master's own agent says its Valkey is gone (or it came back empty):
-    /// ask a sentinel to fail over now rather than after down-after-milliseconds. Also when
-    /// the sentinels hold the master objectively down but no failover runs: Sentinel aborted
-    /// one (no replica it counted as good: its INFO of them more than 5 s old, as after a
-    /// restart) and would not try again for twice failover-timeout. Sentinel still picks the
-    /// replica. True when the master is gone or empty (nothing else is done this round).
-    fn accelerate(&self, master: &NodeSpec, plan: &mut Plan) -> bool {
-        let (desired, observed) = (self.desired, self.observed);
-        let master_obs = observed
-            .nodes
-            .get(&master.name)
-            .cloned()
-            .unwrap_or_default();
-        let master_empty = came_back_empty(desired, observed, master, &master_obs);
-        let stuck = objectively_down(&self.views) && !is_up(&master_obs);
-        let gone = definitely_down(&master_obs);
-        if !(gone || master_empty || stuck) || failover_in_progress(&self.views) {
-            return false;
-        }
-        // A sentinel that knows the replicas, when one does: another answers NOGOODSLAVE.
-        let asked = self
-            .views
-            .iter()
-            .find(|v| knows_replicas(desired, &master.name, v))
-            .or_else(|| self.views.iter().find(|v| v.master.is_some()));
-        if let Some(view) = asked {
-            plan.notes.push(format!(
-                "master {} {}: asking Sentinel to fail over now",
-                master.name,
-                if master_empty {
-                    "came back empty"
-                } else if gone {
-                    "is gone"
-                } else {
-                    "is objectively down and no failover runs"
-                }
-            ));
-            plan.commands.push((
-                view.pod.to_owned(),
-                Action::SentinelFailover(SentinelFailover {
-                    name: self.sd.name.clone(),
-                }),
-            ));
-        }
-        true
-    }
-
     /// Steady state: Sentinel's master restarted (as every node does, a replica of nobody)
     /// with its data is promoted again; a second node claiming master is noted, and the data
     /// nodes converge on Sentinel's master.
@@ -496,5 +477,6 @@ impl Round<'_> {
     }
 }
 
+mod fail_over;
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,7 @@ pub mod plan;
 pub mod rotation;
 mod store;
 pub mod switchover;
+pub mod through_sentinel;
 
 use std::{
     sync::Arc,
@@ -31,7 +32,8 @@ use crate::{
 };
 use dispatch::Dispatch;
 use plan::Snapshot;
-use switchover::{Manual, ThroughSentinel};
+use switchover::Manual;
+use through_sentinel::ThroughSentinel;
 
 /// Who wanted the switchover this pass tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,8 +122,12 @@ impl Driver {
         let observed_at = Instant::now();
         let handle = self.handle(hub);
         let seen = Snapshot::take(&handle, target);
-        let plan = plan::plan(&handle, target, &self.durable, &seen, crate::now_ms());
+        let mut plan = plan::plan(&handle, target, &self.durable, &seen, crate::now_ms());
         let mut outcome = Outcome::default();
+        if let Some(to) = plan.sentinel_failover.take() {
+            plan.notes
+                .push(self.fail_over_through_sentinel(&handle, target, &seen, to));
+        }
         if let Some(next) = plan.durable {
             // Durable first: if this write fails, nothing is sent.
             store.save(&next).await?;
@@ -193,6 +199,38 @@ impl Driver {
         self.switchover(&handle, store, target, &seen, to).await
     }
 
+    /// Steers Sentinel's failover of the lost master to `to`, the replica the decision chose
+    /// (see [`through_sentinel`]), unless one is under way; what to report.
+    fn fail_over_through_sentinel(
+        &self,
+        handle: &Handle,
+        target: Target<'_>,
+        seen: &Snapshot,
+        to: String,
+    ) -> String {
+        let (Some(sd), Some(sentinels), Some(from)) = (
+            target.sentinel,
+            &seen.sentinels,
+            self.durable.master.clone(),
+        ) else {
+            return format!("no failover to {to}: not under policy sentinel");
+        };
+        if self.dispatch.switchover_running() {
+            return format!("failover to {to} waits for the switchover under way");
+        }
+        let Some(to) = target.desired.node(&to).cloned() else {
+            return format!("no failover to {to}: not a node of this instance");
+        };
+        let chosen = Chosen { from, to };
+        let observed = (&seen.data, sentinels);
+        let epoch = self.durable.epoch;
+        match ThroughSentinel::failover(handle.clone(), target.desired, sd, epoch, chosen, observed)
+        {
+            Ok(through) => through.start(),
+            Err(why) => format!("no failover through Sentinel yet: {why}"),
+        }
+    }
+
     async fn switchover<S: DurableStore>(
         &mut self,
         handle: &Handle,
@@ -215,7 +253,7 @@ impl Driver {
             let epoch = self.durable.epoch;
             let desired = target.desired;
             let through =
-                ThroughSentinel::new(handle.clone(), desired, sd, epoch, chosen, sentinels);
+                ThroughSentinel::switchover(handle.clone(), desired, sd, epoch, chosen, sentinels);
             return Ok(through.map(ThroughSentinel::start));
         }
         let Chosen { from, to } = chosen;

@@ -1,53 +1,30 @@
 //! Planned switchovers carried out, shared by both runtimes: losslessly, by our own pause /
 //! catch-up / demote / promote sequence under policy manual ([`Manual`]), or through Sentinel
-//! (priority steering, pause, catch-up, SENTINEL FAILOVER) under policy sentinel
-//! ([`ThroughSentinel`]). Whether one may start, and to which replica, is decided in
-//! [`crate::decide::switchover`].
+//! under policy sentinel ([`super::through_sentinel`]). Whether one may start, and to which
+//! replica, is decided in [`crate::decide::switchover`].
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use valkey_proto::v1::{
-    CatchUp, ConfigSet, PauseWrites, Promote, SentinelFailover, UnpauseWrites, command::Action,
-};
+use valkey_proto::v1::{CatchUp, ConfigSet, PauseWrites, Promote, UnpauseWrites, command::Action};
 
-use super::Handle;
-use crate::decide::{
-    manual,
-    model::{Desired, NodeObs, NodeSpec},
-    sentinel::SentinelDesired,
-    switchover::{Chosen, Refused},
-};
+use super::{Handle, through_sentinel};
+use crate::decide::{manual, model::NodeSpec};
 
 /// How long the old master's writes stay paused at most: the whole sequence takes
 /// milliseconds; should the controller die in the middle, writes resume after this.
 const PAUSE_MS: u32 = 5000;
 
 /// How long each step may take before the switchover is undone.
-const STEP: Duration = Duration::from_secs(2);
-
-/// Under policy sentinel: how long Sentinel may take to see the steered replica priorities.
-/// It reads its replicas' INFO every 10 s; their agents report what it saw within a second.
-const SENTINEL_PRIORITY_WAIT: Duration = Duration::from_secs(14);
-
-/// Under policy sentinel: how long the target may take to serve as master after SENTINEL
-/// FAILOVER (it is promoted within about a second).
-const SENTINEL_PROMOTION_WAIT: Duration = Duration::from_secs(8);
-
-/// Under policy sentinel: how long a step's command may take.
-const SENTINEL_STEP: Duration = Duration::from_millis(8000);
-
-/// Under policy sentinel: how long the old master's writes stay paused at most.
-const SENTINEL_PAUSE_MS: u32 = 10_000;
+pub(super) const STEP: Duration = Duration::from_secs(2);
 
 /// The longest a switchover that succeeds can take, under either policy: Sentinel's two waits
 /// and the commands between them (under policy manual it is milliseconds). A terminating
 /// master's pod holds Valkey up for this long (its preStop), and its agent waits as long.
 pub const SWITCHOVER_BUDGET: Duration = Duration::from_secs(
-    SENTINEL_PRIORITY_WAIT.as_secs() + SENTINEL_PROMOTION_WAIT.as_secs() + 2 * STEP.as_secs(),
+    through_sentinel::PRIORITY_WAIT.as_secs()
+        + through_sentinel::PROMOTION_WAIT.as_secs()
+        + 2 * STEP.as_secs(),
 );
 
 /// A planned switchover under policy manual, once the driver has persisted the intent
@@ -177,204 +154,7 @@ impl Manual {
     }
 }
 
-/// A lossless planned switchover under policy sentinel: steer Sentinel's choice to the target
-/// (replica-priority), pause writes on the master, wait for the target to have its offset,
-/// `SENTINEL FAILOVER`, wait for the target to serve as master and demote the old one, then
-/// release the pause and restore the priorities. Writes stall for the duration; none that was
-/// acknowledged is lost.
-#[derive(Debug)]
-pub struct ThroughSentinel {
-    handle: Handle,
-    epoch: u64,
-    /// The master's name in Sentinel.
-    monitor: String,
-    /// A sentinel that knows the target as a good replica.
-    sentinel: String,
-    from: NodeSpec,
-    to: NodeSpec,
-    /// Every node but the master.
-    replicas: Vec<NodeSpec>,
-}
-
-impl ThroughSentinel {
-    /// The switchover from `from` to `to`, unless no sentinel knows `to` as an in-sync replica
-    /// (it learns replicas from the master's INFO, every 10 s): SENTINEL FAILOVER would find
-    /// no replica to promote.
-    pub fn new(
-        handle: Handle,
-        desired: &Desired,
-        watch: &SentinelDesired,
-        epoch: u64,
-        Chosen { from, to }: Chosen,
-        sentinels: &BTreeMap<String, NodeObs>,
-    ) -> Result<Self, Refused> {
-        let monitor = watch.name.clone();
-        let from = desired
-            .node(&from)
-            .cloned()
-            .ok_or(Refused::NotANode(from))?;
-        let knows_target = |o: &NodeObs| {
-            o.report
-                .as_ref()
-                .and_then(|r| r.sentinel.as_ref())
-                .and_then(|s| s.masters.iter().find(|m| m.name == monitor))
-                .and_then(|m| crate::decide::sentinel::replica_at(m, &to.host, u32::from(to.port)))
-                .is_some_and(|r| r.master_link_up && r.flags.iter().all(|f| f == "slave"))
-        };
-        let sentinel = sentinels
-            .iter()
-            .find(|(_, o)| o.connected && knows_target(o))
-            .map(|(pod, _)| pod.clone())
-            .ok_or_else(|| {
-                Refused::Sentinel(format!(
-                    "{} is not an in-sync replica for Sentinel yet",
-                    to.name
-                ))
-            })?;
-        let replicas = desired
-            .nodes
-            .iter()
-            .filter(|n| n.name != from.name)
-            .cloned()
-            .collect();
-        Ok(ThroughSentinel {
-            handle,
-            epoch,
-            monitor,
-            sentinel,
-            from,
-            to,
-            replicas,
-        })
-    }
-
-    /// Starts the switchover in a task; the message to report.
-    pub fn start(self) -> String {
-        self.handle.dispatcher().set_switchover(true);
-        let (from, to) = (&self.from.name, &self.to.name);
-        let message = format!("switchover {from} -> {to} started through Sentinel");
-        info!(from = %from, to = %to, "switchover started through Sentinel");
-        tokio::spawn(self.run());
-        message
-    }
-
-    async fn run(self) {
-        let outcome = self.steps().await;
-        self.restore().await;
-        let (from, to) = (&self.from.name, &self.to.name);
-        match outcome {
-            Ok(()) => info!(from = %from, to = %to, "switchover through Sentinel done"),
-            Err(err) => {
-                warn!(from = %from, to = %to, error = %err, "switchover through Sentinel failed")
-            }
-        }
-        finish(&self.handle);
-    }
-
-    async fn steps(&self) -> Result<(), String> {
-        self.steer().await?;
-        self.await_steered().await?;
-        let offset = self.pause().await?;
-        self.send(&self.to.name, catch_up(&self.from, offset))
-            .await?;
-        let failover = SentinelFailover {
-            name: self.monitor.clone(),
-        };
-        self.send(&self.sentinel, Action::SentinelFailover(failover))
-            .await?;
-        self.await_promoted().await?;
-        // Demote the old master before its pause ends, rather than waiting for Sentinel to
-        // convert it (which can take seconds, taking writes meanwhile).
-        self.send(&self.from.name, manual::replica_of(&self.to))
-            .await
-    }
-
-    async fn send(&self, pod: &str, action: Action) -> Result<(), String> {
-        self.handle
-            .command(pod, self.epoch, action, SENTINEL_STEP)
-            .await
-            .map(drop)
-    }
-
-    /// The target's priority 1, every other replica's 0: Sentinel promotes the target only.
-    async fn steer(&self) -> Result<(), String> {
-        for node in &self.replicas {
-            let value = if node.name == self.to.name { "1" } else { "0" };
-            self.send(&node.name, priority(value)).await?;
-        }
-        Ok(())
-    }
-
-    /// Sentinel picks by the priorities it last read from INFO (every 10 s): wait until it
-    /// has seen the new ones, so that it promotes the target and no other.
-    async fn await_steered(&self) -> Result<(), String> {
-        let deadline = Instant::now() + SENTINEL_PRIORITY_WAIT;
-        while !self.steered() {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "Sentinel did not see the new replica priorities within {} s",
-                    SENTINEL_PRIORITY_WAIT.as_secs()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
-
-    fn steered(&self) -> bool {
-        let seen = self
-            .handle
-            .observe_sentinels()
-            .remove(&self.sentinel)
-            .and_then(|o| o.report?.sentinel)
-            .and_then(|s| s.masters.into_iter().find(|m| m.name == self.monitor));
-        seen.is_some_and(|m| {
-            self.replicas.iter().all(|node| {
-                let want = u32::from(node.name == self.to.name);
-                m.replicas.iter().any(|r| {
-                    r.host == node.host && r.port == u32::from(node.port) && r.priority == want
-                })
-            })
-        })
-    }
-
-    /// The master's writes paused; its offset.
-    async fn pause(&self) -> Result<i64, String> {
-        let pause = PauseWrites {
-            pause_ms: SENTINEL_PAUSE_MS,
-        };
-        let paused = self.handle.command(
-            &self.from.name,
-            self.epoch,
-            Action::PauseWrites(pause),
-            STEP,
-        );
-        Ok(paused.await?.offset)
-    }
-
-    async fn await_promoted(&self) -> Result<(), String> {
-        if await_master(&self.handle, &self.to.name, SENTINEL_PROMOTION_WAIT).await {
-            return Ok(());
-        }
-        Err(format!(
-            "{} did not become master within {} s",
-            self.to.name,
-            SENTINEL_PROMOTION_WAIT.as_secs()
-        ))
-    }
-
-    /// Whatever happened: the pause released and the priorities restored.
-    async fn restore(&self) {
-        let _ = self
-            .send(&self.from.name, Action::UnpauseWrites(UnpauseWrites {}))
-            .await;
-        for node in self.replicas.iter().chain(std::iter::once(&self.from)) {
-            let _ = self.send(&node.name, priority("100")).await;
-        }
-    }
-}
-
-fn catch_up(from: &NodeSpec, offset: i64) -> Action {
+pub(super) fn catch_up(from: &NodeSpec, offset: i64) -> Action {
     Action::CatchUp(CatchUp {
         host: from.host.clone(),
         port: u32::from(from.port),
@@ -382,7 +162,7 @@ fn catch_up(from: &NodeSpec, offset: i64) -> Action {
     })
 }
 
-fn priority(value: &str) -> Action {
+pub(super) fn priority(value: &str) -> Action {
     Action::ConfigSet(ConfigSet {
         params: [("replica-priority".to_owned(), value.to_owned())].into(),
         ..ConfigSet::default()
@@ -390,7 +170,7 @@ fn priority(value: &str) -> Action {
 }
 
 /// Waits until `pod`'s agent reports it serving as master, at most `wait`; whether it does.
-async fn await_master(handle: &Handle, pod: &str, wait: Duration) -> bool {
+pub(super) async fn await_master(handle: &Handle, pod: &str, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
     loop {
         if handle.reports_master(pod) {
@@ -406,7 +186,7 @@ async fn await_master(handle: &Handle, pod: &str, wait: Duration) -> bool {
 /// The switchover is over: the pass that saw the target's report found it still in flight
 /// and did nothing, so the next one is woken now to commit the new master, not at the next
 /// tick or report.
-fn finish(handle: &Handle) {
+pub(super) fn finish(handle: &Handle) {
     handle.dispatcher().set_switchover(false);
     handle.touch();
 }

@@ -225,7 +225,10 @@ impl<'a> Health<'a> {
             .iter()
             .filter(|n| Some(&n.pod_name) != master)
             .all(|n| {
-                n.role == NodeRole::Replica && n.link_up && n.master_ref == inputs.master_addr
+                n.role == NodeRole::Replica
+                    && n.link_up
+                    && n.master_ref == inputs.master_addr
+                    && synced(inputs, n)
             });
         let all_reporting = nodes.iter().all(|n| reporting(inputs, n));
         let sentinels_short = inputs
@@ -246,6 +249,17 @@ impl<'a> Health<'a> {
             ready,
         }
     }
+}
+
+/// Its agent's latest report has it done syncing and loading: a replica whose link is up can
+/// still be loading what it was sent, and then it has none of it to serve or to promote.
+fn synced(inputs: &Inputs<'_>, node: &ValkeyNode) -> bool {
+    inputs
+        .observed
+        .nodes
+        .get(&node.pod_name)
+        .and_then(|o| o.report.as_ref()?.data.as_ref())
+        .is_some_and(|d| !d.master_sync_in_progress && !d.loading)
 }
 
 fn reporting(inputs: &Inputs<'_>, node: &ValkeyNode) -> bool {
@@ -513,6 +527,19 @@ mod tests {
             (status.epoch, status.master.as_deref()),
             (3, Some("demo-0"))
         );
+        // Linked, but still loading what it was sent, or syncing: not Ready.
+        for stage in ["loading", "syncing"] {
+            let mut busy = obs(Role::Replica, true, 100);
+            if let Some(d) = busy.report.as_mut().and_then(|r| r.data.as_mut()) {
+                d.loading = stage == "loading";
+                d.master_sync_in_progress = stage == "syncing";
+            }
+            let mut with_busy = observed.clone();
+            with_busy.nodes.insert("demo-2".into(), busy);
+            let busy_status = build(&inputs(&names, &durable, &with_busy));
+            assert_eq!(busy_status.phase, Phase::Creating, "{stage}");
+            assert_eq!(busy_status.message, "replicas are syncing", "{stage}");
+        }
         assert_eq!(status.observed_generation, Some(2));
         let mut chained = obs(Role::Replica, true, 100);
         if let Some(d) = chained.report.as_mut().and_then(|r| r.data.as_mut()) {

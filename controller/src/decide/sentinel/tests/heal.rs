@@ -121,6 +121,29 @@ fn a_sentinel_left_on_a_dead_old_master_monitors_the_new_one() {
     assert!(!plan.commands.iter().any(|(p, _)| p == "s0" || p == "s1"));
 }
 
+/// s0 led a failover to n1 (config epoch 9) and was still pointing the replicas at it when
+/// n1 died; s1 and s2 failed n1 over to n0 at epoch 10, and s0, finishing late, switched to
+/// n1 at epoch 10 too. Gossip at an equal epoch changes nothing: it is monitored again.
+#[test]
+fn a_sentinel_overtaken_at_the_same_epoch_monitors_the_master_again() {
+    let mut obs = healthy();
+    obs.nodes
+        .insert("n1".into(), node(Role::Replica, 7000, 5, ProcessState::Up));
+    let s = sentinels(vec![vec![(7001, 10)], vec![(7000, 10)], vec![(7000, 10)]]);
+    let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+    assert!(
+        plan.commands
+            .iter()
+            .any(|(p, a)| p == "s0" && matches!(a, Action::SentinelMonitor(m) if m.port == 7000)),
+        "{plan:?}"
+    );
+    // Not while n1 still claims master: that is two masters, which steady state settles.
+    obs.nodes
+        .insert("n1".into(), node(Role::Master, 0, 5, ProcessState::Up));
+    let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+    assert!(!plan.commands.iter().any(|(p, _)| p == "s0"), "{plan:?}");
+}
+
 #[test]
 fn a_master_whose_address_changed_is_monitored_again_at_the_new_one() {
     // Sentinel names 127.0.0.1:6999, which no node has any longer; n0 is the one master.

@@ -1,0 +1,82 @@
+//! Hears a Valkey process die the moment it does, instead of at the next probe: an idle TCP
+//! connection to it is closed by the kernel when the process dies (kill -9 included), so a
+//! read that ends means "probe now". One watches the local Valkey (its agent reports it
+//! gone at once), one the master a replica follows (its agent reports the link down, and so
+//! its final offset, at once). A connection cut by the network never ends this way; the
+//! probes and timeouts handle that as before.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{io::AsyncReadExt, net::TcpStream, sync::watch};
+use valkey_proto::v1::Role;
+
+use crate::snapshot::{Shared, Snapshot};
+
+/// After a close, probes at once and again after these delays: the replica's Valkey reads
+/// the same close from its own socket, and may not have done so by the first probe.
+const REPROBES_MS: [u64; 3] = [2, 5, 15];
+
+/// Watches `target()` for as long as the agent runs; `retry` paces reconnections (the probe
+/// interval: while the process is down, the probes are what report it).
+async fn watch_addr(
+    shared: Arc<Shared>,
+    retry: Duration,
+    target: impl Fn() -> Option<(String, u16)>,
+) {
+    let mut buf = [0u8; 64];
+    loop {
+        let Some((host, port)) = target() else {
+            tokio::time::sleep(retry).await;
+            continue;
+        };
+        let connect = TcpStream::connect((host.as_str(), port));
+        let Ok(Ok(mut stream)) = tokio::time::timeout(retry, connect).await else {
+            tokio::time::sleep(retry).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let closed = loop {
+            tokio::select! {
+                read = stream.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break true,
+                    Ok(_) => {}
+                },
+                () = tokio::time::sleep(retry) => {
+                    if target().as_ref().is_none_or(|(h, p)| *h != host || *p != port) {
+                        break false;
+                    }
+                }
+            }
+        };
+        if closed {
+            shared.probe_now.notify_one();
+            for ms in REPROBES_MS {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                shared.probe_now.notify_one();
+            }
+            // Closed for another reason (a client kill, an idle timeout): not in a loop.
+            tokio::time::sleep(retry).await;
+        }
+    }
+}
+
+/// Watches the local Valkey at `host`:`port`.
+pub async fn local(shared: Arc<Shared>, retry: Duration, host: String, port: u16) {
+    watch_addr(shared, retry, move || Some((host.clone(), port))).await;
+}
+
+/// Watches the master the local replica follows, per the latest report.
+pub async fn master(
+    shared: Arc<Shared>,
+    retry: Duration,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+) {
+    watch_addr(shared, retry, move || {
+        let snapshot = snapshots.borrow();
+        let data = snapshot.report.data.as_ref()?;
+        let port = u16::try_from(data.master_port).ok()?;
+        (data.role() == Role::Replica && data.master_link_up && port > 1)
+            .then(|| (data.master_host.clone(), port))
+    })
+    .await;
+}
