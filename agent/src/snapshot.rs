@@ -31,11 +31,30 @@ pub struct Shared {
     pub demotions: crate::clients::Demotions,
     /// The master's write lease (see [`crate::lease`]).
     pub lease: crate::lease::Lease,
+    /// The master (host, port) whose connection [`crate::vigil`] heard closed from its side,
+    /// until it reconnects to it.
+    pub master_closed: std::sync::Mutex<Option<(String, u16)>>,
 }
 
 impl Shared {
     pub fn writes_paused(&self) -> bool {
         self.paused_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Records that the connection to the master at `host`:`port` was closed from its side
+    /// (`Some`), or that it answers again (`None`).
+    pub fn set_master_closed(&self, closed: Option<(String, u16)>) {
+        if let Ok(mut slot) = self.master_closed.lock() {
+            *slot = closed;
+        }
+    }
+
+    /// Whether the connection to the master at `host`:`port` was heard closed from its side.
+    pub fn master_close_heard(&self, host: &str, port: u32) -> bool {
+        self.master_closed.lock().is_ok_and(|slot| {
+            slot.as_ref()
+                .is_some_and(|(h, p)| h == host && u32::from(*p) == port)
+        })
     }
 }
 

@@ -16,17 +16,24 @@ use crate::snapshot::{Shared, Snapshot};
 /// the same close from its own socket, and may not have done so by the first probe.
 const REPROBES_MS: [u64; 3] = [2, 5, 15];
 
+/// How often a vigil with nothing to watch looks again.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+
 /// Watches `target()` for as long as the agent runs; `retry` paces reconnections (the probe
-/// interval: while the process is down, the probes are what report it).
+/// interval: while the process is down, the probes are what report it). `heard` is told of a
+/// close from the other side (`Some(address)`), and of each connection made (`None`).
 async fn watch_addr(
     shared: Arc<Shared>,
     retry: Duration,
     target: impl Fn() -> Option<(String, u16)>,
+    heard: impl Fn(&Shared, Option<(String, u16)>),
 ) {
     let mut buf = [0u8; 64];
     loop {
         let Some((host, port)) = target() else {
-            tokio::time::sleep(retry).await;
+            // Cheap (a look at the latest report), and a replica just pointed at its master
+            // is watched within milliseconds: it may acknowledge writes at once.
+            tokio::time::sleep(IDLE_POLL).await;
             continue;
         };
         let connect = TcpStream::connect((host.as_str(), port));
@@ -35,6 +42,7 @@ async fn watch_addr(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        heard(&shared, None);
         let closed = loop {
             tokio::select! {
                 read = stream.read(&mut buf) => match read {
@@ -49,6 +57,7 @@ async fn watch_addr(
             }
         };
         if closed {
+            heard(&shared, Some((host.clone(), port)));
             shared.probe_now.notify_one();
             for ms in REPROBES_MS {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -62,21 +71,24 @@ async fn watch_addr(
 
 /// Watches the local Valkey at `host`:`port`.
 pub async fn local(shared: Arc<Shared>, retry: Duration, host: String, port: u16) {
-    watch_addr(shared, retry, move || Some((host.clone(), port))).await;
+    let target = move || Some((host.clone(), port));
+    watch_addr(shared, retry, target, |_, _| {}).await;
 }
 
-/// Watches the master the local replica follows, per the latest report.
+/// Watches the master the local replica follows, per the latest report, linked or not (a
+/// replica still in its first sync acknowledges writes too). A close is recorded in
+/// [`Shared::master_closed`], which marks the next reports' offsets as final, until the
+/// master answers again.
 pub async fn master(
     shared: Arc<Shared>,
     retry: Duration,
     snapshots: watch::Receiver<Arc<Snapshot>>,
 ) {
-    watch_addr(shared, retry, move || {
+    let target = move || {
         let snapshot = snapshots.borrow();
         let data = snapshot.report.data.as_ref()?;
         let port = u16::try_from(data.master_port).ok()?;
-        (data.role() == Role::Replica && data.master_link_up && port > 1)
-            .then(|| (data.master_host.clone(), port))
-    })
-    .await;
+        (data.role() == Role::Replica && port > 1).then(|| (data.master_host.clone(), port))
+    };
+    watch_addr(shared, retry, target, Shared::set_master_closed).await;
 }

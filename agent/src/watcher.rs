@@ -188,6 +188,11 @@ impl Watcher {
         let empty = data.key_count == 0 && !data.loading;
         data.restarted_empty = memory.restarted && memory.prior_had_data && empty;
         data.never_synced = !memory.had_data && empty && data.repl_offset <= 0 && !synced_replica;
+        data.master_close_heard = data.role() == Role::Replica
+            && !data.master_link_up
+            && self
+                .shared
+                .master_close_heard(&data.master_host, data.master_port);
         data.writes_paused = self.shared.writes_paused();
         data.fenced = self.shared.lease.fenced();
         if let Err(err) = self.fence.remember(&memory.run_id, memory.had_data) {

@@ -324,8 +324,11 @@ async fn a_killed_master_is_reported_gone_by_both_agents_without_waiting_for_a_p
     master.kill9();
     hub.wait_report_from("m", from, T, |r| r.process() == ProcessState::Down)
         .await;
+    // Its link down, and marked as heard from the master's side: its offset is final.
     hub.wait_report_from("r", from, T, |r| {
-        r.data.as_ref().is_some_and(|d| !d.master_link_up)
+        r.data
+            .as_ref()
+            .is_some_and(|d| !d.master_link_up && d.master_close_heard)
     })
     .await;
 }

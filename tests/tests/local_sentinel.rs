@@ -147,6 +147,81 @@ async fn a_killed_master_is_failed_over_at_once_despite_down_after_30s() {
         .await;
 }
 
+/// The bootstrap window: the master is killed within 100 ms of the controller choosing it,
+/// before the sentinels have read its INFO (they learn replicas from it) or just after. A
+/// new master is elected either way (by the controller, which hands it to the sentinels, or
+/// by Sentinel steered to the controller's choice), holding every write a replica
+/// acknowledged before the kill.
+#[tokio::test]
+async fn a_master_killed_right_after_bootstrap_is_failed_over_with_every_acknowledged_write() {
+    let instance = LocalInstance::up(SEED);
+    let status = loop {
+        if let Some(status) = instance.try_status().await
+            && status.master.is_some()
+            && status.nodes.iter().all(|n| n.valkey_pid.is_some())
+        {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let bootstrapped = Instant::now();
+    let (old, addr, pid) = master_of(&status);
+    // Writes until about 60 ms after the bootstrap, each kept only once a replica has it,
+    // and at least until one is (a master killed before it took a write has nothing to lose).
+    let mut conn = instance.conn(&addr).await;
+    let mut acked = Vec::new();
+    for i in 0u64.. {
+        if bootstrapped.elapsed() > Duration::from_millis(60) && !acked.is_empty() {
+            break;
+        }
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("w{i}"))
+            .arg(i)
+            .query_async(&mut conn)
+            .await;
+        let waited: redis::RedisResult<i64> = redis::cmd("WAIT")
+            .arg(1)
+            .arg(10)
+            .query_async(&mut conn)
+            .await;
+        if set.is_ok() && waited == Ok(1) {
+            acked.push(i);
+        }
+    }
+    signal(pid, Signal::SIGKILL);
+    let killed_after = bootstrapped.elapsed();
+    let after = instance
+        .wait_status("a new master", T, |s| {
+            s.master.as_ref().is_some_and(|m| *m != old)
+        })
+        .await;
+    let reason = after.last_failover.clone().expect("record").reason;
+    eprintln!(
+        "killed {killed_after:?} after the bootstrap with {} acknowledged writes; {reason}",
+        acked.len()
+    );
+    let status = instance
+        .wait_status("every sentinel to name the new master", T, sentinels_agree)
+        .await;
+    let (new, new_addr, _) = master_of(&status);
+    assert_ne!(new, old);
+    let keys: std::collections::BTreeSet<u64> = acked.into_iter().collect();
+    let mut conn = instance.conn(&new_addr).await;
+    let mut missing = Vec::new();
+    for key in &keys {
+        let value: Option<u64> = redis::cmd("GET")
+            .arg(format!("w{key}"))
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        if value != Some(*key) {
+            missing.push(*key);
+        }
+    }
+    assert_eq!(missing, Vec::<u64>::new(), "acknowledged writes lost");
+    instance.wait_healthy(3, T).await;
+}
+
 #[tokio::test]
 async fn a_planned_switchover_through_sentinel_loses_no_acknowledged_write() {
     let (instance, status) = up_and_ready().await;

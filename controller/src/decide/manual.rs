@@ -112,10 +112,13 @@ fn replicas_lost_master(desired: &Desired, observed: &Observed, master: &NodeSpe
 /// followed it to report their link down, before choosing among the offsets it has.
 pub const OFFSETS_SETTLE_MS: u64 = 1_000;
 
-/// Every reachable replica that followed `master` has reported losing it: their reported
+/// Every reachable replica that followed `master` has reported losing it, in a report its
+/// agent probed after it heard the master's process close its connection: their reported
 /// offsets are final, so the highest is the replica with the most data. Until then a replica's
 /// offset may be a heartbeat old, and the one that acknowledged the last writes (WAIT) could
-/// look behind one that merely reported later.
+/// look behind one that merely reported later. A link-down report alone is not enough: a
+/// replica still in its first sync reports its link down, yet acknowledges the writes it
+/// receives until its next probe (the bootstrap test caught it).
 pub(crate) fn offsets_final(desired: &Desired, observed: &Observed, master: &NodeSpec) -> bool {
     desired
         .nodes
@@ -123,7 +126,7 @@ pub(crate) fn offsets_final(desired: &Desired, observed: &Observed, master: &Nod
         .filter(|n| n.name != master.name)
         .filter_map(|n| observed.nodes.get(&n.name))
         .filter(|obs| is_up(obs) && follows(obs, master))
-        .all(|obs| data(obs).is_some_and(|d| !d.master_link_up))
+        .all(|obs| data(obs).is_some_and(|d| !d.master_link_up && d.master_close_heard))
 }
 
 /// Decides what to do now under policy manual, in phases: commit (or drop) a planned

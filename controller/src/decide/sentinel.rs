@@ -270,22 +270,22 @@ impl Round<'_> {
     }
 
     /// Nobody monitors the instance yet: bootstrap the data nodes as the manual core does,
-    /// then hand the master to every sentinel.
+    /// then hand the master to every sentinel. Until a sentinel monitors it, the manual core
+    /// also keeps the master: one lost before that (killed before it was even promoted) is
+    /// promoted back or failed over, as under policy manual.
     fn bootstrap(&self) -> Plan {
-        if self.durable.master.is_none() {
-            return manual::decide(self.desired, self.durable, self.observed, self.now_ms);
-        }
-        let mut plan = Plan::default();
-        if let Some(master) = self
+        let serving = self
             .durable
             .master
             .as_deref()
             .and_then(|m| self.desired.node(m))
-            && self.serves_as_master(&master.name)
-        {
-            for view in &self.views {
-                plan.commands.extend(monitor(self.sd, master, view.pod));
-            }
+            .filter(|master| self.serves_as_master(&master.name));
+        let Some(master) = serving else {
+            return manual::decide(self.desired, self.durable, self.observed, self.now_ms);
+        };
+        let mut plan = Plan::default();
+        for view in &self.views {
+            plan.commands.extend(monitor(self.sd, master, view.pod));
         }
         plan
     }

@@ -249,12 +249,15 @@ impl ThroughSentinel {
             .remove(&self.sentinel)
             .and_then(|o| o.report?.sentinel)
             .and_then(|s| s.masters.into_iter().find(|m| m.name == self.monitor));
+        // A replica the sentinel does not list (it had not read it from the master's INFO
+        // yet) is one it cannot promote: only the target must be there.
         seen.is_some_and(|m| {
             self.replicas.iter().all(|node| {
                 let want = u32::from(node.name == self.to.name);
-                m.replicas.iter().any(|r| {
-                    r.host == node.host && r.port == u32::from(node.port) && r.priority == want
-                })
+                match replica_at(&m, &node.host, u32::from(node.port)) {
+                    Some(r) => r.priority == want,
+                    None => want == 0,
+                }
             })
         })
     }

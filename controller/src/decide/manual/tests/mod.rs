@@ -131,8 +131,14 @@ pub(super) fn replicaofs(plan: &Plan) -> Vec<(&str, u32)> {
 }
 
 /// A replica that has reported losing its master: its offset is final.
+/// A replica whose agent heard its master's process close the connection, and then probed
+/// its link down: its offset is final.
 pub(super) fn lost_master(obs: NodeObs) -> NodeObs {
-    with(obs, |o| data_mut(o).master_link_up = false)
+    with(obs, |o| {
+        let d = data_mut(o);
+        d.master_link_up = false;
+        d.master_close_heard = true;
+    })
 }
 
 pub(super) fn arb_obs() -> impl Strategy<Value = NodeObs> {

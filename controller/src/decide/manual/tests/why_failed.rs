@@ -29,6 +29,18 @@ fn a_crashed_master_waits_for_its_replicas_final_offsets_for_a_while() {
     ]);
     assert_eq!(promotes(&decide(&d, &at("n0", 4), &settled, 0)), ["n2"]);
 
+    // A link-down report from before the master died (n2 was still in its first sync) is
+    // not final: its offset may be behind the writes it acknowledged since.
+    let stale = observed(&[
+        ("n0", just_down(master(5, 100))),
+        ("n1", lost_master(replica(7000, 95))),
+        (
+            "n2",
+            with(replica(7000, 1), |o| data_mut(o).master_link_up = false),
+        ),
+    ]);
+    assert!(promotes(&decide(&d, &at("n0", 4), &stale, 0)).is_empty());
+
     // A replica that never reports does not hold the failover up for long.
     let mut late = waiting.clone();
     if let Some(r) = late.nodes.get_mut("n0").and_then(|o| o.report.as_mut()) {

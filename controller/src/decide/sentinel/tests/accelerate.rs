@@ -19,6 +19,7 @@ fn lost(offsets: [i64; 2], final_offsets: bool) -> Observed {
         if let Some(d) = d {
             d.repl_offset = offset;
             d.master_link_up = !final_offsets;
+            d.master_close_heard = final_offsets;
         }
     }
     obs
@@ -203,5 +204,39 @@ fn with_no_replica_to_choose_a_sentinel_that_knows_the_replicas_chooses() {
     assert!(
         matches!(&plan.commands[..], [(p, Action::SentinelFailover(_))] if p == "s2"),
         "{plan:?}"
+    );
+}
+
+#[test]
+fn a_master_lost_before_any_sentinel_monitors_it_is_kept_as_under_policy_manual() {
+    // n0 was chosen at bootstrap and died before the sentinels were handed it.
+    let unmonitored = sentinels(vec![vec![], vec![], vec![]]);
+    let mut obs = lost([90, 120], true);
+    let plan = decide(&desired(), &sd(), &at("n0"), &obs, &unmonitored, 0);
+    assert_eq!(
+        plan.durable.and_then(|d| d.master).as_deref(),
+        Some("n2"),
+        "failed over as the manual core does"
+    );
+    // Back as a replica of nobody, with its data, and nobody else has more: promoted back,
+    // then handed to the sentinels once it serves.
+    obs.nodes
+        .insert("n0".into(), node(Role::Replica, 1, 5, ProcessState::Up));
+    obs.nodes
+        .insert("n1".into(), node(Role::Replica, 7000, 5, ProcessState::Up));
+    obs.nodes
+        .insert("n2".into(), node(Role::Replica, 7000, 5, ProcessState::Up));
+    let plan = decide(&desired(), &sd(), &at("n0"), &obs, &unmonitored, 0);
+    assert!(
+        plan.commands
+            .iter()
+            .any(|(p, a)| p == "n0" && matches!(a, Action::Promote(_))),
+        "{plan:?}"
+    );
+    assert!(
+        !plan
+            .commands
+            .iter()
+            .any(|(_, a)| matches!(a, Action::SentinelMonitor(_)))
     );
 }
