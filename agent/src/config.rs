@@ -149,6 +149,16 @@ pub struct Args {
     )]
     pub heartbeat_interval_ms: u64,
 
+    /// Sentinel mode: the INFO period set on the local sentinel (SENTINEL DEBUG INFO-PERIOD),
+    /// in milliseconds: how stale its view of the replicas' offsets and priorities may be.
+    /// 0 leaves the sentinel's own (10000 by default).
+    #[arg(
+        long,
+        env = "VALKEY_AGENT_SENTINEL_INFO_PERIOD_MS",
+        default_value_t = 1000
+    )]
+    pub sentinel_info_period_ms: u64,
+
     /// Default deadline of a command that names none, in milliseconds.
     #[arg(
         long,
@@ -299,6 +309,8 @@ pub struct Config {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub heartbeat_interval: Duration,
+    /// The INFO period to set on the local sentinel; None leaves its own.
+    pub sentinel_info_period: Option<Duration>,
     pub command_deadline: Duration,
     pub shutdown_switchover_timeout: Duration,
     pub stale_client_window: Duration,
@@ -471,6 +483,10 @@ impl Args {
             probe_interval: at_least("probe-interval-ms", self.probe_interval_ms, 10)?,
             probe_timeout: at_least("probe-timeout-ms", self.probe_timeout_ms, 50)?,
             heartbeat_interval: at_least("heartbeat-interval-ms", self.heartbeat_interval_ms, 50)?,
+            sentinel_info_period: match self.sentinel_info_period_ms {
+                0 => None,
+                ms => Some(at_least("sentinel-info-period-ms", ms, 100)?),
+            },
             command_deadline: at_least("command-deadline-ms", self.command_deadline_ms, 100)?,
             shutdown_switchover_timeout: Duration::from_millis(self.shutdown_switchover_timeout_ms),
             stale_client_window: Duration::from_millis(self.stale_client_window_ms),

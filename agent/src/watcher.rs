@@ -22,9 +22,6 @@ use crate::{
     valkey::{Valkey, ValkeyError},
 };
 
-/// The INFO period set on the local sentinel, in milliseconds (Sentinel's default is 10000).
-pub const SENTINEL_INFO_PERIOD_MS: u64 = 1000;
-
 /// What the watcher remembers between probes about the process's incarnations.
 #[derive(Debug, Default)]
 struct Memory {
@@ -277,10 +274,12 @@ impl Watcher {
         }
         self.memory.observe(&state.run_id, 0, false);
         state.restarted = self.memory.restarted;
-        if self.tuned != state.run_id {
+        if self.tuned != state.run_id
+            && let Some(period) = self.config.sentinel_info_period
+        {
             // A Sentinel that refuses it (an older one, a renamed command) still works, at
             // its own pace: said once, not a probe failure.
-            if let Err(err) = self.tune_sentinel().await {
+            if let Err(err) = self.tune_sentinel(period).await {
                 warn!(error = %err, "cannot set the sentinel's INFO period; it keeps its own");
             }
             self.tuned.clone_from(&state.run_id);
@@ -292,18 +291,18 @@ impl Watcher {
     /// to promote, and learns new replicas, from it: with a second, the controller's choice
     /// of replica (steered by replica-priority) is seen within a second, and so is a new
     /// instance's replica. It is a runtime setting, so it is set again for each incarnation.
-    async fn tune_sentinel(&mut self) -> Result<(), ValkeyError> {
-        let period = SENTINEL_INFO_PERIOD_MS;
+    async fn tune_sentinel(&mut self, period: Duration) -> Result<(), ValkeyError> {
+        let ms = period.as_millis() as u64;
         let _: String = self
             .local
             .query(
                 redis::cmd("SENTINEL")
                     .arg("DEBUG")
                     .arg("INFO-PERIOD")
-                    .arg(period),
+                    .arg(ms),
             )
             .await?;
-        info!(info_period_ms = period, "sentinel INFO period set");
+        info!(info_period_ms = ms, "sentinel INFO period set");
         Ok(())
     }
 

@@ -150,6 +150,9 @@ fn agent_config(setup: &Setup, node: &ExternalNode) -> valkey_agent::Config {
         probe_interval: setup.probe_interval,
         probe_timeout: Duration::from_secs(1),
         heartbeat_interval: Duration::from_secs(1),
+        // The set is the user's, possibly shared with other applications: its settings stay
+        // as they are.
+        sentinel_info_period: None,
         command_deadline: Duration::from_secs(10),
         shutdown_switchover_timeout: Duration::ZERO,
         stale_client_window: Duration::ZERO,

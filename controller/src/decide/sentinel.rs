@@ -14,6 +14,10 @@ use super::{
     model::{Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, Plan, is_up, role},
 };
 
+/// How long after a failover a sentinel still naming another master is left to Sentinel's
+/// gossip (hello messages every 2 s) before it is handed the master again.
+pub const GOSSIP_GRACE_MS: i64 = 5_000;
+
 /// How Sentinel should watch this instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentinelDesired {
@@ -84,23 +88,12 @@ fn objectively_down(views: &[SentinelView]) -> bool {
         .any(|m| m.flags.iter().any(|f| f == "o_down"))
 }
 
-/// A failover of the current master runs: some sentinel that names it (at the highest config
-/// epoch) is failing it over. A sentinel still at an older config epoch, in a failover whose
-/// new master the others have already switched to, is not counted: the leader of a failover
-/// stays in `reconf_slaves` until every replica follows the new master, or for
-/// failover-timeout (3 minutes by default), and a new master that died meanwhile (killed right
-/// after a switchover) would otherwise never be failed over by us.
+/// A failover runs that has not promoted its replica yet, at any sentinel, whatever its
+/// config epoch: until it has, the nodes are Sentinel's to move (a sentinel handed the master
+/// again has config epoch 0, and may be the one a switchover asked). One that has promoted its
+/// replica does not count (see [`promoting`]); Sentinel bounds the rest by failover-timeout.
 fn failover_in_progress(views: &[SentinelView]) -> bool {
-    let current = views
-        .iter()
-        .filter_map(|v| v.master)
-        .map(|m| m.config_epoch)
-        .max();
-    views
-        .iter()
-        .filter_map(|v| v.master)
-        .filter(|m| Some(m.config_epoch) == current)
-        .any(promoting)
+    views.iter().filter_map(|v| v.master).any(promoting)
 }
 
 /// A sentinel's failover of this monitor has not promoted its replica yet. Once it has
@@ -388,6 +381,13 @@ impl Round<'_> {
     /// nothing. Its clients are sent to a dead address or a replica. One whose old master is
     /// up as master is updated by the gossip and left alone.
     fn left_behind(&self, m: &SentinelMaster, master: &NodeSpec, config_epoch: u64) -> bool {
+        // Right after a failover, Sentinel's own gossip (hello messages every 2 s) is what
+        // brings the others along; monitoring them again would reset their config epoch.
+        let settled = self
+            .durable
+            .last_failover
+            .as_ref()
+            .is_none_or(|f| self.now_ms - f.at_ms >= GOSSIP_GRACE_MS);
         let follows_ours = self
             .desired
             .nodes
@@ -395,7 +395,8 @@ impl Round<'_> {
             .find(|n| n.host == m.host && u32::from(n.port) == m.port)
             .and_then(|n| self.observed.nodes.get(&n.name))
             .is_some_and(|o| is_up(o) && crate::decide::model::follows(o, master));
-        (m.host != master.host || m.port != u32::from(master.port))
+        settled
+            && (m.host != master.host || m.port != u32::from(master.port))
             && m.config_epoch <= config_epoch
             && (m.flags.iter().any(|f| f == "s_down") || follows_ours)
             && !failover_in_progress(&self.views)

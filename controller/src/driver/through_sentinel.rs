@@ -302,7 +302,8 @@ impl ThroughSentinel {
 }
 
 /// A connected sentinel that monitors `monitor`, runs no failover of it, and lists `to` as a
-/// replica that `good` accepts.
+/// replica that `good` accepts; of those, one at the highest config epoch (one handed the
+/// master again is at 0 until gossip brings it along).
 fn pick_sentinel(
     monitor: &str,
     to: &NodeSpec,
@@ -316,12 +317,12 @@ fn pick_sentinel(
     sentinels
         .iter()
         .filter(|(_, o)| o.connected)
-        .find(|(_, o)| {
-            o.report
-                .as_ref()
-                .and_then(|r| r.sentinel.as_ref())
-                .and_then(|s| s.masters.iter().find(|m| m.name == monitor))
-                .is_some_and(lists_target)
+        .filter_map(|(pod, o)| {
+            let seen = o.report.as_ref()?.sentinel.as_ref()?;
+            let m = seen.masters.iter().find(|m| m.name == monitor)?;
+            lists_target(m).then_some((pod, m.config_epoch))
         })
+        .rev()
+        .max_by_key(|(_, epoch)| *epoch)
         .map(|(pod, _)| pod.clone())
 }

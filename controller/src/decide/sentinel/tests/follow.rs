@@ -95,6 +95,23 @@ fn nothing_is_repointed_while_sentinel_fails_over() {
     assert!(plan.commands.is_empty(), "{plan:?}");
 }
 
+/// A switchover asked a sentinel that was handed the master again (config epoch 0) while the
+/// others are at 10: its failover, not yet promoted, is Sentinel's own, whatever its epoch.
+/// The target it just promoted is not demoted as a second master.
+#[test]
+fn a_failover_at_a_lower_config_epoch_still_holds_the_nodes() {
+    let mut obs = healthy();
+    obs.nodes
+        .insert("n2".into(), node(Role::Master, 0, 5, ProcessState::Up));
+    let mut s = sentinels(vec![vec![(7000, 10)], vec![(7000, 0)], vec![(7000, 10)]]);
+    if let Some(m) = monitor_of(&mut s, "s1") {
+        m.flags = vec!["master".into(), "failover_in_progress".into()];
+        m.failover_state = "wait_promotion".into();
+    }
+    let plan = decide(&desired(), &sd(), &at("n0"), &obs, &s, 0);
+    assert!(!plan.commands.iter().any(|(p, _)| p == "n2"), "{plan:?}");
+}
+
 #[test]
 fn a_restarted_master_is_promoted_back_unless_empty() {
     let mut s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);

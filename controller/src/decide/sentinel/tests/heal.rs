@@ -137,6 +137,34 @@ fn a_sentinel_overtaken_at_the_same_epoch_monitors_the_master_again() {
             .any(|(p, a)| p == "s0" && matches!(a, Action::SentinelMonitor(m) if m.port == 7000)),
         "{plan:?}"
     );
+    // Not within a few seconds of the failover the controller followed: Sentinel's gossip
+    // may still bring it along, and monitoring it again would reset its config epoch.
+    let mut recent = at("n0");
+    recent.last_failover = Some(FailoverRecord {
+        at_ms: 10_000,
+        from: Some("n1".into()),
+        to: "n0".into(),
+        reason: "Sentinel switched master".into(),
+        cause: crate::decide::Cause::Sentinel,
+    });
+    let soon = decide(
+        &desired(),
+        &sd(),
+        &recent,
+        &obs,
+        &s,
+        10_000 + GOSSIP_GRACE_MS - 1,
+    );
+    assert!(!soon.commands.iter().any(|(p, _)| p == "s0"), "{soon:?}");
+    let later = decide(
+        &desired(),
+        &sd(),
+        &recent,
+        &obs,
+        &s,
+        10_000 + GOSSIP_GRACE_MS,
+    );
+    assert!(later.commands.iter().any(|(p, _)| p == "s0"), "{later:?}");
     // Not while n1 still claims master: that is two masters, which steady state settles.
     obs.nodes
         .insert("n1".into(), node(Role::Master, 0, 5, ProcessState::Up));
