@@ -19,6 +19,10 @@ const REPROBES_MS: [u64; 3] = [2, 5, 15];
 /// How often a vigil with nothing to watch looks again.
 const IDLE_POLL: Duration = Duration::from_millis(5);
 
+/// How often a vigil checks that what it watches is still what it should (a replica pointed
+/// at a new master by a switchover must watch the new one before it can die).
+const RETARGET_POLL: Duration = Duration::from_millis(20);
+
 /// Watches `target()` for as long as the agent runs; `retry` paces reconnections (the probe
 /// interval: while the process is down, the probes are what report it). `heard` is told of a
 /// close from the other side (`Some(address)`), and of each connection made (`None`).
@@ -49,7 +53,7 @@ async fn watch_addr(
                     Ok(0) | Err(_) => break true,
                     Ok(_) => {}
                 },
-                () = tokio::time::sleep(retry) => {
+                () = tokio::time::sleep(RETARGET_POLL) => {
                     if target().as_ref().is_none_or(|(h, p)| *h != host || *p != port) {
                         break false;
                     }

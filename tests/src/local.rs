@@ -483,27 +483,44 @@ pub async fn missing_with_prefix(
     prefix: &str,
     keys: &BTreeSet<u64>,
 ) -> Vec<u64> {
-    let mut conn = instance.conn(addr).await;
     let names: Vec<String> = keys.iter().map(|k| format!("{prefix}{k}")).collect();
-    let missing: BTreeSet<String> = missing_keys(&mut conn, &names).await.into_iter().collect();
+    // Sentinel kills every normal client of a node it sends REPLICAOF to, including one it
+    // already follows (the leader of a failover does so until every replica is reconfigured):
+    // a killed connection is looked up again on a new one, as any client would.
+    let mut missing = None;
+    for _ in 0..5 {
+        let mut conn = instance.conn(addr).await;
+        match try_missing_keys(&mut conn, &names).await {
+            Ok(found) => {
+                missing = Some(found);
+                break;
+            }
+            Err(err) if err.is_connection_dropped() || err.is_io_error() => continue,
+            Err(err) => panic!("EXISTS on {addr}: {err}"),
+        }
+    }
+    let missing: BTreeSet<String> = missing
+        .unwrap_or_else(|| panic!("EXISTS on {addr}: the connection was dropped 5 times"))
+        .into_iter()
+        .collect();
     keys.iter()
         .copied()
         .filter(|k| missing.contains(&format!("{prefix}{k}")))
         .collect()
 }
 
-/// The keys of `keys` that do not exist on the node behind `conn` (EXISTS, 1000 at a time).
-pub async fn missing_keys(
+/// [`missing_keys`], with the error.
+pub async fn try_missing_keys(
     conn: &mut redis::aio::MultiplexedConnection,
     keys: &[String],
-) -> Vec<String> {
+) -> redis::RedisResult<Vec<String>> {
     let mut missing = Vec::new();
     for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
         for k in chunk {
             pipe.exists(k);
         }
-        let exists: Vec<bool> = pipe.query_async(conn).await.expect("EXISTS");
+        let exists: Vec<bool> = pipe.query_async(conn).await?;
         missing.extend(
             chunk
                 .iter()
@@ -512,7 +529,15 @@ pub async fn missing_keys(
                 .map(|(k, _)| k.clone()),
         );
     }
-    missing
+    Ok(missing)
+}
+
+/// The keys of `keys` that do not exist on the node behind `conn` (EXISTS, 1000 at a time).
+pub async fn missing_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &[String],
+) -> Vec<String> {
+    try_missing_keys(conn, keys).await.expect("EXISTS")
 }
 
 pub async fn write_n(instance: &LocalInstance, addr: &str, n: u64, replicas: i64) -> BTreeSet<u64> {

@@ -10,7 +10,7 @@ use super::{
     Cause,
     model::{
         Desired, Durable, FailoverRecord, NodeObs, NodeSpec, Observed, PendingSwitchover, Plan,
-        data, definitely_down, follows, is_empty_node, is_up, role,
+        data, definitely_down, down_for_ms, follows, is_empty_node, is_up, role,
     },
 };
 
@@ -300,7 +300,7 @@ impl Round<'_> {
         plan: &mut Plan,
     ) {
         let (desired, observed) = (self.desired, self.observed);
-        let down_for_ms = master_obs.report.as_ref().map_or(0, |r| r.down_for_ms);
+        let down_for_ms = down_for_ms(&master_obs);
         if definitely_down(master_obs)
             && down_for_ms < OFFSETS_SETTLE_MS
             && !offsets_final(desired, observed, master)

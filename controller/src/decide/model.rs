@@ -149,6 +149,19 @@ pub(crate) fn is_empty_node(obs: &NodeObs) -> bool {
     data(obs).is_some_and(|d| d.restarted_empty || d.never_synced)
 }
 
+/// How long the node's Valkey has been down: what its agent last said, or, when its agent has
+/// said nothing new since (a process that stays down changes nothing worth a report), how long
+/// ago the controller last saw it up, by its own clock.
+pub(crate) fn down_for_ms(obs: &NodeObs) -> u64 {
+    let reported = obs.report.as_ref().map_or(0, |r| r.down_for_ms);
+    let unseen = if obs.unhealthy_ms == u64::MAX {
+        0
+    } else {
+        obs.unhealthy_ms
+    };
+    reported.max(unseen)
+}
+
 /// The agent itself says its Valkey is gone: definite, no vote needed.
 pub(crate) fn definitely_down(obs: &NodeObs) -> bool {
     obs.connected

@@ -10,7 +10,7 @@ use super::{Round, failing_over, failover_in_progress, knows_replicas, monitor, 
 use crate::decide::{
     Cause,
     manual::{self, OFFSETS_SETTLE_MS, came_back_empty, converge, offsets_final},
-    model::{FailoverRecord, NodeSpec, Plan, definitely_down, is_up},
+    model::{FailoverRecord, NodeSpec, Plan, definitely_down, down_for_ms, is_up},
 };
 
 impl Round<'_> {
@@ -39,7 +39,7 @@ impl Round<'_> {
         } else {
             "is objectively down and no failover runs"
         };
-        let down_for_ms = master_obs.report.as_ref().map_or(0, |r| r.down_for_ms);
+        let down_for_ms = down_for_ms(&master_obs);
         if gone && down_for_ms < OFFSETS_SETTLE_MS && !offsets_final(desired, observed, master) {
             plan.notes.push(format!(
                 "master {} {why}; waiting for its replicas' final offsets",
