@@ -300,7 +300,7 @@ impl Round<'_> {
         plan: &mut Plan,
     ) {
         let (desired, observed) = (self.desired, self.observed);
-        let down_for_ms = down_for_ms(&master_obs);
+        let down_for_ms = down_for_ms(master_obs);
         if definitely_down(master_obs)
             && down_for_ms < OFFSETS_SETTLE_MS
             && !offsets_final(desired, observed, master)
