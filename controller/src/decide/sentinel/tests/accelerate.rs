@@ -25,6 +25,17 @@ fn lost(offsets: [i64; 2], final_offsets: bool) -> Observed {
     obs
 }
 
+/// The sentinels a plan hands the master at `port` (SENTINEL MONITOR).
+fn monitored_at(plan: &Plan, port: u32) -> Vec<&str> {
+    plan.commands
+        .iter()
+        .filter_map(|(p, a)| match a {
+            Action::SentinelMonitor(m) if m.port == port => Some(p.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Three sentinels naming n0 at config epoch 0, each knowing both replicas.
 fn knowing() -> BTreeMap<String, NodeObs> {
     let mut s = sentinels(vec![vec![(7000, 0)], vec![(7000, 0)], vec![(7000, 0)]]);
@@ -74,14 +85,7 @@ fn a_master_lost_before_any_sentinel_knew_a_replica_is_failed_over_by_the_contro
             .iter()
             .any(|(p, a)| p == "n1" && matches!(a, Action::ReplicaOf(r) if r.port == 7002))
     );
-    let monitored: Vec<&str> = plan
-        .commands
-        .iter()
-        .filter_map(|(p, a)| match a {
-            Action::SentinelMonitor(m) if m.port == 7002 => Some(p.as_str()),
-            _ => None,
-        })
-        .collect();
+    let monitored = monitored_at(&plan, 7002);
     assert_eq!(monitored, ["s0", "s1", "s2"], "every sentinel is handed n2");
 }
 
@@ -113,14 +117,7 @@ fn a_handed_over_master_is_kept_while_sentinels_still_name_the_dead_one() {
     durable.epoch = 2;
     let plan = decide(&desired(), &sd(), &durable, &obs, &s, 0);
     assert_eq!(plan.durable, None, "n2 stays recorded: {plan:?}");
-    let monitored: Vec<&str> = plan
-        .commands
-        .iter()
-        .filter_map(|(p, a)| match a {
-            Action::SentinelMonitor(m) if m.port == 7002 => Some(p.as_str()),
-            _ => None,
-        })
-        .collect();
+    let monitored = monitored_at(&plan, 7002);
     assert_eq!(monitored, ["s0", "s1"]);
     // Once a sentinel failed over (epoch 1), its choice is followed as always.
     let s = sentinels(vec![vec![(7000, 1)], vec![(7000, 1)], vec![(7002, 0)]]);
