@@ -32,12 +32,15 @@ impl Round<'_> {
         if !(gone || empty || stuck) || failover_in_progress(&self.views) {
             return false;
         }
-        let why = if empty {
-            "came back empty"
+        let (why, cause) = if empty {
+            ("came back empty", Cause::RestartedEmpty)
         } else if gone {
-            "is gone"
+            ("is gone", Cause::ProcessGone)
         } else {
-            "is objectively down and no failover runs"
+            (
+                "is objectively down and no failover runs",
+                Cause::Unresponsive,
+            )
         };
         let down_for_ms = down_for_ms(&master_obs);
         if gone && down_for_ms < OFFSETS_SETTLE_MS && !offsets_final(desired, observed, master) {
@@ -55,7 +58,9 @@ impl Round<'_> {
                 ));
                 plan.sentinel_failover = Some(chosen.name.clone());
             }
-            Some(chosen) if self.may_hand_over() => self.hand_over(master, chosen, why, plan),
+            Some(chosen) if self.may_hand_over() => {
+                self.hand_over(master, chosen, (why, cause), plan);
+            }
             Some(chosen) => plan.notes.push(format!(
                 "master {} {why}; no sentinel knows {} yet, and a sentinel that failed over \
                  before is not heard: waiting",
@@ -89,7 +94,13 @@ impl Round<'_> {
 
     /// No sentinel can promote `chosen` (none has learned it from the master's INFO yet):
     /// promote it under a new epoch, as the manual core does, and hand it to every sentinel.
-    fn hand_over(&self, master: &NodeSpec, chosen: &NodeSpec, why: &str, plan: &mut Plan) {
+    fn hand_over(
+        &self,
+        master: &NodeSpec,
+        chosen: &NodeSpec,
+        (why, cause): (&str, Cause),
+        plan: &mut Plan,
+    ) {
         let mut next = self.durable.clone();
         next.epoch += 1;
         next.master = Some(chosen.name.clone());
@@ -101,11 +112,7 @@ impl Round<'_> {
                 "master {} {why}; no sentinel knew a replica, so the controller promoted {}",
                 master.name, chosen.name
             ),
-            cause: if why == "came back empty" {
-                Cause::RestartedEmpty
-            } else {
-                Cause::ProcessGone
-            },
+            cause,
         });
         plan.notes.push(format!(
             "master {} {why} before any sentinel knew a replica: promoting {} (epoch {}) and \
