@@ -222,30 +222,29 @@ impl Watcher {
             ..SentinelState::default()
         };
         if !masters.is_empty() {
+            // Per master: its replicas, its sentinels, and the address clients are given
+            // (once a failover has promoted its replica, that replica's, while SENTINEL
+            // MASTERS still shows the old one until the end).
             let mut pipe = redis::pipe();
             for master in &masters {
                 let name = master.get("name").map(String::as_str).unwrap_or_default();
                 pipe.cmd("SENTINEL").arg("REPLICAS").arg(name);
                 pipe.cmd("SENTINEL").arg("SENTINELS").arg(name);
-            }
-            let peers: Vec<Vec<HashMap<String, String>>> = self.local.pipe(&pipe).await?;
-            // The address clients are given: once a failover has promoted its replica, that
-            // replica's, while SENTINEL MASTERS still shows the old one until the end.
-            let mut pipe = redis::pipe();
-            for master in &masters {
-                let name = master.get("name").map(String::as_str).unwrap_or_default();
                 pipe.cmd("SENTINEL")
                     .arg("GET-MASTER-ADDR-BY-NAME")
                     .arg(name);
             }
-            let current: Vec<Option<(String, u32)>> = self.local.pipe(&pipe).await?;
-            for (i, master) in masters.iter().enumerate() {
-                let replicas = peers.get(2 * i).map(Vec::as_slice).unwrap_or_default();
-                let sentinels = peers.get(2 * i + 1).map(Vec::as_slice).unwrap_or_default();
-                let mut seen = info::sentinel_master(master, replicas, sentinels);
-                if let Some(Some((host, port))) = current.get(i) {
-                    seen.host.clone_from(host);
-                    seen.port = *port;
+            let replies: Vec<redis::Value> = self.local.pipe(&pipe).await?;
+            for (master, reply) in masters.iter().zip(replies.chunks(3)) {
+                let [replicas, sentinels, current] = reply else {
+                    break;
+                };
+                let replicas: Vec<HashMap<String, String>> = parse(replicas)?;
+                let sentinels: Vec<HashMap<String, String>> = parse(sentinels)?;
+                let mut seen = info::sentinel_master(master, &replicas, &sentinels);
+                if let Some((host, port)) = parse::<Option<(String, u32)>>(current)? {
+                    seen.host = host;
+                    seen.port = port;
                 }
                 state.masters.push(seen);
             }
@@ -399,6 +398,11 @@ impl Watcher {
     fn addr(&self) -> String {
         format!("{}:{}", self.config.valkey_host, self.config.valkey_port)
     }
+}
+
+/// One reply of a pipeline read as `T`; a reply of another shape is the command's error.
+fn parse<T: redis::FromRedisValue>(reply: &redis::Value) -> Result<T, ValkeyError> {
+    redis::from_redis_value_ref(reply).map_err(|err| ValkeyError::Reply(err.to_string()))
 }
 
 /// The report without the clock's fields: equal views mean nothing changed.

@@ -312,10 +312,7 @@ impl Round<'_> {
         let master_up = is_up(master_obs);
         match best_candidate(desired, observed, Some(&master.name)) {
             Some(candidate) => {
-                let mut next = self.durable.clone();
-                next.epoch += 1;
-                next.master = Some(candidate.name.clone());
-                next.last_failover = Some(FailoverRecord {
+                let next = self.durable.failed_over(FailoverRecord {
                     at_ms: self.now_ms,
                     from: Some(master.name.clone()),
                     to: candidate.name.clone(),

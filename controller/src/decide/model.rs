@@ -103,7 +103,7 @@ pub struct Plan {
     /// A planned switchover the runtime should carry out (to this node, or the best one).
     pub switchover: Option<String>,
     /// Under policy sentinel: the master is lost and the controller chose this replica; the
-    /// runtime steers Sentinel's failover to it (see `driver::switchover::ThroughSentinel`).
+    /// runtime steers Sentinel's failover to it (see `driver::through_sentinel`).
     pub sentinel_failover: Option<String>,
     /// Nodes the runtime should restart (their Valkey refuses the password in force; see
     /// [`super::credentials`]).
@@ -169,6 +169,19 @@ pub(crate) fn definitely_down(obs: &NodeObs) -> bool {
             .report
             .as_ref()
             .is_some_and(|r| r.process() == ProcessState::Down)
+}
+
+impl Durable {
+    /// The state once the controller has moved the master as `record` says: the next epoch,
+    /// the new master, and why.
+    pub fn failed_over(&self, record: FailoverRecord) -> Durable {
+        Durable {
+            epoch: self.epoch + 1,
+            master: Some(record.to.clone()),
+            last_failover: Some(record),
+            switchover: self.switchover.clone(),
+        }
+    }
 }
 
 impl Desired {

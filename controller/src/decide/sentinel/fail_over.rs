@@ -101,10 +101,7 @@ impl Round<'_> {
         (why, cause): (&str, Cause),
         plan: &mut Plan,
     ) {
-        let mut next = self.durable.clone();
-        next.epoch += 1;
-        next.master = Some(chosen.name.clone());
-        next.last_failover = Some(FailoverRecord {
+        let next = self.durable.failed_over(FailoverRecord {
             at_ms: self.now_ms,
             from: Some(master.name.clone()),
             to: chosen.name.clone(),
